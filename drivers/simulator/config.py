@@ -1,0 +1,81 @@
+"""Config models of the simulator: the device entry in a site file and the ``driver: simulator`` profile.
+
+Imports no protocol library (config must stay cheap to load).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from gateway.config.types import Ident, PositiveDuration, StrictModel
+from gateway.registry import PointInfo, ValueKind
+
+#: the point names each simulated model produces; a profile must list exactly these
+MODEL_POINTS: dict[str, tuple[str, ...]] = {
+    "energy_meter": ("power_kw", "energy_kwh", "voltage", "current", "pf"),
+    "zone": ("temperature", "co2", "occupancy", "humidity"),
+    "ahu": ("supply_temp", "fan_speed_pct", "vent_setpoint_pct", "filter_dp_pa"),
+}
+
+
+class SimPointSpec(StrictModel):
+    unit: str | None = None
+    kind: ValueKind = "float"
+    writable: bool = False
+    min: float | None = None
+    max: float | None = None
+    description: str | None = None
+
+
+class SimulatorProfile(StrictModel):
+    driver: Literal["simulator"]
+    vendor: str = "simulated"
+    model: Literal["energy_meter", "zone", "ahu"]
+    description: str | None = None
+    points: dict[Ident, SimPointSpec]
+
+    @model_validator(mode="after")
+    def _points_match_model(self) -> SimulatorProfile:
+        expected = set(MODEL_POINTS[self.model])
+        missing = expected - set(self.points)
+        extra = set(self.points) - expected
+        if missing or extra:
+            raise ValueError(
+                f"model {self.model} produces points {sorted(expected)}; "
+                f"missing {sorted(missing)}, unknown {sorted(extra)}"
+            )
+        return self
+
+
+class SimulatorDeviceConfig(StrictModel):
+    """``{id: zone3, driver: simulator, profile: sim-zone, seed: 3, poll: 1s}``"""
+
+    profile_model: ClassVar[type[StrictModel]] = SimulatorProfile
+
+    id: Ident
+    driver: Literal["simulator"]
+    profile: str
+    poll: PositiveDuration = 1.0
+    seed: int = 0
+    #: scales the simulated load (an apartment meter draws less than a plant room)
+    scale: float = Field(default=1.0, gt=0)
+    tags: dict[str, str] = Field(default_factory=dict)
+
+    def points(self, profile: StrictModel) -> list[PointInfo]:
+        assert isinstance(profile, SimulatorProfile)
+        return [
+            PointInfo(
+                id=f"{self.id}.{name}",
+                unit=spec.unit,
+                kind=spec.kind,
+                writable=spec.writable,
+                min=spec.min,
+                max=spec.max,
+                description=spec.description,
+                measurement=profile.model,
+                tags={"device": self.id, **self.tags},
+            )
+            for name, spec in profile.points.items()
+        ]

@@ -1,0 +1,64 @@
+"""The ``edge-gateway`` command line.
+
+Owns argument parsing and exit codes only; each command group lives beside the code it drives and registers itself
+through a ``register(subparsers)`` function listed in ``_COMMAND_GROUPS`` (imported lazily, so ``--help`` and
+``check`` do not load protocol libraries they do not need).
+
+Exit codes: 0 ok, 1 the input was wrong (config errors, verification failures), 2 usage error, 3 runtime failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+
+from gateway import __version__
+
+#: modules that add sub-commands: each has ``register(subparsers) -> None``
+_COMMAND_GROUPS = (
+    "gateway.commands",  # run, demo, check, tail
+    "drivers.modbus.cli",  # modbus probe/read/plan
+    "rules.cli",  # rules check/test
+    "gateway.incentives.cli",  # incentives verify, keys generate
+    "gateway.http.cli",  # status
+)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="edge-gateway",
+        description="Smart-building IoT edge gateway: Modbus and MQTT in, local rules, InfluxDB and MQTT out.",
+    )
+    parser.add_argument("--version", action="version", version=f"edge-gateway {__version__}")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument("--log-format", default="text", choices=["text", "json"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in _COMMAND_GROUPS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name != module_name:
+                raise
+            continue  # a command group not built yet (development only): its commands are simply absent
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(sys.stderr)
+        return 2
+    from gateway.logs import setup_logging
+
+    setup_logging(level=args.log_level, fmt=args.log_format)
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,218 @@
+"""The site file: what a gateway is, what it reads, where it sends data, which rules it runs.
+
+``load_site(path)`` returns a fully resolved ``Site`` (config, device profiles, point registry, rule file paths) or
+raises ``ConfigError`` listing every problem found as ``file:line:col: message``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig
+from drivers.mqtt.config import MqttDeviceConfig, MqttSourceConfig
+from drivers.simulator.config import SimulatorDeviceConfig
+from gateway.config.source import Loc, SourceMap, load_yaml, validate
+from gateway.config.types import Ident, StrictModel
+from gateway.errors import ConfigError, Diagnostic
+from gateway.incentives.config import IncentivesConfig
+from gateway.registry import DuplicatePoint, PointInfo, PointRegistry
+from gateway.uplinks.config import UplinksConfig
+
+#: the repository's firmware_configs/ (device profiles, demo site, rule files)
+FIRMWARE_CONFIGS = Path(os.environ.get("EDGE_GATEWAY_CONFIGS", Path(__file__).resolve().parents[2] / "firmware_configs"))
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+
+
+def parse_size(value: Any) -> int:
+    """``"256MiB"``/``"1GB"``/bytes -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("kmgib")
+        unit = text[len(number) :]
+        if unit in _SIZE_UNITS and number.replace(".", "", 1).isdigit():
+            return int(float(number) * _SIZE_UNITS[unit])
+    raise ValueError(f"invalid size {value!r}: use bytes or a number with KiB, MiB, GiB (or kB, MB, GB)")
+
+
+class GatewayIdentity(StrictModel):
+    #: used in MQTT topics and as a tag on every series: keep it stable once data flows
+    id: Ident
+    site: Ident
+    name: str | None = None
+    timezone: str = "UTC"
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name like Asia/Shanghai)") from None
+        return value
+
+
+class StorageConfig(StrictModel):
+    """The outbox. ``durability: process`` survives a crash or kill -9; ``power`` also survives a power cut
+    (fsync on every commit, several times slower on SD cards)."""
+
+    durability: Literal["process", "power"] = "process"
+    telemetry_budget: Annotated[int, Field(gt=0)] = 256 * 1024**2
+    event_budget: Annotated[int, Field(gt=0)] = 64 * 1024**2
+
+    @field_validator("telemetry_budget", "event_budget", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> int:
+        return parse_size(value)
+
+
+class HttpConfig(StrictModel):
+    listen: str = "127.0.0.1:8080"
+    enabled: bool = True
+    #: required for any bind other than loopback
+    token_file: Path | None = None
+
+
+DeviceConfig = Annotated[
+    SimulatorDeviceConfig | ModbusDeviceConfig | MqttDeviceConfig, Field(discriminator="driver")
+]
+
+
+class SiteConfig(StrictModel):
+    version: Literal[1]
+    gateway: GatewayIdentity
+    storage: StorageConfig = StorageConfig()
+    http: HttpConfig = HttpConfig()
+    modbus_buses: list[ModbusBusConfig] = Field(default_factory=list)
+    mqtt_sources: list[MqttSourceConfig] = Field(default_factory=list)
+    devices: list[DeviceConfig] = Field(default_factory=list)
+    uplinks: UplinksConfig = UplinksConfig()
+    rules: list[str] = Field(default_factory=list)
+    incentives: IncentivesConfig | None = None
+    #: where device profiles are looked up, relative to the site file; the bundled profiles are always searched last
+    profile_dirs: list[str] = Field(default_factory=lambda: ["../devices"])
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> SiteConfig:
+        for what, ids in (
+            ("device", [d.id for d in self.devices]),
+            ("Modbus bus", [b.id for b in self.modbus_buses]),
+            ("MQTT source", [s.id for s in self.mqtt_sources]),
+        ):
+            seen: set[str] = set()
+            for ident in ids:
+                if ident in seen:
+                    raise ValueError(f"duplicate {what} id {ident!r}")
+                seen.add(ident)
+        return self
+
+
+@dataclass(frozen=True)
+class Site:
+    """A validated site with everything it references resolved."""
+
+    path: Path
+    config: SiteConfig
+    #: device id -> its validated profile (absent for drivers without profiles)
+    profiles: Mapping[str, StrictModel]
+    registry: PointRegistry
+    rule_files: tuple[Path, ...]
+    source_map: SourceMap
+
+    def diagnostic(self, loc: Loc, message: str) -> Diagnostic:
+        """Position a problem found after loading (e.g. an incentive meter that names no point)."""
+        return self.source_map.diagnostic(loc, message)
+
+
+def _profile_paths(site_path: Path, config: SiteConfig) -> list[Path]:
+    dirs = [(site_path.parent / d).resolve() for d in config.profile_dirs]
+    bundled = (FIRMWARE_CONFIGS / "devices").resolve()
+    if bundled not in dirs:
+        dirs.append(bundled)
+    return dirs
+
+
+def load_profile(name: str, model: type[StrictModel], search: list[Path]) -> StrictModel:
+    """Find ``<name>.yaml`` in ``search`` and validate it; raise ConfigError (positions inside the profile)."""
+    for directory in search:
+        candidate = directory / f"{name}.yaml"
+        if candidate.is_file():
+            data, smap = load_yaml(candidate)
+            return validate(model, data, smap)
+    raise FileNotFoundError(name)
+
+
+def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site:
+    """Load, validate and resolve a site file. Raises ConfigError with every problem found."""
+    path = Path(path)
+    data, smap = load_yaml(path)
+    context = {"env": env if env is not None else os.environ, "base_dir": path.parent}
+    config = validate(SiteConfig, data, smap, context=context)
+
+    errors: list[Diagnostic] = []
+    bus_ids = {b.id for b in config.modbus_buses}
+    source_ids = {s.id for s in config.mqtt_sources}
+    search = _profile_paths(path, config)
+    profiles: dict[str, StrictModel] = {}
+    #: a profile is loaded once however many devices use it (and its errors are reported once)
+    loaded: dict[tuple[str, type[StrictModel]], StrictModel | ConfigError] = {}
+    registry = PointRegistry()
+    for index, device in enumerate(config.devices):
+        loc: Loc = ("devices", index)
+        if isinstance(device, ModbusDeviceConfig) and device.bus not in bus_ids:
+            errors.append(smap.diagnostic((*loc, "bus"), f"device {device.id!r} names unknown Modbus bus {device.bus!r}"))
+            continue
+        if isinstance(device, MqttDeviceConfig) and device.source not in source_ids:
+            errors.append(
+                smap.diagnostic((*loc, "source"), f"device {device.id!r} names unknown MQTT source {device.source!r}")
+            )
+            continue
+        profile: StrictModel | None = None
+        profile_model = type(device).profile_model
+        if profile_model is not None:
+            name = getattr(device, "profile", "")
+            key = (name, profile_model)
+            if key not in loaded:
+                try:
+                    loaded[key] = load_profile(name, profile_model, search)
+                except FileNotFoundError:
+                    where = ", ".join(str(d) for d in search)
+                    errors.append(
+                        smap.diagnostic((*loc, "profile"), f"device profile {name!r} not found (looked in {where})")
+                    )
+                    continue
+                except ConfigError as exc:
+                    loaded[key] = exc
+                    errors.extend(exc.diagnostics)
+            cached = loaded[key]
+            if isinstance(cached, ConfigError):
+                continue
+            profile = cached
+            profiles[device.id] = profile
+        try:
+            infos: list[PointInfo] = device.points(profile)  # type: ignore[arg-type]
+            for info in infos:
+                registry.add(info)
+        except (DuplicatePoint, ValueError) as exc:
+            errors.append(smap.diagnostic(loc, str(exc)))
+
+    rule_files: list[Path] = []
+    for index, rule_path in enumerate(config.rules):
+        resolved = (path.parent / rule_path).resolve()
+        if not resolved.is_file():
+            errors.append(smap.diagnostic(("rules", index), f"rule file not found: {resolved}"))
+        rule_files.append(resolved)
+
+    if errors:
+        raise ConfigError(errors)
+    return Site(path, config, profiles, registry, tuple(rule_files), smap)

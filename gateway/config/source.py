@@ -1,0 +1,171 @@
+"""Strict YAML loading that remembers where every value came from.
+
+The loader differs from ``yaml.safe_load`` on purpose:
+
+* YAML 1.1 booleans (``on``/``off``/``yes``/``no``) stay strings: only ``true``/``false`` are booleans, so a
+  device named ``no`` or a value ``off`` is never silently turned into ``False``.
+* Duplicate mapping keys are errors (PyYAML keeps the last one silently).
+* Every mapping key and value gets a position, so a pydantic error at ``("devices", 3, "poll")`` is printed as
+  ``site.yaml:17:11: ...`` with the offending line.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from gateway.errors import ConfigError, Diagnostic
+
+Loc = tuple[str | int, ...]
+M = TypeVar("M", bound=BaseModel)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader with YAML 1.2-style booleans."""
+
+
+# Drop the YAML 1.1 bool resolver (yes/no/on/off) and put back one that only knows true/false.
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+class SourceMap:
+    """Positions of values in one YAML file, addressed by their path (``("devices", 0, "id")``)."""
+
+    def __init__(self, file: str, text: str) -> None:
+        self.file = file
+        self.lines = text.splitlines()
+        self.values: dict[Loc, tuple[int, int]] = {}
+        self.keys: dict[Loc, tuple[int, int]] = {}
+
+    def diagnostic(self, loc: Loc, message: str, *, key: bool = False) -> Diagnostic:
+        """Position ``message`` at the deepest known part of ``loc`` (the key itself when ``key``)."""
+        table = self.keys if key else self.values
+        probe = tuple(loc)
+        while probe:
+            if probe in table:
+                return self.at(*table[probe], message)
+            if probe in self.values:
+                return self.at(*self.values[probe], message)
+            probe = probe[:-1]
+        return Diagnostic(self.file, 1, 1, message, self.lines[0] if self.lines else None)
+
+    def at(self, line: int, col: int, message: str) -> Diagnostic:
+        source = self.lines[line - 1] if 0 < line <= len(self.lines) else None
+        return Diagnostic(self.file, line, col, message, source)
+
+
+def _mark(node: yaml.Node) -> tuple[int, int]:
+    return node.start_mark.line + 1, node.start_mark.column + 1
+
+
+def _build(node: yaml.Node, loc: Loc, smap: SourceMap, loader: _StrictLoader, errors: list[Diagnostic]) -> Any:
+    smap.values[loc] = _mark(node)
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # resolves YAML merge keys (<<)
+        out: dict[Any, Any] = {}
+        for key_node, value_node in node.value:
+            key = loader.construct_object(key_node, deep=True)
+            if not isinstance(key, str | int):
+                errors.append(smap.at(*_mark(key_node), "mapping keys must be strings"))
+                continue
+            if key in out:
+                errors.append(smap.at(*_mark(key_node), f"duplicate key {key!r}"))
+                continue
+            smap.keys[(*loc, key)] = _mark(key_node)
+            out[key] = _build(value_node, (*loc, key), smap, loader, errors)
+        return out
+    if isinstance(node, yaml.SequenceNode):
+        return [_build(child, (*loc, i), smap, loader, errors) for i, child in enumerate(node.value)]
+    return loader.construct_object(node, deep=True)
+
+
+def load_yaml(path: Path, *, text: str | None = None) -> tuple[Any, SourceMap]:
+    """Load one YAML document strictly; return the plain data and its source map, or raise ConfigError."""
+    name = str(path)
+    if text is None:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ConfigError([Diagnostic(name, 0, 0, "file not found")]) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError([Diagnostic(name, 0, 0, f"cannot read file: {exc}")]) from exc
+    smap = SourceMap(name, text)
+    loader = _StrictLoader(text)
+    errors: list[Diagnostic] = []
+    try:
+        node = loader.get_single_node()
+        data = {} if node is None else _build(node, (), smap, loader, errors)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        problem = exc.problem or exc.context or "invalid YAML"
+        raise ConfigError([smap.at(line, col, f"YAML syntax error: {problem}")]) from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError([smap.at(1, 1, f"YAML error: {exc}")]) from exc
+    finally:
+        loader.dispose()
+    if errors:
+        raise ConfigError(errors)
+    return data, smap
+
+
+def pydantic_diagnostics(exc: ValidationError, smap: SourceMap, prefix: Loc = ()) -> list[Diagnostic]:
+    """Turn every pydantic error into a positioned diagnostic (unknown keys point at the key)."""
+    out: list[Diagnostic] = []
+    for err in exc.errors(include_url=False):
+        # Tagged unions add the tag to the path (("devices", 0, "modbus", "poll")); drop non-data parts.
+        kind = err["type"]
+        full = (*prefix, *err["loc"])
+        if kind in ("extra_forbidden", "missing") and full:
+            loc = (*_data_loc(full[:-1], smap), full[-1])  # the last part is the key itself
+        else:
+            loc = _data_loc(full, smap)
+        if kind == "extra_forbidden":
+            msg = f"unknown key {loc[-1]!r}" if loc else "unknown key"
+            out.append(smap.diagnostic(loc, msg, key=True))
+            continue
+        if kind == "missing":
+            msg = f"missing required key {loc[-1]!r}" if loc else "missing required key"
+            out.append(smap.diagnostic(loc[:-1], msg))
+            continue
+        where = ".".join(str(p) for p in loc)
+        message = err["msg"]
+        if message.startswith("Value error, "):
+            message = message[len("Value error, ") :]
+        out.append(smap.diagnostic(loc, f"{where}: {message}" if where else message))
+    return out
+
+
+def _data_loc(loc: Iterable[str | int], smap: SourceMap) -> Loc:
+    """Keep only path parts that exist in the document (drops union tags like 'function-after[...]')."""
+    kept: list[str | int] = []
+    for part in loc:
+        candidate = (*kept, part)
+        if candidate in smap.values or candidate in smap.keys or not _known_prefix(candidate, smap):
+            kept.append(part)
+    return tuple(kept)
+
+
+def _known_prefix(loc: Loc, smap: SourceMap) -> bool:
+    """True when some value below ``loc[:-1]`` exists, i.e. ``loc[-1]`` would have to be a real key to be kept."""
+    parent = loc[:-1]
+    return any(k[: len(parent)] == parent and len(k) > len(parent) for k in smap.values)
+
+
+def validate(model: type[M], data: Any, smap: SourceMap, *, prefix: Loc = (), context: Any = None) -> M:
+    """Validate ``data`` (found at ``prefix`` in the file) into ``model`` or raise ConfigError with positions."""
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise ConfigError(pydantic_diagnostics(exc, smap, prefix)) from None

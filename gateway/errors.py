@@ -1,0 +1,83 @@
+"""The gateway's exception tree. Library errors are translated into these at one boundary per library.
+
+::
+
+    GatewayError
+    ├── ConfigError            a config, profile or rule file is invalid (carries every Diagnostic found)
+    ├── DeviceError            raised by drivers
+    │   ├── DeviceUnavailable  timeout, disconnect, no route: retry later
+    │   ├── DeviceRejected     the device answered with an exception code (Modbus) or refused the request
+    │   └── WriteRejected      a write refused before it reached the device (not writable, out of bounds, allowlist)
+    ├── UplinkError            raised by uplinks; ``retryable`` says whether sending the same batch again can work
+    └── StoreError             the outbox cannot be opened or written (disk full, read-only, corrupt)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway raises on purpose."""
+
+
+@dataclass(frozen=True, slots=True)
+class Diagnostic:
+    """One problem in one file, positioned for a human: ``file:line:col: message`` plus the offending line.
+
+    ``line`` and ``col`` are 1-based; 0 means "the whole file".
+    """
+
+    file: str
+    line: int
+    col: int
+    message: str
+    source_line: str | None = None
+
+    def format(self) -> str:
+        head = f"{self.file}:{self.line}:{self.col}: {self.message}"
+        if self.source_line is None or self.line == 0:
+            return head
+        caret = " " * max(self.col - 1, 0) + "^"
+        return f"{head}\n    {self.source_line.rstrip()}\n    {caret}"
+
+
+class ConfigError(GatewayError):
+    """One or more diagnostics; ``str()`` prints all of them, one block each."""
+
+    def __init__(self, diagnostics: Iterable[Diagnostic]) -> None:
+        self.diagnostics = list(diagnostics)
+        super().__init__("\n".join(d.format() for d in self.diagnostics))
+
+
+class DeviceError(GatewayError):
+    """A device could not be read or written."""
+
+
+class DeviceUnavailable(DeviceError):
+    """The device did not answer (timeout, refused connection, lost link). Retrying later may work."""
+
+
+class DeviceRejected(DeviceError):
+    """The device answered but refused the request (e.g. Modbus exception code 2, illegal data address)."""
+
+    def __init__(self, message: str, *, code: int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class WriteRejected(DeviceError):
+    """A write was refused by the gateway itself and never sent to the device."""
+
+
+class UplinkError(GatewayError):
+    """An uplink could not deliver a batch."""
+
+    def __init__(self, message: str, *, retryable: bool) -> None:
+        super().__init__(message)
+        self.retryable = retryable
+
+
+class StoreError(GatewayError):
+    """The outbox could not be opened or written."""

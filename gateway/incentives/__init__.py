@@ -1,0 +1,1 @@
+"""Low-carbon incentive records: interval energy, baselines, carbon, signed and pseudonymous."""

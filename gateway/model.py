@@ -1,0 +1,79 @@
+"""Core value types that travel through the gateway: samples, commands and events.
+
+Owns: ``Sample``, ``Quality``, ``Command``, ``Event`` and the point-id grammar. Imports nothing from the rest of the
+gateway and no protocol library: every other module may import this one.
+
+``Sample`` is a NamedTuple rather than a dataclass because it is created once per value read on the hot path:
+tuple construction is the cheapest immutable record Python has, and it is hashable and picklable for free.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import IntEnum
+from typing import Any, NamedTuple
+
+#: one identifier: a device id, or the point part of a point id
+IDENT_RE = re.compile(r"[a-z][a-z0-9_]*\Z")
+#: ``device.point``; both halves lowercase identifiers so a rule expression can name them
+POINT_ID_RE = re.compile(r"[a-z][a-z0-9_]*\.[a-z][a-z0-9_]*\Z")
+
+Value = float | int | bool | str
+
+
+class Quality(IntEnum):
+    """How far a sample can be trusted. Ordered: a larger number is worse."""
+
+    GOOD = 0
+    UNCERTAIN = 1  # out of range, stale, or a substituted value
+    BAD = 2  # communication failure: the value is meaningless and is never written to the TSDB
+
+
+class Sample(NamedTuple):
+    """One value of one point, stamped by the driver when it was read.
+
+    ``ts`` is Unix nanoseconds (``time.time_ns()``). A BAD sample carries ``value=None``.
+    """
+
+    point: str
+    value: Value | None
+    ts: int
+    quality: Quality = Quality.GOOD
+
+
+class Command(NamedTuple):
+    """A request to write ``value`` to ``point``. ``origin`` is a rule id, ``platform`` or ``cli``."""
+
+    point: str
+    value: Value
+    origin: str
+
+
+class Event(NamedTuple):
+    """An alarm, rule notification or incentive record.
+
+    ``id`` is unique and stable across retries: downstream systems deduplicate on it. ``body`` must be
+    JSON-serialisable (orjson) and is treated as immutable once created.
+    """
+
+    id: str
+    type: str
+    subject: str
+    ts: int
+    body: dict[str, Any]
+
+
+def is_point_id(text: str) -> bool:
+    return POINT_ID_RE.match(text) is not None
+
+
+def is_ident(text: str) -> bool:
+    return IDENT_RE.match(text) is not None
+
+
+def split_point_id(point: str) -> tuple[str, str]:
+    """``"zone3.co2"`` -> ``("zone3", "co2")``; raises ValueError for anything that is not a point id."""
+    if not is_point_id(point):
+        raise ValueError(f"not a point id (device.point, lowercase identifiers): {point!r}")
+    device, _, name = point.partition(".")
+    return device, name
