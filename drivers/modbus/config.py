@@ -36,6 +36,6 @@ class ModbusDeviceConfig(StrictModel):
     poll: PositiveDuration = 1.0
     tags: dict[str, str] = Field(default_factory=dict)
 
-    def points(self, profile: StrictModel) -> list[PointInfo]:
+    def point_infos(self, profile: StrictModel) -> list[PointInfo]:
         assert isinstance(profile, ModbusProfile)
         return [PointInfo(id=f"{self.id}.{name}", measurement=profile.model.lower()) for name in profile.points]

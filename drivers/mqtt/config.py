@@ -28,5 +28,5 @@ class MqttDeviceConfig(StrictModel):
     points: dict[Ident, dict[str, object]] = Field(default_factory=dict)
     tags: dict[str, str] = Field(default_factory=dict)
 
-    def points(self, profile: StrictModel | None) -> list[PointInfo]:
+    def point_infos(self, profile: StrictModel | None) -> list[PointInfo]:
         return [PointInfo(id=f"{self.id}.{name}", measurement="mqtt") for name in self.points]

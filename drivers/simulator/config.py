@@ -63,7 +63,7 @@ class SimulatorDeviceConfig(StrictModel):
     scale: float = Field(default=1.0, gt=0)
     tags: dict[str, str] = Field(default_factory=dict)
 
-    def points(self, profile: StrictModel) -> list[PointInfo]:
+    def point_infos(self, profile: StrictModel) -> list[PointInfo]:
         assert isinstance(profile, SimulatorProfile)
         return [
             PointInfo(

@@ -200,7 +200,7 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
             profile = cached
             profiles[device.id] = profile
         try:
-            infos: list[PointInfo] = device.points(profile)  # type: ignore[arg-type]
+            infos: list[PointInfo] = device.point_infos(profile)  # type: ignore[arg-type]
             for info in infos:
                 registry.add(info)
         except (DuplicatePoint, ValueError) as exc:
