@@ -14,7 +14,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 from gateway.model import Command, Sample
@@ -23,7 +23,7 @@ from gateway.model import Command, Sample
 BatchSink = Callable[[list[Sample]], Awaitable[None]]
 
 
-class DeviceState(str, Enum):
+class DeviceState(StrEnum):
     UNKNOWN = "unknown"  # not yet polled
     ONLINE = "online"
     OFFLINE = "offline"  # failing; its points are BAD

@@ -79,7 +79,9 @@ def decode_samples(payload: bytes) -> list[Sample]:
 
 
 def encode_event(event: Event) -> bytes:
-    return orjson.dumps({"id": event.id, "type": event.type, "subject": event.subject, "ts": event.ts, "body": event.body})
+    return orjson.dumps(
+        {"id": event.id, "type": event.type, "subject": event.subject, "ts": event.ts, "body": event.body}
+    )
 
 
 def decode_event(payload: bytes) -> Event:
@@ -220,8 +222,7 @@ class Outbox:
         results: list[Any] = []
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            for job in jobs:
-                results.append(self._apply(job))
+            results.extend(self._apply(job) for job in jobs)
             self._db.execute("COMMIT")
             self.stats.last_error = None
         except (sqlite3.Error, OSError) as exc:
@@ -265,7 +266,8 @@ class Outbox:
         if job.kind == "samples":
             blob, count = job.payload
             db.execute(
-                "INSERT INTO telemetry (created_ns, n, size, payload) VALUES (?, ?, ?, ?)", (now, count, len(blob), blob)
+                "INSERT INTO telemetry (created_ns, n, size, payload) VALUES (?, ?, ?, ?)",
+                (now, count, len(blob), blob),
             )
             self.stats.telemetry_batches += 1
             self.stats.telemetry_samples += count
@@ -290,7 +292,9 @@ class Outbox:
             self.stats.appended_events += added
             full = self.stats.event_bytes > self.event_budget
             if full and not self.stats.event_store_full:
-                log.error("event store over its budget (%d bytes): events are kept, link down too long?", self.event_budget)
+                log.error(
+                    "event store over its budget (%d bytes): events are kept, link down too long?", self.event_budget
+                )
             self.stats.event_store_full = full
             return added
         if job.kind in ("ack", "register"):
@@ -335,7 +339,10 @@ class Outbox:
         self.stats.telemetry_bytes -= freed
         self.stats.dropped_batches += dropped_batches
         self.stats.dropped_samples += dropped_samples
-        for name, value in (("dropped_samples", self.stats.dropped_samples), ("dropped_batches", self.stats.dropped_batches)):
+        for name, value in (
+            ("dropped_samples", self.stats.dropped_samples),
+            ("dropped_batches", self.stats.dropped_batches),
+        ):
             db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", (name, value))
         oldest = db.execute("SELECT min(created_ns) FROM telemetry").fetchone()[0]
         self.stats.oldest_telemetry_ns = oldest

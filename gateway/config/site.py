@@ -25,7 +25,9 @@ from gateway.registry import DuplicatePoint, PointInfo, PointRegistry
 from gateway.uplinks.config import UplinksConfig
 
 #: the repository's firmware_configs/ (device profiles, demo site, rule files)
-FIRMWARE_CONFIGS = Path(os.environ.get("EDGE_GATEWAY_CONFIGS", Path(__file__).resolve().parents[2] / "firmware_configs"))
+FIRMWARE_CONFIGS = Path(
+    os.environ.get("EDGE_GATEWAY_CONFIGS", Path(__file__).resolve().parents[2] / "firmware_configs")
+)
 
 _SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
 
@@ -83,9 +85,7 @@ class HttpConfig(StrictModel):
     token_file: Path | None = None
 
 
-DeviceConfig = Annotated[
-    SimulatorDeviceConfig | ModbusDeviceConfig | MqttDeviceConfig, Field(discriminator="driver")
-]
+DeviceConfig = Annotated[SimulatorDeviceConfig | ModbusDeviceConfig | MqttDeviceConfig, Field(discriminator="driver")]
 
 
 class SiteConfig(StrictModel):
@@ -170,7 +170,9 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
     for index, device in enumerate(config.devices):
         loc: Loc = ("devices", index)
         if isinstance(device, ModbusDeviceConfig) and device.bus not in bus_ids:
-            errors.append(smap.diagnostic((*loc, "bus"), f"device {device.id!r} names unknown Modbus bus {device.bus!r}"))
+            errors.append(
+                smap.diagnostic((*loc, "bus"), f"device {device.id!r} names unknown Modbus bus {device.bus!r}")
+            )
             continue
         if isinstance(device, MqttDeviceConfig) and device.source not in source_ids:
             errors.append(

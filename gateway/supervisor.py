@@ -1,0 +1,412 @@
+"""The supervisor: builds the gateway from a validated site, runs it in one TaskGroup, and stops it in order.
+
+Owns start-up order, shutdown order, the command router (allowlist, then the owning driver) and the glue between the
+bus and its consumers. It imports driver packages, the rules engine, the incentive stage, the uplinks and the HTTP
+server lazily, only when the site uses them, so a small site does not pay for libraries it does not need.
+
+Start-up builds from the outbox outward:  outbox -> rules -> incentives -> bus consumers -> uplinks -> HTTP -> drivers.
+Shutdown goes the other way, so nothing read is lost:
+    1. drivers stop (each publishes what it has already read),
+    2. the bus closes; the store, rules and incentive consumers drain every queued batch,
+    3. rule and incentive outputs produced while draining are stored,
+    4. uplinks get a bounded final flush of what is committed,
+    5. the HTTP server stops, then the outbox is closed (its writer thread commits everything queued).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from gateway.bus import Bus, Subscription
+from gateway.config.site import Site
+from gateway.driver_api import DeviceStatus, Source
+from gateway.errors import ConfigError, DeviceError, Diagnostic, GatewayError, WriteRejected
+from gateway.live import LiveCache
+from gateway.model import Command, Event, Sample
+from gateway.outbox import Outbox
+
+if TYPE_CHECKING:
+    from gateway.registry import PointRegistry
+
+log = logging.getLogger(__name__)
+
+#: how long uplinks may keep flushing after the drivers stopped (systemd's TimeoutStopSec is longer)
+FINAL_FLUSH_SECONDS = 1.0
+TICK_SECONDS = 1.0
+
+
+class UplinkRunnerLike(Protocol):
+    name: str
+
+    async def run(self, stopping: asyncio.Event) -> None: ...
+
+    def status(self) -> dict[str, Any]: ...
+
+
+@dataclass(slots=True)
+class CommandLog:
+    """The last commands and what became of them (status page, tests)."""
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    limit: int = 200
+
+    def add(self, command: Command, result: str, detail: str | None = None) -> None:
+        self.entries.append(
+            {
+                "ts": time.time_ns(),
+                "point": command.point,
+                "value": command.value,
+                "origin": command.origin,
+                "result": result,
+                "detail": detail,
+            }
+        )
+        del self.entries[: -self.limit]
+
+
+def build_sources(site: Site) -> list[Source]:
+    """One source per bus / broker / simulator, importing only the drivers this site uses."""
+    drivers = {device.driver for device in site.config.devices}
+    sources: list[Source] = []
+    if "simulator" in drivers:
+        from drivers.simulator.source import build_sources as build_sim
+
+        sources.extend(build_sim(site))
+    if "modbus" in drivers:
+        from drivers.modbus.source import build_sources as build_modbus
+
+        sources.extend(build_modbus(site))
+    if "mqtt" in drivers:
+        from drivers.mqtt.source import build_sources as build_mqtt
+
+        sources.extend(build_mqtt(site))
+    return sources
+
+
+def load_rules(site: Site, registry: PointRegistry, state_path: Path | None) -> Any:
+    """The site's rule runtime, or None when it has no rule files. Raises ConfigError."""
+    if not site.rule_files:
+        return None
+    from rules.runtime import RuleRuntime, RuleStateStore
+
+    state = RuleStateStore(state_path) if state_path is not None else None
+    return RuleRuntime.load(site.rule_files, registry, timezone=site.config.gateway.timezone, state=state)
+
+
+def check_site(site: Site) -> None:
+    """Everything ``run`` would validate before touching a device: rules against the registry, incentives."""
+    diagnostics: list[Diagnostic] = []
+    try:
+        load_rules(site, site.registry, None)
+    except ConfigError as exc:
+        diagnostics.extend(exc.diagnostics)
+    if site.config.incentives is not None:
+        from gateway.incentives.config import validate_against
+
+        diagnostics.extend(validate_against(site))
+    if diagnostics:
+        raise ConfigError(diagnostics)
+
+
+class Gateway:
+    """One running gateway. ``await Gateway(site, data_dir=...).run(stop)`` returns when ``stop`` is set and the
+    shutdown sequence has finished."""
+
+    def __init__(
+        self,
+        site: Site,
+        *,
+        data_dir: Path,
+        http_listen: str | None = None,
+        sources: Sequence[Source] | None = None,
+    ) -> None:
+        self.site = site
+        self.data_dir = Path(data_dir)
+        self.http_listen = http_listen if http_listen is not None else site.config.http.listen
+        self.registry = site.registry
+        self.live = LiveCache()
+        self.bus = Bus()
+        self.sources: list[Source] = list(sources) if sources is not None else []
+        self._sources_given = sources is not None
+        self.outbox: Outbox | None = None
+        self.rules: Any = None
+        self.incentives: Any = None
+        self.uplinks: list[UplinkRunnerLike] = []
+        self.commands = CommandLog()
+        self.started = asyncio.Event()
+        self.started_ns = 0
+        self.rule_problems: list[str] = []
+        self._rules_sub: Subscription | None = None
+        self._command_queue: asyncio.Queue[Command | None] = asyncio.Queue(maxsize=1000)
+        self._reload_requested = asyncio.Event()
+        #: callbacks run once the gateway is up (systemd READY=1, tests)
+        self.on_ready: list[Callable[[], None]] = []
+        #: extra long-running tasks (the systemd watchdog): started with the others, cancelled at the end
+        self.extra_tasks: list[tuple[str, Callable[[asyncio.Event], Coroutine[Any, Any, None]]]] = []
+
+    # -- status for the HTTP server and the CLI ---------------------------------------------------------------
+
+    def device_status(self) -> list[DeviceStatus]:
+        return [status for source in self.sources for status in source.status()]
+
+    def source_for(self, point: str) -> Source | None:
+        device = point.partition(".")[0]
+        for source in self.sources:
+            if device in source.devices:
+                return source
+        return None
+
+    # -- commands -------------------------------------------------------------------------------------------
+
+    async def execute_command(self, command: Command) -> None:
+        """Check ``command`` against the allowlist and write it through the owning driver.
+
+        Raises WriteRejected (refused, never sent) or DeviceError (sent and failed). Used for rule actions and for
+        commands from the city platform alike: there is one allowlist, and no way around it.
+        """
+        try:
+            if self.rules is None:
+                raise WriteRejected(f"{command.point}: no rule file allows writes on this gateway")
+            self.rules.allowlist.check(command)
+            info = self.registry.get(command.point)
+            if info is None or not info.physical:
+                raise WriteRejected(f"{command.point}: unknown device point")
+            source = self.source_for(command.point)
+            if source is None:
+                raise WriteRejected(f"{command.point}: no driver owns device {info.device!r}")
+            await source.write(command)
+        except WriteRejected as exc:
+            log.warning("write refused: %s = %r from %s: %s", command.point, command.value, command.origin, exc)
+            self.commands.add(command, "refused", str(exc))
+            raise
+        except DeviceError as exc:
+            log.warning("write failed: %s = %r from %s: %s", command.point, command.value, command.origin, exc)
+            self.commands.add(command, "failed", str(exc))
+            raise
+        log.info("write: %s = %r from %s", command.point, command.value, command.origin)
+        self.commands.add(command, "ok")
+
+    async def _command_loop(self) -> None:
+        """Rule writes run here, one at a time, so a slow device never stalls rule evaluation."""
+        while (command := await self._command_queue.get()) is not None:
+            with contextlib.suppress(GatewayError):
+                await self.execute_command(command)
+
+    # -- bus consumers ----------------------------------------------------------------------------------------
+
+    async def _store_loop(self, sub: Subscription, outbox: Outbox) -> None:
+        async for batch in sub:
+            await outbox.append(batch)
+
+    async def _emit_derived(self, samples: list[Sample]) -> None:
+        if not samples:
+            return
+        if not self.bus.closed:
+            await self.bus.publish(samples, skip=self._rules_sub)
+            return
+        # draining after the bus closed: store directly so nothing derived from the last reads is lost
+        self.live.update(samples)
+        assert self.outbox is not None
+        await self.outbox.append(samples)
+
+    async def _handle_rule_outputs(self, outputs: Any) -> None:
+        assert self.outbox is not None
+        await self._emit_derived(list(outputs.samples))
+        events: list[Event] = list(outputs.events)
+        for topic, payload in outputs.publishes:
+            body = payload if isinstance(payload, dict) else {"payload": payload}
+            events.append(Event(f"publish:{topic}:{time.time_ns()}", "publish", topic, time.time_ns(), body))
+        if events:
+            await self.outbox.append_events(events)
+        for command in outputs.commands:
+            try:
+                self._command_queue.put_nowait(command)
+            except asyncio.QueueFull:
+                log.error("command queue full: dropping %s = %r from %s", command.point, command.value, command.origin)
+                self.commands.add(command, "dropped", "command queue full")
+        problems = getattr(outputs, "problems", None)
+        if problems:
+            self.rule_problems = [str(p) for p in problems][-50:]
+
+    async def _rules_loop(self, sub: Subscription) -> None:
+        async for batch in sub:
+            outputs = self.rules.process(batch, time.time_ns())
+            await self._handle_rule_outputs(outputs)
+
+    async def _incentives_loop(self, sub: Subscription) -> None:
+        assert self.outbox is not None
+        async for batch in sub:
+            events = self.incentives.process(batch)
+            if events:
+                await self.outbox.append_events(events)
+
+    async def _tick_loop(self, stopping: asyncio.Event) -> None:
+        """Time-driven work: rule timers and schedules, incentive intervals closing with no new reading."""
+        assert self.outbox is not None
+        while not stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=TICK_SECONDS)
+            now = time.time_ns()
+            if self.rules is not None:
+                await self._handle_rule_outputs(self.rules.tick(now))
+            if self.incentives is not None:
+                events = self.incentives.tick(now)
+                if events:
+                    await self.outbox.append_events(events)
+            if self._reload_requested.is_set():
+                self._reload_requested.clear()
+                self._reload_rules()
+
+    # -- reload -----------------------------------------------------------------------------------------------
+
+    def request_reload(self) -> None:
+        """SIGHUP or a rule file change: reload at the next tick, between batches."""
+        self._reload_requested.set()
+
+    def _reload_rules(self) -> None:
+        if self.rules is None or not self.site.rule_files:
+            return
+        from rules.runtime import reload as reload_rules
+
+        try:
+            self.rules = reload_rules(self.rules, self.site.rule_files, self.registry)
+        except ConfigError as exc:
+            log.error("rule reload refused, the previous rules keep running:\n%s", exc)
+            return
+        log.info("rules reloaded from %d file(s)", len(self.site.rule_files))
+
+    # -- drivers ----------------------------------------------------------------------------------------------
+
+    async def _run_source(self, source: Source, stopping: asyncio.Event) -> None:
+        """Run a source; if it crashes (a bug, not a device fault: those it handles), log and restart it."""
+        backoff = 1.0
+        while not stopping.is_set():
+            try:
+                await source.run(self.bus.publish, stopping)
+                return
+            except Exception:
+                log.exception("%s crashed; restarting in %.0f s", source.name, backoff)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=backoff * random.uniform(0.8, 1.2))
+            backoff = min(backoff * 2, 60.0)
+
+    # -- the whole lifecycle ----------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        storage = self.site.config.storage
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        outbox = self.outbox = Outbox(
+            self.data_dir / "outbox.db",
+            durability=storage.durability,
+            telemetry_budget=storage.telemetry_budget,
+            event_budget=storage.event_budget,
+        )
+        try:
+            await self._run_with_outbox(stop, outbox)
+        finally:
+            if self.incentives is not None:
+                self.incentives.close()
+            if self.rules is not None and hasattr(self.rules, "close"):
+                self.rules.close()
+            await outbox.close()
+            log.info("gateway stopped; outbox closed")
+
+    async def _run_with_outbox(self, stop: asyncio.Event, outbox: Outbox) -> None:
+        site = self.site
+        self.rules = load_rules(site, self.registry, self.data_dir / "rules-state.db")
+        if self.rules is not None:
+            for info in self.rules.derived_points():
+                if info.id not in self.registry:
+                    self.registry.add(info)
+        if site.config.incentives is not None:
+            from gateway.incentives.stage import IncentiveStage
+
+            self.incentives = IncentiveStage.open(site, self.data_dir)
+
+        self.bus.tap(self.live.update)
+        store_sub = self.bus.subscribe("outbox", maxsize=1024)
+        self._rules_sub = self.bus.subscribe("rules", maxsize=256) if self.rules is not None else None
+        incentives_sub = self.bus.subscribe("incentives", maxsize=256) if self.incentives is not None else None
+        if not self._sources_given:
+            self.sources = build_sources(site)
+        self.uplinks = self._build_uplinks(outbox)
+
+        sources_stopping = asyncio.Event()
+        uplinks_stopping = asyncio.Event()
+        http_stopping = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            consumers = [tg.create_task(self._store_loop(store_sub, outbox), name="bus.outbox")]
+            if self._rules_sub is not None:
+                consumers.append(tg.create_task(self._rules_loop(self._rules_sub), name="bus.rules"))
+            if incentives_sub is not None:
+                consumers.append(tg.create_task(self._incentives_loop(incentives_sub), name="bus.incentives"))
+            command_task = tg.create_task(self._command_loop(), name="commands")
+            ticker = tg.create_task(self._tick_loop(sources_stopping), name="ticker")
+            uplink_tasks = [tg.create_task(u.run(uplinks_stopping), name=u.name) for u in self.uplinks]
+            http_task = self._start_http(tg, http_stopping)
+            extra = [tg.create_task(fn(http_stopping), name=name) for name, fn in self.extra_tasks]
+            source_tasks = [
+                tg.create_task(self._run_source(s, sources_stopping), name=f"driver.{s.name}") for s in self.sources
+            ]
+            self.started_ns = time.time_ns()
+            self.started.set()
+            log.info(
+                "gateway %s/%s up: %d devices, %d points, %d uplinks, data in %s",
+                site.config.gateway.site,
+                site.config.gateway.id,
+                len(site.config.devices),
+                len(self.registry),
+                len(self.uplinks),
+                self.data_dir,
+            )
+            for callback in self.on_ready:
+                callback()
+
+            await stop.wait()
+            log.info("stopping: drivers first, then draining the bus")
+            sources_stopping.set()
+            await asyncio.gather(*source_tasks, ticker)
+            self.bus.close()
+            await asyncio.gather(*consumers)
+            await self._command_queue.put(None)
+            await command_task
+            await outbox.sync()
+            uplinks_stopping.set()
+            if uplink_tasks:
+                _done, pending = await asyncio.wait(uplink_tasks, timeout=FINAL_FLUSH_SECONDS + 1.0)
+                for task in pending:
+                    task.cancel()
+            http_stopping.set()
+            if http_task is not None:
+                await http_task
+            for task in extra:
+                task.cancel()
+
+    def _build_uplinks(self, outbox: Outbox) -> list[UplinkRunnerLike]:
+        uplinks_cfg = self.site.config.uplinks
+        if not any(getattr(uplinks_cfg, name, None) is not None for name in type(uplinks_cfg).model_fields):
+            return []
+        from gateway.uplinks.runner import build_uplinks
+
+        runners: list[UplinkRunnerLike] = build_uplinks(self.site, outbox, commands=self.execute_command)
+        return runners
+
+    def _start_http(self, tg: asyncio.TaskGroup, stopping: asyncio.Event) -> asyncio.Task[None] | None:
+        if not self.site.config.http.enabled or not self.http_listen or self.http_listen == "off":
+            return None
+        try:
+            from gateway.http.server import serve
+        except ModuleNotFoundError as exc:
+            if exc.name != "gateway.http.server":
+                raise
+            log.warning("status page not available in this build")
+            return None
+        return tg.create_task(serve(self, self.http_listen, stopping), name="http")
