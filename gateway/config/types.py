@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Any
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, ValidationInfo
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationInfo
 
 from gateway.model import IDENT_RE, POINT_ID_RE
 
@@ -101,7 +101,7 @@ def _secret(value: Any, info: ValidationInfo) -> Secret:
 
 
 #: a string that may reference ``${ENV}``; its value is hidden in repr
-SecretStr = Annotated[Secret, BeforeValidator(_secret), PlainSerializer(lambda s: "***")]
+SecretStr = Annotated[Secret, PlainValidator(_secret), PlainSerializer(lambda s: "***")]
 #: a plain string with ``${ENV}`` expansion (hosts, usernames)
 EnvStr = Annotated[str, BeforeValidator(_expand_secret)]
 
