@@ -1,0 +1,112 @@
+"""MQTT topic filters and topic templates: which part of a topic names the device.
+
+Owns: ``check_topic_filter`` (the MQTT 3.1.1/5 filter grammar, checked at config load) and ``TopicTemplate``, which
+turns ``zigbee2mqtt/{device}`` or ``tele/{device}/SENSOR`` into a matcher that returns the device's topic name (and
+an optional ``{field}`` segment, for one-value-per-topic devices such as ``shellies/{device}/relay/0/{field}``).
+
+Pure string code: imports no protocol library and nothing of the gateway, so config validation can use it.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+DEVICE: Final = "{device}"
+FIELD: Final = "{field}"
+#: MQTT limits a topic to 65,535 bytes of UTF-8
+MAX_TOPIC_BYTES: Final = 65535
+
+
+def check_topic_filter(topic: str) -> str:
+    """Return ``topic`` if it is a valid subscription filter, else raise ValueError saying what is wrong."""
+    if not topic:
+        raise ValueError("a topic filter cannot be empty")
+    if len(topic.encode("utf-8")) > MAX_TOPIC_BYTES:
+        raise ValueError("a topic filter is at most 65535 bytes")
+    if "\0" in topic:
+        raise ValueError("a topic filter cannot contain NUL")
+    levels = topic.split("/")
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            raise ValueError(f"'#' must be a whole level and the last one: {topic!r}")
+        if "+" in level and level != "+":
+            raise ValueError(f"'+' must be a whole level (like a/+/b): {topic!r}")
+    return topic
+
+
+class TopicTemplate:
+    """Where ``{device}`` (and optionally ``{field}``) sit in the topics one subscription receives.
+
+    A template has as many levels as the topics it maps; each level is either literal text or a placeholder.
+    Placeholders may only stand where the filter has a wildcard, so a template can never promise a device
+    segment that the broker would not vary.
+    """
+
+    __slots__ = ("_device_index", "_field_index", "_literals", "_levels", "text")
+
+    def __init__(self, text: str, topic_filter: str) -> None:
+        check_topic_filter(topic_filter)
+        self.text = text
+        levels = text.split("/")
+        filter_levels = topic_filter.split("/")
+        if levels.count(DEVICE) != 1:
+            raise ValueError(f"a topic template needs exactly one whole level {DEVICE}: {text!r}")
+        if levels.count(FIELD) > 1:
+            raise ValueError(f"a topic template may have at most one {FIELD}: {text!r}")
+        multi = filter_levels[-1] == "#"
+        fixed = filter_levels[:-1] if multi else filter_levels
+        if len(levels) < len(fixed) or (not multi and len(levels) != len(fixed)):
+            raise ValueError(
+                f"template {text!r} has {len(levels)} levels but filter {topic_filter!r} matches "
+                f"{'at least ' if multi else ''}{len(fixed)}"
+            )
+        literals: list[tuple[int, str]] = []
+        for index, level in enumerate(levels):
+            wildcard = index >= len(fixed) or fixed[index] == "+"
+            if level in (DEVICE, FIELD):
+                if not wildcard:
+                    raise ValueError(
+                        f"template level {index + 1} ({level}) must sit where the filter {topic_filter!r} "
+                        "has a + or # wildcard"
+                    )
+                continue
+            if "{" in level or "}" in level:
+                raise ValueError(f"unknown placeholder {level!r} in template {text!r} (use {DEVICE}, {FIELD})")
+            if not wildcard and level != fixed[index]:
+                raise ValueError(f"template level {index + 1} {level!r} differs from the filter's {fixed[index]!r}")
+            if wildcard:
+                literals.append((index, level))
+        self._levels = len(levels)
+        self._device_index = levels.index(DEVICE)
+        self._field_index = levels.index(FIELD) if FIELD in levels else -1
+        # Only levels under a wildcard need checking: the broker already guaranteed the filter's literal levels.
+        self._literals = tuple(literals)
+
+    @property
+    def has_field(self) -> bool:
+        return self._field_index >= 0
+
+    def match(self, topic: str) -> tuple[str, str | None] | None:
+        """``(device topic name, field or None)`` for a topic this template maps, else None."""
+        parts = topic.split("/")
+        if len(parts) != self._levels:
+            return None
+        for index, text in self._literals:
+            if parts[index] != text:
+                return None
+        device = parts[self._device_index]
+        if not device:
+            return None
+        field = parts[self._field_index] if self._field_index >= 0 else None
+        return device, field
+
+    @classmethod
+    def default_for(cls, topic_filter: str) -> TopicTemplate:
+        """The template implied by a filter with exactly one ``+``: that level names the device."""
+        levels = check_topic_filter(topic_filter).split("/")
+        if levels.count("+") != 1 or "#" in levels:
+            raise ValueError(
+                f"filter {topic_filter!r} needs a template saying which level names the device "
+                f"(e.g. template: {topic_filter.replace('#', DEVICE).replace('+', DEVICE, 1)!r})"
+            )
+        return cls("/".join(DEVICE if level == "+" else level for level in levels), topic_filter)
