@@ -1,0 +1,204 @@
+"""The request planner: the points due together become the fewest reads the register map allows.
+
+Owns ``ReadRequest`` (one read: unit, table, first address, count, and the points it carries with their compiled
+decoders), ``plan_reads`` and the human explanation of a plan. Pure: no I/O, no pymodbus.
+
+Rules (DESIGN.md, "Modbus, the way field engineers need it"): points are merged per unit id and per table; a
+read may run through a hole of at most ``max_fill`` unmapped registers (``max_fill_bits`` for coils and discrete
+inputs); a read never exceeds 125 registers or 2,000 bits (or the device's own smaller limit). Points are taken
+in address order and each read is grown as far as the rules allow, which gives the fewest reads for a given set
+of intervals (a read can always start at the first point not yet covered, so greedy growth is optimal).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from drivers.modbus.codec import Decoder, compile_decoder
+from drivers.modbus.config import (
+    BIT_TABLES,
+    MAX_READ_BITS,
+    MAX_READ_REGISTERS,
+    ModbusBusConfig,
+    ModbusDeviceConfig,
+    ModbusPoint,
+    ModbusProfile,
+)
+
+#: a point to plan: (point id, its spec)
+PlanInput = tuple[str, ModbusPoint]
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedPoint:
+    point: str
+    spec: ModbusPoint
+    #: registers (or bits) from the read's first address
+    offset: int
+    #: (wire, swapped) -> value; None for coils and discrete inputs, which are read as ``bits[offset]``
+    decoder: Decoder | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReadRequest:
+    unit: int
+    table: str
+    address: int
+    count: int
+    points: tuple[PlannedPoint, ...]
+    #: registers or bits read that no point uses (holes read through)
+    fill: int = 0
+    #: True when some point decodes from the byte-swapped buffer (so it is built only when needed)
+    needs_swapped: bool = field(default=False)
+
+    @property
+    def end(self) -> int:
+        return self.address + self.count - 1
+
+    def describe(self) -> str:
+        unit_word = "bits" if self.table in BIT_TABLES else "registers"
+        holes = f", {self.fill} fill" if self.fill else ""
+        return (
+            f"unit {self.unit} {self.table} {self.address}..{self.end} ({self.count} {unit_word}{holes}) "
+            f"-> {len(self.points)} points: {', '.join(p.point.partition('.')[2] for p in self.points)}"
+        )
+
+
+def plan_reads(
+    unit: int,
+    points: Iterable[PlanInput],
+    *,
+    max_fill: int,
+    max_fill_bits: int,
+    max_registers: int = MAX_READ_REGISTERS,
+    profile_order: str = "ABCD",
+) -> list[ReadRequest]:
+    """Merge ``points`` (all of one unit) into reads; returned in table, then address order."""
+    by_table: dict[str, list[PlanInput]] = {}
+    for item in points:
+        by_table.setdefault(item[1].table, []).append(item)
+    requests: list[ReadRequest] = []
+    for table in ("coil", "discrete", "holding", "input"):
+        items = by_table.get(table)
+        if not items:
+            continue
+        bits = table in BIT_TABLES
+        limit = MAX_READ_BITS if bits else min(max_registers, MAX_READ_REGISTERS)
+        fill = max_fill_bits if bits else max_fill
+        items.sort(key=lambda item: (item[1].address, item[0]))
+        group: list[PlanInput] = []
+        start = end = 0  # end is exclusive
+        for item in items:
+            spec = item[1]
+            item_end = spec.address + spec.width
+            if group and spec.address - end <= fill and max(end, item_end) - start <= limit:
+                end = max(end, item_end)
+                group.append(item)
+                continue
+            if group:
+                requests.append(_request(unit, table, start, end, group, profile_order=profile_order))
+            group, start, end = [item], spec.address, item_end
+        requests.append(_request(unit, table, start, end, group, profile_order=profile_order))
+    return requests
+
+
+def _request(
+    unit: int, table: str, start: int, end: int, group: Sequence[PlanInput], *, profile_order: str
+) -> ReadRequest:
+    used: set[int] = set()
+    planned: list[PlannedPoint] = []
+    needs_swapped = False
+    for point, spec in group:
+        offset = spec.address - start
+        used.update(range(spec.address, spec.address + spec.width))
+        decoder: Decoder | None = None
+        if table not in BIT_TABLES:
+            decoder = compile_decoder(spec, offset, profile_order)
+            order = spec.effective_order(profile_order)
+            needs_swapped = needs_swapped or order in ("BA", "BADC", "CDAB")
+        planned.append(PlannedPoint(point, spec, offset, decoder))
+    count = end - start
+    return ReadRequest(unit, table, start, count, tuple(planned), count - len(used), needs_swapped)
+
+
+def minimum_requests(unit_points: Iterable[tuple[int, Iterable[ModbusPoint]]]) -> int:
+    """The theoretical floor: per unit and table, the distinct registers (bits) used divided by the read limit,
+    as if every hole could be read through. A plan can only match it when holes are small."""
+    total = 0
+    for _unit, specs in unit_points:
+        used: dict[str, set[int]] = {}
+        for spec in specs:
+            used.setdefault(spec.table, set()).update(range(spec.address, spec.address + spec.width))
+        for table, addresses in used.items():
+            limit = MAX_READ_BITS if table in BIT_TABLES else MAX_READ_REGISTERS
+            total += math.ceil(len(addresses) / limit)
+    return total
+
+
+def summarize(requests: Sequence[ReadRequest]) -> str:
+    """"3 requests touching 118 registers (4 fill) for 40 points"."""
+    registers = sum(r.count for r in requests if r.table not in BIT_TABLES)
+    bits = sum(r.count for r in requests if r.table in BIT_TABLES)
+    fill = sum(r.fill for r in requests)
+    points = sum(len(r.points) for r in requests)
+    touched = [f"{registers} registers"] if registers or not bits else []
+    if bits:
+        touched.append(f"{bits} bits")
+    plural = "request" if len(requests) == 1 else "requests"
+    return f"{len(requests)} {plural} touching {' and '.join(touched)} ({fill} fill) for {points} points"
+
+
+def device_points(device: ModbusDeviceConfig, profile: ModbusProfile) -> dict[float, list[PlanInput]]:
+    """A device's points grouped by poll interval (a point's own ``poll`` overrides the device's)."""
+    groups: dict[float, list[PlanInput]] = {}
+    for name, spec in profile.points.items():
+        groups.setdefault(device.interval_of(spec), []).append((f"{device.id}.{name}", spec))
+    return dict(sorted(groups.items()))
+
+
+def plan_device(
+    bus: ModbusBusConfig,
+    device: ModbusDeviceConfig,
+    profile: ModbusProfile,
+    intervals: Iterable[float] | None = None,
+) -> list[ReadRequest]:
+    """The reads of ``device`` when the points of ``intervals`` (default: all) are due together."""
+    groups = device_points(device, profile)
+    wanted = set(groups) if intervals is None else set(intervals)
+    points = [item for interval, items in groups.items() if interval in wanted for item in items]
+    return plan_reads(
+        device.unit,
+        points,
+        max_fill=bus.max_fill if profile.max_fill is None else profile.max_fill,
+        max_fill_bits=bus.max_fill_bits if profile.max_fill is None else min(profile.max_fill * 16, bus.max_fill_bits),
+        max_registers=profile.max_registers,
+        profile_order=profile.order,
+    )
+
+
+def format_interval(seconds: float) -> str:
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:g}min"
+    if seconds < 1:
+        return f"{seconds * 1000:g}ms"
+    return f"{seconds:g}s"
+
+
+def explain_bus(bus: ModbusBusConfig, devices: Sequence[tuple[ModbusDeviceConfig, ModbusProfile]]) -> str:
+    """The printable plan of one bus: per device, the reads when everything is due, then per poll interval."""
+    lines = [f"bus {bus.id} ({bus.describe()}, timeout {format_interval(bus.timeout)}, max fill {bus.max_fill})"]
+    total = 0
+    for device, profile in devices:
+        groups = device_points(device, profile)
+        everything = plan_device(bus, device, profile)
+        total += len(everything)
+        lines.append(f"  {device.id} unit {device.unit} ({profile.vendor} {profile.model}): {summarize(everything)}")
+        lines.extend(f"    {request.describe()}" for request in everything)
+        if len(groups) > 1:
+            for interval in groups:
+                alone = plan_device(bus, device, profile, [interval])
+                lines.append(f"    every {format_interval(interval)} alone: {summarize(alone)}")
+    lines.append(f"  total when all due: {total} requests")
+    return "\n".join(lines)
