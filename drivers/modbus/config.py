@@ -17,10 +17,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Any, ClassVar, Literal, Self
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
-from gateway.config.types import Duration, EnvStr, Ident, PositiveDuration, StrictModel
+from gateway.config.types import Duration, EnvStr, Ident, PositiveDuration, StrictModel, parse_duration
 from gateway.registry import PointInfo, ValueKind
 
 Table = Literal["holding", "input", "coil", "discrete"]
@@ -40,6 +40,15 @@ WRITABLE_TABLES = frozenset({"holding", "coil"})
 #: protocol limits of one read (Modbus application protocol v1.1b3, function codes 1-4)
 MAX_READ_REGISTERS = 125
 MAX_READ_BITS = 2000
+
+
+def _optional_duration(value: Any) -> float | None:
+    if value is None:
+        return None
+    seconds = parse_duration(value)
+    if seconds <= 0:
+        raise ValueError("a poll interval must be greater than 0")
+    return seconds
 
 
 class ModbusPoint(StrictModel):
@@ -63,7 +72,7 @@ class ModbusPoint(StrictModel):
     unit: str | None = None
     description: str | None = None
     #: overrides the device's poll interval for this point
-    poll: PositiveDuration | None = None
+    poll: Annotated[float | None, BeforeValidator(_optional_duration)] = None
     writable: bool = False
     min: float | None = None
     max: float | None = None

@@ -62,7 +62,7 @@ class ReadRequest:
         holes = f", {self.fill} fill" if self.fill else ""
         return (
             f"unit {self.unit} {self.table} {self.address}..{self.end} ({self.count} {unit_word}{holes}) "
-            f"-> {len(self.points)} points: {', '.join(p.point.partition('.')[2] for p in self.points)}"
+            f"-> {_count(len(self.points), 'point')}: {', '.join(p.point.partition('.')[2] for p in self.points)}"
         )
 
 
@@ -146,8 +146,11 @@ def summarize(requests: Sequence[ReadRequest]) -> str:
     touched = [f"{registers} registers"] if registers or not bits else []
     if bits:
         touched.append(f"{bits} bits")
-    plural = "request" if len(requests) == 1 else "requests"
-    return f"{len(requests)} {plural} touching {' and '.join(touched)} ({fill} fill) for {points} points"
+    return f"{_count(len(requests), 'request')} touching {' and '.join(touched)} ({fill} fill) for {_count(points, 'point')}"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"
 
 
 def device_points(device: ModbusDeviceConfig, profile: ModbusProfile) -> dict[float, list[PlanInput]]:
