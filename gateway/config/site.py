@@ -10,39 +10,27 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig
 from drivers.mqtt.config import MqttDeviceConfig, MqttSourceConfig
 from drivers.simulator.config import SimulatorDeviceConfig
 from gateway.config.source import Loc, SourceMap, load_yaml, validate
-from gateway.config.types import Ident, StrictModel
+from gateway.config.types import Ident, Size, StrictModel, parse_size
 from gateway.errors import ConfigError, Diagnostic
 from gateway.incentives.config import IncentivesConfig
 from gateway.registry import DuplicatePoint, PointInfo, PointRegistry
 from gateway.uplinks.config import UplinksConfig
 
+# parse_size is re-exported: driver configs parse sizes with the same rules
+__all__ = ["FIRMWARE_CONFIGS", "Site", "SiteConfig", "load_profile", "load_site", "parse_size"]
+
 #: the repository's firmware_configs/ (device profiles, demo site, rule files)
 FIRMWARE_CONFIGS = Path(
     os.environ.get("EDGE_GATEWAY_CONFIGS", Path(__file__).resolve().parents[2] / "firmware_configs")
 )
-
-_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
-
-
-def parse_size(value: Any) -> int:
-    """``"256MiB"``/``"1GB"``/bytes -> bytes."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        text = value.strip().lower().replace(" ", "")
-        number = text.rstrip("kmgib")
-        unit = text[len(number) :]
-        if unit in _SIZE_UNITS and number.replace(".", "", 1).isdigit():
-            return int(float(number) * _SIZE_UNITS[unit])
-    raise ValueError(f"invalid size {value!r}: use bytes or a number with KiB, MiB, GiB (or kB, MB, GB)")
 
 
 class GatewayIdentity(StrictModel):
@@ -69,13 +57,8 @@ class StorageConfig(StrictModel):
     (fsync on every commit, several times slower on SD cards)."""
 
     durability: Literal["process", "power"] = "process"
-    telemetry_budget: Annotated[int, Field(gt=0)] = 256 * 1024**2
-    event_budget: Annotated[int, Field(gt=0)] = 64 * 1024**2
-
-    @field_validator("telemetry_budget", "event_budget", mode="before")
-    @classmethod
-    def _size(cls, value: Any) -> int:
-        return parse_size(value)
+    telemetry_budget: Size = 256 * 1024**2
+    event_budget: Size = 64 * 1024**2
 
 
 class HttpConfig(StrictModel):
@@ -101,20 +84,6 @@ class SiteConfig(StrictModel):
     incentives: IncentivesConfig | None = None
     #: where device profiles are looked up, relative to the site file; the bundled profiles are always searched last
     profile_dirs: list[str] = Field(default_factory=lambda: ["../devices"])
-
-    @model_validator(mode="after")
-    def _unique_ids(self) -> SiteConfig:
-        for what, ids in (
-            ("device", [d.id for d in self.devices]),
-            ("Modbus bus", [b.id for b in self.modbus_buses]),
-            ("MQTT source", [s.id for s in self.mqtt_sources]),
-        ):
-            seen: set[str] = set()
-            for ident in ids:
-                if ident in seen:
-                    raise ValueError(f"duplicate {what} id {ident!r}")
-                seen.add(ident)
-        return self
 
 
 @dataclass(frozen=True)
@@ -152,6 +121,26 @@ def load_profile(name: str, model: type[StrictModel], search: list[Path]) -> Str
     raise FileNotFoundError(name)
 
 
+def _duplicate_ids(config: SiteConfig, smap: SourceMap) -> list[Diagnostic]:
+    """Duplicate ids are errors (not last-one-wins), positioned at the second occurrence."""
+    errors: list[Diagnostic] = []
+    for key, what, ids in (
+        ("devices", "device", [d.id for d in config.devices]),
+        ("modbus_buses", "Modbus bus", [b.id for b in config.modbus_buses]),
+        ("mqtt_sources", "MQTT source", [s.id for s in config.mqtt_sources]),
+    ):
+        first: dict[str, int] = {}
+        for index, ident in enumerate(ids):
+            if ident in first:
+                line = smap.values.get((key, first[ident], "id"), (0, 0))[0]
+                errors.append(
+                    smap.diagnostic((key, index, "id"), f"duplicate {what} id {ident!r} (first defined on line {line})")
+                )
+            else:
+                first[ident] = index
+    return errors
+
+
 def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site:
     """Load, validate and resolve a site file. Raises ConfigError with every problem found."""
     path = Path(path)
@@ -159,7 +148,7 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
     context = {"env": env if env is not None else os.environ, "base_dir": path.parent}
     config = validate(SiteConfig, data, smap, context=context)
 
-    errors: list[Diagnostic] = []
+    errors: list[Diagnostic] = _duplicate_ids(config, smap)
     bus_ids = {b.id for b in config.modbus_buses}
     source_ids = {s.id for s in config.mqtt_sources}
     search = _profile_paths(path, config)
@@ -167,8 +156,12 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
     #: a profile is loaded once however many devices use it (and its errors are reported once)
     loaded: dict[tuple[str, type[StrictModel]], StrictModel | ConfigError] = {}
     registry = PointRegistry()
+    seen_devices: set[str] = set()
     for index, device in enumerate(config.devices):
         loc: Loc = ("devices", index)
+        if device.id in seen_devices:
+            continue  # reported by _duplicate_ids
+        seen_devices.add(device.id)
         if isinstance(device, ModbusDeviceConfig) and device.bus not in bus_ids:
             errors.append(
                 smap.diagnostic((*loc, "bus"), f"device {device.id!r} names unknown Modbus bus {device.bus!r}")

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from gateway.config.types import Rejected
 from gateway.errors import ConfigError, Diagnostic
 
 Loc = tuple[str | int, ...]
@@ -110,6 +111,10 @@ def load_yaml(path: Path, *, text: str | None = None) -> tuple[Any, SourceMap]:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = exc.problem or exc.context or "invalid YAML"
+        if exc.context and exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
+            # the parser notices the mistake late (a missing '}' shows at the next line): point at where it began too
+            where = f"line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1}"
+            problem = f"{problem} ({exc.context} at {where})"
         raise ConfigError([smap.at(line, col, f"YAML syntax error: {problem}")]) from exc
     except yaml.YAMLError as exc:
         raise ConfigError([smap.at(1, 1, f"YAML error: {exc}")]) from exc
@@ -140,7 +145,7 @@ def pydantic_diagnostics(exc: ValidationError, smap: SourceMap, prefix: Loc = ()
             out.append(smap.diagnostic(loc[:-1], msg))
             continue
         where = ".".join(str(p) for p in loc)
-        message = err["msg"]
+        message = err["input"].message if isinstance(err.get("input"), Rejected) else err["msg"]
         if message.startswith("Value error, "):
             message = message[len("Value error, ") :]
         out.append(smap.diagnostic(loc, f"{where}: {message}" if where else message))

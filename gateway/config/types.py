@@ -4,18 +4,117 @@ from __future__ import annotations
 
 import os
 import re
+import types
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Union, get_args, get_origin
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer, PlainValidator, ValidationInfo
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationInfo,
+    WrapValidator,
+    model_validator,
+)
 
 from gateway.model import IDENT_RE, POINT_ID_RE
 
+_SCALARS = (bool, int, float, str)
+
+
+def _scalar_kinds(annotation: Any) -> frozenset[type] | None:
+    """The scalar types a plain annotation admits (``int | None`` -> {int}); None when it admits anything else."""
+    if annotation in _SCALARS:
+        return frozenset({annotation})
+    if annotation is type(None):
+        return frozenset()
+    origin = get_origin(annotation)
+    if origin is Annotated:
+        return _scalar_kinds(get_args(annotation)[0])
+    if origin is Union or origin is types.UnionType:
+        kinds: set[type] = set()
+        for arg in get_args(annotation):
+            sub = _scalar_kinds(arg)
+            if sub is None:
+                return None
+            kinds |= sub
+        return frozenset(kinds)
+    return None
+
+
+def _admits(kinds: frozenset[type], value: Any) -> bool:
+    if isinstance(value, bool):
+        return bool in kinds
+    if isinstance(value, int):
+        return int in kinds or float in kinds
+    if isinstance(value, float):
+        return float in kinds
+    return str in kinds
+
+
+class Rejected:
+    """Stands in for a value refused before validation; its message becomes the diagnostic (see source.py)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+    def __repr__(self) -> str:
+        return self.message
+
 
 class StrictModel(BaseModel):
-    """Unknown keys are errors; values are not coerced across types (``"5"`` is not an int)."""
+    """Unknown keys are errors; scalars are not coerced across types.
+
+    pydantic's lax mode would turn ``enabled: "on"`` or ``"yes"`` into True and ``port: "1883"`` into an int; a
+    config that says something else than it means must fail at load, with its position, instead.
+    """
 
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True, populate_by_name=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_scalar_coercion(cls, data: Any) -> Any:
+        # A model-level check (not a field validator): pydantic forbids before-validators on discriminator fields.
+        if not isinstance(data, dict):
+            return data
+        checked = data
+        for name, field in cls.model_fields.items():
+            key = field.alias or name
+            value = data.get(key)
+            if value is None or not isinstance(value, _SCALARS):
+                continue
+            if any(isinstance(m, BeforeValidator | PlainValidator | WrapValidator) for m in field.metadata):
+                continue  # the field parses its own text (durations, sizes, ids, secrets)
+            kinds = _scalar_kinds(field.annotation)
+            if not kinds or _admits(kinds, value):
+                continue
+            wanted = " or ".join(sorted({"bool": "true/false"}.get(k.__name__, k.__name__) for k in kinds))
+            if checked is data:
+                checked = dict(data)
+            checked[key] = Rejected(f"expected {wanted}, got {type(value).__name__} {value!r}")
+        return checked
+        if any(isinstance(m, BeforeValidator | PlainValidator | WrapValidator) for m in field.metadata):
+            return value  # the field parses its own text (durations, sizes, ids, secrets)
+        kinds = _scalar_kinds(field.annotation)
+        if not kinds:
+            return value
+        if isinstance(value, bool):
+            ok = bool in kinds
+        elif isinstance(value, int):
+            ok = int in kinds or float in kinds
+        elif isinstance(value, float):
+            ok = float in kinds
+        else:
+            ok = str in kinds
+        if not ok:
+            wanted = " or ".join(sorted({"bool": "true/false"}.get(k.__name__, k.__name__) for k in kinds))
+            raise ValueError(f"expected {wanted}, got {type(value).__name__} {value!r}")
+        return value
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|min|m|h|d)?\s*$")
@@ -46,6 +145,26 @@ def parse_duration(value: Any) -> float:
 #: seconds, written in config as ``5s``/``500ms``/``15min``
 Duration = Annotated[float, BeforeValidator(parse_duration), PlainSerializer(lambda s: f"{s}s")]
 PositiveDuration = Annotated[Duration, Field(gt=0)]
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "kib": 1024, "mib": 1024**2, "gib": 1024**3, "kb": 1000, "mb": 1000**2, "gb": 1000**3}
+
+
+def parse_size(value: Any) -> int:
+    """``"256MiB"``/``"1GB"``/bytes -> bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        number = text.rstrip("kmgib")
+        unit = text[len(number) :]
+        if unit in _SIZE_UNITS and number.replace(".", "", 1).isdigit():
+            return int(float(number) * _SIZE_UNITS[unit])
+    raise ValueError(f"invalid size {value!r}: use bytes or a number with KiB, MiB, GiB (or kB, MB, GB)")
+
+
+#: bytes, written in config as ``256MiB``, ``1GB`` or a number of bytes
+Size = Annotated[int, BeforeValidator(parse_size), Field(gt=0)]
 
 
 def _ident(value: Any) -> str:

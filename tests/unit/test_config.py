@@ -1,0 +1,159 @@
+"""Config loading: golden broken sites (tests/cases/config/<case>/{site.yaml, expected.err}) and the field types."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gateway.config.site import load_site
+from gateway.config.source import load_yaml
+from gateway.config.types import Secret, parse_duration, parse_size, read_secret_file
+from gateway.errors import ConfigError
+
+CASES = Path(__file__).resolve().parents[1] / "cases" / "config"
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _first_lines(exc: ConfigError, case: Path) -> list[str]:
+    """``file:line:col: message`` of each diagnostic, with paths made relative so the goldens are portable."""
+    out = []
+    for diag in exc.diagnostics:
+        line = diag.format().splitlines()[0]
+        line = line.replace(str(case) + os.sep, "").replace(str(REPO), "<repo>")
+        out.append(line)
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(p.name for p in CASES.iterdir() if p.is_dir()))
+def test_broken_site_reports_exact_position(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    case_dir = CASES / case
+    monkeypatch.delenv("EDGE_TEST_UNSET_INFLUX_TOKEN", raising=False)
+    expected = (case_dir / "expected.err").read_text().splitlines()
+    with pytest.raises(ConfigError) as info:
+        load_site(case_dir / "site.yaml")
+    assert _first_lines(info.value, case_dir) == expected
+
+
+def test_golden_cases_cover_the_required_kinds() -> None:
+    required = {
+        "syntax_error",
+        "unknown_key",
+        "wrong_type",
+        "duplicate_device",
+        "missing_profile",
+        "bad_point_id",
+        "missing_env_secret",
+        "bad_duration",
+    }
+    assert required <= {p.name for p in CASES.iterdir()}
+
+
+def test_every_diagnostic_shows_the_offending_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_site(CASES / "unknown_key" / "site.yaml")
+    text = str(info.value)
+    assert "    pol: 5s" in text
+    assert text.splitlines()[2].strip() == "^"
+
+
+def test_demo_site_is_valid() -> None:
+    site = load_site(REPO / "firmware_configs" / "sites" / "demo.yaml")
+    assert "zone3.co2" in site.registry
+    assert site.registry["ahu3.vent_setpoint_pct"].writable
+    assert site.registry["apt101.energy_kwh"].unit == "kWh"
+
+
+def test_yaml_1_1_booleans_stay_strings(tmp_path: Path) -> None:
+    path = tmp_path / "x.yaml"
+    path.write_text("a: on\nb: no\nc: true\nd: False\ne: yes\n")
+    data, _ = load_yaml(path)
+    assert data == {"a": "on", "b": "no", "c": True, "d": False, "e": "yes"}
+
+
+def test_duplicate_keys_are_errors(tmp_path: Path) -> None:
+    path = tmp_path / "x.yaml"
+    path.write_text("a: 1\nb: 2\na: 3\n")
+    with pytest.raises(ConfigError) as info:
+        load_yaml(path)
+    assert info.value.diagnostics[0].format().startswith(f"{path}:3:1: duplicate key 'a'")
+
+
+def test_missing_and_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="file not found"):
+        load_site(tmp_path / "nope.yaml")
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes(b"name: caf\xe9\n")
+    with pytest.raises(ConfigError, match="cannot read file"):
+        load_site(bad)
+
+
+def test_empty_site_file_says_what_is_missing(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text("")
+    with pytest.raises(ConfigError) as info:
+        load_site(path)
+    messages = [d.message for d in info.value.diagnostics]
+    assert "missing required key 'version'" in messages
+    assert "missing required key 'gateway'" in messages
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("5s", 5.0),
+        ("15min", 900.0),
+        ("2h", 7200.0),
+        ("1d", 86400.0),
+        (3, 3.0),
+        ("1.5s", 1.5),
+        ("10m", 600.0),
+        ("7", 7.0),
+    ],
+)
+def test_durations(text: str | int, seconds: float) -> None:
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("bad", ["5 minutes", "fast", "-1s", True, None, [1], "1y"])
+def test_bad_durations(bad: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(bad)
+
+
+@pytest.mark.parametrize(("text", "size"), [("64MiB", 64 * 1024**2), ("1GB", 10**9), (4096, 4096), ("2 KiB", 2048)])
+def test_sizes(text: str | int, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("bad", ["lots", "12TB", "MiB", True])
+def test_bad_sizes(bad: object) -> None:
+    with pytest.raises(ValueError, match="size"):
+        parse_size(bad)
+
+
+def test_secret_file_is_read_and_never_printed(tmp_path: Path) -> None:
+    path = tmp_path / "token"
+    path.write_text("s3cr3t-token\n")
+    secret = read_secret_file(path)
+    assert secret.reveal() == "s3cr3t-token"
+    assert "s3cr3t" not in repr(secret)
+    assert isinstance(secret, Secret)
+    with pytest.raises(ValueError, match="cannot read secret file"):
+        read_secret_file(tmp_path / "missing")
+
+
+def test_env_secret_is_expanded_from_the_environment(tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "version: 1\ngateway: {id: gw1, site: tower}\n"
+        "uplinks:\n  influx: {url: 'http://127.0.0.1:8086', org: city, bucket: b, token: '${MY_TOKEN}'}\n"
+    )
+    loaded = load_site(site, env={"MY_TOKEN": "abc123"})
+    influx = loaded.config.uplinks.influx
+    assert influx is not None
+    assert influx.token is not None
+    assert influx.token.reveal() == "abc123"
+    assert "abc123" not in repr(loaded.config)
