@@ -1,9 +1,262 @@
-"""Incentive config models (PLACEHOLDER: issue #7 fills in accounts, meters, baselines, factors, keys)."""
+"""The ``incentives:`` block of a site file: accounts, meters, interval, baseline, emission factor, keys.
+
+Owns the config models and the site-level cross-check ``validate_against(site)`` (meter points must exist in the
+point registry). Must never import the stage, SQLite, or any protocol library: config stays cheap to load and
+``edge-gateway check`` uses it without touching the ledger.
+
+Numbers that end up in signed records (kWh, kg CO2e/kWh) are kept as ``Decimal`` from the text the engineer wrote,
+so ``0.5703`` stays exactly ``0.5703`` and never becomes ``0.57029999...``.
+"""
 
 from __future__ import annotations
 
-from gateway.config.types import StrictModel
+import re
+from datetime import datetime, time
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, PlainSerializer, field_validator, model_validator
+
+from gateway.config.types import Duration, PointId, PositiveDuration, StrictModel
+from gateway.errors import Diagnostic
+
+if TYPE_CHECKING:
+    from gateway.config.site import Site
+
+DAY_SECONDS = 86_400
+#: every kWh figure in a record is an integer number of micro-kWh (1 mWh resolution, 6 decimal places)
+KWH_DECIMALS = 6
+
+
+def _decimal(value: Any) -> Decimal:
+    """A non-negative decimal from YAML: ``0.5703``, ``"0.5703"`` or ``2``; floats go through their shortest repr."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str | Decimal):
+        raise ValueError("expected a number, like 0.5703")
+    try:
+        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(str(value).strip())
+    except InvalidOperation:
+        raise ValueError(f"{value!r} is not a number") from None
+    if not number.is_finite() or number < 0:
+        raise ValueError(f"{value!r} must be a finite number >= 0")
+    return number
+
+
+#: a non-negative exact decimal (kWh, kg/kWh), printed back as text
+NonNegativeDecimal = Annotated[Decimal, BeforeValidator(_decimal), PlainSerializer(str)]
+
+_HHMM_RE = re.compile(r"^([01]\d|2[0-4]):([0-5]\d)$")
+
+
+def _clock_time(value: Any) -> time:
+    if not isinstance(value, str) or not _HHMM_RE.match(value):
+        raise ValueError(f"{value!r} is not a time of day: write it as HH:MM in quotes, like \"07:30\"")
+    hours, minutes = int(value[:2]), int(value[3:])
+    if hours == 24:
+        if minutes:
+            raise ValueError(f"{value!r} is past the end of the day")
+        return time.max
+    return time(hours, minutes)
+
+
+ClockTime = Annotated[time, BeforeValidator(_clock_time)]
+
+
+class FixedBaseline(StrictModel):
+    """The same expected consumption for every interval: ``{method: fixed, kwh: 0.25}``."""
+
+    method: Literal["fixed"]
+    kwh: NonNegativeDecimal
+
+
+class LikeDaysBaseline(StrictModel):
+    """Mean of the same interval (same local start time) on the last ``days`` like days (weekday or weekend),
+    the way demand-response customer baselines are computed. Only complete intervals without a discontinuity
+    count; with fewer than ``min_days`` of them no saving is issued."""
+
+    method: Literal["like_days"]
+    days: Annotated[int, Field(ge=1, le=60)] = 10
+    min_days: Annotated[int, Field(ge=1)] = 3
+    #: how far back to look for like days with usable data
+    lookback_days: Annotated[int, Field(ge=1, le=366)] = 45
+
+    @model_validator(mode="after")
+    def _min_not_above_days(self) -> LikeDaysBaseline:
+        if self.min_days > self.days:
+            raise ValueError(f"min_days ({self.min_days}) cannot exceed days ({self.days})")
+        return self
+
+
+Baseline = Annotated[FixedBaseline | LikeDaysBaseline, Field(discriminator="method")]
+
+
+class FactorWindow(StrictModel):
+    """A time-of-day emission factor, local time, ``from`` inclusive, ``to`` exclusive; may wrap past midnight."""
+
+    start: ClockTime = Field(alias="from")
+    end: ClockTime = Field(alias="to")
+    kg_per_kwh: NonNegativeDecimal
+
+    model_config = StrictModel.model_config | {"populate_by_name": True}
+
+    def contains(self, moment: time) -> bool:
+        if self.start <= self.end:
+            return self.start <= moment < self.end
+        return moment >= self.start or moment < self.end
+
+
+class EmissionFactor(StrictModel):
+    """Grid emission factor in kg CO2e per kWh; the first matching time-of-day window wins, else ``kg_per_kwh``."""
+
+    kg_per_kwh: NonNegativeDecimal
+    by_time_of_day: list[FactorWindow] = Field(default_factory=list)
+
+    def at(self, moment: time) -> Decimal:
+        for window in self.by_time_of_day:
+            if window.contains(moment):
+                return window.kg_per_kwh
+        return self.kg_per_kwh
+
+
+class CounterConfig(StrictModel):
+    """A register counter that wraps: a 32-bit count of 0.01 kWh wraps at 42,949,672.96 kWh."""
+
+    bits: Literal[16, 32, 48, 64]
+    resolution_kwh: NonNegativeDecimal = Decimal("0.01")
+
+    @field_validator("resolution_kwh")
+    @classmethod
+    def _positive(cls, value: Decimal) -> Decimal:
+        if value <= 0:
+            raise ValueError("resolution_kwh must be > 0")
+        return value
+
+    @property
+    def wrap_kwh(self) -> Decimal:
+        return Decimal(2**self.bits) * self.resolution_kwh
+
+
+class MeterReplacement(StrictModel):
+    """A declared meter swap: readings before ``at`` come from the old meter, from ``at`` on from the new one."""
+
+    point: PointId
+    at: datetime
+    #: the old meter's last reading and the new one's first; without them the swap interval has unknown energy
+    old_final_kwh: NonNegativeDecimal | None = None
+    new_initial_kwh: NonNegativeDecimal | None = None
+
+    @field_validator("at")
+    @classmethod
+    def _aware(cls, value: datetime) -> datetime:
+        if value.tzinfo is None:
+            raise ValueError("give the replacement time with its UTC offset, like 2026-11-20T10:03:00+08:00")
+        return value
+
+    @property
+    def at_ns(self) -> int:
+        return int(self.at.timestamp()) * 1_000_000_000 + self.at.microsecond * 1000
+
+
+class AccountConfig(StrictModel):
+    """One rewarded account. ``id`` is the real account id: it stays on the gateway, records carry a keyed hash."""
+
+    id: Annotated[str, Field(min_length=1, max_length=200)]
+    meters: Annotated[list[PointId], Field(min_length=1)]
+    replacements: list[MeterReplacement] = Field(default_factory=list)
+    #: overrides the site-wide baseline for this account
+    baseline: Baseline | None = None
+    #: readings implying more power than this are implausible (a jump): the interval is never rewarded
+    max_power_kw: Annotated[float, Field(gt=0)] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AccountConfig:
+        if len(set(self.meters)) != len(self.meters):
+            raise ValueError(f"account {self.id!r} lists a meter twice")
+        for replacement in self.replacements:
+            if replacement.point not in self.meters:
+                raise ValueError(f"replacement names {replacement.point!r}, which is not a meter of this account")
+        return self
 
 
 class IncentivesConfig(StrictModel):
-    pass
+    """``incentives:`` in the site file. Relative key paths are resolved against the gateway's data directory
+    (where its ledger lives), so the demo and a fresh install keep keys beside the state they sign."""
+
+    accounts: Annotated[list[AccountConfig], Field(min_length=1)]
+    interval: PositiveDuration = 900.0
+    #: a reading this close to an interval edge counts as a reading at the edge
+    edge_tolerance: PositiveDuration = 60.0
+    #: how long an interval waits for late (backfilled) readings before it is closed as incomplete
+    max_delay: Duration = 3600.0
+    baseline: Baseline
+    emission_factor: EmissionFactor
+    counter: CounterConfig | None = None
+    max_power_kw: Annotated[float, Field(gt=0)] | None = None
+    #: local zone for like days and time-of-day factors; defaults to the gateway's
+    timezone: str | None = None
+    signing_key_file: Path
+    pseudonym_key_file: Path
+    #: create missing key files on first start (no record issued yet); never used once a ledger exists
+    generate_missing_keys: bool = False
+
+    @field_validator("interval")
+    @classmethod
+    def _grid(cls, value: float) -> float:
+        if value != int(value) or value < 60 or DAY_SECONDS % int(value):
+            raise ValueError("interval must be whole minutes that divide a day (1min, 5min, 15min, 30min, 1h, ...)")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _zone(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name like Asia/Shanghai)") from None
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> IncentivesConfig:
+        if self.edge_tolerance * 2 > self.interval:
+            raise ValueError("edge_tolerance must be at most half the interval")
+        if self.max_delay < self.edge_tolerance:
+            raise ValueError("max_delay must be at least edge_tolerance")
+        seen_ids: set[str] = set()
+        owner: dict[str, str] = {}
+        for account in self.accounts:
+            if account.id in seen_ids:
+                raise ValueError(f"duplicate account id {account.id!r}")
+            seen_ids.add(account.id)
+            for meter in account.meters:
+                if meter in owner:
+                    raise ValueError(f"meter {meter!r} belongs to two accounts ({owner[meter]!r} and {account.id!r})")
+                owner[meter] = account.id
+        return self
+
+    @property
+    def interval_ns(self) -> int:
+        return int(self.interval) * 1_000_000_000
+
+
+def validate_against(site: Site) -> list[Diagnostic]:
+    """Cross-checks that need the whole site: every meter is a known, numeric, physical point."""
+    config = site.config.incentives
+    if config is None:
+        return []
+    problems: list[Diagnostic] = []
+    for a_index, account in enumerate(config.accounts):
+        for m_index, meter in enumerate(account.meters):
+            loc = ("incentives", "accounts", a_index, "meters", m_index)
+            info = site.registry.get(meter)
+            if info is None:
+                problems.append(site.diagnostic(loc, f"meter point {meter!r} is not a point of any device"))
+            elif info.kind not in ("float", "int"):
+                problems.append(site.diagnostic(loc, f"meter point {meter!r} is {info.kind}, not a numeric counter"))
+            elif info.unit is not None and info.unit.lower() not in ("kwh", "kw·h", "kw.h"):
+                message = f"meter point {meter!r} is in {info.unit}, expected cumulative kWh"
+                problems.append(site.diagnostic(loc, message))
+    return problems
