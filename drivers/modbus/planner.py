@@ -58,10 +58,10 @@ class ReadRequest:
         return self.address + self.count - 1
 
     def describe(self) -> str:
-        unit_word = "bits" if self.table in BIT_TABLES else "registers"
+        span = _count(self.count, "bit" if self.table in BIT_TABLES else "register")
         holes = f", {self.fill} fill" if self.fill else ""
         return (
-            f"unit {self.unit} {self.table} {self.address}..{self.end} ({self.count} {unit_word}{holes}) "
+            f"unit {self.unit} {self.table} {self.address}..{self.end} ({span}{holes}) "
             f"-> {_count(len(self.points), 'point')}: {', '.join(p.point.partition('.')[2] for p in self.points)}"
         )
 
@@ -146,7 +146,8 @@ def summarize(requests: Sequence[ReadRequest]) -> str:
     touched = [f"{registers} registers"] if registers or not bits else []
     if bits:
         touched.append(f"{bits} bits")
-    return f"{_count(len(requests), 'request')} touching {' and '.join(touched)} ({fill} fill) for {_count(points, 'point')}"
+    what = " and ".join(touched)
+    return f"{_count(len(requests), 'request')} touching {what} ({fill} fill) for {_count(points, 'point')}"
 
 
 def _count(number: int, noun: str) -> str:

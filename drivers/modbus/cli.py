@@ -1,0 +1,223 @@
+"""``edge-gateway modbus probe|read|plan``: the on-site tools of the Modbus driver.
+
+Owns argument parsing and printing for these three commands. ``plan`` needs no device and imports no pymodbus;
+``probe`` and ``read`` talk to a device through ``drivers.modbus.client.ModbusLink`` (imported when they run).
+
+Exit codes: 0 ok, 1 bad input (config error, unknown profile), 3 the device could not be read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+from typing import Any
+
+from drivers.modbus.codec import decode_raw, wire_buffers
+from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig, ModbusProfile
+from drivers.modbus.planner import explain_bus, plan_device
+from gateway.errors import ConfigError, DeviceError
+
+_ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")
+
+
+def register(subparsers: Any) -> None:
+    modbus = subparsers.add_parser("modbus", help="Modbus tools: probe registers, read a profile, print the plan")
+    sub = modbus.add_subparsers(dest="modbus_command", metavar="COMMAND", required=True)
+
+    probe = sub.add_parser("probe", help="read raw registers and print every 16/32/64-bit interpretation")
+    _connection_args(probe)
+    probe.add_argument("--address", type=int, required=True, help="0-based protocol address (register 40001 = 0)")
+    probe.add_argument("--count", type=int, default=4, help="registers to read (1-125)")
+    probe.add_argument("--table", choices=["holding", "input"], default="holding")
+    probe.set_defaults(handler=_probe)
+
+    read = sub.add_parser("read", help="read every point of a device profile and print it with units")
+    _connection_args(read)
+    read.add_argument("--profile", required=True, help="profile name (firmware_configs/devices/NAME.yaml) or path")
+    read.set_defaults(handler=_read)
+
+    plan = sub.add_parser("plan", help="print the request plan of every Modbus bus of a site file")
+    plan.add_argument("site", type=Path, help="site file (YAML)")
+    plan.set_defaults(handler=_plan)
+
+
+def _connection_args(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--tcp", metavar="HOST:PORT", help="Modbus TCP endpoint (port defaults to 502)")
+    where.add_argument("--serial", metavar="DEV", help="serial device for Modbus RTU, e.g. /dev/ttyUSB0")
+    parser.add_argument("--baud", type=int, default=9600)
+    parser.add_argument("--parity", choices=["N", "E", "O"], default="N")
+    parser.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
+    parser.add_argument("--unit", type=int, required=True, help="slave address / unit id")
+    parser.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for an answer")
+
+
+def _bus(args: argparse.Namespace) -> ModbusBusConfig:
+    if args.tcp:
+        host, _, port = args.tcp.rpartition(":") if ":" in args.tcp else (args.tcp, "", "502")
+        return ModbusBusConfig.model_validate(
+            {"id": "cli", "type": "tcp", "host": host, "port": int(port), "timeout": args.timeout, "retries": 0}
+        )
+    return ModbusBusConfig.model_validate(
+        {
+            "id": "cli",
+            "type": "rtu",
+            "serial": args.serial,
+            "baudrate": args.baud,
+            "parity": args.parity,
+            "stopbits": args.stopbits,
+            "timeout": args.timeout,
+            "retries": 0,
+        }
+    )
+
+
+def _fail(message: str, code: int) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return code
+
+
+# ---------------------------------------------------------------- probe
+
+
+def _probe(args: argparse.Namespace) -> int:
+    if not 1 <= args.count <= 125 or not 0 <= args.address <= 65535 or args.address + args.count > 65536:
+        return _fail("--count must be 1-125 and the range must end at or before address 65535", 1)
+    try:
+        bus = _bus(args)
+        registers = asyncio.run(_read_registers(bus, args.table, args.unit, args.address, args.count))
+    except (ValueError, ConfigError) as exc:
+        return _fail(str(exc), 1)
+    except DeviceError as exc:
+        return _fail(str(exc), 3)
+    print(format_probe(args.address, registers))
+    return 0
+
+
+async def _read_registers(bus: ModbusBusConfig, table: str, unit: int, address: int, count: int) -> list[int]:
+    from drivers.modbus.client import ModbusLink
+
+    async with ModbusLink(bus) as link:
+        return await link.read_registers(table, unit, address, count)
+
+
+def format_probe(address: int, registers: list[int]) -> str:
+    """Registers and every interpretation, side by side, so a wrong word order shows at a glance."""
+    lines = ["16-bit", f"{'address':>8}  {'hex':>6}  {'u16':>6}  {'i16':>6}  {'BA u16':>6}  ascii"]
+    wire, _swap = wire_buffers(registers)
+    for index, register in enumerate(registers):
+        text = "".join(chr(b) if 32 <= b < 127 else "." for b in wire[index * 2 : index * 2 + 2])
+        lines.append(
+            f"{address + index:>8}  0x{register:04X}  {register:>6}  {decode_raw('i16', 'AB', [register]):>6}  "
+            f"{decode_raw('u16', 'BA', [register]):>6}  {text}"
+        )
+    for width, types in ((2, ("u32", "i32", "f32")), (4, ("u64", "i64", "f64"))):
+        if len(registers) < width:
+            continue
+        lines.append("")
+        lines.append(f"{width * 16}-bit (value starting at each address, in the four orders)")
+        lines.append(f"{'address':>8}  {'type':<4}  " + "  ".join(f"{order:>24}" for order in _ORDERS))
+        for index in range(len(registers) - width + 1):
+            chunk = registers[index : index + width]
+            for type_name in types:
+                cells = [_cell(decode_raw(type_name, order, chunk)) for order in _ORDERS]
+                lines.append(f"{address + index:>8}  {type_name:<4}  " + "  ".join(f"{c:>24}" for c in cells))
+    return "\n".join(lines)
+
+
+def _cell(value: float | int) -> str:
+    if isinstance(value, float):
+        return f"{value:.7g}"
+    return str(value)
+
+
+# ---------------------------------------------------------------- read
+
+
+def _read(args: argparse.Namespace) -> int:
+    from gateway.config.site import FIRMWARE_CONFIGS, load_profile
+
+    candidate = Path(args.profile)
+    try:
+        if candidate.suffix in (".yaml", ".yml"):
+            profile = load_profile(candidate.stem, ModbusProfile, [candidate.parent])
+        else:
+            profile = load_profile(args.profile, ModbusProfile, [FIRMWARE_CONFIGS / "devices"])
+        bus = _bus(args)
+    except FileNotFoundError:
+        return _fail(f"profile {args.profile!r} not found", 1)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    except ValueError as exc:
+        return _fail(str(exc), 1)
+    assert isinstance(profile, ModbusProfile)
+    device = ModbusDeviceConfig.model_validate(
+        {"id": "device", "driver": "modbus", "profile": args.profile, "bus": "cli", "unit": args.unit}
+    )
+    try:
+        rows = asyncio.run(_read_profile(bus, device, profile))
+    except DeviceError as exc:
+        return _fail(str(exc), 3)
+    width = max(len(name) for name, *_ in rows)
+    failed = 0
+    for name, value, unit, error in rows:
+        if error is not None:
+            failed += 1
+            print(f"{name:<{width}}  BAD  {error}")
+        else:
+            print(f"{name:<{width}}  {value}{' ' + unit if unit else ''}")
+    return 3 if failed == len(rows) else 0
+
+
+async def _read_profile(
+    bus: ModbusBusConfig, device: ModbusDeviceConfig, profile: ModbusProfile
+) -> list[tuple[str, object, str, str | None]]:
+    from drivers.modbus.client import ModbusLink
+
+    rows: list[tuple[str, object, str, str | None]] = []
+    async with ModbusLink(bus) as link:
+        for request in plan_device(bus, device, profile):
+            try:
+                if request.table in ("coil", "discrete"):
+                    bits = await link.read_bits(request.table, request.unit, request.address, request.count)
+                    rows.extend((p.point, bits[p.offset], "", None) for p in request.points)
+                    continue
+                registers = await link.read_registers(request.table, request.unit, request.address, request.count)
+            except DeviceError as exc:
+                rows.extend((p.point, None, "", str(exc)) for p in request.points)
+                continue
+            wire, swap = wire_buffers(registers)
+            for planned in request.points:
+                assert planned.decoder is not None
+                rows.append((planned.point, planned.decoder(wire, swap), planned.spec.unit or "", None))
+    return [(point.partition(".")[2], value, unit, error) for point, value, unit, error in rows]
+
+
+# ---------------------------------------------------------------- plan
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from gateway.config.site import load_site
+
+    try:
+        site = load_site(args.site)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    buses = site.config.modbus_buses
+    if not buses:
+        print(f"{args.site}: no modbus_buses")
+        return 0
+    for bus in buses:
+        devices = [
+            (device, profile)
+            for device in site.config.devices
+            if isinstance(device, ModbusDeviceConfig) and device.bus == bus.id
+            for profile in [site.profiles[device.id]]
+            if isinstance(profile, ModbusProfile)
+        ]
+        print(explain_bus(bus, devices))
+    return 0
