@@ -1,0 +1,106 @@
+"""Durable rule state: pending ``for:`` timers, active latches, cooldowns and periodic deadlines.
+
+Owns ``RuleStateStore``, a small SQLite file of its own (``<data_dir>/rules-state.db``), separate from the outbox so
+a rule-state write never waits behind a telemetry batch. Rows change only when a rule changes state (a few times an
+hour per rule), so each save is one short transaction. Imports nothing from the runtime.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.errors import StoreError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rule_state (
+    rule_id       TEXT PRIMARY KEY,
+    fingerprint   TEXT NOT NULL,
+    state         TEXT NOT NULL,
+    since_ns      INTEGER NOT NULL,
+    pending_ns    INTEGER,
+    activated_ns  INTEGER,
+    last_fired_ns INTEGER,
+    next_due_ns   INTEGER
+)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class SavedRuleState:
+    """What a rule needs to resume after a restart. ``fingerprint`` identifies the rule's condition: a row whose
+    fingerprint no longer matches (the engineer changed ``when:``) is ignored rather than trusted."""
+
+    rule_id: str
+    fingerprint: str
+    state: str
+    since_ns: int
+    pending_ns: int | None
+    activated_ns: int | None
+    last_fired_ns: int | None
+    next_due_ns: int | None
+
+
+class RuleStateStore:
+    """``RuleStateStore(path)``: load, save and prune rule state rows. Raises ``StoreError`` on I/O failure."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute(_SCHEMA)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreError(f"cannot open rule state {path}: {exc}") from exc
+
+    def load(self) -> dict[str, SavedRuleState]:
+        try:
+            rows = self._db.execute(
+                "SELECT rule_id, fingerprint, state, since_ns, pending_ns, activated_ns, last_fired_ns, next_due_ns"
+                " FROM rule_state"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read rule state {self.path}: {exc}") from exc
+        return {row[0]: SavedRuleState(*row) for row in rows}
+
+    def save(self, states: Iterable[SavedRuleState]) -> None:
+        rows = [
+            (
+                r.rule_id,
+                r.fingerprint,
+                r.state,
+                r.since_ns,
+                r.pending_ns,
+                r.activated_ns,
+                r.last_fired_ns,
+                r.next_due_ns,
+            )
+            for r in states
+        ]
+        if not rows:
+            return
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT OR REPLACE INTO rule_state VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write rule state {self.path}: {exc}") from exc
+
+    def keep_only(self, rule_ids: Iterable[str]) -> None:
+        """Delete rows of rules that no longer exist."""
+        keep = set(rule_ids)
+        try:
+            stale = [(r,) for (r,) in self._db.execute("SELECT rule_id FROM rule_state") if r not in keep]
+            if stale:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    self._db.executemany("DELETE FROM rule_state WHERE rule_id = ?", stale)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write rule state {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
