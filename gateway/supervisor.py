@@ -238,13 +238,24 @@ class Gateway:
 
     async def _rules_loop(self, sub: Subscription) -> None:
         async for batch in sub:
-            outputs = self.rules.process(batch, time.time_ns())
+            try:
+                outputs = self.rules.process(batch, time.time_ns())
+            except Exception:
+                # The engine isolates each rule's errors itself; this is the net for a bug in the engine: the batch
+                # is already stored, and the next one is evaluated.
+                log.exception("rules engine failed on a batch of %d samples", len(batch))
+                continue
             await self._handle_rule_outputs(outputs)
 
     async def _incentives_loop(self, sub: Subscription) -> None:
         assert self.outbox is not None
         async for batch in sub:
-            events = self.incentives.process(batch)
+            try:
+                events = self.incentives.process(batch)
+            except Exception:
+                # readings stay in the outbox and the stage's own history: the interval is recomputed later
+                log.exception("incentive stage failed on a batch of %d samples", len(batch))
+                continue
             if events:
                 await self.outbox.append_events(events)
 
