@@ -42,7 +42,7 @@ class TopicTemplate:
     segment that the broker would not vary.
     """
 
-    __slots__ = ("_device_index", "_field_index", "_literals", "_levels", "text")
+    __slots__ = ("_device_index", "_field_index", "_levels", "_literals", "text")
 
     def __init__(self, text: str, topic_filter: str) -> None:
         check_topic_filter(topic_filter)
@@ -74,12 +74,12 @@ class TopicTemplate:
                 raise ValueError(f"unknown placeholder {level!r} in template {text!r} (use {DEVICE}, {FIELD})")
             if not wildcard and level != fixed[index]:
                 raise ValueError(f"template level {index + 1} {level!r} differs from the filter's {fixed[index]!r}")
-            if wildcard:
-                literals.append((index, level))
+            literals.append((index, level))
         self._levels = len(levels)
         self._device_index = levels.index(DEVICE)
         self._field_index = levels.index(FIELD) if FIELD in levels else -1
-        # Only levels under a wildcard need checking: the broker already guaranteed the filter's literal levels.
+        # Every literal level is checked, not only those under a wildcard: with several subscriptions on one
+        # connection, the template is also what tells which subscription a message belongs to.
         self._literals = tuple(literals)
 
     @property

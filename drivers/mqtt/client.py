@@ -1,0 +1,305 @@
+"""One MQTT session with the building's broker: paho-mqtt driven by the asyncio loop's own socket callbacks.
+
+Owns: ``MqttConnection`` (connect, CONNACK, subscribe, publish with PUBACK, manual acks, keepalive, close), the
+translation of paho's return codes and reason codes into ``DeviceUnavailable``/``DeviceRejected``, and ``Backoff``.
+This is the only module of the driver that imports paho.
+
+Why paho and not aiomqtt: aiomqtt costs about twice the CPU per message (FIELD-NOTES.md) and its ceiling on this
+class of machine is below the 20k msg/s goal. Here paho runs without a thread: its socket is registered with
+``loop.add_reader``, so a message is decoded in the event loop's thread straight into the source's pending batch, with
+no queue, no lock and no task per message. Only the blocking TCP/TLS connect runs in an executor thread, before any
+socket callback is registered, so the event loop is never blocked by a slow or unreachable broker.
+
+Not thread-safe: every method must be called on the event loop that opened the connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import ssl
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from drivers.mqtt.config import MqttSourceConfig
+from gateway.errors import DeviceRejected, DeviceUnavailable
+
+log = logging.getLogger("drivers.mqtt")
+
+#: messages handled per readable event before the loop gets a turn (keeps timers and writes responsive)
+_READ_BURST = 256
+
+
+class Backoff:
+    """Reconnect delays: doubling from ``minimum`` to ``maximum``, each jittered by +-20% (never below minimum)."""
+
+    def __init__(self, minimum: float, maximum: float, *, rng: random.Random | None = None) -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        self._rng = rng or random.Random()
+        self.attempt = 0
+
+    def next_delay(self) -> float:
+        base = min(self.maximum, self.minimum * 2.0 ** min(self.attempt, 30))
+        self.attempt += 1
+        return max(self.minimum, min(self.maximum, base * self._rng.uniform(0.8, 1.2)))
+
+    def reset(self) -> None:
+        self.attempt = 0
+
+
+def _tls_context(config: MqttSourceConfig) -> ssl.SSLContext | None:
+    tls = config.tls
+    if tls is None:
+        return None
+    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
+    if tls.cert_file is not None and tls.key_file is not None:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    context.check_hostname = tls.check_hostname
+    return context
+
+
+class MqttConnection:
+    """One connect-to-disconnect session. A reconnect is a new ``MqttConnection`` (owned by the source's loop)."""
+
+    def __init__(
+        self,
+        config: MqttSourceConfig,
+        *,
+        on_message: Callable[[paho.Client, Any, paho.MQTTMessage], None],
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self._config = config
+        self._loop = loop
+        v5 = config.protocol == "5"
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=config.client_id or "",
+            protocol=paho.MQTTv5 if v5 else paho.MQTTv311,
+            clean_session=None if v5 else config.session == "clean",
+            reconnect_on_failure=False,
+            manual_ack=config.ack_after_publish,
+        )
+        self.client.connect_timeout = config.connect_timeout
+        if config.username is not None:
+            password = config.resolved_password()
+            self.client.username_pw_set(config.username, password.reveal() if password is not None else None)
+        context = _tls_context(config)
+        if context is not None:
+            self.client.tls_set_context(context)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_publish = self._on_publish
+        self.client.on_message = on_message
+        self._connack: asyncio.Future[bool] = loop.create_future()
+        #: resolves with the reason once the session has ended, for whatever cause
+        self.closed: asyncio.Future[str] = loop.create_future()
+        self._pending_subacks: dict[int, asyncio.Future[list[Any]]] = {}
+        self._pending_pubacks: dict[int, asyncio.Future[None]] = {}
+        self._sock: Any = None
+        self._reading = False
+        self.session_present = False
+
+    # --- paho callbacks (all run on the event loop thread) -----------------------------------------------------
+
+    def _on_connect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if self._connack.done():
+            return
+        if reason.is_failure:
+            self._connack.set_exception(DeviceRejected(f"broker refused the connection: {reason}"))
+        else:
+            self.session_present = bool(flags.session_present)
+            self._connack.set_result(self.session_present)
+
+    def _on_disconnect(self, client: paho.Client, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        text = str(reason)
+        if text in {"Success", "Normal disconnection"}:
+            text = "disconnected"
+        elif "Keep alive" in text or "keepalive" in text.lower():
+            text = "no traffic and no ping response within the keepalive (stuck connection)"
+        self._end(text)
+
+    def _on_subscribe(self, client: paho.Client, userdata: Any, mid: int, reasons: Any, properties: Any) -> None:
+        future = self._pending_subacks.pop(mid, None)
+        if future is not None and not future.done():
+            future.set_result(list(reasons))
+
+    def _on_publish(self, client: paho.Client, userdata: Any, mid: int, reason: Any, properties: Any) -> None:
+        future = self._pending_pubacks.pop(mid, None)
+        if future is None or future.done():
+            return
+        if getattr(reason, "is_failure", False):
+            future.set_exception(DeviceRejected(f"broker refused the publish: {reason}"))
+        else:
+            future.set_result(None)
+
+    def _end(self, reason: str) -> None:
+        if not self._connack.done():
+            self._connack.set_exception(DeviceUnavailable(f"connection lost before CONNACK: {reason}"))
+        if not self.closed.done():
+            self.closed.set_result(reason)
+        error = DeviceUnavailable(f"connection lost: {reason}")
+        waiting: list[asyncio.Future[Any]] = [*self._pending_subacks.values(), *self._pending_pubacks.values()]
+        for future in waiting:
+            if not future.done():
+                future.set_exception(error)
+        self._pending_subacks.clear()
+        self._pending_pubacks.clear()
+
+    # --- socket plumbing ---------------------------------------------------------------------------------------
+
+    def _on_readable(self) -> None:
+        client = self.client
+        for _ in range(_READ_BURST):
+            before = client._in_packet["command"], client._last_bytes_received
+            if client.loop_read() != paho.MQTT_ERR_SUCCESS or self._sock is None:
+                return
+            # paho reports "nothing to read" as success too: stop when a read made no progress.
+            if (client._in_packet["command"], client._last_bytes_received) == before:
+                return
+
+    def _on_writable(self) -> None:
+        self.client.loop_write()
+
+    def _register_socket(self) -> None:
+        sock = self.client.socket()
+        if sock is None:
+            raise DeviceUnavailable("connection closed during connect")
+        self._sock = sock
+        self.client.on_socket_close = self._on_socket_close
+        self.client.on_socket_register_write = self._on_register_write
+        self.client.on_socket_unregister_write = self._on_unregister_write
+        self.resume_reading()
+        if self.client.want_write():
+            self._loop.add_writer(sock, self._on_writable)
+
+    def _on_register_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._loop.add_writer(sock, self._on_writable)
+
+    def _on_unregister_write(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._loop.remove_writer(sock)
+
+    def _on_socket_close(self, client: paho.Client, userdata: Any, sock: Any) -> None:
+        self._loop.remove_reader(sock)
+        self._loop.remove_writer(sock)
+        self._reading = False
+        self._sock = None
+
+    def pause_reading(self) -> None:
+        """Stop reading the socket: TCP flow control then holds the broker back (the batch is full)."""
+        if self._reading and self._sock is not None:
+            self._loop.remove_reader(self._sock)
+            self._reading = False
+
+    def resume_reading(self) -> None:
+        if not self._reading and self._sock is not None:
+            self._loop.add_reader(self._sock, self._on_readable)
+            self._reading = True
+
+    # --- session ---------------------------------------------------------------------------------------------
+
+    def _connect_blocking(self) -> None:
+        config = self._config
+        properties = None
+        if config.protocol == "5":
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = int(config.session_expiry) if config.session == "persistent" else 0
+        self.client.connect(
+            config.host,
+            config.port,
+            keepalive=round(config.keepalive),
+            clean_start=config.session == "clean" if config.protocol == "5" else paho.MQTT_CLEAN_START_FIRST_ONLY,
+            properties=properties,
+        )
+
+    async def open(self) -> bool:
+        """Connect and wait for CONNACK; returns whether the broker still had our session."""
+        where = f"{self._config.host}:{self._config.port}"
+        try:
+            await asyncio.wait_for(
+                self._loop.run_in_executor(None, self._connect_blocking), self._config.connect_timeout + 1
+            )
+        except TimeoutError:
+            raise DeviceUnavailable(f"connect to {where} timed out") from None
+        except ssl.SSLError as exc:
+            raise DeviceRejected(f"TLS handshake with {where} failed: {exc.reason or exc}") from exc
+        except OSError as exc:
+            raise DeviceUnavailable(f"cannot connect to {where}: {exc.strerror or exc}") from exc
+        self._register_socket()
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._connack), self._config.connect_timeout)
+        except TimeoutError:
+            raise DeviceUnavailable(f"no CONNACK from {where} within {self._config.connect_timeout}s") from None
+
+    async def subscribe(self, subscriptions: Sequence[tuple[str, int]]) -> None:
+        """Subscribe to every ``(filter, qos)``; a refused filter is DeviceRejected (e.g. not allowed by the ACL)."""
+        if self._config.protocol == "5":
+            request: list[tuple[str, Any]] = [(topic, SubscribeOptions(qos=qos)) for topic, qos in subscriptions]
+        else:
+            request = list(subscriptions)
+        result, mid = self.client.subscribe(request)
+        if result != paho.MQTT_ERR_SUCCESS or mid is None:
+            raise DeviceUnavailable(f"subscribe failed: {paho.error_string(result)}")
+        future: asyncio.Future[list[Any]] = self._loop.create_future()
+        self._pending_subacks[mid] = future
+        try:
+            reasons = await asyncio.wait_for(future, self._config.connect_timeout)
+        except TimeoutError:
+            raise DeviceUnavailable("no SUBACK within the connect timeout") from None
+        refused = [topic for (topic, _), reason in zip(subscriptions, reasons, strict=False) if reason.is_failure]
+        if refused:
+            raise DeviceRejected(f"broker refused subscriptions {refused}")
+
+    async def publish(self, topic: str, payload: bytes, *, qos: int, retain: bool, wait_s: float) -> None:
+        info = self.client.publish(topic, payload, qos=qos, retain=retain)
+        if info.rc != paho.MQTT_ERR_SUCCESS:
+            raise DeviceUnavailable(f"publish to {topic!r} failed: {paho.error_string(info.rc)}")
+        if qos == 0 or info.is_published():
+            return
+        future: asyncio.Future[None] = self._loop.create_future()
+        self._pending_pubacks[info.mid] = future
+        try:
+            await asyncio.wait_for(future, wait_s)
+        except TimeoutError:
+            self._pending_pubacks.pop(info.mid, None)
+            raise DeviceUnavailable(f"no PUBACK for {topic!r} within {wait_s}s") from None
+
+    def ack(self, mid: int, qos: int) -> None:
+        self.client.ack(mid, qos)
+
+    def tick(self) -> None:
+        """Keepalive: send PINGREQ when due; close a session whose ping went unanswered (paho's check)."""
+        if self._sock is not None:
+            self.client.loop_misc()
+            if self._sock is None:  # loop_misc closed the socket without a disconnect callback
+                self._end("no traffic and no ping response within the keepalive (stuck connection)")
+
+    @property
+    def connected(self) -> bool:
+        return self._sock is not None and self._connack.done() and not self.closed.done()
+
+    async def close(self) -> None:
+        """Send DISCONNECT (when still connected) and release the socket."""
+        if self._sock is not None:
+            if self._connack.done() and not self.closed.done():
+                self.client.disconnect()
+                # give the DISCONNECT (and any acks queued before it) one chance to be written
+                if self.client.want_write():
+                    self.client.loop_write()
+            if self._sock is not None:
+                # paho has no public close outside its own network loop
+                self.client._sock_close()
+        self._end("closed")
+        if not self._connack.done():
+            self._connack.cancel()
+        # a CONNACK failure nobody awaited must not be reported as "exception never retrieved"
+        if self._connack.done() and not self._connack.cancelled():
+            self._connack.exception()
