@@ -38,7 +38,7 @@ def test_plan_command_reports_config_errors(tmp_path: Path, capsys: object) -> N
 
 def test_probe_table_shows_all_orders_side_by_side() -> None:
     text = format_probe(100, [0x4049, 0x0FDB])
-    assert "     100  0x4049  16457" in text
+    assert "     100  0x4049   16457   16457   18752  @I" in text
     row = next(line for line in text.splitlines() if line.strip().startswith("100  f32"))
     assert "3.141593" in row.split()[2]  # ABCD column
     assert len(row.split()) == 6  # address, type, four orders
