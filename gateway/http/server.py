@@ -1,0 +1,341 @@
+"""The gateway's HTTP server (aiohttp): status page, JSON API, ``/healthz``, ``/readyz`` and ``/metrics``.
+
+Owns routing, authentication and the server's lifecycle; what is shown comes from ``views`` (data), ``page`` (HTML)
+and ``gateway.metrics`` (Prometheus). Must never import a driver or a protocol library.
+
+Routes::
+
+    GET /                  status page (HTML; static/status.js makes it live)
+    GET /static/...        the page's CSS and JavaScript (package data: works offline, no CDN)
+    GET /api/status        everything below in one document (what ``edge-gateway status`` prints)
+    GET /api/points        [{id, value, ts (ns), quality, unit, age_s, ...}]  (``edge-gateway tail`` polls this)
+    GET /api/history       {point: [[ts_ms, value], ...]}; ?point=ID for one point, ?since_ms=T for newer only
+    GET /api/devices       per-device state, polls, errors, latency, last error
+    GET /api/rules         {loaded, rules: [{id, state, ...}], problems, error}
+    GET /api/uplinks       [{name, state, backlog, sent, ...}]
+    GET /api/queues        bus queues and the outbox
+    GET /api/alarms        what needs attention now
+    GET /api/incentives    today's incentive records
+    GET /healthz           liveness: 200 while the event loop answers
+    GET /readyz            200 when config is loaded, the outbox writable and a driver running; else 503
+    GET /metrics           Prometheus exposition format
+
+Authentication: a bind on anything but loopback requires ``http.token_file`` (the server refuses to start
+otherwise). With a token, every route but ``/healthz`` and ``/readyz`` (which reveal nothing but ok/not ok, and are
+what probes call) needs ``Authorization: Bearer <token>`` or HTTP basic auth with the token as password (so a
+browser can log in with its own dialog).
+
+Start-up checks run when ``serve(...)`` is *called*, before its coroutine is scheduled: a missing token or an
+address in use raises at once, with a clear message, instead of failing later inside a task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import enum
+import hmac
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from gateway import metrics
+from gateway.config.types import Secret, read_secret_file
+from gateway.errors import ConfigError, Diagnostic, GatewayError
+from gateway.http import page, views
+
+if TYPE_CHECKING:
+    from gateway.supervisor import Gateway
+
+log = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).with_name("static")
+#: seconds an open keep-alive connection may delay shutdown (the supervisor waits for ``serve`` to return)
+SHUTDOWN_GRACE_SECONDS = 0.5
+#: routes a load balancer or systemd-style probe calls without credentials
+_OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+
+GATEWAY_KEY = web.AppKey("gateway", object)
+REGISTRY_KEY = web.AppKey("metrics_registry", object)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class HttpServerError(GatewayError):
+    """The status server cannot start (address in use, permission denied on a low port)."""
+
+
+# -- listen address and token ---------------------------------------------------------------------------------------
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``"127.0.0.1:8080"``, ``"[::1]:8080"``, ``"0.0.0.0:80"`` -> (host, port). Raises ValueError."""
+    host, sep, port_text = listen.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"listen address {listen!r} must be HOST:PORT (e.g. 127.0.0.1:8080 or [::]:8080)")
+    host = host.removeprefix("[").removesuffix("]")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"listen address {listen!r}: port must be a number from 0 to 65535")
+    return host, int(port_text)
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to a public address, so it counts as public
+
+
+def _diagnostic(gateway: Gateway, listen: str, message: str) -> Diagnostic:
+    site = gateway.site
+    if listen == site.config.http.listen:
+        return site.diagnostic(("http", "listen"), message)
+    return Diagnostic(str(site.path), 0, 0, f"--http {listen}: {message}")
+
+
+def load_token(gateway: Gateway, listen: str, host: str) -> Secret | None:
+    """The access token, or None for a loopback bind without one. Raises ConfigError (never logs the token)."""
+    token_file = gateway.site.config.http.token_file
+    if token_file is None:
+        if is_loopback(host):
+            return None
+        raise ConfigError(
+            [
+                _diagnostic(
+                    gateway,
+                    listen,
+                    f"the status page would listen on {host}, which is not loopback: set http.token_file "
+                    "(a file holding an access token) or listen on 127.0.0.1",
+                )
+            ]
+        )
+    path = token_file if token_file.is_absolute() else gateway.site.path.parent / token_file
+    try:
+        token = read_secret_file(path)
+    except ValueError as exc:
+        raise ConfigError([gateway.site.diagnostic(("http", "token_file"), str(exc))]) from None
+    if len(token.reveal()) < 16:
+        raise ConfigError(
+            [gateway.site.diagnostic(("http", "token_file"), f"the token in {path} is shorter than 16 characters")]
+        )
+    return token
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return socket.create_server((host, port), family=family, backlog=128)
+    except OSError as exc:
+        raise HttpServerError(f"status page cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+
+
+# -- JSON -----------------------------------------------------------------------------------------------------------
+
+
+def _json_default(obj: Any) -> Any:
+    # Subclasses of builtins come here too (OPT_PASSTHROUGH_SUBCLASS): a Secret that slipped into a status dict
+    # must print as *** rather than as its value.
+    if isinstance(obj, Secret):
+        return "***"
+    if isinstance(obj, enum.Enum):
+        return obj.value if isinstance(obj.value, str) else obj.name.lower()
+    if isinstance(obj, str):
+        return str.__str__(obj)
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return float(obj)
+    if isinstance(obj, dict):
+        return dict(obj)
+    if isinstance(obj, list | tuple):
+        return list(obj)
+    if isinstance(obj, set | frozenset):
+        return sorted(obj, key=str)
+    return str(obj)
+
+
+def dumps(data: Any) -> bytes:
+    return orjson.dumps(data, default=_json_default, option=orjson.OPT_PASSTHROUGH_SUBCLASS | orjson.OPT_NON_STR_KEYS)
+
+
+def json_response(data: Any, *, status: int = 200) -> web.Response:
+    return web.Response(
+        body=dumps(data), status=status, content_type="application/json", headers={"Cache-Control": "no-store"}
+    )
+
+
+# -- handlers -------------------------------------------------------------------------------------------------------
+
+
+def _gateway(request: web.Request) -> Gateway:
+    gateway: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+    return gateway
+
+
+async def _index(request: web.Request) -> web.Response:
+    html = page.render(views.overview(_gateway(request)))
+    return web.Response(text=html, content_type="text/html", headers={"Cache-Control": "no-store"})
+
+
+async def _api_status(request: web.Request) -> web.Response:
+    return json_response(views.overview(_gateway(request)))
+
+
+async def _api_points(request: web.Request) -> web.Response:
+    return json_response(views.points(_gateway(request)))
+
+
+async def _api_history(request: web.Request) -> web.Response:
+    gateway = _gateway(request)
+    point = request.query.get("point")
+    since_text = request.query.get("since_ms", "0")
+    try:
+        since_ns = int(since_text) * 1_000_000
+    except ValueError:
+        message = f"since_ms must be an integer (Unix milliseconds), got {since_text!r}"
+        return json_response({"error": message}, status=400)
+    if point is not None and point not in gateway.registry and point not in gateway.live.latest:
+        return json_response({"error": f"unknown point {point!r}"}, status=404)
+    return json_response(views.history(gateway, point=point, since_ns=since_ns))
+
+
+async def _api_devices(request: web.Request) -> web.Response:
+    return json_response(views.devices(_gateway(request)))
+
+
+async def _api_rules(request: web.Request) -> web.Response:
+    return json_response(views.rules(_gateway(request)))
+
+
+async def _api_uplinks(request: web.Request) -> web.Response:
+    return json_response(views.uplinks(_gateway(request)))
+
+
+async def _api_queues(request: web.Request) -> web.Response:
+    return json_response(views.queues(_gateway(request)))
+
+
+async def _api_alarms(request: web.Request) -> web.Response:
+    return json_response(views.overview(_gateway(request))["alarms"])
+
+
+async def _api_incentives(request: web.Request) -> web.Response:
+    return json_response(views.incentives_today(_gateway(request)))
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    gateway = _gateway(request)
+    uptime = (time.time_ns() - gateway.started_ns) / 1e9 if gateway.started_ns else 0.0
+    return json_response({"status": "ok", "started": gateway.started.is_set(), "uptime_s": round(uptime, 3)})
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    result = views.readiness(_gateway(request))
+    return json_response(result, status=200 if result["ready"] else 503)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY_KEY]
+    body = metrics.exposition(registry)  # type: ignore[arg-type]
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+# -- authentication -------------------------------------------------------------------------------------------------
+
+
+def _authorised(header: str, token: bytes) -> bool:
+    scheme, _, credentials = header.partition(" ")
+    scheme = scheme.lower()
+    if scheme == "bearer":
+        return hmac.compare_digest(credentials.strip().encode(), token)
+    if scheme == "basic":
+        try:
+            decoded = base64.b64decode(credentials.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return False
+        _user, _, password = decoded.partition(b":")
+        return hmac.compare_digest(password, token)
+    return False
+
+
+def _auth_middleware(token: Secret) -> Any:
+    expected = token.reveal().encode()
+
+    @web.middleware
+    async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in _OPEN_PATHS or _authorised(request.headers.get("Authorization", ""), expected):
+            return await handler(request)
+        return web.Response(
+            status=401,
+            text="this gateway's status page needs its access token (HTTP basic auth: any user, token as password)\n",
+            headers={"WWW-Authenticate": 'Basic realm="edge-gateway", charset="UTF-8"'},
+        )
+
+    return require_token
+
+
+# -- the application ------------------------------------------------------------------------------------------------
+
+
+def create_app(gateway: Gateway, *, token: Secret | None = None) -> web.Application:
+    """The aiohttp application for ``gateway`` (tests drive it with aiohttp's TestServer)."""
+    app = web.Application(middlewares=[_auth_middleware(token)] if token is not None else [])
+    app[GATEWAY_KEY] = gateway
+    app[REGISTRY_KEY] = metrics.build_registry(gateway)
+    app.router.add_get("/", _index)
+    app.router.add_static("/static", STATIC_DIR, show_index=False)
+    for path, handler in (
+        ("/api/status", _api_status),
+        ("/api/points", _api_points),
+        ("/api/history", _api_history),
+        ("/api/devices", _api_devices),
+        ("/api/rules", _api_rules),
+        ("/api/uplinks", _api_uplinks),
+        ("/api/queues", _api_queues),
+        ("/api/alarms", _api_alarms),
+        ("/api/incentives", _api_incentives),
+        ("/healthz", _healthz),
+        ("/readyz", _readyz),
+        ("/metrics", _metrics),
+    ):
+        app.router.add_get(path, handler)
+    return app
+
+
+def serve(gateway: Gateway, listen: str, stopping: asyncio.Event) -> Coroutine[Any, Any, None]:
+    """Check the address and token and bind now (raising ConfigError or HttpServerError); the returned coroutine
+    serves until ``stopping`` is set, then closes within ``SHUTDOWN_GRACE_SECONDS``."""
+    try:
+        host, port = parse_listen(listen)
+    except ValueError as exc:
+        raise ConfigError([_diagnostic(gateway, listen, str(exc))]) from None
+    token = load_token(gateway, listen, host)
+    sock = _bind(host, port)
+    return _serve(gateway, sock, token, stopping)
+
+
+async def _serve(gateway: Gateway, sock: socket.socket, token: Secret | None, stopping: asyncio.Event) -> None:
+    app = create_app(gateway, token=token)
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
+    try:
+        await runner.setup()
+        site = web.SockSite(runner, sock)
+        await site.start()
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        log.info("status page on http://%s:%d/%s", shown, port, " (token required)" if token is not None else "")
+        await stopping.wait()
+    finally:
+        await runner.cleanup()
+        sock.close()
