@@ -13,9 +13,23 @@ Writes go through one thread (``outbox-writer``) that commits everything queued 
 their batch's commit, so an ``await append(...)`` that returned is on disk (and survives ``kill -9``; with
 ``durability="power"`` it also survives a power cut, at the cost of an fsync per commit).
 
-Budgets: telemetry over its byte budget drops the oldest batches first and counts them; events are never dropped:
-over budget, ``event_store_full`` is raised as an alarm flag and ``append_events`` keeps writing (an incentive record
-must not be lost because the link was down for a week).
+Budgets: telemetry over its byte budget drops the oldest batches first and counts them (in total and per uplink
+cursor that had not yet delivered them). Events are never dropped: over their budget, ``event_store_full`` is raised
+as an alarm flag, ``append_events`` keeps writing (an incentive record must not be lost because the link was down
+for a week) and the overflow is taken from the telemetry budget instead, so back-pressure lands on the class that
+may lose data and the disk use stays bounded by the sum of both budgets.
+
+Cursors: an uplink's position is up to three rows in ``cursors`` (see ``UplinkCursor``): ``telemetry`` (everything
+at or below it was delivered; compaction deletes up to the lowest of these), and, while a backlog is being replayed
+behind live data, ``telemetry.gap`` (end of the backlog) and ``telemetry.live`` (how far live delivery got). They are
+moved together in one transaction (``move_cursors``), so a ``kill -9`` at any point leaves a consistent position.
+
+Durability levels (``durability=``): ``process`` is SQLite WAL with ``synchronous=NORMAL``: a committed append
+survives a crash or ``kill -9`` of the gateway; a power cut may lose the last commits (never corrupts). ``power`` is
+``synchronous=FULL``: one fsync per commit (commits are grouped, so per batch, not per sample), surviving a power
+cut, at the cost of the storage's fsync latency (milliseconds on an SD card) on every commit group.
+
+Imports nothing from the uplinks: they call ``read_telemetry``/``read_events`` and ``move_cursors``.
 """
 
 from __future__ import annotations
@@ -26,7 +40,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -97,6 +111,33 @@ class TelemetryBatch:
 
 
 @dataclass(frozen=True, slots=True)
+class UplinkCursor:
+    """Where one uplink stands in the telemetry stream.
+
+    Everything ``<= delivered_to`` was accepted by the far side. While a backlog is replayed behind live data,
+    ``(delivered_to, gap_end]`` is that backlog, ``(gap_end, live_to]`` was delivered live and everything after
+    ``live_to`` is still to send. Without a backlog the three are equal.
+    """
+
+    delivered_to: int = 0
+    gap_end: int = 0
+    live_to: int = 0
+
+    @classmethod
+    def from_positions(cls, positions: dict[str, int]) -> UplinkCursor:
+        low = positions.get("telemetry", 0)
+        gap = max(low, positions.get("telemetry.gap", 0))
+        return cls(low, gap, max(gap, positions.get("telemetry.live", 0)))
+
+    @property
+    def has_backlog(self) -> bool:
+        return self.delivered_to < self.gap_end
+
+    def delivered(self, seq: int) -> bool:
+        return seq <= self.delivered_to or self.gap_end < seq <= self.live_to
+
+
+@dataclass(frozen=True, slots=True)
 class StoredEvent:
     seq: int
     created_ns: int
@@ -112,6 +153,8 @@ class OutboxStats:
     event_bytes: int = 0
     dropped_samples: int = 0
     dropped_batches: int = 0
+    #: samples dropped by the budget before this uplink cursor had delivered them
+    dropped_by_cursor: dict[str, int] = field(default_factory=dict)
     appended_samples: int = 0
     appended_events: int = 0
     event_store_full: bool = False
@@ -159,6 +202,7 @@ class Outbox:
         self._load_stats()
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
+        self._append_listeners: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._writer_loop, name="outbox-writer", daemon=True)
         self._thread.start()
 
@@ -183,6 +227,11 @@ class Outbox:
         counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
         self.stats.dropped_samples = counters.get("dropped_samples", 0)
         self.stats.dropped_batches = counters.get("dropped_batches", 0)
+        self.stats.dropped_by_cursor = {
+            name.removeprefix("dropped_samples:"): value
+            for name, value in counters.items()
+            if name.startswith("dropped_samples:")
+        }
         for name, kind, seq in db.execute("SELECT name, kind, seq FROM cursors"):
             self.stats.cursors.setdefault(name, {})[kind] = seq
         self.stats.event_store_full = self.stats.event_bytes > self.event_budget
@@ -275,7 +324,7 @@ class Outbox:
             self.stats.appended_samples += count
             if self.stats.oldest_telemetry_ns is None:
                 self.stats.oldest_telemetry_ns = now
-            if self.stats.telemetry_bytes > self.telemetry_budget:
+            if self.stats.telemetry_bytes > self._effective_telemetry_budget():
                 self._drop_oldest_telemetry()
             return None
         if job.kind == "events":
@@ -296,6 +345,8 @@ class Outbox:
                     "event store over its budget (%d bytes): events are kept, link down too long?", self.event_budget
                 )
             self.stats.event_store_full = full
+            if full and self.stats.telemetry_bytes > self._effective_telemetry_budget():
+                self._drop_oldest_telemetry()
             return added
         if job.kind in ("ack", "register"):
             name, kind, seq = job.payload
@@ -311,26 +362,52 @@ class Outbox:
             current = self.stats.cursors.setdefault(name, {})
             current[kind] = max(current.get(kind, 0), seq)
             return current[kind]
+        if job.kind == "cursors":
+            for name, kind, seq in job.payload:
+                db.execute(
+                    "INSERT INTO cursors (name, kind, seq) VALUES (?, ?, ?) "
+                    "ON CONFLICT (name, kind) DO UPDATE SET seq = max(seq, excluded.seq)",
+                    (name, kind, seq),
+                )
+                current = self.stats.cursors.setdefault(name, {})
+                current[kind] = max(current.get(kind, 0), seq)
+            return None
         if job.kind == "compact":
             return self._compact()
         if job.kind == "sync":
             return None
         raise AssertionError(f"unknown outbox job {job.kind}")
 
+    def _effective_telemetry_budget(self) -> int:
+        """Events over their budget borrow from telemetry's (never below one batch: the newest is always kept)."""
+        overflow = max(0, self.stats.event_bytes - self.event_budget)
+        return max(0, self.telemetry_budget - overflow)
+
     def _drop_oldest_telemetry(self) -> None:
-        """Delete oldest batches until under budget (keep at least the newest one)."""
+        """Delete oldest batches until under budget (keep at least the newest one). Runs in the writer's
+        transaction, so the drop and its counters commit together."""
         db = self._db
-        excess = self.stats.telemetry_bytes - self.telemetry_budget
+        excess = self.stats.telemetry_bytes - self._effective_telemetry_budget()
         dropped_batches = dropped_samples = freed = 0
-        rows = db.execute("SELECT seq, n, size FROM telemetry ORDER BY seq LIMIT -1 OFFSET 0").fetchall()
         last_seq = 0
-        for seq, n, size in rows[:-1]:
-            if freed >= excess:
+        newest = db.execute("SELECT coalesce(max(seq), 0) FROM telemetry").fetchone()[0]
+        dropped_rows: list[tuple[int, int]] = []
+        # Walk from the oldest in pages: the table may hold millions of rows, a full scan per append would not do.
+        while freed < excess:
+            page = db.execute(
+                "SELECT seq, n, size FROM telemetry WHERE seq > ? AND seq < ? ORDER BY seq LIMIT 256",
+                (last_seq, newest),
+            ).fetchall()
+            if not page:
                 break
-            freed += size
-            dropped_batches += 1
-            dropped_samples += n
-            last_seq = seq
+            for seq, n, size in page:
+                if freed >= excess:
+                    break
+                freed += size
+                dropped_batches += 1
+                dropped_samples += n
+                last_seq = seq
+                dropped_rows.append((seq, n))
         if not dropped_batches:
             return
         db.execute("DELETE FROM telemetry WHERE seq <= ?", (last_seq,))
@@ -339,11 +416,15 @@ class Outbox:
         self.stats.telemetry_bytes -= freed
         self.stats.dropped_batches += dropped_batches
         self.stats.dropped_samples += dropped_samples
-        for name, value in (
-            ("dropped_samples", self.stats.dropped_samples),
-            ("dropped_batches", self.stats.dropped_batches),
-        ):
-            db.execute("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", (name, value))
+        counters = {"dropped_samples": self.stats.dropped_samples, "dropped_batches": self.stats.dropped_batches}
+        for name, positions in self.stats.cursors.items():
+            if "telemetry" not in positions:
+                continue  # an events-only cursor loses no telemetry
+            lost = sum(n for seq, n in dropped_rows if not UplinkCursor.from_positions(positions).delivered(seq))
+            if lost:
+                self.stats.dropped_by_cursor[name] = self.stats.dropped_by_cursor.get(name, 0) + lost
+                counters[f"dropped_samples:{name}"] = self.stats.dropped_by_cursor[name]
+        db.executemany("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", counters.items())
         oldest = db.execute("SELECT min(created_ns) FROM telemetry").fetchone()[0]
         self.stats.oldest_telemetry_ns = oldest
         log.warning(
@@ -387,6 +468,7 @@ class Outbox:
         if not samples:
             return
         await self._submit("samples", (encode_samples(samples), len(samples)))
+        self._notify_appended()
 
     async def append_events(self, events: Sequence[Event]) -> int:
         """Store events (idempotent by id); returns how many were new."""
@@ -394,7 +476,18 @@ class Outbox:
             return 0
         rows = [(e.id, e.type, encode_event(e)) for e in events]
         result: int = await self._submit("events", rows)
+        if result:
+            self._notify_appended()
         return result
+
+    def add_append_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` (on the event loop) after each committed append: uplinks wake on it instead of
+        polling."""
+        self._append_listeners.append(callback)
+
+    def _notify_appended(self) -> None:
+        for callback in self._append_listeners:
+            callback()
 
     async def register_cursor(self, name: str, kind: Kind, *, start: Literal["beginning", "end"] = "beginning") -> int:
         """Create the cursor of a new uplink (idempotent); returns its position."""
@@ -408,6 +501,56 @@ class Outbox:
     async def ack(self, name: str, kind: Kind, seq: int) -> None:
         """The far side accepted everything up to ``seq``: move the cursor (never backwards)."""
         await self._submit("ack", (name, kind, seq))
+
+    async def move_cursors(self, name: str, positions: dict[str, int]) -> None:
+        """Move several of one uplink's cursors in one transaction (never backwards); keys are cursor kinds
+        (``telemetry``, ``telemetry.gap``, ``telemetry.live``, ``events``)."""
+        await self._submit("cursors", [(name, kind, seq) for kind, seq in positions.items()])
+
+    def uplink_cursor(self, name: str) -> UplinkCursor:
+        return UplinkCursor.from_positions(self.stats.cursors.get(name, {}))
+
+    def pending_telemetry(self, after_seq: int, upto_seq: int | None = None) -> tuple[int, int | None]:
+        """Samples stored with ``after_seq < seq <= upto_seq`` and the creation time of the oldest (or None)."""
+        if upto_seq is None:
+            row = self._reader.execute(
+                "SELECT coalesce(sum(n), 0), min(created_ns) FROM telemetry WHERE seq > ?", (after_seq,)
+            ).fetchone()
+        else:
+            row = self._reader.execute(
+                "SELECT coalesce(sum(n), 0), min(created_ns) FROM telemetry WHERE seq > ? AND seq <= ?",
+                (after_seq, upto_seq),
+            ).fetchone()
+        return int(row[0]), row[1]
+
+    def pending_events(self, after_seq: int) -> tuple[int, int | None]:
+        row = self._reader.execute(
+            "SELECT count(*), min(created_ns) FROM events WHERE seq > ?", (after_seq,)
+        ).fetchone()
+        return int(row[0]), row[1]
+
+    def read_telemetry_upto(self, after_seq: int, *, upto_seq: int | None, max_samples: int) -> list[TelemetryBatch]:
+        """Stored batches after ``after_seq`` (and at most ``upto_seq``), oldest first, until ``max_samples`` are
+        collected (at least one batch, however large)."""
+        sql = "SELECT seq, created_ns, n, payload FROM telemetry WHERE seq > ?"
+        params: tuple[int, ...] = (after_seq,)
+        if upto_seq is not None:
+            sql += " AND seq <= ?"
+            params = (after_seq, upto_seq)
+        out: list[TelemetryBatch] = []
+        total = 0
+        rows = self._reader.execute(sql + " ORDER BY seq", params)
+        try:
+            for seq, created, n, payload in rows:
+                if out and total + n > max_samples:
+                    break
+                out.append(TelemetryBatch(seq, created, decode_samples(payload)))
+                total += n
+                if total >= max_samples:
+                    break
+        finally:
+            rows.close()  # release the read snapshot now, so WAL checkpoints are not held back
+        return out
 
     async def compact(self) -> dict[str, int]:
         result: dict[str, int] = await self._submit("compact", None)
@@ -432,6 +575,10 @@ class Outbox:
             "SELECT seq, created_ns, payload FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit)
         ).fetchall()
         return [StoredEvent(seq, created, decode_event(payload)) for seq, created, payload in rows]
+
+    def has_event(self, event_id: str) -> bool:
+        """True when an event with this id was ever stored and not yet compacted away."""
+        return self._reader.execute("SELECT 1 FROM events WHERE id = ?", (event_id,)).fetchone() is not None
 
     def last_seq(self, kind: Kind) -> int:
         table = "telemetry" if kind == "telemetry" else "events"

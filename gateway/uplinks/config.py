@@ -1,9 +1,161 @@
-"""Uplink config models (PLACEHOLDER: issue #6 fills in InfluxDB and platform MQTT settings)."""
+"""Config models of the uplinks (site key ``uplinks:``): InfluxDB 2 / Cloud and the city-platform MQTT broker.
+
+Owns validation only; imports no protocol library (loading a site file must stay cheap). Secrets are ``SecretStr``
+(``${ENV}`` allowed) or ``*_file`` paths read at load time, so a missing token file is a config error with a
+position, not a runtime surprise. Neither ever appears in a repr or a log line.
+"""
 
 from __future__ import annotations
 
-from gateway.config.types import StrictModel
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from gateway.config.types import Duration, EnvStr, PositiveDuration, Secret, SecretStr, StrictModel, read_secret_file
+
+
+def _resolve_path(value: Any, info: ValidationInfo) -> Any:
+    """Relative paths in a site file are relative to the site file, not to the working directory."""
+    if value is None:
+        return None
+    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
+    path = Path(value)
+    if base is not None and not path.is_absolute():
+        path = Path(base) / path
+    return path
+
+
+class DeliveryConfig(StrictModel):
+    """How the shared uplink runner paces one uplink (the same knobs for every uplink)."""
+
+    #: samples (or events) per request; InfluxDB is happiest with a few thousand lines per write
+    batch_size: Annotated[int, Field(ge=1, le=100_000)] = 5000
+    #: requests in flight at once (live and backlog together)
+    max_inflight: Annotated[int, Field(ge=1, le=64)] = 4
+    #: share of the in-flight requests that backlog replay may use while live data is waiting
+    replay_share: Annotated[float, Field(gt=0, le=1)] = 0.5
+    #: data older than this when it is first sent is backfill: sent behind live data and flagged historical
+    live_window: PositiveDuration = 10.0
+    #: first retry delay; doubles each failure (with full jitter) up to ``retry_max``
+    retry_min: PositiveDuration = 0.5
+    retry_max: PositiveDuration = 60.0
+    #: one request taking longer than this counts as failed (retryable)
+    timeout: PositiveDuration = 10.0
+
+    @model_validator(mode="after")
+    def _retry_order(self) -> DeliveryConfig:
+        if self.retry_max < self.retry_min:
+            raise ValueError("retry_max must be at least retry_min")
+        return self
+
+
+class InfluxConfig(StrictModel):
+    """``influx: {url, org, bucket, token_file}`` — InfluxDB 2 OSS, InfluxDB Cloud, or anything speaking its v2
+    write API (VictoriaMetrics)."""
+
+    url: EnvStr
+    org: EnvStr
+    bucket: EnvStr
+    token: SecretStr | None = None
+    token_file: Path | None = None
+    gzip: bool = True
+    delivery: DeliveryConfig = DeliveryConfig()
+    #: tags added to every line, besides ``site`` and ``gateway`` (which are always there)
+    extra_tags: dict[str, str] = Field(default_factory=dict)
+
+    _token_path = field_validator("token_file", mode="before")(_resolve_path)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError(f"url must start with http:// or https:// (got {value!r})")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _one_token(self) -> InfluxConfig:
+        if self.token is not None and self.token_file is not None:
+            raise ValueError("give either token or token_file, not both")
+        if self.token_file is not None:
+            object.__setattr__(self, "token", read_secret_file(self.token_file))
+        return self
+
+    def token_value(self) -> Secret | None:
+        return self.token
+
+
+class TlsConfig(StrictModel):
+    """``tls: {ca, cert, key}``: ``ca`` alone for server-verified TLS; ``cert`` + ``key`` add a client certificate
+    (mTLS). With ``tls: {}`` the system trust store is used."""
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+    #: only for a lab broker with a self-signed certificate and no CA file: never in production
+    insecure_skip_verify: bool = False
+
+    _paths = field_validator("ca", "cert", "key", mode="before")(_resolve_path)
+
+    @model_validator(mode="after")
+    def _pairs(self) -> TlsConfig:
+        if (self.cert is None) != (self.key is None):
+            raise ValueError("a client certificate needs both cert and key")
+        for name in ("ca", "cert", "key"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"tls {name} file not found: {path}")
+        return self
+
+
+class PlatformConfig(StrictModel):
+    """``platform:`` the city-platform MQTT broker and the topic contract's prefix."""
+
+    host: EnvStr
+    port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    #: topics are ``{prefix}/{site}/{gateway}/...``
+    prefix: str = "city"
+    client_id: str | None = None
+    username: EnvStr | None = None
+    password: SecretStr | None = None
+    password_file: Path | None = None
+    tls: TlsConfig | None = None
+    qos: Literal[0, 1] = 1
+    #: unacknowledged QoS 1 messages at once (paho collapses with tens of thousands outstanding)
+    max_inflight_messages: Annotated[int, Field(ge=1, le=10_000)] = 1000
+    keepalive: PositiveDuration = 30.0
+    delivery: DeliveryConfig = DeliveryConfig(batch_size=2000)
+    #: accept write commands on ``cmd/write``; off means the subscription is not even made
+    commands: bool = True
+    #: a command older than this (by its ``ts``) is refused as stale
+    command_max_age: Duration = 300.0
+
+    _password_path = field_validator("password_file", mode="before")(_resolve_path)
+
+    @field_validator("prefix")
+    @classmethod
+    def _topic_prefix(cls, value: str) -> str:
+        if not value or value.startswith("/") or value.endswith("/") or any(c in value for c in "#+\0"):
+            raise ValueError("prefix must be a non-empty topic without wildcards or leading/trailing '/'")
+        return value
+
+    @model_validator(mode="after")
+    def _one_password(self) -> PlatformConfig:
+        if self.password is not None and self.password_file is not None:
+            raise ValueError("give either password or password_file, not both")
+        if self.password_file is not None:
+            object.__setattr__(self, "password", read_secret_file(self.password_file))
+        if self.password is not None and self.username is None:
+            raise ValueError("a password needs a username")
+        return self
+
+    @property
+    def effective_port(self) -> int:
+        if self.port is not None:
+            return self.port
+        return 8883 if self.tls is not None else 1883
 
 
 class UplinksConfig(StrictModel):
-    pass
+    influx: InfluxConfig | None = None
+    platform: PlatformConfig | None = None

@@ -1,0 +1,88 @@
+"""``InfluxUplink``: telemetry to InfluxDB 2 / Cloud (or anything speaking its v2 write API) as line protocol.
+
+Owns the InfluxDB client (``influxdb-client``'s asyncio API, created lazily inside the running loop) and the one
+translation of its errors into ``UplinkError``. The only module importing ``influxdb_client``.
+
+Which errors are retryable: timeouts, connection errors, 429 and 5xx (the server may accept later); 401/403/404
+too, because a wrong token or a missing bucket is fixed by an operator and the data must still be there then.
+400, 413 and 422 are not: the request itself is refused (a malformed point, a field type conflict, too large), so
+the runner splits it until the refused point is alone and quarantines that one.
+
+The ``historical`` flag has no place in a TSDB (a series is keyed by its timestamp; a backfilled point simply lands
+at its time), so InfluxDB writes are the same for live and replayed data, and idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+
+from gateway.errors import UplinkError
+from gateway.uplinks.base import StreamKind, UplinkBatch
+from gateway.uplinks.config import InfluxConfig
+from gateway.uplinks.lineprotocol import LineProtocolEncoder
+
+if TYPE_CHECKING:
+    from gateway.config.site import Site
+
+log = logging.getLogger(__name__)
+
+_RETRYABLE_STATUS = frozenset({401, 403, 404, 408, 425, 429})
+
+
+class InfluxUplink:
+    kinds: frozenset[StreamKind] = frozenset({"telemetry"})
+
+    def __init__(self, config: InfluxConfig, *, site: Site) -> None:
+        self.config = config
+        gateway = site.config.gateway
+        self.encoder = LineProtocolEncoder(
+            site.registry, common_tags={**config.extra_tags, "site": gateway.site, "gateway": gateway.id}
+        )
+        self._client: Any = None
+        self._write_api: Any = None
+
+    def _connect(self) -> Any:
+        if self._write_api is None:
+            from influxdb_client.client.influxdb_client_async import InfluxDBClientAsync
+
+            token = self.config.token_value()
+            self._client = InfluxDBClientAsync(
+                url=self.config.url,
+                token=token.reveal() if token is not None else "",
+                org=self.config.org,
+                enable_gzip=self.config.gzip,
+                timeout=int(self.config.delivery.timeout * 1000),
+            )
+            self._write_api = self._client.write_api()
+        return self._write_api
+
+    async def send(self, batch: UplinkBatch) -> None:
+        body = self.encoder.encode(batch.samples())
+        if not body:
+            return  # only BAD or non-finite values: nothing for a TSDB
+        from influxdb_client.client.exceptions import InfluxDBError
+
+        write_api = self._connect()
+        try:
+            await write_api.write(bucket=self.config.bucket, org=self.config.org, record=body)
+        except InfluxDBError as exc:
+            status = getattr(exc, "response", None)
+            code = getattr(status, "status", None)
+            message = f"HTTP {code}: {exc.message if hasattr(exc, 'message') else exc}"
+            retryable = code is None or code in _RETRYABLE_STATUS or code >= 500
+            raise UplinkError(f"InfluxDB refused the write: {message}", retryable=retryable) from exc
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise UplinkError(f"InfluxDB at {self.config.url} unreachable: {exc!r}", retryable=True) from exc
+
+    async def maintain(self, closing: asyncio.Event) -> None:
+        """Nothing to keep open between writes (HTTP): the connection pool reconnects by itself."""
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+            self._write_api = None

@@ -1,0 +1,215 @@
+"""``MqttUplink``: the city-platform MQTT client (aiomqtt): birth and death, retained meta, telemetry, events,
+rule publications, and platform commands in.
+
+Owns the platform connection and the one translation of MQTT errors into ``UplinkError``. Payloads and topics are
+built by ``gateway.uplinks.contract``; commands are handed, as bytes, to ``gateway.commands_platform``. The only
+gateway module importing ``aiomqtt`` (sensor-side MQTT lives in ``drivers/mqtt``).
+
+Delivery: every message is QoS 1 (``qos: 0`` only for telemetry, if configured), and ``send`` returns when the
+broker has acknowledged all of the batch's messages, so the runner acks the outbox only over what the broker holds.
+At most ``max_inflight_messages`` are unacknowledged at once: paho's delivery collapses with tens of thousands
+outstanding (FIELD-NOTES.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from typing import TYPE_CHECKING
+
+import aiomqtt
+
+from gateway import __version__
+from gateway.errors import UplinkError
+from gateway.uplinks import contract
+from gateway.uplinks.base import StreamKind, UplinkBatch
+from gateway.uplinks.config import PlatformConfig
+
+if TYPE_CHECKING:
+    from gateway.config.site import Site
+
+log = logging.getLogger(__name__)
+
+CommandCallback = Callable[[str, bytes], Awaitable[None]]
+
+
+def tls_context(config: PlatformConfig) -> ssl.SSLContext | None:
+    if config.tls is None:
+        return None
+    tls = config.tls
+    context = ssl.create_default_context(cafile=str(tls.ca) if tls.ca is not None else None)
+    if tls.cert is not None and tls.key is not None:
+        context.load_cert_chain(str(tls.cert), str(tls.key))
+    if tls.insecure_skip_verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class MqttUplink:
+    kinds: frozenset[StreamKind] = frozenset({"telemetry", "events"})
+
+    def __init__(
+        self,
+        config: PlatformConfig,
+        *,
+        site: Site,
+        on_command: CommandCallback | None = None,
+        reconnect_min: float = 0.5,
+        reconnect_max: float = 30.0,
+    ) -> None:
+        self.config = config
+        self.site = site
+        gateway = site.config.gateway
+        self.base = contract.base_topic(config.prefix, gateway.site, gateway.id)
+        self.client_id = config.client_id or f"edge-gateway-{gateway.site}-{gateway.id}"
+        self.on_command = on_command if config.commands else None
+        self.reconnect_min = reconnect_min
+        self.reconnect_max = reconnect_max
+        self._client: aiomqtt.Client | None = None
+        self._window = asyncio.Semaphore(config.max_inflight_messages)
+        self.connected = asyncio.Event()
+        self.published = 0
+        self.commands_received = 0
+
+    # -- connection ---------------------------------------------------------------------------------------------
+
+    def _make_client(self) -> aiomqtt.Client:
+        password = self.config.password.reveal() if self.config.password is not None else None
+        will = aiomqtt.Will(
+            f"{self.base}/status",
+            contract.status_payload("offline", reason="lost", ts_ms=_now_ms(), version=__version__),
+            qos=1,
+            retain=True,
+        )
+        return aiomqtt.Client(
+            self.config.host,
+            port=self.config.effective_port,
+            identifier=self.client_id,
+            username=self.config.username,
+            password=password,
+            will=will,
+            keepalive=int(self.config.keepalive),
+            tls_context=tls_context(self.config),
+            max_inflight_messages=self.config.max_inflight_messages,
+            timeout=self.config.delivery.timeout,
+        )
+
+    async def maintain(self, closing: asyncio.Event) -> None:
+        """Connect, announce (status online, meta), listen for commands; reconnect with backoff until closing."""
+        delay = self.reconnect_min
+        lost_since: float | None = None
+        while not closing.is_set():
+            try:
+                async with self._make_client() as client:
+                    await self._announce(client)
+                    self._client = client
+                    self.connected.set()
+                    delay = self.reconnect_min
+                    if lost_since is not None:
+                        log.info("platform broker %s reachable again after %.1fs", self.config.host,
+                                 time.monotonic() - lost_since)
+                        lost_since = None
+                    else:
+                        log.info("connected to platform broker %s:%d as %s", self.config.host,
+                                 self.config.effective_port, self.client_id)
+                    await self._serve(client, closing)
+                    if closing.is_set():
+                        await self._say_goodbye(client)
+                        return
+            except* (aiomqtt.MqttError, OSError, ssl.SSLError) as group:
+                if lost_since is None:
+                    lost_since = time.monotonic()
+                    log.warning("platform broker %s:%d unavailable: %s; reconnecting with backoff",
+                                self.config.host, self.config.effective_port, group.exceptions[0])
+            finally:
+                self._client = None
+                self.connected.clear()
+            if closing.is_set():
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(delay):
+                    await closing.wait()
+            delay = min(self.reconnect_max, delay * 2)
+
+    async def _announce(self, client: aiomqtt.Client) -> None:
+        gateway = self.site.config.gateway
+        online = contract.status_payload("online", reason="connected", ts_ms=_now_ms(), version=__version__)
+        meta = contract.meta_payload(
+            site=gateway.site, gateway=gateway.id, name=gateway.name, registry=self.site.registry, ts_ms=_now_ms()
+        )
+        await client.publish(f"{self.base}/status", online, qos=1, retain=True)
+        await client.publish(f"{self.base}/meta", meta, qos=1, retain=True)
+        if self.on_command is not None:
+            await client.subscribe(f"{self.base}/cmd/#", qos=1)
+
+    async def _serve(self, client: aiomqtt.Client, closing: asyncio.Event) -> None:
+        """Handle commands until the connection drops (raises MqttError) or ``closing`` is set."""
+        async with asyncio.TaskGroup() as tg:
+            listener = tg.create_task(self._listen(client), name="uplink[platform].commands")
+            await closing.wait()
+            listener.cancel()
+
+    async def _listen(self, client: aiomqtt.Client) -> None:
+        prefix = f"{self.base}/cmd/"
+        async for message in client.messages:
+            topic = message.topic.value
+            if self.on_command is None or not topic.startswith(prefix):
+                continue
+            payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
+            self.commands_received += 1
+            await self.on_command(topic[len(prefix) :], payload)
+
+    async def _say_goodbye(self, client: aiomqtt.Client) -> None:
+        offline = contract.status_payload("offline", reason="stopped", ts_ms=_now_ms(), version=__version__)
+        try:
+            await client.publish(f"{self.base}/status", offline, qos=1, retain=True, timeout=2.0)
+        except aiomqtt.MqttError as exc:
+            log.warning("could not publish offline status on stop: %s", exc)
+
+    async def close(self) -> None:
+        """The connection is owned by ``maintain``, which ends it; nothing else to release."""
+
+    # -- delivery -----------------------------------------------------------------------------------------------
+
+    async def send(self, batch: UplinkBatch) -> None:
+        client = self._client
+        if client is None:
+            raise UplinkError(f"not connected to platform broker {self.config.host}", retryable=True)
+        if batch.kind == "telemetry":
+            messages: Iterable[tuple[str, bytes]] = contract.telemetry_messages(
+                self.base, batch.telemetry, historical=batch.historical
+            )
+            qos = self.config.qos
+        else:
+            checked: list[tuple[str, bytes]] = []
+            for stored in batch.events:
+                if stored.event.type == "publish":
+                    problem = contract.publish_topic_problem(stored.event.subject)
+                    if problem is not None:
+                        raise UplinkError(f"event {stored.event.id}: {problem}", retryable=False)
+                checked.append(contract.event_message(self.base, stored))
+            messages = checked
+            qos = 1  # events are never fire-and-forget
+        try:
+            async with asyncio.TaskGroup() as tg:
+                for topic, payload in messages:
+                    await self._window.acquire()
+                    tg.create_task(self._publish(client, topic, payload, qos))
+        except* aiomqtt.MqttError as group:
+            raise UplinkError(f"platform broker: {group.exceptions[0]}", retryable=True) from None
+
+    async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int) -> None:
+        try:
+            await client.publish(topic, payload, qos=qos)
+            self.published += 1
+        finally:
+            self._window.release()
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
