@@ -68,9 +68,11 @@ async def serve_site(
     on_gateway: Callable[[Any], None] | None = None,
 ) -> int:
     """Run a gateway until SIGTERM/SIGINT or ``duration`` seconds; SIGHUP reloads the rules."""
+    from gateway import systemd
     from gateway.supervisor import Gateway
 
     gateway = Gateway(site, data_dir=data_dir, http_listen=http)
+    systemd.attach(gateway)
     if on_gateway is not None:
         on_gateway(gateway)
     stop = asyncio.Event()
