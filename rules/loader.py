@@ -19,7 +19,7 @@ from typing import Any
 
 from gateway.config.source import Loc, SourceMap, load_yaml, validate
 from gateway.errors import ConfigError, Diagnostic, WriteRejected
-from gateway.model import Command, Value
+from gateway.model import Command, Value, is_point_id
 from gateway.registry import PointInfo, ValueKind
 from rules.config import (
     Action,
@@ -222,8 +222,10 @@ class _RuleSource:
 
 
 class _Builder:
-    def __init__(self, registry: Mapping[str, PointInfo], timezone: str) -> None:
-        self.registry = registry
+    def __init__(self, registry: Mapping[str, PointInfo] | None, timezone: str) -> None:
+        #: no registry (``rules check`` without ``--site``): any well-formed point id is accepted, of any type
+        self.open_world = registry is None
+        self.registry: Mapping[str, PointInfo] = registry if registry is not None else {}
         self.timezone = timezone
         self.errors: list[Diagnostic] = []
         self.point_configs: dict[str, _PointSource] = {}
@@ -286,6 +288,8 @@ class _Builder:
             return self.kinds[name]
         source = self.point_configs.get(name)
         if source is None:
+            if self.open_world and is_point_id(name):
+                return "any"
             info = self.registry[name]  # KeyError: unknown name, reported by the compiler
             return _REGISTRY_KINDS.get(info.kind, "any")
         if name in self.visiting:
@@ -420,6 +424,8 @@ class _Builder:
         entries: dict[str, AllowedWrite] = {}
         for point, (entry, smap, loc) in self.allow_configs.items():
             info = self.registry.get(point)
+            if info is None and self.open_world:
+                info = PointInfo(id=point, writable=True)
             if info is None:
                 self.errors.append(smap.diagnostic((*loc, "point"), f"unknown point {point!r}{self.suggest(point)}"))
                 continue
@@ -519,13 +525,13 @@ class _Builder:
             if value is None:
                 return None
             entry = allowlist.entries[point]
-            if value[1] not in (_REGISTRY_KINDS[entry.kind], "any"):
+            if not self.open_world and value[1] not in (_REGISTRY_KINDS[entry.kind], "any"):
                 self.errors.append(
                     smap.diagnostic((*aloc, "value"), f"{point} takes a {entry.kind}, this value is not one")
                 )
                 return None
             literal = action.write.value
-            if not (isinstance(literal, str) and literal.startswith("=")):
+            if not self.open_world and not (isinstance(literal, str) and literal.startswith("=")):
                 try:
                     allowlist.check(Command(point, literal, "load"))
                 except WriteRejected as exc:
@@ -641,8 +647,10 @@ class _Builder:
         )
 
 
-def load_rule_set(files: Sequence[Path], registry: Mapping[str, PointInfo], *, timezone: str) -> RuleSet:
-    """Read, check and compile rule files; raise ``ConfigError`` with every problem found."""
+def load_rule_set(files: Sequence[Path], registry: Mapping[str, PointInfo] | None, *, timezone: str) -> RuleSet:
+    """Read, check and compile rule files; raise ``ConfigError`` with every problem found.
+
+    ``registry`` None checks everything but point names and types (``rules check`` without a site)."""
     builder = _Builder(registry, timezone)
     for path in files:
         builder.add_file(Path(path))

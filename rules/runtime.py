@@ -288,31 +288,34 @@ class RuleRuntime:
         out = Outputs()
         expired = {d.id for d in self._aggregates if self._windows[d.id].expire(now_ns)}
         self._propagate(set(), expired, now_ns, out)
+        fed_back: set[str] = set()
         for rule, st in zip(self._rules, self._states, strict=True):
             if st.state == FAILED or not rule.enabled:
                 continue
             try:
-                self._tick_rule(rule, st, now_ns, out)
+                self._tick_rule(rule, st, now_ns, out, fed_back)
             except _RuleFailed:
                 continue
+        # virtual points set by timed firings feed the rules and derived points that read them, in this same step
+        self._propagate(fed_back, set(), now_ns, out)
         self._save()
         return out
 
-    def _tick_rule(self, rule: CompiledRule, st: _RuleState, now_ns: int, out: Outputs) -> None:
+    def _tick_rule(self, rule: CompiledRule, st: _RuleState, now_ns: int, out: Outputs, fed_back: set[str]) -> None:
         if rule.schedule is not None:
             inside = self._in_schedule(rule.schedule, now_ns)
             if inside != st.in_schedule:
                 if not inside:
-                    self._leave_schedule(rule, st, now_ns, out)
+                    self._leave_schedule(rule, st, now_ns, out, fed_back)
                     return
                 st.in_schedule = True
                 if rule.when is not None:
-                    self._evaluate(rule, st, now_ns, out, set())
+                    self._evaluate(rule, st, now_ns, out, fed_back)
                     return
             elif not inside:
                 return
         if st.state == PENDING and st.holding:
-            self._try_fire(rule, st, now_ns, out, set())
+            self._try_fire(rule, st, now_ns, out, fed_back)
         elif rule.every_ns and (rule.when is None or st.state == ACTIVE):
             if st.next_due_ns is None:
                 st.next_due_ns = self._next_due(rule, now_ns)
@@ -325,7 +328,7 @@ class RuleRuntime:
                         self._run_lets(rule, self._values)
                     except Exception as exc:
                         self._fail(rule, st, exc, now_ns, out)
-                    self._repeat(rule, st, now_ns, out, set())
+                    self._repeat(rule, st, now_ns, out, fed_back)
 
     # -- propagation ------------------------------------------------------------------------------------------
 
@@ -385,7 +388,8 @@ class RuleRuntime:
             window.expire(now_ns)
             value = window.value()
             if value is None:
-                self._derived_missing(derived, "no samples in its window", now_ns, out)
+                why = "no samples in its window" if not len(window) else "needs two samples in its window"
+                self._derived_missing(derived, why, now_ns, out)
                 return
         values[derived.id] = value
         self._missing_derived.discard(derived.id)
@@ -434,7 +438,7 @@ class RuleRuntime:
             inside = self._in_schedule(rule.schedule, now_ns)
             if not inside:
                 if st.in_schedule is not False:
-                    self._leave_schedule(rule, st, now_ns, out)
+                    self._leave_schedule(rule, st, now_ns, out, fed_back)
                 return
             st.in_schedule = True
         if not self._inputs_ready(rule, st, now_ns, out):
@@ -485,7 +489,12 @@ class RuleRuntime:
             return
         if not self._inputs_ready(rule, st, now_ns, out):
             return
-        reason = f"held for {_seconds(now_ns - st.pending_ns)}" if rule.hold_ns else "condition holds"
+        if rule.cooldown_ns and st.last_fired_ns is not None and now_ns - st.pending_ns > rule.hold_ns:
+            reason = "cooldown over"
+        elif rule.hold_ns:
+            reason = f"held for {_seconds(now_ns - st.pending_ns)}"
+        else:
+            reason = "condition holds"
         self._move(rule, st, ACTIVE, now_ns, out, reason=reason)
         st.activated_ns = now_ns
         st.last_fired_ns = now_ns
@@ -521,7 +530,9 @@ class RuleRuntime:
         )
         st.activated_ns = None
 
-    def _leave_schedule(self, rule: CompiledRule, st: _RuleState, now_ns: int, out: Outputs) -> None:
+    def _leave_schedule(
+        self, rule: CompiledRule, st: _RuleState, now_ns: int, out: Outputs, fed_back: set[str]
+    ) -> None:
         st.in_schedule = False
         if st.state == ACTIVE:
             if self._inputs_ready(rule, st, now_ns, out):
@@ -529,7 +540,7 @@ class RuleRuntime:
                     self._run_lets(rule, self._values)
                 except Exception as exc:
                     self._fail(rule, st, exc, now_ns, out)
-                self._clear(rule, st, now_ns, out, fed_back=set(), reason="schedule ended")
+                self._clear(rule, st, now_ns, out, fed_back=fed_back, reason="schedule ended")
             else:
                 # on_clear cannot run without its inputs; the alarm still clears so nothing stays raised forever
                 activated = st.activated_ns if st.activated_ns is not None else now_ns
