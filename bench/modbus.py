@@ -111,7 +111,7 @@ def main() -> None:
             {"id": "bench", "type": "tcp", "host": "127.0.0.1", "port": port, "timeout": "1s", "max_fill": 8}
         )
         devices = [
-            (ModbusDeviceConfig(id=f"d{u:02d}", driver="modbus", profile="bench", bus="bench", unit=u, poll=1.0), profile)
+            (ModbusDeviceConfig(id=f"d{u:02d}", driver="modbus", profile="bench", bus="bench", unit=u), profile)
             for u in units
         ]
         plan_per_device = plan_device(bus, devices[0][0], profile)
