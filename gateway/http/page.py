@@ -61,6 +61,22 @@ def format_age(seconds: float | None) -> str:
     return f"{seconds / 86400:.0f} d"
 
 
+def format_latency(milliseconds: float | None) -> str:
+    if milliseconds is None:
+        return "—"
+    if milliseconds < 1:
+        return f"{milliseconds * 1000:.0f} µs"
+    return f"{milliseconds:.1f} ms"
+
+
+#: how units written in device profiles are shown (the profiles keep ASCII names)
+_UNIT_DISPLAY = {"degC": "°C", "degF": "°F", "m3": "m³", "m3/h": "m³/h", "ug/m3": "µg/m³"}
+
+
+def format_unit(unit: str | None) -> str:
+    return "" if unit is None else _UNIT_DISPLAY.get(unit, unit)
+
+
 def format_bytes(count: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB"):
         if count < 1024 or unit == "GiB":
@@ -148,7 +164,7 @@ def _alarms(data: JsonDict) -> str:
 def _devices(data: JsonDict) -> str:
     rows = []
     for d in data["devices"]:
-        latency = "—" if d["mean_latency_ms"] is None else f"{d['mean_latency_ms']:.1f} ms"
+        latency = format_latency(d["mean_latency_ms"])
         rows.append(
             f'<tr><td class="mono">{escape(d["id"])}</td><td>{escape(d["driver"])}</td>'
             f'<td>{_badge(d["state"], _tone(d["state"]))} <span class="dim">{format_age(d["since_s"])}</span></td>'
@@ -177,7 +193,7 @@ def _points(data: JsonDict) -> str:
                 f'<span class="qdot" title="quality: {escape(quality)}"></span>'
                 f'<span class="pname" title="{escape(p["id"])}">{escape(p["name"])}</span>'
                 f'<span class="pval" data-field="value">{escape(format_value(p["value"]))}</span>'
-                f'<span class="punit">{escape(p["unit"] or "")}</span>'
+                f'<span class="punit">{escape(format_unit(p["unit"]))}</span>'
                 '<svg class="spark" viewBox="0 0 100 24" preserveAspectRatio="none" aria-hidden="true">'
                 '<polyline points=""/></svg>'
                 f'<span class="age" data-field="age">{escape(format_age(p["age_s"]))}</span></div>'

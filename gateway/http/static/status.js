@@ -14,10 +14,11 @@
   const note = () => document.getElementById("live-note");
 
   // mirrors page.format_value on the server
-  function fmt(value) {
+  // (JSON drops the difference between 22 and 22.0, so the point's kind says which it is)
+  function fmt(value, kind) {
     if (value === null || value === undefined) return "—";
     if (typeof value === "boolean") return value ? "on" : "off";
-    if (typeof value === "number" && !Number.isInteger(value)) {
+    if (typeof value === "number" && (kind === "float" || !Number.isInteger(value))) {
       const magnitude = Math.abs(value);
       if (magnitude >= 1000) return Math.round(value).toLocaleString("en-US");
       return value.toFixed(magnitude >= 100 ? 1 : 2);
@@ -112,7 +113,7 @@
         continue;
       }
       const valueCell = row.querySelector('[data-field="value"]');
-      const text = fmt(p.value);
+      const text = fmt(p.value, p.kind);
       if (valueCell.textContent !== text) {
         valueCell.textContent = text;
         row.classList.remove("flash");
