@@ -450,28 +450,31 @@ def compile_expr(
         raise ExprError("empty expression")
     if "\x00" in source:
         raise ExprError("expression contains a NUL character", 1, source.index("\x00") + 1)
+    # A multi-line YAML scalar is one logical line: newlines become spaces, so character offsets stay the same and
+    # an error maps back to its own line and column of the original text.
+    flat = source.replace("\r", " ").replace("\n", " ")
+    body = flat.lstrip()
+    lead = len(flat) - len(body)
+    body = body.rstrip()
     try:
-        tree = ast.parse(source.strip(), mode="eval")
+        tree = ast.parse(body, mode="eval")
     except SyntaxError as exc:
-        line = exc.lineno or 1
-        # offset 0 means "at the end of the input" (an unfinished expression)
-        col = exc.offset if exc.offset and exc.offset > 0 else len(source.strip().splitlines()[-1]) + 1
-        raise ExprError(f"syntax error: {exc.msg}", line, col) from None
+        # offset 0 (or past the end) means "at the end of the input": an unfinished expression
+        offset = exc.offset if exc.offset and 0 < exc.offset <= len(body) else len(body) + 1
+        raise ExprError(f"syntax error: {exc.msg}", *_position(source, lead + offset - 1)) from None
     except (RecursionError, MemoryError, ValueError, OverflowError) as exc:
         raise ExprError(f"expression refused: {type(exc).__name__}") from None
-    lead = len(source) - len(source.lstrip())
-    compiler = _Compiler(source.strip(), points, lets or {})
+    compiler = _Compiler(body, points, lets or {})
     try:
         _check_shape(tree.body, compiler)
         node = compiler.compile(tree.body)
         if want is not None and node.kind not in (want, "any"):
             raise ExprError(f"this expression must give {_KIND_WORDS[want]}, it gives {_KIND_WORDS[node.kind]}")
     except ExprError as exc:
-        if exc.line == 1:
-            exc.col += lead
+        exc.line, exc.col = _position(source, lead + exc.col - 1)
         raise
     except RecursionError:
-        raise ExprError("expression nested too deeply") from None
+        raise ExprError("expression nested too deeply", *_position(source, lead)) from None
     return CompiledExpr(
         source=source,
         evaluate=node.fn,
@@ -479,6 +482,13 @@ def compile_expr(
         points=frozenset(compiler.used_points),
         lets=frozenset(compiler.used_lets),
     )
+
+
+def _position(source: str, index: int) -> tuple[int, int]:
+    """1-based (line, column) of character ``index`` of ``source``."""
+    index = max(0, min(index, len(source)))
+    line_start = source.rfind("\n", 0, index) + 1
+    return source.count("\n", 0, index) + 1, index - line_start + 1
 
 
 def kind_of_value(value: Any) -> Kind:

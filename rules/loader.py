@@ -132,9 +132,9 @@ class Allowlist:
             if not math.isfinite(value):
                 raise WriteRejected(f"write to {command.point} refused: {value!r} is not a finite number")
             if entry.min is not None and value < entry.min:
-                raise WriteRejected(f"write to {command.point} refused: {value} is below the minimum {entry.min}")
+                raise WriteRejected(f"write to {command.point} refused: {value} is below the minimum {entry.min:g}")
             if entry.max is not None and value > entry.max:
-                raise WriteRejected(f"write to {command.point} refused: {value} is above the maximum {entry.max}")
+                raise WriteRejected(f"write to {command.point} refused: {value} is above the maximum {entry.max:g}")
         elif entry.kind == "bool" and not isinstance(value, bool):
             raise WriteRejected(f"write to {command.point} refused: {value!r} is not true/false")
         elif entry.kind == "str" and not isinstance(value, str):
