@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
 
 from drivers.mqtt.topics import TopicTemplate, check_topic_filter
 from gateway.config.types import (
@@ -27,6 +27,7 @@ from gateway.config.types import (
     PositiveDuration,
     Secret,
     SecretStr,
+    Size,
     StrictModel,
     read_secret_file,
 )
@@ -37,14 +38,16 @@ JSON_PATH_RE = re.compile(r"\$(?:\.[^.\s]+)*\Z")
 DEFAULT_MAX_PAYLOAD = 64 * 1024
 
 
-def _size(value: Any) -> int:
-    # Imported here: site.py imports this module, so a module-level import of site.py would be circular.
-    from gateway.config.site import parse_size
-
-    return parse_size(value)
+#: bytes, written as ``64KiB``/``1MiB`` or a number
+PayloadSize = Annotated[Size, Field(le=256 * 1024**2)]
 
 
-PayloadSize = Annotated[int, Field(gt=0, le=256 * 1024**2)]
+def _protocol_text(value: Any) -> Any:
+    # YAML reads ``protocol: 5`` as an int and ``3.1.1`` as a string; accept both spellings.
+    return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+Protocol = Annotated[Literal["3.1.1", "5"], BeforeValidator(_protocol_text)]
 
 
 # --- decoders ------------------------------------------------------------------------------------------------------
@@ -156,11 +159,6 @@ class MqttSubscription(StrictModel):
     def _filter(cls, value: str) -> str:
         return check_topic_filter(value)
 
-    @field_validator("max_payload", mode="before")
-    @classmethod
-    def _payload_size(cls, value: Any) -> Any:
-        return None if value is None else _size(value)
-
     @model_validator(mode="after")
     def _template_fits(self) -> Self:
         self.topic_template()  # raises ValueError with the reason
@@ -194,7 +192,7 @@ class MqttSourceConfig(StrictModel):
     id: Ident
     host: EnvStr
     port: Annotated[int, Field(ge=1, le=65535)] = 1883
-    protocol: Literal["3.1.1", "5"] = "3.1.1"
+    protocol: Protocol = "3.1.1"
     #: required for a persistent session: the broker keys the session on it
     client_id: str | None = None
     #: ``persistent`` keeps subscriptions and queued QoS 1/2 messages at the broker while the gateway is away
@@ -217,17 +215,6 @@ class MqttSourceConfig(StrictModel):
     #: QoS 1/2 messages are acknowledged only after their samples were handed on (end-to-end at-least-once)
     ack_after_publish: bool = True
     subscriptions: Annotated[list[MqttSubscription], Field(min_length=1)]
-
-    @field_validator("protocol", mode="before")
-    @classmethod
-    def _protocol(cls, value: Any) -> Any:
-        # YAML reads ``protocol: 5`` as an int and ``3.1.1`` as a string; accept both spellings.
-        return str(value) if isinstance(value, int) and not isinstance(value, bool) else value
-
-    @field_validator("max_payload", mode="before")
-    @classmethod
-    def _payload_size(cls, value: Any) -> int:
-        return _size(value)
 
     @field_validator("password_file")
     @classmethod

@@ -168,8 +168,8 @@ class BoundPoint:
         self.point_id = f"{device}.{name}"
         self.name = name
         path = spec.path or default_path(decoder_type, name)
-        #: JSON path keys: ``$.ENERGY.Total`` -> ("ENERGY", "Total"); ``$`` -> ()
-        self.keys: tuple[str, ...] = tuple(path.split(".")[1:]) if path.startswith("$") else ()
+        #: JSON path keys: ``$.ENERGY.Total`` -> ("ENERGY", "Total"); ``$.rxInfo.0.rssi`` -> ("rxInfo", 0, "rssi")
+        self.keys = split_path(path) if path.startswith("$") else ()
         #: the SenML record name or the ``{field}`` topic level; ``$`` for the whole plain payload
         self.record = path
         self.convert = make_converter(spec)
@@ -237,13 +237,22 @@ def seconds_to_ns(raw: Any, unit_ns: int) -> int:
     raise MalformedPayload("timestamp", f"expected a number for the time, got {_kind_of(raw)}")
 
 
-def _lookup(doc: Any, keys: tuple[str, ...]) -> Any:
+def split_path(path: str) -> tuple[str | int, ...]:
+    """``$.a.b`` -> ("a", "b"); an all-digit key also indexes an array (``$.rxInfo.0.rssi``)."""
+    return tuple(int(key) if key.isdigit() else key for key in path.split(".")[1:])
+
+
+def _lookup(doc: Any, keys: tuple[str | int, ...]) -> Any:
     node = doc
     for key in keys:
-        if type(node) is not dict:
-            return _MISSING
-        node = node.get(key, _MISSING)
-        if node is _MISSING:
+        kind = type(node)
+        if kind is dict:
+            node = node.get(str(key) if type(key) is int else key, _MISSING)
+            if node is _MISSING:
+                return _MISSING
+        elif kind is list and type(key) is int and key < len(node):
+            node = node[key]
+        else:
             return _MISSING
     return node
 
@@ -298,7 +307,7 @@ class JsonDecoder(Decoder):
     def __init__(self, config: JsonDecoderConfig) -> None:
         self._stamp: TimestampSpec | None = config.timestamp
         if config.timestamp is not None:
-            self._ts_keys = tuple(config.timestamp.path.split(".")[1:])
+            self._ts_keys = split_path(config.timestamp.path)
             self._zone = ZoneInfo(config.timestamp.timezone)
             self._unit = {"unix_s": 10**9, "unix_ms": 10**6, "unix_ns": 1}.get(config.timestamp.format, 0)
 

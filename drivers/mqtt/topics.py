@@ -37,7 +37,8 @@ def check_topic_filter(topic: str) -> str:
 class TopicTemplate:
     """Where ``{device}`` (and optionally ``{field}``) sit in the topics one subscription receives.
 
-    A template has as many levels as the topics it maps; each level is either literal text or a placeholder.
+    A template has as many levels as the topics it maps; each level is literal text, a placeholder, or ``+`` for
+    a level that varies but means nothing here (``application/+/device/{device}/event/up``).
     Placeholders may only stand where the filter has a wildcard, so a template can never promise a device
     segment that the broker would not vary.
     """
@@ -63,15 +64,17 @@ class TopicTemplate:
         literals: list[tuple[int, str]] = []
         for index, level in enumerate(levels):
             wildcard = index >= len(fixed) or fixed[index] == "+"
-            if level in (DEVICE, FIELD):
+            if level in (DEVICE, FIELD, "+"):
                 if not wildcard:
                     raise ValueError(
                         f"template level {index + 1} ({level}) must sit where the filter {topic_filter!r} "
                         "has a + or # wildcard"
                     )
                 continue
-            if "{" in level or "}" in level:
-                raise ValueError(f"unknown placeholder {level!r} in template {text!r} (use {DEVICE}, {FIELD})")
+            if "{" in level or "}" in level or "+" in level or "#" in level:
+                raise ValueError(
+                    f"unknown placeholder {level!r} in template {text!r} (use {DEVICE}, {FIELD} or + for any level)"
+                )
             if not wildcard and level != fixed[index]:
                 raise ValueError(f"template level {index + 1} {level!r} differs from the filter's {fixed[index]!r}")
             literals.append((index, level))
