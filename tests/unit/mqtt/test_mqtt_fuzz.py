@@ -3,9 +3,9 @@ every message is accounted for (decoded, malformed or skipped) in the counters."
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
-import json
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -53,6 +53,7 @@ def dumps(value: Any) -> bytes:
     # the standard library writes what orjson refuses (integers past 64 bits, Infinity): more hostile input
     return json.dumps(value).encode()
 
+
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=12), children, max_size=4),
@@ -74,7 +75,7 @@ shaped = st.fixed_dictionaries(
 senml = st.lists(
     st.fixed_dictionaries(
         {},
-        optional={k: json_values for k in ("bn", "bt", "bv", "bs", "n", "t", "v", "vs", "vb", "vd", "s")}
+        optional=dict.fromkeys(("bn", "bt", "bv", "bs", "n", "t", "v", "vs", "vb", "vd", "s"), json_values)
         | {"n": st.sampled_from(["temp", "on", "label", ""])},
     ),
     max_size=5,
