@@ -191,5 +191,5 @@ def build_registry(gateway: Gateway) -> CollectorRegistry:
 
 
 def exposition(registry: CollectorRegistry) -> bytes:
-    """The text exposition format (``text/plain; version=0.0.4``)."""
+    """The Prometheus text exposition format (``prometheus_client.CONTENT_TYPE_LATEST``)."""
     return generate_latest(registry)

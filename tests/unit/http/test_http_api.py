@@ -1,0 +1,432 @@
+"""Every endpoint of the status server against a real (not running) Gateway: real registry, live cache, bus and
+outbox, with scripted device, rule and uplink status where those belong to other components."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.config.site import FIRMWARE_CONFIGS, Site, load_site
+from gateway.config.types import Secret
+from gateway.driver_api import BatchSink, DeviceState, DeviceStatus
+from gateway.errors import StoreError
+from gateway.http.server import create_app
+from gateway.model import Command, Quality, Sample
+from gateway.outbox import Outbox
+from gateway.supervisor import Gateway
+
+NOW = time.time_ns()
+TOKEN = "s3cret-token-0123456789"
+
+
+class StatusSource:
+    """A source whose device statuses the test sets directly (the driver behaviour is tested elsewhere)."""
+
+    name = "scripted"
+
+    def __init__(self, statuses: list[DeviceStatus]) -> None:
+        self.statuses = statuses
+
+    @property
+    def devices(self) -> frozenset[str]:
+        return frozenset(s.device for s in self.statuses)
+
+    async def run(self, publish: BatchSink, stopping: asyncio.Event) -> None:
+        await stopping.wait()
+
+    async def write(self, command: Command) -> None:
+        raise NotImplementedError
+
+    def status(self) -> list[DeviceStatus]:
+        return self.statuses
+
+
+@dataclass
+class RuleStatus:
+    id: str
+    state: str
+    since: int
+    last_error: str | None
+    evaluations: int
+    failures: int
+
+
+class Rules:
+    def __init__(self, rules: list[RuleStatus] | None = None, *, broken: bool = False) -> None:
+        self.rules = rules or []
+        self.broken = broken
+
+    def status(self) -> list[RuleStatus]:
+        if self.broken:
+            raise RuntimeError("state store locked")
+        return self.rules
+
+
+class Uplink:
+    name = "uplink[influx]"
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        self._status = status
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        await stopping.wait()
+
+    def status(self) -> dict[str, Any]:
+        return self._status
+
+
+def demo_site() -> Site:
+    return load_site(FIRMWARE_CONFIGS / "sites" / "demo.yaml")
+
+
+def online(device: str, polls: int = 10) -> DeviceStatus:
+    status = DeviceStatus(device, "simulator")
+    for _ in range(polls):
+        status.record_ok(0.002)
+    return status
+
+
+@pytest.fixture
+async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
+    site = demo_site()
+    statuses = [online(device) for device in site.registry.devices()]
+    gw = Gateway(site, data_dir=tmp_path, http_listen="off", sources=[StatusSource(statuses)])
+    gw.sources = [StatusSource(statuses)]
+    gw.outbox = Outbox(tmp_path / "outbox.db")
+    gw.started_ns = NOW - 5_000_000_000
+    gw.started.set()
+    gw.live.update(
+        [
+            Sample("zone1.co2", 612.5, NOW - 2_000_000_000, Quality.GOOD),
+            Sample("zone1.co2", 640.0, NOW - 1_000_000_000, Quality.GOOD),
+            Sample("zone1.occupancy", 3, NOW - 1_000_000_000, Quality.GOOD),
+            Sample("apt101.power_kw", None, NOW - 1_000_000_000, Quality.BAD),
+        ]
+    )
+    try:
+        yield gw
+    finally:
+        await gw.outbox.close()
+
+
+@pytest.fixture
+async def client(gateway: Gateway) -> AsyncIterator[TestClient[Any, Any]]:
+    async with TestClient(TestServer(create_app(gateway))) as test_client:
+        yield test_client
+
+
+async def get_json(client: TestClient[Any, Any], path: str, status: int = 200) -> Any:
+    resp = await client.get(path)
+    assert resp.status == status, await resp.text()
+    assert resp.content_type == "application/json"
+    return orjson.loads(await resp.read())
+
+
+# -- /api/points and /api/history ---------------------------------------------------------------------------------
+
+
+async def test_points_have_the_shape_tail_reads(client: TestClient[Any, Any], gateway: Gateway) -> None:
+    points = {p["id"]: p for p in await get_json(client, "/api/points")}
+    assert set(points) == set(gateway.registry)
+    co2 = points["zone1.co2"]
+    assert co2["value"] == 640.0 and co2["ts"] == NOW - 1_000_000_000
+    assert co2["quality"] == "good" and co2["unit"] == "ppm"
+    assert 0.9 < co2["age_s"] < 5
+    assert points["zone1.occupancy"]["value"] == 3 and points["zone1.occupancy"]["kind"] == "int"
+    bad = points["apt101.power_kw"]
+    assert bad["value"] is None and bad["quality"] == "bad"
+    never = points["ahu3.fan_speed_pct"]
+    assert never["value"] is None and never["ts"] is None and never["quality"] is None
+
+
+async def test_history_is_in_milliseconds_and_filters(client: TestClient[Any, Any]) -> None:
+    one = await get_json(client, "/api/history?point=zone1.co2")
+    assert one == {
+        "zone1.co2": [[(NOW - 2_000_000_000) // 1_000_000, 612.5], [(NOW - 1_000_000_000) // 1_000_000, 640.0]]
+    }
+    newer = await get_json(client, f"/api/history?point=zone1.co2&since_ms={(NOW - 1_500_000_000) // 1_000_000}")
+    assert newer == {"zone1.co2": [[(NOW - 1_000_000_000) // 1_000_000, 640.0]]}
+    everything = await get_json(client, "/api/history")
+    assert set(everything) == {"zone1.co2", "zone1.occupancy"}  # BAD samples carry no value to plot
+    never_polled = await get_json(client, "/api/history?point=ahu3.fan_speed_pct")
+    assert never_polled == {}
+
+
+async def test_history_rejects_unknown_points_and_bad_times(client: TestClient[Any, Any]) -> None:
+    assert "unknown point" in (await get_json(client, "/api/history?point=nope.nothing", 404))["error"]
+    assert "since_ms must be an integer" in (await get_json(client, "/api/history?since_ms=yesterday", 400))["error"]
+
+
+# -- devices, rules, uplinks, queues ------------------------------------------------------------------------------
+
+
+async def test_devices_report_state_counters_and_last_error(client: TestClient[Any, Any], gateway: Gateway) -> None:
+    statuses = gateway.sources[0].status()
+    statuses[0].record_error("timeout after 1.0 s (3 retries)")
+    devices = {d["id"]: d for d in await get_json(client, "/api/devices")}
+    first = devices[statuses[0].device]
+    assert first["state"] == "offline" and first["errors"] == 1 and first["polls"] == 11
+    assert first["last_error"] == "timeout after 1.0 s (3 retries)"
+    assert devices["zone1"]["state"] == "online" and devices["zone1"]["mean_latency_ms"] == pytest.approx(2.0)
+    assert devices["zone1"]["points"] == 4
+
+
+async def test_rules_without_rule_files(client: TestClient[Any, Any]) -> None:
+    assert await get_json(client, "/api/rules") == {"loaded": False, "rules": [], "problems": [], "error": None}
+
+
+async def test_rules_states_and_failures_become_alarms(client: TestClient[Any, Any], gateway: Gateway) -> None:
+    gateway.rules = Rules(
+        [
+            RuleStatus("co2-high", "active", NOW - 60_000_000_000, None, 120, 0),
+            RuleStatus("night-setback", "pending", NOW, None, 120, 0),
+            RuleStatus("bad-division", "failed", NOW, "ZeroDivisionError: division by zero", 120, 7),
+        ]
+    )
+    gateway.rule_problems.append("rules/demo.yaml: zone9.co2 has no value yet")
+    view = await get_json(client, "/api/rules")
+    assert [(r["id"], r["state"]) for r in view["rules"]] == [
+        ("co2-high", "active"),
+        ("night-setback", "pending"),
+        ("bad-division", "failed"),
+    ]
+    assert view["problems"] == ["rules/demo.yaml: zone9.co2 has no value yet"]
+    alarms = await get_json(client, "/api/alarms")
+    assert alarms[0] == {
+        "severity": "error",
+        "source": "rule bad-division",
+        "message": "ZeroDivisionError: division by zero",
+    }
+    assert {"severity": "alarm", "source": "rule co2-high", "message": "condition active"} in alarms
+
+
+async def test_a_rule_runtime_whose_status_raises_is_shown_not_fatal(
+    client: TestClient[Any, Any], gateway: Gateway
+) -> None:
+    gateway.rules = Rules(broken=True)
+    view = await get_json(client, "/api/rules")
+    assert view["error"] == "rule status failed: state store locked"
+    page = await client.get("/")
+    assert page.status == 200
+    assert "rule status failed: state store locked" in await page.text()
+
+
+async def test_uplinks_never_print_a_secret(client: TestClient[Any, Any], gateway: Gateway) -> None:
+    gateway.uplinks = [
+        Uplink(
+            {
+                "state": "disconnected",
+                "backlog": 1200,
+                "oldest_age_s": 42.0,
+                "sent": 5000,
+                "dropped": 0,
+                "replayed": 300,
+                "last_error": "connection refused",
+                "token": Secret("influx-admin-token"),
+            }
+        )
+    ]
+    resp = await client.get("/api/uplinks")
+    body = await resp.read()
+    assert b"influx-admin-token" not in body
+    [uplink] = orjson.loads(body)
+    assert uplink["name"] == "uplink[influx]" and uplink["token"] == "***" and uplink["backlog"] == 1200
+    alarms = await get_json(client, "/api/alarms")
+    assert {"severity": "warning", "source": "uplink[influx]", "message": "disconnected: connection refused"} in alarms
+
+
+async def test_queues_show_bus_and_outbox(client: TestClient[Any, Any], gateway: Gateway) -> None:
+    gateway.bus.subscribe("outbox", maxsize=8)
+    await gateway.bus.publish([Sample("zone1.co2", 700.0, NOW, Quality.GOOD)])
+    assert gateway.outbox is not None
+    await gateway.outbox.append([Sample("zone1.co2", 700.0, NOW, Quality.GOOD)])
+    queues = await get_json(client, "/api/queues")
+    assert queues["bus"] == [
+        {
+            "name": "outbox",
+            "policy": "block",
+            "depth": 1,
+            "capacity": 8,
+            "delivered_samples": 0,
+            "dropped_samples": 0,
+            "blocked_s": 0.0,
+        }
+    ]
+    assert queues["outbox"]["telemetry_samples"] == 1 and queues["outbox"]["writable"] is True
+
+
+# -- health -------------------------------------------------------------------------------------------------------
+
+
+async def test_healthz_answers_while_the_loop_runs(client: TestClient[Any, Any]) -> None:
+    health = await get_json(client, "/healthz")
+    assert health["status"] == "ok" and health["started"] is True and health["uptime_s"] >= 5
+
+
+async def test_readyz_ready(client: TestClient[Any, Any]) -> None:
+    ready = await get_json(client, "/readyz")
+    assert ready["ready"] is True
+    assert ready["checks"]["drivers"] == {"ok": True, "detail": "8 of 8 devices online"}
+
+
+async def test_readyz_unready_when_the_outbox_cannot_be_written(client: TestClient[Any, Any], gateway: Gateway) -> None:
+    outbox = gateway.outbox
+    assert outbox is not None
+    # a full disk, as SQLite sees one: the database may not grow by a single page
+    pages = outbox._db.execute("PRAGMA page_count").fetchone()[0]
+    outbox._db.execute(f"PRAGMA max_page_count = {pages}")
+    big = [Sample("zone1.co2", float(i), NOW + i, Quality.GOOD) for i in range(20_000)]
+    with pytest.raises((StoreError, sqlite3.Error)):
+        await outbox.append(big)
+    ready = await get_json(client, "/readyz", 503)
+    assert ready["ready"] is False
+    assert ready["checks"]["outbox"]["ok"] is False
+    assert "full" in ready["checks"]["outbox"]["detail"]
+    alarms = await get_json(client, "/api/alarms")
+    assert alarms[0]["severity"] == "critical" and alarms[0]["source"] == "outbox"
+
+
+async def test_readyz_unready_when_no_driver_delivers(client: TestClient[Any, Any], gateway: Gateway) -> None:
+    for status in gateway.sources[0].status():
+        status.record_error("no route to host")
+    ready = await get_json(client, "/readyz", 503)
+    assert ready["checks"]["drivers"] == {"ok": False, "detail": "0 of 8 devices online"}
+
+
+async def test_readyz_unready_before_start_and_without_drivers(client: TestClient[Any, Any], gateway: Gateway) -> None:
+    gateway.started.clear()
+    gateway.sources = []
+    ready = await get_json(client, "/readyz", 503)
+    assert ready["checks"]["config"]["ok"] is False
+    assert ready["checks"]["drivers"] == {"ok": False, "detail": "no driver configured"}
+
+
+# -- /metrics -----------------------------------------------------------------------------------------------------
+
+
+async def test_metrics_parse_with_prometheus_clients_own_parser(client: TestClient[Any, Any], gateway: Gateway) -> None:
+    gateway.sources[0].status()[0].record_error("timeout")
+    gateway.rules = Rules([RuleStatus("bad-division", "failed", NOW, "ZeroDivisionError", 120, 7)])
+    gateway.uplinks = [Uplink({"state": "connected", "backlog": 12, "sent": 5000, "dropped": 2, "replayed": 300})]
+    gateway.bus.subscribe("outbox", maxsize=8)
+    resp = await client.get("/metrics")
+    assert resp.status == 200
+    assert resp.headers["Content-Type"].startswith("text/plain; version=")
+    families = {f.name: f for f in text_string_to_metric_families(await resp.text())}
+
+    def value(name: str, **labels: str) -> float:
+        for sample in (s for family in families.values() for s in family.samples):
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+        raise AssertionError(f"{name}{labels} not exposed")
+
+    first = gateway.sources[0].status()[0].device
+    assert value("edge_gateway_device_polls_total", device=first) == 11
+    assert value("edge_gateway_device_errors_total", device=first) == 1
+    assert value("edge_gateway_device_up", device=first) == 0
+    assert value("edge_gateway_device_up", device="zone1") == 1
+    assert value("edge_gateway_device_poll_latency_seconds_count", device="zone1") == 10
+    assert value("edge_gateway_device_poll_latency_seconds_sum", device="zone1") == pytest.approx(0.02)
+    assert value("edge_gateway_queue_depth", queue="bus.outbox") == 0
+    assert value("edge_gateway_queue_depth", queue="outbox") == 0
+    assert value("edge_gateway_uplink_backlog", uplink="uplink[influx]") == 12
+    assert value("edge_gateway_uplink_sent_total", uplink="uplink[influx]") == 5000
+    assert value("edge_gateway_uplink_dropped_total", uplink="uplink[influx]") == 2
+    assert value("edge_gateway_uplink_replayed_total", uplink="uplink[influx]") == 300
+    assert value("edge_gateway_uplink_up", uplink="uplink[influx]") == 1
+    assert value("edge_gateway_rule_evaluations_total", rule="bad-division") == 120
+    assert value("edge_gateway_rule_failures_total", rule="bad-division") == 7
+    assert value("edge_gateway_rule_state", rule="bad-division", state="failed") == 1
+    assert value("edge_gateway_rule_state", rule="bad-division", state="idle") == 0
+    assert value("edge_gateway_ready") == 1
+    assert value("edge_gateway_info", site="demo_tower", gateway="demo_gw") == 1
+    assert value("process_resident_memory_bytes") > 10 * 1024 * 1024
+    assert value("process_cpu_seconds_total") > 0
+
+
+# -- the page -----------------------------------------------------------------------------------------------------
+
+
+async def test_page_renders_every_panel_and_escapes_what_devices_say(
+    client: TestClient[Any, Any], gateway: Gateway
+) -> None:
+    gateway.sources[0].status()[0].record_error("<script>alert(1)</script> bad frame")
+    resp = await client.get("/")
+    assert resp.status == 200 and resp.content_type == "text/html"
+    html = await resp.text()
+    for section in ('id="summary"', 'id="alarms"', 'id="points"', 'id="devices"', 'id="rules"', 'id="uplinks"'):
+        assert section in html
+    assert 'id="incentives"' in html and 'id="commands"' in html
+    assert 'data-point="zone1.co2"' in html and ">640.0<" in html and "°C" in html
+    assert "<script>alert(1)</script>" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt; bad frame" in html
+    assert "http://" not in html and "https://" not in html  # nothing loaded from outside the building
+
+
+async def test_static_files_are_served(client: TestClient[Any, Any]) -> None:
+    for name, marker in (("status.js", "api/points"), ("status.css", ".spark")):
+        resp = await client.get(f"/static/{name}")
+        assert resp.status == 200
+        assert marker in await resp.text()
+    assert (await client.get("/static/../server.py")).status in (403, 404)
+
+
+async def test_unknown_route_is_404(client: TestClient[Any, Any]) -> None:
+    assert (await client.get("/api/nothing")).status == 404
+
+
+async def test_api_status_is_everything_at_once(client: TestClient[Any, Any]) -> None:
+    status = await get_json(client, "/api/status")
+    assert set(status) == {
+        "gateway",
+        "readiness",
+        "alarms",
+        "devices",
+        "points",
+        "rules",
+        "uplinks",
+        "queues",
+        "incentives",
+        "commands",
+    }
+    assert status["gateway"]["id"] == "demo_gw" and status["readiness"]["ready"] is True
+
+
+# -- authentication -----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def locked(gateway: Gateway) -> AsyncIterator[TestClient[Any, Any]]:
+    async with TestClient(TestServer(create_app(gateway, token=Secret(TOKEN)))) as test_client:
+        yield test_client
+
+
+async def test_a_token_protects_everything_but_the_probes(locked: TestClient[Any, Any]) -> None:
+    for path in ("/", "/api/points", "/metrics", "/static/status.js"):
+        resp = await locked.get(path)
+        assert resp.status == 401, path
+        assert resp.headers["WWW-Authenticate"].startswith("Basic")
+    assert (await locked.get("/healthz")).status == 200
+    assert (await locked.get("/readyz")).status == 200
+
+
+async def test_bearer_and_basic_auth_with_the_token(locked: TestClient[Any, Any]) -> None:
+    assert (await locked.get("/api/points", headers={"Authorization": f"Bearer {TOKEN}"})).status == 200
+    basic = base64.b64encode(f"operator:{TOKEN}".encode()).decode()
+    assert (await locked.get("/", headers={"Authorization": f"Basic {basic}"})).status == 200
+    wrong = base64.b64encode(b"operator:guess").decode()
+    assert (await locked.get("/", headers={"Authorization": f"Basic {wrong}"})).status == 401
+    assert (await locked.get("/", headers={"Authorization": "Basic !!notbase64"})).status == 401
+    assert (await locked.get("/", headers={"Authorization": "Bearer guess"})).status == 401
+    assert (await locked.get("/", headers={"Authorization": f"Token {TOKEN}"})).status == 401
