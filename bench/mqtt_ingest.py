@@ -1,0 +1,235 @@
+"""MQTT ingestion benchmark: a C publisher (mosquitto_pub) at a fixed rate -> Mosquitto -> the gateway's MQTT source
+-> the durable outbox (SQLite WAL). Reports the highest rate sustained with zero loss into the outbox, the gateway
+process's CPU per message, its RSS, and, in the same run, the ceiling of a bare paho subscriber (reference).
+
+    .venv/bin/python bench/mqtt_ingest.py --quick      # < 1 minute
+    .venv/bin/python bench/mqtt_ingest.py              # rate steps up to 40k msg/s
+
+Each message carries 4 values (one JSON object, decoded by the ``json`` decoder into 4 samples). The publisher is
+``mosquitto_pub -l`` fed by a separate pacing process that writes one chunk of lines every 10 ms, so neither the
+pacing nor the C publisher costs the gateway process CPU. Messages are QoS 0 (the sensors' usual QoS); "lost"
+counts samples that did not reach the outbox by the end of a step.
+
+The last line printed is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from drivers.mqtt.config import MqttDeviceConfig, MqttSourceConfig
+from drivers.mqtt.source import MqttSource
+from gateway.model import Sample
+from gateway.outbox import Outbox
+from tests.services import Mosquitto
+
+TOPIC = "bench/sensor1/state"
+PAYLOAD = '{"temperature":21.5,"humidity":40.1,"co2":612,"pressure":1013.2,"battery":97,"linkquality":120}'
+VALUES_PER_MESSAGE = 4
+
+# A separate process paces lines into mosquitto_pub's stdin: CHUNK lines every 10 ms.
+PACER = r"""
+import sys, time
+rate, count, payload = float(sys.argv[1]), int(sys.argv[2]), sys.argv[3].encode() + b"\n"
+out = sys.stdout.buffer
+tick = 0.01
+per_tick = rate * tick
+start = time.perf_counter()
+sent = 0
+while sent < count:
+    due = min(count, int((time.perf_counter() - start) / tick * per_tick) + int(per_tick))
+    if due > sent:
+        out.write(payload * (due - sent))
+        out.flush()
+        sent = due
+    time.sleep(tick / 2)
+time.sleep(1.0)  # keep stdin open: mosquitto_pub -l may still be sending when input ends
+"""
+
+# The reference: a bare paho subscriber (loop_forever, a counter in on_message), in its own process.
+BARE = r"""
+import sys, time
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+port, count = int(sys.argv[1]), int(sys.argv[2])
+state = {"n": 0, "first": 0.0, "last": 0.0}
+def on_message(client, userdata, message):
+    if state["n"] == 0:
+        state["first"] = time.perf_counter()
+    state["n"] += 1
+    if state["n"] >= count:
+        state["last"] = time.perf_counter()
+        client.disconnect()
+def on_connect(client, userdata, flags, reason, properties):
+    client.subscribe("bench/#", qos=0)
+client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="bench-bare")
+client.on_message = on_message
+client.on_connect = on_connect
+client.on_subscribe = lambda *a: print("ready", flush=True)
+client.connect("127.0.0.1", port, keepalive=60)
+client.loop_forever()
+print(state["n"], state["last"] - state["first"], flush=True)
+"""
+
+
+def start_publisher(port: int, rate: float, count: int) -> tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]]:
+    pacer = subprocess.Popen([sys.executable, "-c", PACER, str(rate), str(count), PAYLOAD], stdout=subprocess.PIPE)
+    pub = subprocess.Popen(
+        [shutil.which("mosquitto_pub") or "mosquitto_pub", "-p", str(port), "-t", TOPIC, "-q", "0", "-l"],
+        stdin=pacer.stdout,
+    )
+    assert pacer.stdout is not None
+    pacer.stdout.close()
+    return pacer, pub
+
+
+def bare_ceiling(port: int, count: int) -> float:
+    sub = subprocess.Popen([sys.executable, "-c", BARE, str(port), str(count)], stdout=subprocess.PIPE, text=True)
+    assert sub.stdout is not None
+    sub.stdout.readline()  # "ready": subscribed
+    pacer, pub = start_publisher(port, 10_000_000, count)  # as fast as mosquitto_pub can send
+    try:
+        received, seconds = sub.stdout.readline().split()
+    finally:
+        for proc in (pacer, pub, sub):
+            proc.wait(timeout=60)
+    return int(received) / float(seconds)
+
+
+def rss_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+async def gateway_step(port: int, outbox: Outbox, rate: float, seconds: float) -> dict[str, float]:
+    count = int(rate * seconds)
+    config = MqttSourceConfig.model_validate(
+        {
+            "id": "bench",
+            "host": "127.0.0.1",
+            "port": port,
+            "subscriptions": [
+                {"id": "sensors", "topic": "bench/+/state", "decoder": {"type": "json"}, "qos": 0},
+            ],
+        }
+    )
+    device = MqttDeviceConfig.model_validate(
+        {
+            "id": "sensor1",
+            "driver": "mqtt",
+            "source": "bench",
+            "points": {"temperature": {}, "humidity": {}, "co2": {"kind": "int"}, "pressure": {}},
+        }
+    )
+    source = MqttSource(config, [device])
+    stored_before = outbox.stats.appended_samples
+
+    async def sink(batch: list[Sample]) -> None:
+        await outbox.append(batch)
+
+    stopping = asyncio.Event()
+    task = asyncio.create_task(source.run(sink, stopping), name="bench-source")
+    while not source.connected:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    cpu0 = time.process_time()
+    wall0 = time.perf_counter()
+    pacer, pub = start_publisher(port, rate, count)
+    expected = count * VALUES_PER_MESSAGE
+    deadline = wall0 + seconds + 5.0
+    while outbox.stats.appended_samples - stored_before < expected and time.perf_counter() < deadline:
+        await asyncio.sleep(0.05)
+    wall = time.perf_counter() - wall0
+    cpu = time.process_time() - cpu0
+    stopping.set()
+    await task
+    for proc in (pacer, pub):
+        proc.wait(timeout=30)
+    stored = outbox.stats.appended_samples - stored_before
+    return {
+        "rate": rate,
+        "messages": count,
+        "received": source.messages,
+        "stored_samples": stored,
+        "lost": expected - stored,
+        "wall_s": round(wall, 2),
+        "achieved_msgs_per_s": round(source.messages / max(wall, 1e-9)),
+        "cpu_us_per_msg": round(cpu / max(source.messages, 1) * 1e6, 2),
+        "batches": source.batches_published,
+        "paused": source.reads_paused,
+    }
+
+
+async def main_async(args: argparse.Namespace) -> dict[str, object]:
+    broker = Mosquitto()
+    broker.start()
+    workdir = Path(tempfile.mkdtemp(prefix="mqtt-bench-"))
+    try:
+        ceiling = bare_ceiling(broker.port, args.bare_messages)
+        print(f"bare paho subscriber ceiling: {ceiling:,.0f} msg/s ({args.bare_messages} messages)", flush=True)
+        outbox = Outbox(workdir / "outbox.db")
+        steps = []
+        try:
+            for rate in args.rates:
+                step = await gateway_step(broker.port, outbox, rate, args.seconds)
+                steps.append(step)
+                print(json.dumps(step), flush=True)
+        finally:
+            await outbox.close()
+        sustained = [s for s in steps if s["lost"] == 0 and s["wall_s"] <= args.seconds + 1.5]
+        best = max(sustained, key=lambda s: s["rate"]) if sustained else None
+        return {
+            "sustained_msgs_per_s": int(best["rate"]) if best else 0,
+            "lost": int(best["lost"]) if best else int(steps[-1]["lost"]),
+            "lost_total_all_steps": int(sum(s["lost"] for s in steps)),
+            "cpu_us_per_msg": best["cpu_us_per_msg"] if best else None,
+            "rss_mib": round(rss_mib(), 1),
+            "bare_client_msgs_per_s": round(ceiling),
+            "ratio_to_bare": round(best["rate"] / ceiling, 2) if best else 0,
+            "values_per_msg": VALUES_PER_MESSAGE,
+            "qos": 0,
+            "loop": "uvloop" if args.uvloop else "asyncio",
+            "steps": [{k: s[k] for k in ("rate", "lost", "cpu_us_per_msg", "wall_s")} for s in steps],
+        }
+    finally:
+        broker.close()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="two rate steps of 4 s each (< 1 minute)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each rate step")
+    parser.add_argument("--rates", type=float, nargs="*", default=[10_000, 20_000, 25_000, 30_000, 35_000, 40_000])
+    parser.add_argument("--bare-messages", type=int, default=300_000)
+    parser.add_argument("--no-uvloop", dest="uvloop", action="store_false")
+    args = parser.parse_args()
+    if args.quick:
+        args.seconds = 4.0
+        args.rates = [20_000, 25_000]
+        args.bare_messages = 150_000
+    if args.uvloop:
+        import uvloop
+
+        uvloop.install()
+    os.environ.setdefault("PYTHONHASHSEED", "0")
+    result = asyncio.run(main_async(args))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
