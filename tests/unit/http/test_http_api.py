@@ -19,7 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config.site import FIRMWARE_CONFIGS, Site, load_site
 from gateway.config.types import Secret
-from gateway.driver_api import BatchSink, DeviceState, DeviceStatus
+from gateway.driver_api import BatchSink, DeviceStatus
 from gateway.errors import StoreError
 from gateway.http.server import create_app
 from gateway.model import Command, Quality, Sample

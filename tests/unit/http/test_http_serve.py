@@ -45,7 +45,7 @@ def test_parse_listen(listen: str, expected: tuple[str, int]) -> None:
 
 @pytest.mark.parametrize("listen", ["8080", ":8080", "host:port", "127.0.0.1:70000", "127.0.0.1:"])
 def test_parse_listen_rejects(listen: str) -> None:
-    with pytest.raises(ValueError, match="HOST:PORT|port must be"):
+    with pytest.raises(ValueError, match=r"HOST:PORT|port must be"):
         parse_listen(listen)
 
 
