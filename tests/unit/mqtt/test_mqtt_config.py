@@ -184,3 +184,12 @@ def test_command_payloads_and_refusals() -> None:
         encode_command(level, level.command, 1.5, "p.level")
     with pytest.raises(ValueError, match="wildcards"):
         MqttPointSpec.model_validate({"command": {"topic": "cmnd/+/POWER"}})
+
+
+def test_the_sample_site_in_the_driver_folder_loads() -> None:
+    sample = Path(__file__).parents[3] / "drivers" / "mqtt" / "sample-site.yaml"
+    loaded = load_site(sample, env={"MQTT_HOST": "broker.example", "MQTT_PASSWORD": "not-a-real-one"})
+    devices = [d for d in loaded.config.devices if d.driver == "mqtt"]
+    assert check_bindings(loaded.config.mqtt_sources, devices) == []  # type: ignore[arg-type]
+    assert loaded.registry["plug_kitchen.relay_on"].writable
+    assert len(loaded.registry) == 9
