@@ -50,7 +50,7 @@ _HHMM_RE = re.compile(r"^([01]\d|2[0-4]):([0-5]\d)$")
 
 def _clock_time(value: Any) -> time:
     if not isinstance(value, str) or not _HHMM_RE.match(value):
-        raise ValueError(f"{value!r} is not a time of day: write it as HH:MM in quotes, like \"07:30\"")
+        raise ValueError(f'{value!r} is not a time of day: write it as HH:MM in quotes, like "07:30"')
     hours, minutes = int(value[:2]), int(value[3:])
     if hours == 24:
         if minutes:

@@ -312,9 +312,7 @@ class IncentiveStage:
             with self._db:
                 self._db.execute("BEGIN")
                 before = self._db.total_changes
-                self._db.executemany(
-                    "INSERT OR IGNORE INTO readings (point, ts_ns, micro_kwh) VALUES (?, ?, ?)", rows
-                )
+                self._db.executemany("INSERT OR IGNORE INTO readings (point, ts_ns, micro_kwh) VALUES (?, ?, ?)", rows)
                 self.counters["duplicates"] += len(rows) - (self._db.total_changes - before)
                 self._db.executemany(
                     "INSERT INTO cursors (account, next_start_ns) VALUES (?, ?) "
@@ -456,8 +454,17 @@ class IncentiveStage:
                 self._db.execute(
                     "INSERT INTO records (seq, id, account, start_ns, micro_kwh, usable, issued_ns, hash, body) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (record["seq"], record["id"], account.pseudonym, start, energy, int(usable), self._clock_ns,
-                     digest, body),
+                    (
+                        record["seq"],
+                        record["id"],
+                        account.pseudonym,
+                        start,
+                        energy,
+                        int(usable),
+                        self._clock_ns,
+                        digest,
+                        body,
+                    ),
                 )
                 self._db.execute(
                     "INSERT INTO cursors (account, next_start_ns) VALUES (?, ?) "

@@ -20,6 +20,7 @@ NS = 1_000_000_000
 MIN = 60 * NS
 START, END = 0, 15 * MIN
 TOL = 1 * MIN
+NO_RULES = MeterRules()
 WRAP_32 = 2**32 * 10_000  # a 32-bit count of 0.01 kWh, in micro-kWh
 
 
@@ -40,39 +41,95 @@ class Row:
     expected_kwh: str
     complete: bool
     notes: tuple[str, ...] = ()
-    rules: MeterRules = MeterRules()
+    rules: MeterRules = NO_RULES
     fixed_start: Reading | None = None
 
 
 ROWS = [
     Row("normal: readings on both edges", [r(0, 100), r(5, 100.2), r(10, 100.4), r(15, 100.6)], "0.600000", True),
     Row("edges within tolerance", [r(-0.5, 100), r(7, 100.3), r(15.9, 100.7)], "0.700000", True),
-    Row("nearest edge reading wins, ties go to the earlier", [r(-1, 99.9), r(1, 100.1), r(14, 100.5), r(16, 100.7)],
-        "0.600000", True),
+    Row(
+        "nearest edge reading wins, ties go to the earlier",
+        [r(-1, 99.9), r(1, 100.1), r(14, 100.5), r(16, 100.7)],
+        "0.600000",
+        True,
+    ),
     Row("missing start reading: incomplete", [r(3, 100), r(15, 100.6)], "0.600000", False),
     Row("missing end reading: incomplete", [r(0, 100), r(10, 100.4)], "0.400000", False),
     Row("no readings at all", [], "0.000000", False),
-    Row("rollover of a 32-bit counter counts the wrapped advance",
+    Row(
+        "rollover of a 32-bit counter counts the wrapped advance",
         [Reading(0, WRAP_32 - kwh(0.3)), Reading(8 * MIN, kwh(0.1)), Reading(15 * MIN, kwh(0.4))],
-        "0.700000", True, ("rollover",), MeterRules(wrap_micro=WRAP_32)),
-    Row("a drop without a configured width is a reset: nothing counted across it",
-        [r(0, 500), r(5, 500.2), r(6, 0.0), r(15, 0.3)], "0.500000", True, ("reset",)),
-    Row("a drop far from the wrap point is a reset even with a width",
-        [r(0, 500), r(6, 0.1), r(15, 0.3)], "0.200000", True, ("reset",), MeterRules(wrap_micro=WRAP_32)),
-    Row("declared replacement with both figures counts old and new meter",
-        [r(0, 800), r(5, 800.2), r(10, 0.1), r(15, 0.4)], "0.900000", True, ("replacement",),
-        MeterRules(replacements=(Replacement(7 * MIN, kwh(800.5), kwh(0.0)),))),
-    Row("declared replacement without figures: the swap pair counts nothing",
-        [r(0, 800), r(5, 800.2), r(10, 0.1), r(15, 0.4)], "0.500000", True, ("replacement",),
-        MeterRules(replacements=(Replacement(7 * MIN),))),
-    Row("implausible jump is flagged (and blocks any saving)", [r(0, 100), r(1, 150), r(15, 150.1)],
-        "50.100000", True, ("implausible",), MeterRules(max_power_kw=30.0)),
-    Row("power at the limit is plausible", [r(0, 100), r(60 / 60, 100.5), r(15, 101)], "1.000000", True, (),
-        MeterRules(max_power_kw=30.0)),
-    Row("fixed start (previous end) is used even if a nearer reading arrived late",
-        [r(-0.5, 100), r(0.1, 100.05), r(15, 100.6)], "0.500000", True, (), MeterRules(), r(0.2, 100.1)),
-    Row("a late reading older than the fixed start never ends the interval",
-        [r(-5, 99), r(15.5, 100.6)], "0.600000", True, (), MeterRules(), r(0.5, 100.0)),
+        "0.700000",
+        True,
+        ("rollover",),
+        MeterRules(wrap_micro=WRAP_32),
+    ),
+    Row(
+        "a drop without a configured width is a reset: nothing counted across it",
+        [r(0, 500), r(5, 500.2), r(6, 0.0), r(15, 0.3)],
+        "0.500000",
+        True,
+        ("reset",),
+    ),
+    Row(
+        "a drop far from the wrap point is a reset even with a width",
+        [r(0, 500), r(6, 0.1), r(15, 0.3)],
+        "0.200000",
+        True,
+        ("reset",),
+        MeterRules(wrap_micro=WRAP_32),
+    ),
+    Row(
+        "declared replacement with both figures counts old and new meter",
+        [r(0, 800), r(5, 800.2), r(10, 0.1), r(15, 0.4)],
+        "0.900000",
+        True,
+        ("replacement",),
+        MeterRules(replacements=(Replacement(7 * MIN, kwh(800.5), kwh(0.0)),)),
+    ),
+    Row(
+        "declared replacement without figures: the swap pair counts nothing",
+        [r(0, 800), r(5, 800.2), r(10, 0.1), r(15, 0.4)],
+        "0.500000",
+        True,
+        ("replacement",),
+        MeterRules(replacements=(Replacement(7 * MIN),)),
+    ),
+    Row(
+        "implausible jump is flagged (and blocks any saving)",
+        [r(0, 100), r(1, 150), r(15, 150.1)],
+        "50.100000",
+        True,
+        ("implausible",),
+        MeterRules(max_power_kw=30.0),
+    ),
+    Row(
+        "power at the limit is plausible",
+        [r(0, 100), r(60 / 60, 100.5), r(15, 101)],
+        "1.000000",
+        True,
+        (),
+        MeterRules(max_power_kw=30.0),
+    ),
+    Row(
+        "fixed start (previous end) is used even if a nearer reading arrived late",
+        [r(-0.5, 100), r(0.1, 100.05), r(15, 100.6)],
+        "0.500000",
+        True,
+        (),
+        MeterRules(),
+        r(0.2, 100.1),
+    ),
+    Row(
+        "a late reading older than the fixed start never ends the interval",
+        [r(-5, 99), r(15.5, 100.6)],
+        "0.600000",
+        True,
+        (),
+        MeterRules(),
+        r(0.5, 100.0),
+    ),
 ]
 
 
@@ -81,9 +138,7 @@ def test_interval_energy(row: Row) -> None:
     readings = sorted(row.readings)
     if row.fixed_start is not None:
         readings = sorted({*readings, row.fixed_start})
-    result = meter_interval(
-        readings, START, END, tolerance_ns=TOL, rules=row.rules, fixed_start=row.fixed_start
-    )
+    result = meter_interval(readings, START, END, tolerance_ns=TOL, rules=row.rules, fixed_start=row.fixed_start)
     assert format_micro(result.micro_kwh) == row.expected_kwh
     assert result.complete is row.complete
     assert result.notes == row.notes
@@ -109,6 +164,8 @@ def test_nearest_reading_prefers_the_earlier_on_a_tie() -> None:
     assert nearest_reading([], 0) is None
 
 
-@pytest.mark.parametrize(("micro", "text"), [(0, "0.000000"), (1, "0.000001"), (1_500_000, "1.500000"), (-5, "-0.000005")])
+@pytest.mark.parametrize(
+    ("micro", "text"), [(0, "0.000000"), (1, "0.000001"), (1_500_000, "1.500000"), (-5, "-0.000005")]
+)
 def test_format_micro(micro: int, text: str) -> None:
     assert format_micro(micro) == text

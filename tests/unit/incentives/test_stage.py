@@ -9,7 +9,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]
 import orjson
 import pytest
 
@@ -38,7 +38,9 @@ def records(events: list[Event], account: str | None = None) -> list[dict[str, A
     return [e.body for e in events if account is None or e.subject == account]
 
 
-def feed_minutes(stage: IncentiveStage, point: str, minutes: range, kwh_per_min: float, base: float = 100.0) -> list[Event]:
+def feed_minutes(
+    stage: IncentiveStage, point: str, minutes: range, kwh_per_min: float, base: float = 100.0
+) -> list[Event]:
     events: list[Event] = []
     for minute in minutes:
         events += stage.process([reading(point, T0 + minute * MIN, round(base + minute * kwh_per_min, 6))])
@@ -70,7 +72,7 @@ def test_missing_readings_close_incomplete_after_max_delay_and_never_save(stage:
 
 
 def test_backfilled_readings_arriving_late_and_out_of_order_complete_the_interval(stage: IncentiveStage) -> None:
-    minutes = list(range(0, 20))
+    minutes = list(range(20))
     random.Random(7).shuffle(minutes)
     events = stage.process([reading(A1, T0 + 20 * MIN, 100.8)])  # live value first: the link came back
     # then the meter's logger is read back in one batch, out of order
@@ -191,7 +193,9 @@ def test_non_counter_point_is_refused(tmp_path: Path) -> None:
 
 
 def test_missing_keys_without_generation_are_config_errors(tmp_path: Path) -> None:
-    site = make_site(tmp_path, DEFAULT_INCENTIVES.replace("generate_missing_keys: true", "generate_missing_keys: false"))
+    site = make_site(
+        tmp_path, DEFAULT_INCENTIVES.replace("generate_missing_keys: true", "generate_missing_keys: false")
+    )
     with pytest.raises(ConfigError, match="cannot read signing key") as info:
         IncentiveStage.open(site, tmp_path / "data")
     assert info.value.diagnostics[0].line == 13  # the signing_key_file line

@@ -30,7 +30,10 @@ def issued(tmp_path_factory: pytest.TempPathFactory) -> tuple[Records, Path]:
         for minute in range(62):
             ts = T0 + minute * MIN
             events += stage.process(
-                [reading("apt1.energy_kwh", ts, 100 + minute * 0.02), reading("apt2.energy_kwh", ts, 50 + minute * 0.04)]
+                [
+                    reading("apt1.energy_kwh", ts, 100 + minute * 0.02),
+                    reading("apt2.energy_kwh", ts, 50 + minute * 0.04),
+                ]
             )
     finally:
         stage.close()
@@ -125,8 +128,14 @@ def test_a_signed_but_inconsistent_record_is_reported(issued: tuple[Records, Pat
 def test_garbage_lines_and_event_envelopes(issued: tuple[Records, Path]) -> None:
     records, public = issued
     envelope = orjson.dumps({"id": records[0]["id"], "type": "incentive", "subject": "s", "ts": 1, "body": records[0]})
-    problems = verify_lines([envelope, b"{not json", b"[1]", b"", orjson.dumps({"schema": 1})], [load_public_key(public)])
-    assert problems.problems == ["line 2: not valid JSON", "line 3: not a JSON object", "line 5: field 'schema' has the wrong type"]
+    problems = verify_lines(
+        [envelope, b"{not json", b"[1]", b"", orjson.dumps({"schema": 1})], [load_public_key(public)]
+    )
+    assert problems.problems == [
+        "line 2: not valid JSON",
+        "line 3: not a JSON object",
+        "line 5: field 'schema' has the wrong type",
+    ]
 
 
 # -- the commands ---------------------------------------------------------------------------------------------
@@ -162,7 +171,11 @@ def test_keys_generate_writes_private_files_and_refuses_to_overwrite(
     out = tmp_path / "keys"
     assert main(["keys", "generate", "--out", str(out)]) == 0
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
-    assert modes == {"incentive-signing.pem": 0o600, "incentive-signing.pub.pem": 0o600, "incentive-pseudonym.key": 0o600}
+    assert modes == {
+        "incentive-signing.pem": 0o600,
+        "incentive-signing.pub.pem": 0o600,
+        "incentive-pseudonym.key": 0o600,
+    }
     assert load_public_key(out / "incentive-signing.pub.pem") is not None
     assert len((out / "incentive-pseudonym.key").read_text().strip()) == 64
     capsys.readouterr()
