@@ -18,6 +18,7 @@ Imports nothing from the gateway runtime: it is a pure function of text and a na
 from __future__ import annotations
 
 import ast
+import difflib
 import math
 import operator
 from collections.abc import Callable, Mapping
@@ -29,8 +30,9 @@ Values = dict[str, Any]
 Evaluator = Callable[[Values], Any]
 
 MAX_SOURCE_CHARS = 2000
-MAX_NODES = 200
-MAX_DEPTH = 32
+#: a sum of 100 meters is about 500 nodes (names and contexts count)
+MAX_NODES = 1000
+MAX_DEPTH = 100
 MAX_STRING_CHARS = 256
 #: integers beyond this are almost certainly a typo, and keep every value a float-representable number
 MAX_INT_CONSTANT = 2**53
@@ -260,6 +262,17 @@ class _Compiler:
             raise self.error(node.right, f"huge power: the exponent limit is {MAX_POWER_EXPONENT}")
         if symbol in ("/", "//", "%") and right.is_constant and right.constant == 0:
             raise self.error(node.right, "division by zero")
+        if left.is_constant and right.is_constant:
+            # folded now, so a constant exponent like 10 ** 10 is seen by the huge-power check above it
+            try:
+                folded = op(left.constant, right.constant)
+            except (ArithmeticError, ValueError) as exc:
+                raise self.error(node, f"cannot compute this constant: {exc}") from None
+            if isinstance(folded, float) and not math.isfinite(folded):
+                raise self.error(node, "number too large")
+            if isinstance(folded, int) and abs(folded) > MAX_INT_CONSTANT:
+                raise self.error(node, f"number too large (limit {MAX_INT_CONSTANT})")
+            return _const(folded, "num")
         lf, rf = left.fn, right.fn
         if right.is_constant:
             c = right.constant
@@ -410,8 +423,6 @@ def _lookup(key: str, kind: Kind) -> _Node:
 
 
 def _suggest(name: str, known: Mapping[str, Kind]) -> str:
-    import difflib
-
     close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.75)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
