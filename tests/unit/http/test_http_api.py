@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import sqlite3
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -17,39 +15,13 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway.config.site import FIRMWARE_CONFIGS, Site, load_site
 from gateway.config.types import Secret
-from gateway.driver_api import BatchSink, DeviceStatus
 from gateway.errors import StoreError
 from gateway.http.server import create_app
-from gateway.model import Command, Quality, Sample
-from gateway.outbox import Outbox
+from gateway.model import Quality, Sample
 from gateway.supervisor import Gateway
 
-NOW = time.time_ns()
 TOKEN = "s3cret-token-0123456789"
-
-
-class StatusSource:
-    """A source whose device statuses the test sets directly (the driver behaviour is tested elsewhere)."""
-
-    name = "scripted"
-
-    def __init__(self, statuses: list[DeviceStatus]) -> None:
-        self.statuses = statuses
-
-    @property
-    def devices(self) -> frozenset[str]:
-        return frozenset(s.device for s in self.statuses)
-
-    async def run(self, publish: BatchSink, stopping: asyncio.Event) -> None:
-        await stopping.wait()
-
-    async def write(self, command: Command) -> None:
-        raise NotImplementedError
-
-    def status(self) -> list[DeviceStatus]:
-        return self.statuses
 
 
 @dataclass
@@ -86,40 +58,6 @@ class Uplink:
         return self._status
 
 
-def demo_site() -> Site:
-    return load_site(FIRMWARE_CONFIGS / "sites" / "demo.yaml")
-
-
-def online(device: str, polls: int = 10) -> DeviceStatus:
-    status = DeviceStatus(device, "simulator")
-    for _ in range(polls):
-        status.record_ok(0.002)
-    return status
-
-
-@pytest.fixture
-async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
-    site = demo_site()
-    statuses = [online(device) for device in site.registry.devices()]
-    gw = Gateway(site, data_dir=tmp_path, http_listen="off", sources=[StatusSource(statuses)])
-    gw.sources = [StatusSource(statuses)]
-    gw.outbox = Outbox(tmp_path / "outbox.db")
-    gw.started_ns = NOW - 5_000_000_000
-    gw.started.set()
-    gw.live.update(
-        [
-            Sample("zone1.co2", 612.5, NOW - 2_000_000_000, Quality.GOOD),
-            Sample("zone1.co2", 640.0, NOW - 1_000_000_000, Quality.GOOD),
-            Sample("zone1.occupancy", 3, NOW - 1_000_000_000, Quality.GOOD),
-            Sample("apt101.power_kw", None, NOW - 1_000_000_000, Quality.BAD),
-        ]
-    )
-    try:
-        yield gw
-    finally:
-        await gw.outbox.close()
-
-
 @pytest.fixture
 async def client(gateway: Gateway) -> AsyncIterator[TestClient[Any, Any]]:
     async with TestClient(TestServer(create_app(gateway))) as test_client:
@@ -136,11 +74,11 @@ async def get_json(client: TestClient[Any, Any], path: str, status: int = 200) -
 # -- /api/points and /api/history ---------------------------------------------------------------------------------
 
 
-async def test_points_have_the_shape_tail_reads(client: TestClient[Any, Any], gateway: Gateway) -> None:
+async def test_points_have_the_shape_tail_reads(client: TestClient[Any, Any], gateway: Gateway, now: int) -> None:
     points = {p["id"]: p for p in await get_json(client, "/api/points")}
     assert set(points) == set(gateway.registry)
     co2 = points["zone1.co2"]
-    assert co2["value"] == 640.0 and co2["ts"] == NOW - 1_000_000_000
+    assert co2["value"] == 640.0 and co2["ts"] == now - 1_000_000_000
     assert co2["quality"] == "good" and co2["unit"] == "ppm"
     assert 0.9 < co2["age_s"] < 5
     assert points["zone1.occupancy"]["value"] == 3 and points["zone1.occupancy"]["kind"] == "int"
@@ -150,13 +88,13 @@ async def test_points_have_the_shape_tail_reads(client: TestClient[Any, Any], ga
     assert never["value"] is None and never["ts"] is None and never["quality"] is None
 
 
-async def test_history_is_in_milliseconds_and_filters(client: TestClient[Any, Any]) -> None:
+async def test_history_is_in_milliseconds_and_filters(client: TestClient[Any, Any], now: int) -> None:
     one = await get_json(client, "/api/history?point=zone1.co2")
     assert one == {
-        "zone1.co2": [[(NOW - 2_000_000_000) // 1_000_000, 612.5], [(NOW - 1_000_000_000) // 1_000_000, 640.0]]
+        "zone1.co2": [[(now - 2_000_000_000) // 1_000_000, 612.5], [(now - 1_000_000_000) // 1_000_000, 640.0]]
     }
-    newer = await get_json(client, f"/api/history?point=zone1.co2&since_ms={(NOW - 1_500_000_000) // 1_000_000}")
-    assert newer == {"zone1.co2": [[(NOW - 1_000_000_000) // 1_000_000, 640.0]]}
+    newer = await get_json(client, f"/api/history?point=zone1.co2&since_ms={(now - 1_500_000_000) // 1_000_000}")
+    assert newer == {"zone1.co2": [[(now - 1_000_000_000) // 1_000_000, 640.0]]}
     everything = await get_json(client, "/api/history")
     assert set(everything) == {"zone1.co2", "zone1.occupancy"}  # BAD samples carry no value to plot
     never_polled = await get_json(client, "/api/history?point=ahu3.fan_speed_pct")
@@ -186,12 +124,14 @@ async def test_rules_without_rule_files(client: TestClient[Any, Any]) -> None:
     assert await get_json(client, "/api/rules") == {"loaded": False, "rules": [], "problems": [], "error": None}
 
 
-async def test_rules_states_and_failures_become_alarms(client: TestClient[Any, Any], gateway: Gateway) -> None:
+async def test_rules_states_and_failures_become_alarms(
+    client: TestClient[Any, Any], gateway: Gateway, now: int
+) -> None:
     gateway.rules = Rules(
         [
-            RuleStatus("co2-high", "active", NOW - 60_000_000_000, None, 120, 0),
-            RuleStatus("night-setback", "pending", NOW, None, 120, 0),
-            RuleStatus("bad-division", "failed", NOW, "ZeroDivisionError: division by zero", 120, 7),
+            RuleStatus("co2-high", "active", now - 60_000_000_000, None, 120, 0),
+            RuleStatus("night-setback", "pending", now, None, 120, 0),
+            RuleStatus("bad-division", "failed", now, "ZeroDivisionError: division by zero", 120, 7),
         ]
     )
     gateway.rule_problems.append("rules/demo.yaml: zone9.co2 has no value yet")
@@ -246,11 +186,11 @@ async def test_uplinks_never_print_a_secret(client: TestClient[Any, Any], gatewa
     assert {"severity": "warning", "source": "uplink[influx]", "message": "disconnected: connection refused"} in alarms
 
 
-async def test_queues_show_bus_and_outbox(client: TestClient[Any, Any], gateway: Gateway) -> None:
+async def test_queues_show_bus_and_outbox(client: TestClient[Any, Any], gateway: Gateway, now: int) -> None:
     gateway.bus.subscribe("outbox", maxsize=8)
-    await gateway.bus.publish([Sample("zone1.co2", 700.0, NOW, Quality.GOOD)])
+    await gateway.bus.publish([Sample("zone1.co2", 700.0, now, Quality.GOOD)])
     assert gateway.outbox is not None
-    await gateway.outbox.append([Sample("zone1.co2", 700.0, NOW, Quality.GOOD)])
+    await gateway.outbox.append([Sample("zone1.co2", 700.0, now, Quality.GOOD)])
     queues = await get_json(client, "/api/queues")
     assert queues["bus"] == [
         {
@@ -280,13 +220,15 @@ async def test_readyz_ready(client: TestClient[Any, Any]) -> None:
     assert ready["checks"]["drivers"] == {"ok": True, "detail": "8 of 8 devices online"}
 
 
-async def test_readyz_unready_when_the_outbox_cannot_be_written(client: TestClient[Any, Any], gateway: Gateway) -> None:
+async def test_readyz_unready_when_the_outbox_cannot_be_written(
+    client: TestClient[Any, Any], gateway: Gateway, now: int
+) -> None:
     outbox = gateway.outbox
     assert outbox is not None
     # a full disk, as SQLite sees one: the database may not grow by a single page
     pages = outbox._db.execute("PRAGMA page_count").fetchone()[0]
     outbox._db.execute(f"PRAGMA max_page_count = {pages}")
-    big = [Sample("zone1.co2", float(i), NOW + i, Quality.GOOD) for i in range(20_000)]
+    big = [Sample("zone1.co2", float(i), now + i, Quality.GOOD) for i in range(20_000)]
     with pytest.raises((StoreError, sqlite3.Error)):
         await outbox.append(big)
     ready = await get_json(client, "/readyz", 503)
@@ -315,9 +257,11 @@ async def test_readyz_unready_before_start_and_without_drivers(client: TestClien
 # -- /metrics -----------------------------------------------------------------------------------------------------
 
 
-async def test_metrics_parse_with_prometheus_clients_own_parser(client: TestClient[Any, Any], gateway: Gateway) -> None:
+async def test_metrics_parse_with_prometheus_clients_own_parser(
+    client: TestClient[Any, Any], gateway: Gateway, now: int
+) -> None:
     gateway.sources[0].status()[0].record_error("timeout")
-    gateway.rules = Rules([RuleStatus("bad-division", "failed", NOW, "ZeroDivisionError", 120, 7)])
+    gateway.rules = Rules([RuleStatus("bad-division", "failed", now, "ZeroDivisionError", 120, 7)])
     gateway.uplinks = [Uplink({"state": "connected", "backlog": 12, "sent": 5000, "dropped": 2, "replayed": 300})]
     gateway.bus.subscribe("outbox", maxsize=8)
     resp = await client.get("/metrics")
