@@ -225,16 +225,6 @@ class IncentivesConfig(StrictModel):
             raise ValueError("edge_tolerance must be at most half the interval")
         if self.max_delay < self.edge_tolerance:
             raise ValueError("max_delay must be at least edge_tolerance")
-        seen_ids: set[str] = set()
-        owner: dict[str, str] = {}
-        for account in self.accounts:
-            if account.id in seen_ids:
-                raise ValueError(f"duplicate account id {account.id!r}")
-            seen_ids.add(account.id)
-            for meter in account.meters:
-                if meter in owner:
-                    raise ValueError(f"meter {meter!r} belongs to two accounts ({owner[meter]!r} and {account.id!r})")
-                owner[meter] = account.id
         return self
 
     @property
@@ -243,15 +233,27 @@ class IncentivesConfig(StrictModel):
 
 
 def validate_against(site: Site) -> list[Diagnostic]:
-    """Cross-checks that need the whole site: every meter is a known, numeric, physical point."""
+    """Cross-checks that need the whole site or several accounts: every meter is a known numeric kWh point and
+    belongs to one account only; account ids are unique (positioned at the offending entry)."""
     config = site.config.incentives
     if config is None:
         return []
     problems: list[Diagnostic] = []
+    first_use: dict[str, str] = {}
+    seen_accounts: set[str] = set()
     for a_index, account in enumerate(config.accounts):
+        if account.id in seen_accounts:
+            problems.append(
+                site.diagnostic(("incentives", "accounts", a_index, "id"), f"duplicate account id {account.id!r}")
+            )
+        seen_accounts.add(account.id)
         for m_index, meter in enumerate(account.meters):
             loc = ("incentives", "accounts", a_index, "meters", m_index)
             info = site.registry.get(meter)
+            if meter in first_use:
+                owner = first_use[meter]
+                problems.append(site.diagnostic(loc, f"meter {meter!r} already belongs to account {owner!r}"))
+            first_use.setdefault(meter, account.id)
             if info is None:
                 problems.append(site.diagnostic(loc, f"meter point {meter!r} is not a point of any device"))
             elif info.kind not in ("float", "int"):
