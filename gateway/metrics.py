@@ -17,8 +17,8 @@ Exposed families (labels in brackets):
     edge_gateway_queue_oldest_age_seconds[queue]         outbox only (the oldest undelivered batch)
     edge_gateway_queue_dropped_samples_total[queue]      drop_oldest viewers, and the outbox over its budget
     edge_gateway_outbox_bytes[class] / _events / _writable
-    edge_gateway_uplink_{up, backlog, oldest_age_seconds}[uplink]
-    edge_gateway_uplink_{sent, dropped, replayed}_total[uplink]
+    edge_gateway_uplink_{up, backlog_samples, backlog_events, oldest_age_seconds}[uplink]
+    edge_gateway_uplink_{sent_samples, sent_events, replayed_samples, dropped_samples, requests_failed}_total[uplink]
     edge_gateway_rule_evaluations_total / _failures_total[rule]
     edge_gateway_rule_state[rule, state]                 1 for the current state
     process_cpu_seconds_total, process_resident_memory_bytes, ... (prometheus-client's ProcessCollector)
@@ -41,15 +41,19 @@ from gateway.http import views
 if TYPE_CHECKING:
     from gateway.supervisor import Gateway
 
-#: the uplink status keys each metric is read from, first match wins (the runner's dict is another engineer's)
+#: the keys of ``UplinkRunner.status()`` each metric is read from, first match wins (short aliases are accepted so
+#: that a simpler uplink can report too)
 _UPLINK_GAUGES = {
-    "backlog": ("backlog", "backlog_depth", "depth", "pending"),
-    "oldest_age_seconds": ("oldest_age_s", "oldest_age_seconds", "oldest_age"),
+    "backlog_samples": ("backlog_samples", "backlog"),
+    "backlog_events": ("backlog_events",),
+    "oldest_age_seconds": ("oldest_age_s",),
 }
 _UPLINK_COUNTERS = {
-    "sent": ("sent", "sent_total", "delivered"),
-    "dropped": ("dropped", "dropped_total"),
-    "replayed": ("replayed", "replayed_total"),
+    "sent_samples": ("sent_samples", "sent"),
+    "sent_events": ("sent_events",),
+    "replayed_samples": ("replayed_samples", "replayed"),
+    "dropped_samples": ("dropped_samples", "dropped"),
+    "requests_failed": ("requests_failed",),
 }
 _UPLINK_UP_STATES = frozenset({"connected", "ok", "up", "idle", "running", "sending", "online"})
 _RULE_STATES = ("idle", "pending", "active", "failed")
@@ -151,7 +155,9 @@ class GatewayCollector(Collector):
             for name in _UPLINK_GAUGES
         }
         counters = {
-            name: CounterMetricFamily(f"edge_gateway_uplink_{name}", f"Records {name} by the uplink", labels=["uplink"])
+            name: CounterMetricFamily(
+                f"edge_gateway_uplink_{name}", f"Uplink {name.replace('_', ' ')}", labels=["uplink"]
+            )
             for name in _UPLINK_COUNTERS
         }
         for status in views.uplinks(self._gateway):

@@ -109,8 +109,9 @@ def render(data: JsonDict, out: TextIO, *, all_points: bool = True) -> None:
             [
                 str(u["name"]),
                 str(u.get("state", "?")),
-                f"backlog {u.get('backlog', '?')}",
-                f"sent {u.get('sent', '?')}",
+                f"backlog {u.get('backlog_samples', u.get('backlog', '?'))} samples,"
+                f" {u.get('backlog_events', 0)} events",
+                f"sent {u.get('sent_samples', u.get('sent', '?'))}",
                 str(u.get("last_error") or ""),
             ]
             for u in data["uplinks"]

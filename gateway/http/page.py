@@ -241,15 +241,16 @@ def _uplinks(data: JsonDict) -> str:
     rows = []
     for u in data["uplinks"]:
         state = str(u.get("state", "unknown"))
-        backlog = u.get("backlog", u.get("backlog_depth", ""))
+        sent = _join_counts(u, ("sent_samples", "samples"), ("sent_events", "events"), ("sent", ""))
+        backlog = _join_counts(u, ("backlog_samples", "samples"), ("backlog_events", "events"), ("backlog", ""))
         oldest = u.get("oldest_age_s")
         rows.append(
             f'<tr><td class="mono">{escape(str(u["name"]))}</td><td>{_badge(state, _uplink_tone(state))}</td>'
             f'<td class="num">{escape(str(backlog))}</td>'
             f'<td class="num">{escape(format_age(oldest) if isinstance(oldest, int | float) else "")}</td>'
-            f'<td class="num">{escape(str(u.get("sent", "")))}</td>'
-            f'<td class="num">{escape(str(u.get("replayed", "")))}</td>'
-            f'<td class="num">{escape(str(u.get("dropped", "")))}</td>'
+            f'<td class="num">{escape(sent)}</td>'
+            f'<td class="num">{escape(_join_counts(u, ("replayed_samples", ""), ("replayed", "")))}</td>'
+            f'<td class="num">{escape(_join_counts(u, ("dropped_samples", ""), ("dropped", "")))}</td>'
             f'<td class="err">{escape(str(u.get("last_error") or ""))}</td></tr>'
         )
     headers = ("Uplink", "State", "Backlog", "Oldest", "Sent", "Replayed", "Dropped", "Last error")
@@ -272,6 +273,16 @@ def _uplinks(data: JsonDict) -> str:
         )
     body += "<h3>Queues</h3>" + _table(("Queue", "Depth", "Delivered", "Dropped", "Policy / state"), qrows, "")
     return _section("uplinks", "Uplinks and queues", body)
+
+
+def _join_counts(status: JsonDict, *keys: tuple[str, str]) -> str:
+    """``"1,200 samples, 3 events"`` from whichever of ``keys`` the uplink reports."""
+    parts = []
+    for key, label in keys:
+        value = status.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            parts.append(f"{value:,}" + (f" {label}" if label else ""))
+    return ", ".join(parts)
 
 
 def _uplink_tone(state: str) -> str:

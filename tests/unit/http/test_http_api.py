@@ -166,8 +166,8 @@ async def test_uplinks_never_print_a_secret(client: TestClient[Any, Any], gatewa
     gateway.uplinks = [
         Uplink(
             {
-                "state": "disconnected",
-                "backlog": 1200,
+                "state": "retrying",
+                "backlog_samples": 1200,
                 "oldest_age_s": 42.0,
                 "sent": 5000,
                 "dropped": 0,
@@ -181,9 +181,11 @@ async def test_uplinks_never_print_a_secret(client: TestClient[Any, Any], gatewa
     body = await resp.read()
     assert b"influx-admin-token" not in body
     [uplink] = orjson.loads(body)
-    assert uplink["name"] == "uplink[influx]" and uplink["token"] == "***" and uplink["backlog"] == 1200
+    assert uplink["name"] == "uplink[influx]" and uplink["token"] == "***" and uplink["backlog_samples"] == 1200
     alarms = await get_json(client, "/api/alarms")
-    assert {"severity": "warning", "source": "uplink[influx]", "message": "disconnected: connection refused"} in alarms
+    assert {"severity": "warning", "source": "uplink[influx]", "message": "retrying: connection refused"} in alarms
+    html = await (await client.get("/")).text()
+    assert "1,200 samples" in html and "influx-admin-token" not in html
 
 
 async def test_queues_show_bus_and_outbox(client: TestClient[Any, Any], gateway: Gateway, now: int) -> None:
@@ -262,7 +264,28 @@ async def test_metrics_parse_with_prometheus_clients_own_parser(
 ) -> None:
     gateway.sources[0].status()[0].record_error("timeout")
     gateway.rules = Rules([RuleStatus("bad-division", "failed", now, "ZeroDivisionError", 120, 7)])
-    gateway.uplinks = [Uplink({"state": "connected", "backlog": 12, "sent": 5000, "dropped": 2, "replayed": 300})]
+    gateway.uplinks = [
+        Uplink(
+            {  # the shape of gateway.uplinks.runner.UplinkRunner.status()
+                "name": "uplink[influx]",
+                "state": "up",
+                "backlog_samples": 12,
+                "backlog_events": 1,
+                "replaying": False,
+                "oldest_age_s": 0.8,
+                "sent_samples": 5000,
+                "sent_events": 4,
+                "replayed_samples": 300,
+                "dropped_samples": 2,
+                "quarantined": 0,
+                "requests_ok": 10,
+                "requests_failed": 1,
+                "in_flight": 0,
+                "retry_in_s": 0.0,
+                "last_error": None,
+            }
+        )
+    ]
     gateway.bus.subscribe("outbox", maxsize=8)
     resp = await client.get("/metrics")
     assert resp.status == 200
@@ -284,10 +307,14 @@ async def test_metrics_parse_with_prometheus_clients_own_parser(
     assert value("edge_gateway_device_poll_latency_seconds_sum", device="zone1") == pytest.approx(0.02)
     assert value("edge_gateway_queue_depth", queue="bus.outbox") == 0
     assert value("edge_gateway_queue_depth", queue="outbox") == 0
-    assert value("edge_gateway_uplink_backlog", uplink="uplink[influx]") == 12
-    assert value("edge_gateway_uplink_sent_total", uplink="uplink[influx]") == 5000
-    assert value("edge_gateway_uplink_dropped_total", uplink="uplink[influx]") == 2
-    assert value("edge_gateway_uplink_replayed_total", uplink="uplink[influx]") == 300
+    assert value("edge_gateway_uplink_backlog_samples", uplink="uplink[influx]") == 12
+    assert value("edge_gateway_uplink_backlog_events", uplink="uplink[influx]") == 1
+    assert value("edge_gateway_uplink_oldest_age_seconds", uplink="uplink[influx]") == 0.8
+    assert value("edge_gateway_uplink_sent_samples_total", uplink="uplink[influx]") == 5000
+    assert value("edge_gateway_uplink_sent_events_total", uplink="uplink[influx]") == 4
+    assert value("edge_gateway_uplink_dropped_samples_total", uplink="uplink[influx]") == 2
+    assert value("edge_gateway_uplink_replayed_samples_total", uplink="uplink[influx]") == 300
+    assert value("edge_gateway_uplink_requests_failed_total", uplink="uplink[influx]") == 1
     assert value("edge_gateway_uplink_up", uplink="uplink[influx]") == 1
     assert value("edge_gateway_rule_evaluations_total", rule="bad-division") == 120
     assert value("edge_gateway_rule_failures_total", rule="bad-division") == 7
