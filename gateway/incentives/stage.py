@@ -71,6 +71,9 @@ NS = 1_000_000_000
 LEDGER_FILE = "incentives.db"
 #: records issued this long before the newest one are handed out again after a restart (the outbox dedupes by id)
 REPLAY_WINDOW_NS = 10 * 60 * NS
+#: records issued by one call at most: after a long outage the backlog of (incomplete) intervals is issued over the
+#: next calls instead of blocking the event loop for a minute; the order stays the same
+MAX_RECORDS_PER_CALL = 200
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -352,7 +355,7 @@ class IncentiveStage:
         events: list[Event] = []
         interval, tolerance = self._interval_ns, self._tolerance_ns
         waiting: set[str] = set()
-        while True:
+        while len(events) < MAX_RECORDS_PER_CALL:
             due = [
                 (start, index, account)
                 for index, account in enumerate(self._accounts)

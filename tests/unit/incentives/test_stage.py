@@ -264,3 +264,18 @@ def test_unwritable_data_dir_is_a_store_error(tmp_path: Path) -> None:
     blocker.write_text("not a directory")
     with pytest.raises(StoreError):
         IncentiveStage.open(make_site(tmp_path), blocker / "data")
+
+
+def test_a_long_outage_backlog_is_issued_in_bounded_steps_in_order(stage: IncentiveStage) -> None:
+    stage.process([reading(A1, T0, 100.0)])
+    three_days_later = T0 + 3 * 86_400 * NS
+    issued: list[Event] = []
+    calls = 0
+    while batch := stage.tick(three_days_later):
+        assert len(batch) <= 200
+        issued += batch
+        calls += 1
+    assert calls > 1
+    starts = [e.body["interval"]["start"] for e in issued]
+    assert len(starts) == len(set(starts)) == 3 * 96 - 2  # all but the last two: still within max_delay
+    assert [e.body["seq"] for e in issued] == list(range(1, len(issued) + 1))
