@@ -141,6 +141,27 @@ def _duplicate_ids(config: SiteConfig, smap: SourceMap) -> list[Diagnostic]:
     return errors
 
 
+def _mqtt_binding_errors(config: SiteConfig, smap: SourceMap) -> list[Diagnostic]:
+    """Whole-site MQTT checks (subscriptions named, one device per topic level), positioned at the device that
+    introduces each problem: devices are added one at a time and only the new problems are attributed to it."""
+    if not config.mqtt_sources:
+        return []
+    from drivers.mqtt.config import check_bindings
+
+    errors: list[Diagnostic] = []
+    known: set[str] = set()
+    devices: list[MqttDeviceConfig] = []
+    for index, device in enumerate(config.devices):
+        if not isinstance(device, MqttDeviceConfig) or device.source not in {s.id for s in config.mqtt_sources}:
+            continue
+        devices.append(device)
+        for problem in check_bindings(config.mqtt_sources, devices):
+            if problem not in known:
+                known.add(problem)
+                errors.append(smap.diagnostic(("devices", index), problem))
+    return errors
+
+
 def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site:
     """Load, validate and resolve a site file. Raises ConfigError with every problem found."""
     path = Path(path)
@@ -200,6 +221,8 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
                 registry.add(info)
         except (DuplicatePoint, ValueError) as exc:
             errors.append(smap.diagnostic(loc, str(exc)))
+
+    errors.extend(_mqtt_binding_errors(config, smap))
 
     rule_files: list[Path] = []
     for index, rule_path in enumerate(config.rules):
