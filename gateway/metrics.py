@@ -56,7 +56,7 @@ _UPLINK_COUNTERS = {
     "requests_failed": ("requests_failed",),
 }
 _UPLINK_UP_STATES = frozenset({"connected", "ok", "up", "idle", "running", "sending", "online"})
-_RULE_STATES = ("idle", "pending", "active", "failed")
+_RULE_STATES = ("idle", "pending", "active", "failed", "disabled")
 
 
 def _number(status: Mapping[str, Any], keys: Iterable[str]) -> float | None:

@@ -17,16 +17,15 @@ from typing import Any
 
 JsonDict = dict[str, Any]
 
-#: incentive record columns shown when present (the record layout belongs to the incentives engineer)
+#: incentive record columns shown when present (gateway/incentives/incentive-record.schema.json; dotted = nested)
 _INCENTIVE_COLUMNS = (
+    ("seq", "#"),
+    ("interval.local_start", "Interval"),
     ("account", "Account"),
-    ("subject", "Account"),
-    ("interval_start", "Interval"),
-    ("interval", "Interval"),
-    ("consumption_kwh", "kWh"),
-    ("baseline_kwh", "Baseline kWh"),
+    ("status", "Status"),
+    ("energy_kwh", "kWh"),
     ("saving_kwh", "Saved kWh"),
-    ("co2e_kg", "kg CO2e"),
+    ("co2e_saved_kg", "kg CO2e saved"),
     ("complete", "Complete"),
 )
 
@@ -213,13 +212,14 @@ def _rules(data: JsonDict) -> str:
     view = data["rules"]
     rows = []
     for rule in view["rules"]:
-        since = rule.get("since")
+        since = rule.get("since_ns", rule.get("since"))
         since_text = ""
         if isinstance(since, int | float) and since > 0:
             # rule runtimes report ``since`` as Unix nanoseconds (or seconds): show it as an age either way
             since_s = since / 1e9 if since > 1e12 else since
             since_text = format_age(max(0.0, time.time() - since_s))
-        error = rule.get("last_error") or rule.get("error") or ""
+        waiting = rule.get("waiting_for") or ()
+        error = rule.get("last_error") or rule.get("error") or ("waiting for " + ", ".join(waiting) if waiting else "")
         rows.append(
             f'<tr><td class="mono">{escape(str(rule["id"]))}</td><td>{_badge(rule["state"], _tone(rule["state"]))}</td>'
             f'<td class="num">{escape(since_text)}</td>'
@@ -299,18 +299,12 @@ def _incentives(data: JsonDict) -> str:
     if not view["enabled"]:
         return _section("incentives", "Incentive records today", '<p class="empty">Incentives are not configured.</p>')
     records = view["records"]
-    present = {key for record in records for key in record}
-    columns: list[tuple[str, str]] = []
-    titles: set[str] = set()
-    for key, title in _INCENTIVE_COLUMNS:
-        if key in present and title not in titles:
-            columns.append((key, title))
-            titles.add(title)
+    columns = [(key, title) for key, title in _INCENTIVE_COLUMNS if any(_dig(r, key) is not None for r in records)]
     if records and not columns:  # an unknown layout: show its first scalar fields rather than nothing
         columns = [(k, k) for k, v in records[0].items() if isinstance(v, str | int | float | bool)][:6]
     rows = [
         "<tr>"
-        + "".join(f'<td class="mono">{escape(format_value(record.get(key)))}</td>' for key, _title in columns)
+        + "".join(f'<td class="mono">{escape(_short(format_value(_dig(record, key))))}</td>' for key, _ in columns)
         + "</tr>"
         for record in records[-50:]
     ]
@@ -318,6 +312,18 @@ def _incentives(data: JsonDict) -> str:
     if view.get("error"):
         body += f'<p class="err">{escape(view["error"])}</p>'
     return _section("incentives", "Incentive records today", body, note=f"{len(records)} records, {view['day']}")
+
+
+def _dig(record: JsonDict, dotted: str) -> Any:
+    value: Any = record
+    for part in dotted.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def _short(text: str, limit: int = 25) -> str:
+    """Pseudonyms are 37 characters of hex: the first few identify a row on screen (the API has them whole)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _commands(data: JsonDict) -> str:

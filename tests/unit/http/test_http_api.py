@@ -25,13 +25,26 @@ TOKEN = "s3cret-token-0123456789"
 
 
 @dataclass
-class RuleStatus:
+class RuleStatus:  # the shape of rules.runtime.RuleStatus
     id: str
     state: str
-    since: int
+    since_ns: int
     last_error: str | None
     evaluations: int
     failures: int
+    waiting_for: tuple[str, ...] = ()
+
+
+class Incentives:
+    def __init__(self, records: list[dict[str, Any]] | None = None) -> None:
+        self.records = records
+        self.asked: list[Any] = []
+
+    def records_of_day(self, day: Any) -> list[dict[str, Any]]:
+        self.asked.append(day)
+        if self.records is None:
+            raise OSError("database is locked")
+        return self.records
 
 
 class Rules:
@@ -401,3 +414,33 @@ async def test_bearer_and_basic_auth_with_the_token(locked: TestClient[Any, Any]
     assert (await locked.get("/", headers={"Authorization": "Basic !!notbase64"})).status == 401
     assert (await locked.get("/", headers={"Authorization": "Bearer guess"})).status == 401
     assert (await locked.get("/", headers={"Authorization": f"Token {TOKEN}"})).status == 401
+
+
+async def test_incentive_records_of_the_day(client: TestClient[Any, Any], gateway: Gateway) -> None:
+    record = {
+        "schema": "edge-gateway/incentive-record/1",
+        "id": "inc_" + "0" * 32,
+        "seq": 7,
+        "account": "acct_" + "ab" * 16,
+        "interval": {"start": "2026-11-26T01:00:00Z", "end": "2026-11-26T01:15:00Z", "local_start": "09:00+08:00"},
+        "status": "saving",
+        "energy_kwh": "1.250000",
+        "saving_kwh": "0.310000",
+        "co2e_saved_kg": "0.176700",
+        "complete": True,
+    }
+    stage = Incentives([record])
+    gateway.incentives = stage
+    view = await get_json(client, "/api/incentives")
+    assert view["enabled"] is True and view["records"] == [record] and view["error"] is None
+    assert str(stage.asked[0]) == view["day"]  # asked for today in the gateway's time zone, as a date
+    html = await (await client.get("/")).text()
+    for shown in ("09:00+08:00", "acct_abababababababababa…", "saving", "0.310000", "0.176700", "1 records"):
+        assert shown in html
+
+
+async def test_incentive_records_that_cannot_be_read(client: TestClient[Any, Any], gateway: Gateway) -> None:
+    gateway.incentives = Incentives(None)
+    view = await get_json(client, "/api/incentives")
+    assert view["records"] == [] and view["error"] == "cannot read records: database is locked"
+    assert "cannot read records: database is locked" in await (await client.get("/")).text()
