@@ -244,3 +244,13 @@ def test_rules_test_rejects_a_bad_tick(capsys: pytest.CaptureFixture[str], tmp_p
     data.write_text("time,point,value\n2026-03-02T08:00:00,zone1.co2,900\n")
     assert run_cli(["rules", "test", str(DEMO_RULES), "--data", str(data), "--tick", "0s"]) == 1
     assert "--tick" in capsys.readouterr().err
+
+
+def test_the_documented_demo_replay_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    data = ROOT / "firmware_configs" / "rules" / "demo-samples.csv"
+    argv = ["rules", "test", str(DEMO_RULES), "--site", str(DEMO_SITE), "--data", str(data)]
+    assert run_cli([*argv, "--start", "2026-03-02T08:55:00", "--tick", "10s"]) == 0
+    out = capsys.readouterr().out
+    assert "2026-03-02 09:00:00  FIRE     co2-high-ventilate (held for 5min)" in out
+    assert "2026-03-02 09:15:00  WRITE    ahu3.vent_setpoint_pct = 40 [co2-high-ventilate]" in out
+    assert out.rstrip().endswith("0 failures")
