@@ -153,6 +153,8 @@ class RuleSet:
     schedules: Mapping[str, Schedule]
     allowlist: Allowlist
     files: tuple[Path, ...] = field(default=())
+    #: default zone of schedules without ``tz``; a reload keeps it unless told otherwise
+    timezone: str = "UTC"
 
 
 # -- positions --------------------------------------------------------------------------------------------------
@@ -671,4 +673,5 @@ def load_rule_set(files: Sequence[Path], registry: Mapping[str, PointInfo] | Non
         schedules=schedules,
         allowlist=allowlist,
         files=tuple(Path(f) for f in files),
+        timezone=timezone,
     )

@@ -1,43 +1,22 @@
 """Hot reload of rule files: validate the new set first, then take over the old runtime's state.
 
-Owns ``reload`` (called by the supervisor on SIGHUP or a file change) and ``RuleFileWatcher`` (polls modification
-times; no new dependency and nothing to go wrong with inotify limits on a Pi). The swap itself is the caller's: it
-replaces its reference between two batches, so no sample is processed by neither runtime.
+Owns ``RuleFileWatcher`` (polls modification times; no new dependency and nothing to go wrong with inotify limits
+on a Pi) and re-exports ``reload`` (defined beside ``RuleRuntime``, whose private state it carries over). The swap
+itself is the caller's: it replaces its reference between two batches, so no sample is processed by neither runtime.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
-from gateway.registry import PointInfo
-from rules.runtime import RuleRuntime
-from rules.state import RuleStateStore
+from rules.runtime import reload
+
+__all__ = ["POLL_INTERVAL_S", "RuleFileWatcher", "reload"]
 
 #: how often the supervisor should call ``RuleFileWatcher.changed`` (seconds)
 POLL_INTERVAL_S = 2.0
-
-
-def reload(
-    old: RuleRuntime,
-    files: Sequence[Path],
-    registry: Mapping[str, PointInfo],
-    *,
-    timezone: str,
-    state: RuleStateStore | None,
-) -> RuleRuntime:
-    """Load ``files`` into a new runtime that carries over ``old``'s values, windows, timers and latches.
-
-    Raises ``ConfigError`` (every problem, positioned) and leaves ``old`` untouched when the new files are invalid.
-    ``registry`` may still hold the old rule set's derived points: they are set aside, so a rule that names a
-    derived point the new files removed is an error rather than a point that never gets a value.
-    """
-    produced = {info.id for info in old.derived_points()}
-    devices_only = {point: info for point, info in registry.items() if point not in produced or info.physical}
-    new = RuleRuntime.load(files, devices_only, timezone=timezone, state=state)
-    new.replace(old)
-    return new
 
 
 class RuleFileWatcher:

@@ -47,6 +47,16 @@ from rules.schedule import Schedule
 from rules.state import RuleStateStore, SavedRuleState
 from rules.window import Window
 
+__all__ = [
+    "Outputs",
+    "Problem",
+    "RuleRuntime",
+    "RuleStateStore",
+    "RuleStatus",
+    "Transition",
+    "reload",
+]
+
 #: how many times one call lets rule outputs (``set:`` virtual points) feed back into derived points and rules
 MAX_PASSES = 4
 
@@ -63,6 +73,9 @@ class Problem:
     subject: str
     message: str
     ts: int
+
+    def __str__(self) -> str:
+        return f"{self.subject}: {self.message}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,6 +136,13 @@ class _RuleFailed(Exception):
     pass
 
 
+class _Keep:
+    """The default of ``reload(state=...)``: keep the old runtime's store."""
+
+
+_KEEP = _Keep()
+
+
 class RuleRuntime:
     """One loaded rule set and its live state. Not thread-safe: the supervisor calls it from one task."""
 
@@ -176,6 +196,11 @@ class RuleRuntime:
         """Check and compile ``files``; raise ``ConfigError`` (every problem, positioned) or return a runtime that
         resumes the persisted state of its rules."""
         return cls(load_rule_set(files, registry, timezone=timezone), state=state)
+
+    def close(self) -> None:
+        """Close the state store (at shutdown; a runtime replaced by a reload shares it with its successor)."""
+        if self._store is not None:
+            self._store.close()
 
     def _rebuild_feeds(self) -> None:
         self._window_feeds = {}
@@ -676,3 +701,26 @@ def _seconds(ns: int) -> str:
     if seconds >= 60 and seconds % 60 == 0:
         return f"{int(seconds // 60)}min"
     return f"{seconds:g}s"
+
+
+def reload(
+    old: RuleRuntime,
+    files: Sequence[Path],
+    registry: Mapping[str, PointInfo],
+    *,
+    timezone: str | None = None,
+    state: RuleStateStore | _Keep | None = _KEEP,
+) -> RuleRuntime:
+    """Load ``files`` into a new runtime that carries over ``old``'s values, windows, timers and latches.
+
+    Raises ``ConfigError`` (every problem, positioned) and leaves ``old`` untouched when the new files are invalid.
+    ``timezone`` and ``state`` default to ``old``'s. ``registry`` may still hold the old rule set's derived points:
+    they are set aside, so a rule naming a derived point the new files removed is an error rather than a point that
+    never gets a value.
+    """
+    produced = old._produced
+    devices_only = {point: info for point, info in registry.items() if point not in produced or info.physical}
+    store = old._store if isinstance(state, _Keep) else state
+    new = RuleRuntime.load(files, devices_only, timezone=timezone or old.rule_set.timezone, state=store)
+    new.replace(old)
+    return new
