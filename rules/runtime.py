@@ -24,11 +24,13 @@ Rules about data:
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NoReturn
+from zoneinfo import ZoneInfo
 
 import orjson
 
@@ -176,6 +178,7 @@ class RuleRuntime:
         #: indices of rules whose durable state changed since the last save
         self._dirty: set[int] = set()
         self._schedule_cache: dict[str, tuple[int, bool]] = {}
+        self._zone = ZoneInfo(rule_set.timezone)
         for virtual in rule_set.virtual.values():
             if virtual.initial is not None:
                 self._values[virtual.id] = virtual.initial
@@ -538,7 +541,12 @@ class RuleRuntime:
     def _next_due(self, rule: CompiledRule, now_ns: int) -> int:
         if rule.when is not None:
             return now_ns + rule.every_ns
-        return (now_ns // rule.every_ns + 1) * rule.every_ns  # aligned to the period, like cron
+        # aligned to the local clock of the site, like cron: every: 1d fires at local midnight, 1h on the hour
+        # even in a zone with a half-hour offset
+        local = dt.datetime.fromtimestamp(now_ns / 1e9, self._zone)
+        utc_offset = local.utcoffset()
+        offset = round(utc_offset.total_seconds() * 1e9) if utc_offset is not None else 0
+        return ((now_ns + offset) // rule.every_ns + 1) * rule.every_ns - offset
 
     def _clear(
         self, rule: CompiledRule, st: _RuleState, now_ns: int, out: Outputs, *, fed_back: set[str], reason: str

@@ -289,3 +289,29 @@ def test_state_store_rejects_an_unusable_path(tmp_path: Path) -> None:
     blocker.write_text("")
     with pytest.raises(StoreError):
         RuleStateStore(blocker / "rules-state.db")
+
+
+def test_every_is_aligned_to_the_sites_local_clock(tmp_path: Path, registry: PointRegistry) -> None:
+    text = (
+        "version: 1\nrules:\n  - id: daily\n    every: 1d\n"
+        "    then: [{publish: {topic: daily, payload: {kw: '=main_meter.power_kw'}}}]\n"
+    )
+    runtime = RuleRuntime.load([write(tmp_path, text)], registry, timezone="Asia/Kolkata", state=None)
+    runtime.process([Sample("main_meter.power_kw", 5.0, T0, Quality.GOOD)], T0)
+    fired = [now for now, out in run_until(runtime, T0, T0 + 2 * 24 * 60 * MIN, step_ns=MIN) if out.transitions]
+    # local midnight in Kolkata (UTC+05:30) is 18:30 UTC
+    assert fired == [T0 + (18 * 60 + 30) * MIN, T0 + (42 * 60 + 30) * MIN]
+
+
+def test_reload_keeps_the_store_and_zone_by_default(tmp_path: Path, registry: PointRegistry) -> None:
+    rules = write(tmp_path, CO2_RULE)
+    store = RuleStateStore(tmp_path / "state.db")
+    old = RuleRuntime.load([rules], registry, timezone="Asia/Shanghai", state=store)
+    old.process([co2(1200, T0)], T0)
+    new = reload(old, [rules], registry)  # what the supervisor calls on SIGHUP
+    assert new.rule_set.timezone == "Asia/Shanghai"
+    new.process([co2(1300, T0 + MIN)], T0 + MIN)
+    new.close()
+    resumed = RuleRuntime.load([rules], registry, timezone="UTC", state=RuleStateStore(tmp_path / "state.db"))
+    assert resumed.status()[0].state == "pending"
+    resumed.close()
