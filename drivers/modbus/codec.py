@@ -17,13 +17,20 @@ CDAB   bytes swapped in each register    little: registers reversed, each big-en
 =====  ================================  ================================
 
 The same table holds for 64-bit values (CDAB means "low word first"), and for 16-bit values AB = ABCD, BA = BADC.
+
+On the poll path a whole read is decoded by a ``BlockDecoder`` compiled once per planned request: the numeric
+points that share a (buffer, endianness) pair are unpacked by one precompiled ``struct`` whose format skips the
+holes with pad bytes, so 50 points cost one C call instead of 50 Python calls. Bits of a register and strings
+keep their per-point decoders.
 """
 
 from __future__ import annotations
 
 import math
 import struct
+from array import array
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 
 from drivers.modbus.config import TYPE_WIDTH, ModbusPoint
 
@@ -61,6 +68,15 @@ def wire_buffers(registers: Sequence[int]) -> tuple[bytes, bytes]:
     return struct.pack(f">{count}H", *registers), struct.pack(f"<{count}H", *registers)
 
 
+def swap_register_bytes(wire: bytes) -> bytes:
+    """The bytes of each register swapped (the second buffer of the table above), without making an int per
+    register."""
+    words = array("H")
+    words.frombytes(wire)
+    words.byteswap()
+    return words.tobytes()
+
+
 #: a compiled decoder: (wire bytes, swapped bytes) -> value
 Decoder = Callable[[bytes, bytes], Value]
 
@@ -93,6 +109,81 @@ def compile_decoder(spec: ModbusPoint, register_offset: int, profile_order: str 
     if scale == 1 and offset == 0:
         return lambda wire, _swap: unpack(wire, byte_offset)[0]
     return lambda wire, _swap: unpack(wire, byte_offset)[0] * scale + offset
+
+
+#: orders that read the byte-swapped buffer
+SWAPPED_ORDERS = frozenset(order for order, (swapped, _endian) in _ORDER_PLAN.items() if swapped)
+
+
+class BlockDecoder:
+    """Every point of one register read, decoded at once: ``decode(wire)`` returns their values in the order the
+    points were given. Compiled once per planned request; the result is exactly what each point's own
+    ``compile_decoder`` gives (a property test holds the two together).
+
+    ``float_positions`` lists the f32/f64 values, which the caller checks for NaN/infinity (a device's "no valid
+    reading"), so integers are never checked.
+    """
+
+    __slots__ = ("_extra", "_reorder", "_scaled", "_unpackers", "float_positions", "needs_swapped", "size")
+
+    def __init__(self, points: Sequence[tuple[ModbusPoint, int]], profile_order: str = "ABCD") -> None:
+        """``points``: (spec, register offset into the read) of each point, in the order values are returned."""
+        groups: dict[tuple[bool, str], list[tuple[int, int, ModbusPoint]]] = {}
+        extra: list[tuple[int, Decoder]] = []
+        scaled: list[tuple[int, float, float]] = []
+        floats: list[int] = []
+        needs_swapped = False
+        for position, (spec, register_offset) in enumerate(points):
+            swapped, endian = _ORDER_PLAN[spec.effective_order(profile_order)]
+            needs_swapped = needs_swapped or swapped
+            if (spec.type or "u16") in _CODE:
+                groups.setdefault((swapped, endian), []).append((register_offset * 2, position, spec))
+            else:  # a bit of a register, or a string: its own decoder
+                extra.append((position, compile_decoder(spec, register_offset, profile_order)))
+        # One struct per (buffer, endianness): points in address order, the holes between them as pad bytes ("x").
+        unpackers: list[tuple[bool, Callable[[bytes], tuple[float | int, ...]]]] = []
+        order_of_values: list[int] = []
+        for (swapped, endian), members in groups.items():
+            members.sort(key=lambda member: member[:2])
+            layout, cursor = [endian], 0
+            for byte_offset, position, spec in members:
+                if byte_offset < cursor:  # overlapping points (the config refuses them): decode this one alone
+                    extra.append((position, compile_decoder(spec, byte_offset // 2, profile_order)))
+                    continue
+                code = _CODE[spec.type or "u16"]
+                layout.append("x" * (byte_offset - cursor) + code)
+                cursor = byte_offset + struct.calcsize(endian + code)
+                order_of_values.append(position)
+                if spec.scale != 1 or spec.offset != 0:
+                    scaled.append((position, spec.scale, spec.offset))
+                if code in "fd":
+                    floats.append(position)
+            unpackers.append((swapped, struct.Struct("".join(layout)).unpack_from))
+        order_of_values.extend(position for position, _decoder in extra)
+        self.size = len(points)
+        self._unpackers = tuple(unpackers)
+        self._extra = tuple(decoder for _position, decoder in extra)
+        # values come out grouped by struct; ``_reorder`` puts them back in the caller's order (None: already are)
+        where = {position: index for index, position in enumerate(order_of_values)}
+        permutation = [where[position] for position in range(self.size)]
+        # (a single point is always in order, so itemgetter here always picks two or more and returns a tuple)
+        self._reorder = itemgetter(*permutation) if permutation != list(range(self.size)) else None
+        self._scaled = tuple(scaled)
+        self.float_positions = tuple(sorted(floats))
+        self.needs_swapped = needs_swapped
+
+    def decode(self, wire: bytes) -> list[Value]:
+        """The values of the points from the read's wire bytes (``2 * count`` bytes, as received)."""
+        swapped = swap_register_bytes(wire) if self.needs_swapped else b""
+        values: list[Value] = []
+        for uses_swapped, unpack in self._unpackers:
+            values.extend(unpack(swapped if uses_swapped else wire))
+        values.extend([decoder(wire, swapped) for decoder in self._extra])
+        if self._reorder is not None:
+            values = list(self._reorder(values))
+        for position, scale, offset in self._scaled:
+            values[position] = values[position] * scale + offset  # type: ignore[operator]  # numeric by construction
+        return values
 
 
 def decode(spec: ModbusPoint, registers: Sequence[int], profile_order: str = "ABCD") -> Value:

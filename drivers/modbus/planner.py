@@ -1,7 +1,8 @@
 """The request planner: the points due together become the fewest reads the register map allows.
 
 Owns ``ReadRequest`` (one read: unit, table, first address, count, and the points it carries with their compiled
-decoders), ``plan_reads`` and the human explanation of a plan. Pure: no I/O, no pymodbus.
+decoders, per point and for the whole block), ``plan_reads`` and the human explanation of a plan. Pure: no I/O,
+no pymodbus.
 
 Rules (DESIGN.md, "Modbus, the way field engineers need it"): points are merged per unit id and per table; a
 read may run through a hole of at most ``max_fill`` unmapped registers (``max_fill_bits`` for coils and discrete
@@ -16,7 +17,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
-from drivers.modbus.codec import Decoder, compile_decoder
+from drivers.modbus.codec import BlockDecoder, Decoder, compile_decoder
 from drivers.modbus.config import (
     BIT_TABLES,
     MAX_READ_BITS,
@@ -52,6 +53,10 @@ class ReadRequest:
     fill: int = 0
     #: True when some point decodes from the byte-swapped buffer (so it is built only when needed)
     needs_swapped: bool = field(default=False)
+    #: the ids of ``points``, in the same order (the poll path zips them with the decoded values)
+    point_ids: tuple[str, ...] = ()
+    #: register reads: every point decoded in one go (None for coils and discrete inputs)
+    block: BlockDecoder | None = None
 
     @property
     def end(self) -> int:
@@ -109,18 +114,26 @@ def _request(
 ) -> ReadRequest:
     used: set[int] = set()
     planned: list[PlannedPoint] = []
-    needs_swapped = False
     for point, spec in group:
         offset = spec.address - start
         used.update(range(spec.address, spec.address + spec.width))
         decoder: Decoder | None = None
         if table not in BIT_TABLES:
             decoder = compile_decoder(spec, offset, profile_order)
-            order = spec.effective_order(profile_order)
-            needs_swapped = needs_swapped or order in ("BA", "BADC", "CDAB")
         planned.append(PlannedPoint(point, spec, offset, decoder))
     count = end - start
-    return ReadRequest(unit, table, start, count, tuple(planned), count - len(used), needs_swapped)
+    block = None if table in BIT_TABLES else BlockDecoder([(p.spec, p.offset) for p in planned], profile_order)
+    return ReadRequest(
+        unit,
+        table,
+        start,
+        count,
+        tuple(planned),
+        count - len(used),
+        needs_swapped=block is not None and block.needs_swapped,
+        point_ids=tuple(p.point for p in planned),
+        block=block,
+    )
 
 
 def minimum_requests(unit_points: Iterable[tuple[int, Iterable[ModbusPoint]]]) -> int:

@@ -25,16 +25,16 @@ import contextlib
 import logging
 import math
 import random
-import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self
 
-from drivers.modbus.codec import EncodeError, encode
-from drivers.modbus.config import BIT_TABLES, ModbusBusConfig, ModbusDeviceConfig, ModbusPoint, ModbusProfile
+from drivers.modbus.codec import EncodeError, Value, encode
+from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig, ModbusPoint, ModbusProfile
 from drivers.modbus.planner import PlanInput, ReadRequest, device_points, plan_device
 from gateway.driver_api import BatchSink, DeviceState, DeviceStatus
 from gateway.errors import DeviceError, DeviceRejected, DeviceUnavailable, WriteRejected
@@ -59,6 +59,8 @@ class Link(Protocol):
     ) -> None: ...
 
     async def read_registers(self, table: str, unit: int, address: int, count: int) -> list[int]: ...
+
+    async def read_register_bytes(self, table: str, unit: int, address: int, count: int) -> bytes: ...
 
     async def read_bits(self, table: str, unit: int, address: int, count: int) -> list[bool]: ...
 
@@ -152,14 +154,9 @@ class _LinkLost(Exception):
     """The connection itself died during a poll: leave the link and reconnect."""
 
 
-_PACKERS: dict[int, tuple[Callable[..., bytes], Callable[..., bytes]]] = {}
-
-
-def _packers(count: int) -> tuple[Callable[..., bytes], Callable[..., bytes]]:
-    packers = _PACKERS.get(count)
-    if packers is None:
-        packers = _PACKERS[count] = (struct.Struct(f">{count}H").pack, struct.Struct(f"<{count}H").pack)
-    return packers
+#: ``tuple.__new__(Sample, (point, value, ts, quality))`` builds a Sample in C; ``Sample(...)`` goes through the
+#: NamedTuple's Python-level ``__new__``, which costs more than decoding the value did
+_new_tuple = tuple.__new__
 
 
 class ModbusBusSource:
@@ -277,7 +274,8 @@ class ModbusBusSource:
             if unavailable is not None:
                 _bad(request, samples, time.time_ns())  # the slave is silent: do not send the rest of its reads
                 continue
-            await self._drain_writes(link)
+            if self._writes:
+                await self._drain_writes(link)
             try:
                 await self._read_into(link, request, samples)
             except DeviceUnavailable as exc:
@@ -294,15 +292,17 @@ class ModbusBusSource:
 
     async def _read_into(self, link: Link, request: ReadRequest, samples: list[Sample]) -> None:
         attempts = self._bus.retries + 1
+        block = request.block
         for attempt in range(attempts):
-            await self._frame_gap()
+            if self._bus.gap_s:
+                await self._frame_gap()
             try:
-                if request.table in BIT_TABLES:
+                if block is None:  # coils and discrete inputs
                     bits = await link.read_bits(request.table, request.unit, request.address, request.count)
                     ts = time.time_ns()
                     samples.extend(Sample(p.point, bits[p.offset], ts, Quality.GOOD) for p in request.points)
                     return
-                registers = await link.read_registers(request.table, request.unit, request.address, request.count)
+                wire = await link.read_register_bytes(request.table, request.unit, request.address, request.count)
                 ts = time.time_ns()
                 break
             except DeviceUnavailable:
@@ -310,17 +310,15 @@ class ModbusBusSource:
                     raise
             finally:
                 self._last_frame_end = self._clock()
-        pack_wire, pack_swapped = _packers(request.count)
-        wire = pack_wire(*registers)
-        swapped = pack_swapped(*registers) if request.needs_swapped else b""
-        append = samples.append
-        for planned in request.points:
-            value = planned.decoder(wire, swapped)  # type: ignore[misc]  # register reads always carry one
-            if value.__class__ is float and not math.isfinite(value):
+        assert block is not None  # a register read: the bit tables returned above
+        values = block.decode(wire)
+        for position in block.float_positions:
+            value = values[position]
+            if not math.isfinite(value):  # type: ignore[arg-type]  # float_positions hold floats only
                 # NaN/inf is how devices say "no valid reading": forwarded as BAD, never as a number
-                append(Sample(planned.point, None, ts, Quality.BAD))
-            else:
-                append(Sample(planned.point, value, ts, Quality.GOOD))
+                _extend_with_bad_floats(request, values, ts, samples)
+                return
+        samples.extend(map(_new_tuple, repeat(Sample), zip(request.point_ids, values, repeat(ts), repeat(_GOOD))))
 
     async def _frame_gap(self) -> None:
         gap = self._bus.gap_s
@@ -463,6 +461,18 @@ class ModbusBusSource:
             pending = self._writes.popleft()
             if not pending.done.done():
                 pending.done.set_exception(error)
+
+
+_GOOD = Quality.GOOD
+
+
+def _extend_with_bad_floats(request: ReadRequest, values: list[Value], ts: int, samples: list[Sample]) -> None:
+    """The slow path of a read that holds a NaN or an infinity: those points BAD, the others GOOD."""
+    for point, value in zip(request.point_ids, values, strict=True):
+        if isinstance(value, float) and not math.isfinite(value):
+            samples.append(Sample(point, None, ts, Quality.BAD))
+        else:
+            samples.append(Sample(point, value, ts, Quality.GOOD))
 
 
 def _bad(request: ReadRequest, samples: list[Sample], ts: int) -> None:
