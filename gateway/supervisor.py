@@ -322,6 +322,12 @@ class Gateway:
         )
         try:
             await self._run_with_outbox(stop, outbox)
+        except* GatewayError as group:
+            # one start-up refusal inside the TaskGroup (e.g. the status page on a public address without a token)
+            # reaches the caller as itself, so `run` prints it as a config/runtime error rather than a traceback
+            if len(group.exceptions) == 1:
+                raise group.exceptions[0] from None
+            raise
         finally:
             if self.incentives is not None:
                 self.incentives.close()
