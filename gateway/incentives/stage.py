@@ -307,6 +307,8 @@ class IncentiveStage:
             account = self._account_of[point]
             self._found_incomplete.pop(account.pseudonym, None)
             floor = ts_ns - ts_ns % grid
+            if ts_ns - floor > self._tolerance_ns:
+                floor += grid  # an account's first interval starts at an edge this reading can cover
             current = moved.get(account.pseudonym, self._cursor[account.pseudonym])
             # before the first record an earlier (backfilled) reading may still move the start back
             if current is None or (floor < current and account.pseudonym not in self._issued_any):
