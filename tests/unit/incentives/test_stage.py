@@ -279,3 +279,9 @@ def test_a_long_outage_backlog_is_issued_in_bounded_steps_in_order(stage: Incent
     starts = [e.body["interval"]["start"] for e in issued]
     assert len(starts) == len(set(starts)) == 3 * 96 - 2  # all but the last two: still within max_delay
     assert [e.body["seq"] for e in issued] == list(range(1, len(issued) + 1))
+
+
+def test_an_account_starts_at_the_first_edge_its_first_reading_can_cover(stage: IncentiveStage) -> None:
+    events = feed_minutes(stage, A1, range(5, 32), 0.02)  # first reading 5 min into an interval
+    assert [r["interval"]["start"] for r in records(events)] == ["2026-11-02T00:15:00Z"]
+    assert records(events)[0]["complete"] is True
