@@ -29,7 +29,7 @@ from rules.config import (
     RuleFileConfig,
     ScheduleConfig,
 )
-from rules.expr import CompiledExpr, Evaluator, ExprError, Kind, compile_expr, kind_of_value
+from rules.expr import FUNCTIONS, CompiledExpr, Evaluator, ExprError, Kind, compile_expr, kind_of_value
 from rules.schedule import Schedule
 
 _REGISTRY_KINDS: dict[str, Kind] = {"float": "num", "int": "num", "bool": "bool", "str": "str"}
@@ -591,7 +591,7 @@ class _Builder:
         let_kinds: dict[str, Kind] = {}
         lets: list[tuple[str, Evaluator]] = []
         for name, text in rule.let.items():
-            if name in self.registry or name in ("true", "false"):
+            if name in FUNCTIONS or name in ("true", "false", "True", "False"):
                 self.errors.append(smap.diagnostic((*loc, "let", name), f"let name {name!r} is reserved", key=True))
                 continue
             compiled = self.compile_expr_at(text, smap, (*loc, "let", name), let_kinds, want=None, used=used)

@@ -107,3 +107,16 @@ def test_a_derived_point_may_not_shadow_a_device_point(tmp_path: Path, registry:
 def test_a_missing_rule_file_is_a_config_error(tmp_path: Path, registry: PointRegistry) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load_rule_set([tmp_path / "absent.yaml"], registry, timezone="UTC")
+
+
+def test_let_names_cannot_hide_functions_or_booleans(tmp_path: Path, registry: PointRegistry) -> None:
+    path = tmp_path / "let.yaml"
+    path.write_text(
+        "version: 1\nrules:\n  - id: r\n    let: {max: zone3.co2}\n    when: max > 1\n"
+        "    then: [{event: {type: x, message: m}}]\n"
+    )
+    with pytest.raises(ConfigError) as caught:
+        load_rule_set([path], registry, timezone="UTC")
+    first = caught.value.diagnostics[0]
+    assert (first.line, first.col) == (4, 11)
+    assert "let name 'max' is reserved" in first.message
