@@ -3,6 +3,7 @@ and a refused public bind that ends with one clear line, not a traceback."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -53,3 +54,13 @@ def test_a_public_bind_without_token_is_refused_with_one_clear_line(tmp_path: Pa
     assert "Traceback" not in result.stderr
     assert f"--http 0.0.0.0:{port}: the status page would listen on 0.0.0.0, which is not loopback" in result.stderr
     assert "set http.token_file" in result.stderr
+
+
+def test_json_logs_are_one_object_per_line(tmp_path: Path) -> None:
+    result = edge_gateway(
+        "--log-format", "json", "demo", "--http", "off", "--data-dir", str(tmp_path), "--duration", "1"
+    )
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stderr.splitlines()]
+    assert records and all({"ts", "level", "logger", "msg"} <= set(r) for r in records)
+    assert any(r["msg"].startswith("gateway demo_tower/demo_gw up") for r in records)
