@@ -392,7 +392,8 @@ class UplinkRunner:
         c = self._cursor
         if not c.has_backlog:
             return
-        if self._replay_exhausted and not self._replay:
+        reached = max(c.delivered_to, last or 0)
+        if (self._replay_exhausted and not self._replay) or reached >= c.gap_end:
             # Backlog delivered: the gap closes and the cursor is one position again.
             self._cursor = UplinkCursor(c.live_to, c.live_to, c.live_to)
             self._acked_since_compact = True
@@ -401,10 +402,10 @@ class UplinkRunner:
             )
             log.info("%s: backlog replayed", self.name)
             return
-        if last is not None and last > c.delivered_to:
-            self._cursor = UplinkCursor(last, c.gap_end, c.live_to)
+        if reached > c.delivered_to:
+            self._cursor = UplinkCursor(reached, c.gap_end, c.live_to)
             self._acked_since_compact = True
-            await self.outbox.move_cursors(self.cursor_name, {"telemetry": last})
+            await self.outbox.move_cursors(self.cursor_name, {"telemetry": reached})
 
     # -- reporting ----------------------------------------------------------------------------------------------
 

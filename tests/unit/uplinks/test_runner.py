@@ -1,0 +1,221 @@
+"""The uplink runner on a fake clock with a recording uplink: ordering, acks, backoff, live-first replay,
+quarantine, events, final flush, and positions that survive a restart."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import UplinkError
+from gateway.model import Event
+from gateway.outbox import Outbox, UplinkCursor
+from gateway.uplinks.config import DeliveryConfig
+from gateway.uplinks.runner import UplinkRunner
+from tests.unit.uplinks.helpers import FakeClock, RecordingUplink, make_samples, open_outbox, until
+
+DELIVERY = DeliveryConfig(batch_size=100, max_inflight=2, replay_share=0.5, live_window=10, retry_min=0.5, retry_max=8)
+
+
+def make_runner(
+    outbox: Outbox, uplink: RecordingUplink, clock: FakeClock, delivery: DeliveryConfig = DELIVERY
+) -> UplinkRunner:
+    return UplinkRunner("uplink[test]", uplink, outbox, delivery, cursor_name="test", clock=clock, final_flush=0.5)
+
+
+async def start(runner: UplinkRunner) -> tuple[asyncio.Event, asyncio.Task[None]]:
+    stopping = asyncio.Event()
+    return stopping, asyncio.create_task(runner.run(stopping))
+
+
+async def test_delivers_in_order_and_acks_up_to_the_last_batch(tmp_path: Path) -> None:
+    clock = FakeClock()
+    outbox = open_outbox(tmp_path, clock)
+    for i in range(5):
+        await outbox.append(make_samples(i * 50, 50))
+    uplink = RecordingUplink(clock=clock)
+    runner = make_runner(outbox, uplink, clock)
+    stopping, task = await start(runner)
+    await until(lambda: len(uplink.samples()) == 250 and outbox.uplink_cursor("test").delivered_to == 5)
+    stopping.set()
+    await task
+    assert [s.value for s in uplink.samples()] == [float(i) for i in range(250)]
+    assert not any(b.historical for b in uplink.accepted)
+    assert outbox.uplink_cursor("test") == UplinkCursor(5, 5, 5)
+    assert runner.status()["sent_samples"] == 250
+    assert runner.status()["backlog_samples"] == 0
+    assert uplink.closed
+    await outbox.close()
+
+
+async def test_retryable_failures_back_off_exponentially_with_jitter_then_deliver_everything(tmp_path: Path) -> None:
+    clock = FakeClock(auto_advance=True)
+    outbox = open_outbox(tmp_path, clock)
+    await outbox.append(make_samples(0, 80))
+    uplink = RecordingUplink(clock=clock)
+    uplink.fail_with = UplinkError("connection refused", retryable=True)
+    delivery = DELIVERY.model_copy(update={"max_inflight": 1})
+    runner = make_runner(outbox, uplink, clock, delivery)
+    stopping, task = await start(runner)
+    await until(lambda: uplink.attempts >= 7)
+    status = runner.status()
+    assert status["state"] == "retrying"
+    assert status["last_error"] == "connection refused"
+    assert status["backlog_samples"] == 80
+    gaps = [b - a for a, b in zip(uplink.attempt_times, uplink.attempt_times[1:], strict=False)][:6]
+    expected = [min(8.0, 0.5 * 2**k) for k in range(6)]  # 0.5, 1, 2, 4, 8, 8 (capped)
+    for gap, full in zip(gaps, expected, strict=True):
+        assert full / 2 - 1e-9 <= gap <= full + 1e-9, (gaps, expected)
+    uplink.fail_with = None
+    await until(lambda: len(uplink.samples()) == 80)
+    stopping.set()
+    await task
+    assert [s.value for s in uplink.samples()] == [float(i) for i in range(80)]
+    assert runner.status()["state"] == "stopped"
+    assert outbox.uplink_cursor("test").delivered_to == 1
+    await outbox.close()
+
+
+async def test_old_data_is_replayed_behind_live_data_flagged_historical_and_survives_a_restart(tmp_path: Path) -> None:
+    clock = FakeClock()
+    outbox = open_outbox(tmp_path, clock)
+    for i in range(3):
+        await outbox.append(make_samples(i * 100, 100))  # stored during an outage
+    clock.advance(60)  # the outage lasted a minute: these records are now older than the live window
+    uplink = RecordingUplink(clock=clock)
+    uplink.backlog_gate.clear()  # the replay is slow: it cannot finish before live data arrives
+    runner = make_runner(outbox, uplink, clock)
+    stopping, task = await start(runner)
+    await until(lambda: outbox.uplink_cursor("test").has_backlog)
+    assert outbox.uplink_cursor("test") == UplinkCursor(0, 3, 3)  # persisted before any live request
+
+    await outbox.append(make_samples(1000, 10))  # live data while the backlog waits
+    await until(lambda: outbox.uplink_cursor("test").live_to == 4)
+    assert len(uplink.samples(historical=False)) == 10
+    assert uplink.samples(historical=True) == []  # live overtook the backlog
+    assert outbox.uplink_cursor("test") == UplinkCursor(0, 3, 4)
+    assert runner.status()["replaying"] is True
+    stopping.set()  # stop mid-replay: the backlog request in flight is abandoned, not acked
+    await task
+    assert outbox.uplink_cursor("test") == UplinkCursor(0, 3, 4)
+
+    restarted = RecordingUplink(clock=clock)
+    runner2 = make_runner(outbox, restarted, clock)
+    stopping2, task2 = await start(runner2)
+    await until(lambda: not outbox.uplink_cursor("test").has_backlog)
+    stopping2.set()
+    await task2
+    assert [s.value for s in restarted.samples()] == [float(i) for i in range(300)]  # the backlog, only
+    assert all(b.historical for b in restarted.accepted)
+    assert runner2.status()["replayed_samples"] == 300
+    assert outbox.uplink_cursor("test") == UplinkCursor(4, 4, 4)
+    await outbox.close()
+
+
+async def test_replay_uses_at_most_its_share_of_the_in_flight_requests(tmp_path: Path) -> None:
+    clock = FakeClock()
+    outbox = open_outbox(tmp_path, clock)
+    for i in range(10):
+        await outbox.append(make_samples(i * 100, 100))
+    clock.advance(60)
+    uplink = RecordingUplink(clock=clock)
+    uplink.backlog_gate.clear()
+    delivery = DELIVERY.model_copy(update={"max_inflight": 4, "replay_share": 0.5})
+    runner = make_runner(outbox, uplink, clock, delivery)
+    stopping, task = await start(runner)
+    await until(lambda: uplink.attempts >= 2)
+    for _ in range(50):
+        await asyncio.sleep(0)
+    assert runner.status()["in_flight"] == 2  # 2 of 4 slots: the rest stay free for live data
+    uplink.backlog_gate.set()
+    await until(lambda: len(uplink.samples()) == 1000)
+    stopping.set()
+    await task
+    assert [s.value for s in uplink.samples()] == [float(i) for i in range(1000)]
+    await outbox.close()
+
+
+async def test_a_point_the_far_side_refuses_is_quarantined_and_the_rest_of_its_batch_arrives(tmp_path: Path) -> None:
+    clock = FakeClock()
+    outbox = open_outbox(tmp_path, clock)
+    await outbox.append(make_samples(0, 100))
+    uplink = RecordingUplink(clock=clock)
+    uplink.refuse = lambda sample: sample.value == 42.0
+    runner = make_runner(outbox, uplink, clock)
+    stopping, task = await start(runner)
+    await until(lambda: outbox.uplink_cursor("test").delivered_to == 1)
+    stopping.set()
+    await task
+    delivered = sorted(s.value for s in uplink.samples() if isinstance(s.value, float))
+    assert delivered == [float(i) for i in range(100) if i != 42]
+    assert runner.status()["quarantined"] == 1
+    assert uplink.attempts < 30  # bisection: about 2*log2(100) requests, not one per sample
+    await outbox.close()
+
+
+async def test_events_go_in_order_on_their_own_cursor_and_not_to_telemetry_only_uplinks(tmp_path: Path) -> None:
+    clock = FakeClock()
+    outbox = open_outbox(tmp_path, clock)
+    events = [Event(f"ev-{i}", "alarm", "zone3.co2", i, {"n": i}) for i in range(7)]
+    await outbox.append_events(events)
+    await outbox.append(make_samples(0, 5))
+    both = RecordingUplink(clock=clock)
+    telemetry_only = RecordingUplink(frozenset({"telemetry"}), clock=clock)
+    runner_a = make_runner(outbox, both, clock)
+    runner_b = UplinkRunner("uplink[tsdb]", telemetry_only, outbox, DELIVERY, cursor_name="tsdb", clock=clock)
+    stop_a, task_a = await start(runner_a)
+    stop_b, task_b = await start(runner_b)
+    await until(lambda: outbox.cursor("test", "events") == 7 and len(telemetry_only.samples()) == 5)
+    stop_a.set()
+    stop_b.set()
+    await asyncio.gather(task_a, task_b)
+    sent_ids = [s.event.id for b in both.accepted if b.kind == "events" for s in b.events]
+    assert sent_ids == [e.id for e in events]
+    assert all(b.kind == "telemetry" for b in telemetry_only.accepted)
+    assert runner_a.status()["sent_events"] == 7
+    await outbox.close()
+
+
+async def test_stop_flushes_what_was_committed_then_returns(tmp_path: Path) -> None:
+    clock = FakeClock()
+    outbox = open_outbox(tmp_path, clock)
+    uplink = RecordingUplink(clock=clock)
+    runner = make_runner(outbox, uplink, clock)
+    stopping, task = await start(runner)
+    await outbox.append(make_samples(0, 30))
+    stopping.set()
+    await task
+    assert len(uplink.samples()) == 30
+    assert outbox.uplink_cursor("test").delivered_to == 1
+    await outbox.close()
+
+
+async def test_a_send_that_never_answers_times_out_and_is_retried(tmp_path: Path) -> None:
+    clock = FakeClock(auto_advance=True)
+    outbox = open_outbox(tmp_path, clock)
+    await outbox.append(make_samples(0, 3))
+    uplink = RecordingUplink(clock=clock)
+    hang = asyncio.Event()
+    original_send = uplink.send
+
+    async def hang_once(batch):  # type: ignore[no-untyped-def]
+        if not hang.is_set():
+            hang.set()
+            await asyncio.Event().wait()
+        await original_send(batch)
+
+    uplink.send = hang_once  # type: ignore[method-assign]
+    runner = make_runner(outbox, uplink, clock, DELIVERY.model_copy(update={"timeout": 0.05}))
+    stopping, task = await start(runner)
+    await asyncio.wait_for(until(lambda: len(uplink.samples()) == 3, steps=10**7), timeout=5)
+    stopping.set()
+    await task
+    assert runner.counters.requests_failed == 1
+    assert "no answer within 0.05s" in (runner.last_error or "")
+    await outbox.close()
+
+
+def test_an_uplink_with_no_stream_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="delivers no stream"):
+        UplinkRunner("uplink[x]", RecordingUplink(frozenset()), None, DELIVERY, cursor_name="x")  # type: ignore[arg-type]
