@@ -157,3 +157,17 @@ def test_env_secret_is_expanded_from_the_environment(tmp_path: Path) -> None:
     assert influx.token is not None
     assert influx.token.reveal() == "abc123"
     assert "abc123" not in repr(loaded.config)
+
+
+def test_scalars_are_not_coerced_but_parsed_fields_still_parse() -> None:
+    from gateway.config.types import PositiveDuration, StrictModel
+
+    class Example(StrictModel):
+        every: PositiveDuration | None = None
+        port: int | None = None
+        enabled: bool = True
+
+    assert Example.model_validate({"every": "15min"}).every == 900.0
+    for bad in ({"port": "1883"}, {"enabled": "yes"}, {"enabled": 1}, {"port": True}):
+        with pytest.raises(ValueError, match="expected"):
+            Example.model_validate(bad)
