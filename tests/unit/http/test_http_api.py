@@ -358,6 +358,13 @@ async def test_page_renders_every_panel_and_escapes_what_devices_say(
     assert "http://" not in html and "https://" not in html  # nothing loaded from outside the building
 
 
+async def test_the_page_tells_the_browser_to_load_nothing_from_elsewhere(client: TestClient[Any, Any]) -> None:
+    resp = await client.get("/")
+    assert "default-src 'self'" in resp.headers["Content-Security-Policy"]
+    assert resp.headers["X-Content-Type-Options"] == "nosniff" and resp.headers["X-Frame-Options"] == "DENY"
+    assert "<script>" not in await resp.text()  # no inline script: the CSP would block it
+
+
 async def test_static_files_are_served(client: TestClient[Any, Any]) -> None:
     for name, marker in (("status.js", "api/points"), ("status.css", ".spark")):
         resp = await client.get(f"/static/{name}")
