@@ -49,11 +49,11 @@ async def test_status_page_shows_live_values_and_plots(demo_gateway: RunningGate
 
         # a plot is drawn: a sparkline with at least 3 vertices, spanning the box's width, and visible on screen
         await page.wait_for("document.querySelectorAll('.pt[data-plotted]').length >= 36", timeout=10)
-        vertices = await page.evaluate(
+        co2_vertices = (
             "document.querySelector('.pt[data-point=\"zone1.co2\"] svg.spark polyline')"
             ".getAttribute('points').trim().split(/\\s+/).length"
         )
-        assert vertices >= 3
+        await page.wait_for(f"{co2_vertices} >= 3", timeout=10)
         box = await page.evaluate(
             "(() => { const r = document.querySelector('.pt[data-point=\"zone1.co2\"] svg.spark polyline')"
             ".getBoundingClientRect(); return [r.width, r.height]; })()"
@@ -70,6 +70,11 @@ async def test_status_page_shows_live_values_and_plots(demo_gateway: RunningGate
         # let the section refresh (every 5 s) run once, and check it kept the page whole
         await page.wait_for("document.querySelector('#devices') && window.performance.now() > 6000", timeout=15)
         assert await page.evaluate("document.querySelectorAll('.pt[data-plotted]').length") >= 36
+
+        # a reloaded page starts its plots from /api/history, not from scratch
+        await page.call("Page.reload")
+        await page.wait_for("!!document.querySelector('.pt[data-point=\"zone1.co2\"][data-plotted]')")
+        assert await page.evaluate(co2_vertices) >= 4
 
         errors = [e for e in page.events if e["method"] == "Runtime.exceptionThrown"]
         assert errors == []
