@@ -515,6 +515,7 @@ class Outbox:
 
     def pending_telemetry(self, after_seq: int, upto_seq: int | None = None) -> tuple[int, int | None]:
         """Samples stored with ``after_seq < seq <= upto_seq`` and the creation time of the oldest (or None)."""
+        self._check_open()
         if upto_seq is None:
             row = self._reader.execute(
                 "SELECT coalesce(sum(n), 0), min(created_ns) FROM telemetry WHERE seq > ?", (after_seq,)
@@ -526,7 +527,12 @@ class Outbox:
             ).fetchone()
         return int(row[0]), row[1]
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise StoreError("outbox is closed")
+
     def pending_events(self, after_seq: int) -> tuple[int, int | None]:
+        self._check_open()
         row = self._reader.execute(
             "SELECT count(*), min(created_ns) FROM events WHERE seq > ?", (after_seq,)
         ).fetchone()

@@ -33,7 +33,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from gateway.errors import UplinkError
+from gateway.errors import StoreError, UplinkError
 from gateway.model import Command
 from gateway.outbox import Outbox, UplinkCursor
 from gateway.uplinks.base import Clock, Uplink, UplinkBatch
@@ -119,6 +119,7 @@ class UplinkRunner:
         self._acked_since_compact = False
         self._last_compact = 0.0
         self._stopping_phase = False
+        self._last_depths: tuple[int, int, float] = (0, 0, 0.0)
         outbox.add_append_listener(self._wake.set)
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
@@ -409,8 +410,7 @@ class UplinkRunner:
 
     # -- reporting ----------------------------------------------------------------------------------------------
 
-    def status(self) -> dict[str, Any]:
-        """Queue metrics for /api/uplinks and /metrics: depth, age of the oldest record, sent, dropped, replayed."""
+    def _queue_depths(self) -> tuple[int, int, float]:
         now_ns = self.clock.time_ns()
         depth = 0
         oldest: int | None = None
@@ -425,13 +425,22 @@ class UplinkRunner:
         if "events" in self.uplink.kinds:
             events_depth, events_oldest = self.outbox.pending_events(self._events_acked)
         ages = [now_ns - t for t in (oldest, events_oldest) if t is not None]
+        return depth, events_depth, round(max(ages) / 1e9, 3) if ages else 0.0
+
+    def status(self) -> dict[str, Any]:
+        """Queue metrics for /api/uplinks and /metrics: depth, age of the oldest record, sent, dropped, replayed."""
+        try:
+            depth, events_depth, oldest_age = self._queue_depths()
+            self._last_depths = (depth, events_depth, oldest_age)
+        except StoreError:  # the outbox is closed (shutting down): report the last figures seen
+            depth, events_depth, oldest_age = self._last_depths
         return {
             "name": self.name,
             "state": self.state,
             "backlog_samples": depth,
             "backlog_events": events_depth,
             "replaying": self._cursor.has_backlog,
-            "oldest_age_s": round(max(ages) / 1e9, 3) if ages else 0.0,
+            "oldest_age_s": oldest_age,
             "sent_samples": self.counters.sent_samples,
             "sent_events": self.counters.sent_events,
             "replayed_samples": self.counters.replayed_samples,
