@@ -16,8 +16,6 @@ from gateway.model import Command, Quality, Sample
 from gateway.outbox import Outbox
 from gateway.supervisor import Gateway
 
-NOW = time.time_ns()
-
 
 class StatusSource:
     """A source whose device statuses the test sets directly (the driver behaviour is tested elsewhere)."""
@@ -54,25 +52,25 @@ def online(device: str, polls: int = 10) -> DeviceStatus:
 
 @pytest.fixture
 def now() -> int:
-    """The wall-clock time the fixture's samples were stamped against."""
-    return NOW
+    """The wall-clock time the fixture's samples were stamped against (taken per test: ages are real time)."""
+    return time.time_ns()
 
 
 @pytest.fixture
-async def gateway(tmp_path: Path) -> AsyncIterator[Gateway]:
+async def gateway(tmp_path: Path, now: int) -> AsyncIterator[Gateway]:
     site = demo_site()
     statuses = [online(device) for device in site.registry.devices()]
     gw = Gateway(site, data_dir=tmp_path, http_listen="off", sources=[StatusSource(statuses)])
     gw.sources = [StatusSource(statuses)]
     gw.outbox = Outbox(tmp_path / "outbox.db")
-    gw.started_ns = NOW - 5_000_000_000
+    gw.started_ns = now - 5_000_000_000
     gw.started.set()
     gw.live.update(
         [
-            Sample("zone1.co2", 612.5, NOW - 2_000_000_000, Quality.GOOD),
-            Sample("zone1.co2", 640.0, NOW - 1_000_000_000, Quality.GOOD),
-            Sample("zone1.occupancy", 3, NOW - 1_000_000_000, Quality.GOOD),
-            Sample("apt101.power_kw", None, NOW - 1_000_000_000, Quality.BAD),
+            Sample("zone1.co2", 612.5, now - 2_000_000_000, Quality.GOOD),
+            Sample("zone1.co2", 640.0, now - 1_000_000_000, Quality.GOOD),
+            Sample("zone1.occupancy", 3, now - 1_000_000_000, Quality.GOOD),
+            Sample("apt101.power_kw", None, now - 1_000_000_000, Quality.BAD),
         ]
     )
     try:
