@@ -1,0 +1,131 @@
+"""Every payload the platform contract builds validates against its JSON Schema in gateway/uplinks/schemas/."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import orjson
+import pytest
+
+from gateway.model import Event, Quality, Sample
+from gateway.outbox import StoredEvent, TelemetryBatch
+from gateway.registry import PointInfo, PointRegistry
+from gateway.uplinks import contract
+
+SCHEMAS = Path(contract.__file__).parent / "schemas"
+BASE = "city/tower/gw1"
+TS = 1_790_000_000_123_456_789
+
+
+def check(schema: str, payload: bytes) -> dict[str, Any]:
+    doc = orjson.loads(payload)
+    jsonschema.Draft202012Validator(json.loads((SCHEMAS / f"{schema}.schema.json").read_text())).validate(doc)
+    return doc  # type: ignore[no-any-return]
+
+
+def test_every_schema_is_itself_valid() -> None:
+    names = sorted(p.name for p in SCHEMAS.glob("*.schema.json"))
+    assert names == [
+        f"{n}.schema.json"
+        for n in ("command-result", "command-write", "event", "meta", "publish", "status", "telemetry")
+    ]
+    for path in SCHEMAS.glob("*.schema.json"):
+        jsonschema.Draft202012Validator.check_schema(json.loads(path.read_text()))
+
+
+def test_status_and_meta() -> None:
+    online = check("status", contract.status_payload("online", reason="connected", ts_ms=5, version="0.1.0"))
+    assert online["state"] == "online"
+    registry = PointRegistry(
+        [
+            PointInfo("m1.energy_kwh", unit="kWh", measurement="energy_meter", tags={"device": "m1"}),
+            PointInfo("ahu3.setpoint", kind="int", writable=True, min=20, max=100),
+            PointInfo("zone3.co2_avg15", physical=False),
+        ]
+    )
+    meta = check("meta", contract.meta_payload(site="tower", gateway="gw1", name=None, registry=registry, ts_ms=5))
+    assert meta["devices"]["ahu3"]["points"]["setpoint"] == {
+        "kind": "int", "writable": True, "measurement": "gateway", "min": 20, "max": 100,
+    }  # fmt: skip
+    assert meta["devices"]["zone3"]["points"]["co2_avg15"]["derived"] is True
+
+
+def test_telemetry_one_message_per_device_and_read_with_quality_and_the_historical_flag() -> None:
+    row = TelemetryBatch(
+        17,
+        0,
+        [
+            Sample("m1.power_kw", 3.5, TS, Quality.GOOD),
+            Sample("m1.energy_kwh", 1200.25, TS, Quality.GOOD),
+            Sample("m2.power_kw", None, TS, Quality.BAD),
+            Sample("m2.voltage", 250.0, TS, Quality.UNCERTAIN),
+            Sample("m1.power_kw", 3.6, TS + 10**9, Quality.GOOD),
+        ],
+    )
+    messages = [(t, check("telemetry", p)) for t, p in contract.telemetry_messages(BASE, [row], historical=True)]
+    assert messages == [
+        (f"{BASE}/telemetry/m1", {"v": 1, "seq": 17, "ts": TS // 10**6, "historical": True,
+                                  "values": {"power_kw": 3.5, "energy_kwh": 1200.25}}),
+        (f"{BASE}/telemetry/m2", {"v": 1, "seq": 17, "ts": TS // 10**6, "historical": True,
+                                  "values": {"voltage": 250.0},
+                                  "quality": {"power_kw": "bad", "voltage": "uncertain"}}),
+        (f"{BASE}/telemetry/m1", {"v": 1, "seq": 17, "ts": TS // 10**6 + 1000, "historical": True,
+                                  "values": {"power_kw": 3.6}}),
+    ]  # fmt: skip
+    live = [orjson.loads(p) for _t, p in contract.telemetry_messages(BASE, [row], historical=False)]
+    assert all("historical" not in m for m in live)
+
+
+def test_the_same_point_twice_at_one_time_in_one_batch_keeps_both_values_in_order() -> None:
+    row = TelemetryBatch(
+        3, 0, [Sample("m1.power_kw", 1.0, TS, Quality.GOOD), Sample("m1.power_kw", 2.0, TS, Quality.GOOD)]
+    )
+    values = [orjson.loads(p)["values"] for _t, p in contract.telemetry_messages(BASE, [row], historical=False)]
+    assert values == [{"power_kw": 1.0}, {"power_kw": 2.0}]
+
+
+def test_events_and_rule_publications() -> None:
+    alarm = StoredEvent(1, 0, Event("a-1", "alarm", "zone3.co2", TS, {"value": 1300}))
+    topic, payload = contract.event_message(BASE, alarm)
+    assert topic == f"{BASE}/events/alarm"
+    assert check("event", payload)["id"] == "a-1"
+    publication = StoredEvent(2, 0, Event("p-1", "publish", "alerts/zone3/co2", TS, {"co2": 1300}))
+    topic, payload = contract.event_message(BASE, publication)
+    assert topic == f"{BASE}/alerts/zone3/co2"
+    assert check("publish", payload)["payload"] == {"co2": 1300}
+    result = StoredEvent(3, 0, Event("cmd-result:dr-1", "command_result", "dr-1", TS, {
+        "command_id": "dr-1", "action": "write", "point": "ahu3.setpoint", "value": 40, "status": "applied",
+        "message": None}))  # fmt: skip
+    body = check("event", contract.event_message(BASE, result)[1])["body"]
+    jsonschema.validate(body, json.loads((SCHEMAS / "command-result.schema.json").read_text()))
+
+
+@pytest.mark.parametrize(
+    ("subject", "problem"),
+    [
+        ("alerts/zone3", None),
+        ("", "relative topic"),
+        ("/alerts", "relative topic"),
+        ("alerts//x", "relative topic"),
+        ("alerts/#", "wildcards"),
+        ("alerts/+/x", "wildcards"),
+        ("status", "collides"),
+        ("cmd/write", "collides"),
+        ("telemetry/m1", "collides"),
+    ],
+)
+def test_publish_topics_stay_under_the_gateway_and_off_its_own_topics(subject: str, problem: str | None) -> None:
+    found = contract.publish_topic_problem(subject)
+    assert (found is None) if problem is None else (found is not None and problem in found)
+
+
+def test_the_documented_command_example_is_valid() -> None:
+    example = {"v": 1, "id": "dr-2026-11-27-0042", "point": "ahu3.vent_setpoint_pct", "value": 40, "ts": 1795300000000}
+    jsonschema.validate(example, json.loads((SCHEMAS / "command-write.schema.json").read_text()))
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(
+            {**example, "point": "AHU3"}, json.loads((SCHEMAS / "command-write.schema.json").read_text())
+        )

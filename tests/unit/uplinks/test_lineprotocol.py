@@ -1,0 +1,72 @@
+"""Line protocol from samples: one row per case (point, value, quality) -> the line written (or nothing)."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.model import Quality, Sample
+from gateway.registry import PointInfo, PointRegistry
+from gateway.uplinks.lineprotocol import LineProtocolEncoder
+
+REGISTRY = PointRegistry(
+    [
+        PointInfo("m1.power_kw", measurement="energy_meter", tags={"device": "m1", "floor": "2"}),
+        PointInfo("m1.energy_kwh", measurement="energy_meter", tags={"device": "m1", "floor": "2"}),
+        PointInfo("ahu3.fan_on", kind="bool", measurement="ahu"),
+        PointInfo("ahu3.mode", kind="str", measurement="ahu"),
+        PointInfo("ahu3.steps", kind="int", measurement="ahu"),
+        PointInfo("odd.name", measurement="my meas,x", tags={"room": "A 1,=b"}),
+    ]
+)
+TS = 1_790_000_000_000_000_000
+COMMON = ",gateway=gw1,site=tower"
+
+
+def encode(*samples: Sample) -> str:
+    return LineProtocolEncoder(REGISTRY, common_tags={"site": "tower", "gateway": "gw1"}).encode(samples).decode()
+
+
+@pytest.mark.parametrize(
+    ("point", "value", "line"),
+    [
+        ("m1.power_kw", 3.25, f"energy_meter,device=m1,floor=2{COMMON} power_kw=3.25 {TS}"),
+        ("m1.power_kw", 3, f"energy_meter,device=m1,floor=2{COMMON} power_kw=3.0 {TS}"),  # a float field stays float
+        ("m1.power_kw", 1e21, f"energy_meter,device=m1,floor=2{COMMON} power_kw=1e+21 {TS}"),
+        ("ahu3.fan_on", True, f"ahu,device=ahu3{COMMON} fan_on=true {TS}"),
+        ("ahu3.mode", 'eco "night"\\', f'ahu,device=ahu3{COMMON} mode="eco \\"night\\"\\\\" {TS}'),
+        ("ahu3.steps", 4, f"ahu,device=ahu3{COMMON} steps=4i {TS}"),
+        ("ahu3.steps", 4.0, f"ahu,device=ahu3{COMMON} steps=4i {TS}"),
+        ("odd.name", 1.5, f"my\\ meas\\,x,device=odd,gateway=gw1,room=A\\ 1\\,\\=b,site=tower name=1.5 {TS}"),
+        ("other.thing", 2.5, f"gateway,device=other{COMMON} thing=2.5 {TS}"),  # not in the registry: still kept
+    ],
+)
+def test_one_sample(point: str, value: object, line: str) -> None:
+    assert encode(Sample(point, value, TS, Quality.GOOD)) == line  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_values_are_not_written_and_are_counted(value: float) -> None:
+    encoder = LineProtocolEncoder(REGISTRY, common_tags={})
+    assert encoder.encode([Sample("m1.power_kw", value, TS, Quality.GOOD)]) == b""
+    assert encoder.skipped_non_finite == 1
+
+
+def test_bad_samples_are_not_written_uncertain_ones_are() -> None:
+    encoder = LineProtocolEncoder(REGISTRY, common_tags={})
+    out = encoder.encode(
+        [Sample("m1.power_kw", None, TS, Quality.BAD), Sample("m1.energy_kwh", 7.5, TS, Quality.UNCERTAIN)]
+    )
+    assert out == f"energy_meter,device=m1,floor=2 energy_kwh=7.5 {TS}".encode()
+    assert encoder.skipped_bad == 1
+
+
+def test_points_read_together_share_a_line_and_other_times_get_their_own() -> None:
+    text = encode(
+        Sample("m1.power_kw", 1.0, TS, Quality.GOOD),
+        Sample("m1.energy_kwh", 10.0, TS, Quality.GOOD),
+        Sample("m1.power_kw", 2.0, TS + 1, Quality.GOOD),
+    )
+    assert text.splitlines() == [
+        f"energy_meter,device=m1,floor=2{COMMON} power_kw=1.0,energy_kwh=10.0 {TS}",
+        f"energy_meter,device=m1,floor=2{COMMON} power_kw=2.0 {TS + 1}",
+    ]
