@@ -17,15 +17,17 @@ NS = 1_000_000_000
 
 def _demo_site_text() -> str:
     site = (REPO / "firmware_configs" / "sites" / "demo.yaml").read_text(encoding="utf-8")
-    if "\nincentives:" in site:
-        return site  # the lead has merged the block
-    return site.rstrip("\n") + "\n\n" + (REPO / "gateway" / "incentives" / "demo-incentives.yaml").read_text()
+    assert "\nincentives:" in site, "the demo site must carry the demo incentives block"
+    return site
 
 
 def test_demo_block_issues_signed_records_for_each_flat(tmp_path: Path) -> None:
     site_file = tmp_path / "sites" / "demo.yaml"
     site_file.parent.mkdir()
     site_file.write_text(_demo_site_text(), encoding="utf-8")
+    rules_dir = tmp_path / "rules"  # the demo site references ../rules/demo.yaml
+    rules_dir.mkdir()
+    (rules_dir / "demo.yaml").write_text((REPO / "firmware_configs" / "rules" / "demo.yaml").read_text())
     site = load_site(site_file)
     stage = IncentiveStage.open(site, tmp_path / "data")
     zone = ZoneInfo(site.config.gateway.timezone)
