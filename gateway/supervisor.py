@@ -234,7 +234,12 @@ class Gateway:
                 self.commands.add(command, "dropped", "command queue full")
         problems = getattr(outputs, "problems", None)
         if problems:
-            self.rule_problems = [str(p) for p in problems][-50:]
+            # The engine reports a problem once, when it starts (not on every batch): keep them as a short,
+            # time-stamped log, newest last. The current state of each rule is in rules.status().
+            for problem in problems:
+                ts = getattr(problem, "ts", time.time_ns())
+                self.rule_problems.append(f"{time.strftime('%H:%M:%S', time.localtime(ts / 1e9))} {problem}")
+            del self.rule_problems[:-50]
 
     async def _rules_loop(self, sub: Subscription) -> None:
         async for batch in sub:

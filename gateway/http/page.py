@@ -233,7 +233,7 @@ def _rules(data: JsonDict) -> str:
         body += f'<p class="err">{escape(view["error"])}</p>'
     if view["problems"]:
         items = "".join(f"<li>{escape(p)}</li>" for p in view["problems"][-10:])
-        body += f'<h3>Problems</h3><ul class="problems">{items}</ul>'
+        body += f'<h3>Recent rule problems</h3><ul class="problems">{items}</ul>'
     return _section("rules", "Rules", body)
 
 
