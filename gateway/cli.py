@@ -39,13 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in _COMMAND_GROUPS:
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name is None or not (module_name + ".").startswith(exc.name + "."):
-                raise
-            continue  # a command group not built yet (development only): its commands are simply absent
-        module.register(sub)
+        importlib.import_module(module_name).register(sub)
     return parser
 
 
