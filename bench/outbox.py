@@ -162,8 +162,10 @@ async def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-outbox-") as name:
         tmp = Path(name)
         appended = await bench_append(tmp, append_total)
-        print(f"append: {appended['append_samples_per_s']:,.0f} samples/s (1 producer, batches of {BATCH}); "
-              f"{appended['append_4_producers_samples_per_s']:,.0f} samples/s (4 producers)")
+        print(
+            f"append: {appended['append_samples_per_s']:,.0f} samples/s (1 producer, batches of {BATCH}); "
+            f"{appended['append_4_producers_samples_per_s']:,.0f} samples/s (4 producers)"
+        )
         result.update(appended)
         tsdb = VictoriaMetrics()
         tsdb.start()
@@ -171,11 +173,15 @@ async def main() -> None:
             replay = await bench_replay(tmp, backlog, tsdb, gzip=args.gzip)
         finally:
             tsdb.close()
-        print(f"replay: {replay['replayed_samples']:,} points in {replay['replay_seconds']:.1f}s = "
-              f"{replay['replay_points_per_s']:,.0f} points/s to VictoriaMetrics while live data flowed")
-        print(f"live latency during replay: p50 {replay['live_latency_p50_ms']:.1f} ms, "
-              f"p99 {replay['live_latency_p99_ms']:.1f} ms, max {replay['live_latency_max_ms']:.1f} ms "
-              f"({replay['live_batches']} live batches)")
+        print(
+            f"replay: {replay['replayed_samples']:,} points in {replay['replay_seconds']:.1f}s = "
+            f"{replay['replay_points_per_s']:,.0f} points/s to VictoriaMetrics while live data flowed"
+        )
+        print(
+            f"live latency during replay: p50 {replay['live_latency_p50_ms']:.1f} ms, "
+            f"p99 {replay['live_latency_p99_ms']:.1f} ms, max {replay['live_latency_max_ms']:.1f} ms "
+            f"({replay['live_batches']} live batches)"
+        )
         result.update(replay)
     result["machine"] = f"{platform.machine()} {platform.python_version()}"
     print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}))

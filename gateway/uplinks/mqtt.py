@@ -111,12 +111,19 @@ class MqttUplink:
                     self.connected.set()
                     delay = self.reconnect_min
                     if lost_since is not None:
-                        log.info("platform broker %s reachable again after %.1fs", self.config.host,
-                                 time.monotonic() - lost_since)
+                        log.info(
+                            "platform broker %s reachable again after %.1fs",
+                            self.config.host,
+                            time.monotonic() - lost_since,
+                        )
                         lost_since = None
                     else:
-                        log.info("connected to platform broker %s:%d as %s", self.config.host,
-                                 self.config.effective_port, self.client_id)
+                        log.info(
+                            "connected to platform broker %s:%d as %s",
+                            self.config.host,
+                            self.config.effective_port,
+                            self.client_id,
+                        )
                     await self._serve(client, closing)
                     if closing.is_set():
                         await self._say_goodbye(client)
@@ -124,8 +131,12 @@ class MqttUplink:
             except* (aiomqtt.MqttError, OSError, ssl.SSLError) as group:
                 if lost_since is None:
                     lost_since = time.monotonic()
-                    log.warning("platform broker %s:%d unavailable: %s; reconnecting with backoff",
-                                self.config.host, self.config.effective_port, group.exceptions[0])
+                    log.warning(
+                        "platform broker %s:%d unavailable: %s; reconnecting with backoff",
+                        self.config.host,
+                        self.config.effective_port,
+                        group.exceptions[0],
+                    )
             finally:
                 self._client = None
                 self.connected.clear()

@@ -318,8 +318,9 @@ class UplinkRunner:
             halves = batch.split()
             if halves is None:
                 self.counters.quarantined += batch.size
-                log.warning("%s: quarantined (the far side refuses it for good): %s: %s", self.name,
-                            batch.describe()[:300], exc)
+                log.warning(
+                    "%s: quarantined (the far side refuses it for good): %s: %s", self.name, batch.describe()[:300], exc
+                )
                 return
             for half in halves:
                 await self._deliver(half)
@@ -462,9 +463,7 @@ def build_uplinks(site: Site, outbox: Outbox, *, commands: CommandHandler) -> li
         from gateway.uplinks.influx import InfluxUplink
 
         influx = InfluxUplink(config.influx, site=site)
-        runners.append(
-            UplinkRunner("uplink[influx]", influx, outbox, config.influx.delivery, cursor_name="influx")
-        )
+        runners.append(UplinkRunner("uplink[influx]", influx, outbox, config.influx.delivery, cursor_name="influx"))
     if config.platform is not None:
         from gateway.commands_platform import PlatformCommands
         from gateway.uplinks.mqtt import MqttUplink
@@ -473,7 +472,5 @@ def build_uplinks(site: Site, outbox: Outbox, *, commands: CommandHandler) -> li
             commands, outbox, max_age=config.platform.command_max_age, gateway_id=site.config.gateway.id
         )
         mqtt = MqttUplink(config.platform, site=site, on_command=platform_commands.handle)
-        runners.append(
-            UplinkRunner("uplink[platform]", mqtt, outbox, config.platform.delivery, cursor_name="platform")
-        )
+        runners.append(UplinkRunner("uplink[platform]", mqtt, outbox, config.platform.delivery, cursor_name="platform"))
     return runners
