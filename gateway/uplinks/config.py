@@ -124,7 +124,9 @@ class PlatformConfig(StrictModel):
     #: unacknowledged QoS 1 messages at once (paho collapses with tens of thousands outstanding)
     max_inflight_messages: Annotated[int, Field(ge=1, le=10_000)] = 1000
     keepalive: PositiveDuration = 30.0
-    delivery: DeliveryConfig = DeliveryConfig(batch_size=2000)
+    #: messages are published in order from one request; 2 requests let live data pass a replay. A shorter
+    #: retry_max than InfluxDB's: the broker is back as soon as it reconnects, and backfill should follow quickly
+    delivery: DeliveryConfig = DeliveryConfig(batch_size=2000, max_inflight=2, retry_max=10.0)
     #: accept write commands on ``cmd/write``; off means the subscription is not even made
     commands: bool = True
     #: a command older than this (by its ``ts``) is refused as stale

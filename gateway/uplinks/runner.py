@@ -152,6 +152,7 @@ class UplinkRunner:
             self._events_acked = await self.outbox.register_cursor(self.cursor_name, "events")
         self._rewind()
         self._last_compact = self.clock.monotonic()
+        self.state = "up"
 
     def _rewind(self) -> None:
         """Forget what was read but not acked; the next reads start again at the cursors."""
