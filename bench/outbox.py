@@ -47,8 +47,8 @@ def poll(ts_ns: int, k: int) -> list[Sample]:
     ]
 
 
-async def bench_append(tmp: Path, total: int) -> dict[str, float]:
-    outbox = Outbox(tmp / "append.db", telemetry_budget=2 * 1024**3)
+async def bench_append(tmp: Path, total: int, durability: str) -> dict[str, float]:
+    outbox = Outbox(tmp / "append.db", telemetry_budget=2 * 1024**3, durability=durability)  # type: ignore[arg-type]
     batches = [poll(1_700_000_000_000_000_000 + k * 1_000_000, k) for k in range(total // BATCH)]
     started = time.perf_counter()
     for batch in batches:
@@ -155,18 +155,30 @@ async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="200k-point backlog: under a minute")
     parser.add_argument("--gzip", action="store_true", help="gzip the writes (off by default: loopback)")
+    parser.add_argument(
+        "--durability", choices=["process", "power"], default="process", help="outbox durability for the append test"
+    )
+    parser.add_argument("--append-only", action="store_true", help="skip the replay (no VictoriaMetrics needed)")
     args = parser.parse_args()
     append_total = 200_000 if args.quick else 1_000_000
     backlog = 200_000 if args.quick else 1_000_000
-    result: dict[str, object] = {"quick": args.quick, "gzip": args.gzip, "backlog_points": backlog}
+    result: dict[str, object] = {
+        "quick": args.quick,
+        "gzip": args.gzip,
+        "durability": args.durability,
+        "backlog_points": backlog,
+    }
     with tempfile.TemporaryDirectory(prefix="bench-outbox-") as name:
         tmp = Path(name)
-        appended = await bench_append(tmp, append_total)
+        appended = await bench_append(tmp, append_total, args.durability)
         print(
             f"append: {appended['append_samples_per_s']:,.0f} samples/s (1 producer, batches of {BATCH}); "
             f"{appended['append_4_producers_samples_per_s']:,.0f} samples/s (4 producers)"
         )
         result.update(appended)
+        if args.append_only:
+            print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}))
+            return
         tsdb = VictoriaMetrics()
         tsdb.start()
         try:
