@@ -1,5 +1,6 @@
 """The whole gateway killed with SIGKILL during a TSDB outage, then restarted: every sample the outbox had
-committed but not delivered arrives; a resend repeats the same timestamp and value."""
+committed but not delivered arrives; a resend repeats the same timestamp and value; the broker announces the
+death with the gateway's Last Will."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import pytest
 
 from gateway.outbox import UplinkCursor
 from tests.integration.uplinks.common import FAST_DELIVERY, write_site
-from tests.services import VictoriaMetrics
+from tests.services import Mosquitto, VictoriaMetrics
 
 pytestmark = pytest.mark.integration
 
@@ -70,10 +71,23 @@ def stored(tsdb: VictoriaMetrics) -> dict[tuple[str, int], list[float]]:
 
 
 @pytest.mark.slow
-def test_sigkill_during_an_outage_loses_nothing_committed(tmp_path: Path, tsdb: VictoriaMetrics) -> None:
+def retained_status(broker: Mosquitto) -> dict[str, object]:
+    out = subprocess.run(
+        ["mosquitto_sub", "-p", str(broker.port), "-t", "kill/tower/gw1/status", "-C", "1", "-W", "5"],
+        capture_output=True,
+        check=True,
+        timeout=10,
+    )
+    return orjson.loads(out.stdout)  # type: ignore[no-any-return]
+
+
+def test_sigkill_during_an_outage_loses_nothing_committed(
+    tmp_path: Path, tsdb: VictoriaMetrics, broker: Mosquitto
+) -> None:
     uplinks = (
         f"  influx: {{url: '{tsdb.url}', org: acme, bucket: kill, extra_tags: {{test: kill}},"
         f" delivery: {FAST_DELIVERY}}}\n"
+        f"  platform: {{host: 127.0.0.1, port: {broker.port}, prefix: kill, delivery: {FAST_DELIVERY}}}\n"
     )
     site = write_site(tmp_path, uplinks, poll="0.05s")
     data = tmp_path / "data"
@@ -81,6 +95,7 @@ def test_sigkill_during_an_outage_loses_nothing_committed(tmp_path: Path, tsdb: 
     gateway = start_gateway(site, data, log)
     try:
         wait_until(lambda: len(stored(tsdb)) > 20, 20, "first live data in the TSDB")
+        assert retained_status(broker)["state"] == "online"
         tsdb.stop()
         time.sleep(1.5)  # the outbox fills while the TSDB is down
         gateway.send_signal(signal.SIGKILL)
@@ -89,6 +104,8 @@ def test_sigkill_during_an_outage_loses_nothing_committed(tmp_path: Path, tsdb: 
         if gateway.poll() is None:
             gateway.kill()
             gateway.wait()
+    will = retained_status(broker)  # the broker published the Last Will: the connection died without a goodbye
+    assert (will["state"], will["reason"]) == ("offline", "lost")
     missing = undelivered(data / "outbox.db")
     assert len(missing) > 100, "the outage should have left committed, undelivered samples"
 
@@ -103,6 +120,7 @@ def test_sigkill_during_an_outage_loses_nothing_committed(tmp_path: Path, tsdb: 
         wait_until(all_arrived, 30, "every committed sample in the TSDB")
         gateway.send_signal(signal.SIGTERM)
         assert gateway.wait(20) == 0, log.read_text()[-3000:]
+        assert retained_status(broker)["reason"] == "stopped"  # a clean stop says goodbye itself
     finally:
         if gateway.poll() is None:
             gateway.kill()

@@ -1,5 +1,6 @@
 """MqttUplink against a real Mosquitto: the topic contract (birth, retained meta, telemetry with seq, events with
-ids, rule publications, death on stop), a broker outage with ordered, flagged backfill, and platform commands."""
+ids, rule publications, death on stop), a broker outage with ordered, flagged backfill, and platform commands.
+The Last Will (death by SIGKILL) is shown in test_gateway_kill.py."""
 
 from __future__ import annotations
 
@@ -117,9 +118,7 @@ async def test_contract_birth_meta_telemetry_events_publications_and_death(tmp_p
     assert seen.on("alerts/zone3/co2") == [{"v": 1, "id": "pub-1", "ts": t0, "payload": {"co2": 1250}}]
 
 
-async def test_broker_outage_backfill_arrives_in_order_flagged_historical_and_the_last_will_fires(
-    tmp_path: Path, broker: Mosquitto
-) -> None:
+async def test_broker_outage_backfill_arrives_in_order_flagged_historical(tmp_path: Path, broker: Mosquitto) -> None:
     site = platform_site(tmp_path, broker, "outage")
     outbox = Outbox(tmp_path / "outbox.db")
     base = "outage/tower/gw1"
