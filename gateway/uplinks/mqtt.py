@@ -73,6 +73,8 @@ class MqttUplink:
         self._client: aiomqtt.Client | None = None
         self._window = asyncio.Semaphore(config.max_inflight_messages)
         self.connected = asyncio.Event()
+        self._lost_since: float | None = None
+        self._reconnect_delay = reconnect_min
         self.published = 0
         self.commands_received = 0
 
@@ -101,36 +103,21 @@ class MqttUplink:
 
     async def maintain(self, closing: asyncio.Event) -> None:
         """Connect, announce (status online, meta), listen for commands; reconnect with backoff until closing."""
-        delay = self.reconnect_min
-        lost_since: float | None = None
+        self._reconnect_delay = self.reconnect_min
         while not closing.is_set():
             try:
-                async with self._make_client() as client:
-                    await self._announce(client)
-                    self._client = client
-                    self.connected.set()
-                    delay = self.reconnect_min
-                    if lost_since is not None:
-                        log.info(
-                            "platform broker %s reachable again after %.1fs",
-                            self.config.host,
-                            time.monotonic() - lost_since,
-                        )
-                        lost_since = None
+                async with asyncio.TaskGroup() as tg:
+                    session = tg.create_task(self._session(closing), name="uplink[platform].session")
+                    # A connect that hangs (a TLS handshake the broker never finishes) must not delay a stop.
+                    watcher = tg.create_task(self._abandon_on_close(closing), name="uplink[platform].stop-watch")
+                    await asyncio.wait({session, watcher}, return_when=asyncio.FIRST_COMPLETED)
+                    if session.done():
+                        watcher.cancel()
                     else:
-                        log.info(
-                            "connected to platform broker %s:%d as %s",
-                            self.config.host,
-                            self.config.effective_port,
-                            self.client_id,
-                        )
-                    await self._serve(client, closing)
-                    if closing.is_set():
-                        await self._say_goodbye(client)
-                        return
+                        session.cancel()
             except* (aiomqtt.MqttError, OSError, ssl.SSLError) as group:
-                if lost_since is None:
-                    lost_since = time.monotonic()
+                if self._lost_since is None:
+                    self._lost_since = time.monotonic()
                     log.warning(
                         "platform broker %s:%d unavailable: %s; reconnecting with backoff",
                         self.config.host,
@@ -143,9 +130,39 @@ class MqttUplink:
             if closing.is_set():
                 return
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
+                async with asyncio.timeout(self._reconnect_delay):
                     await closing.wait()
-            delay = min(self.reconnect_max, delay * 2)
+            self._reconnect_delay = min(self.reconnect_max, self._reconnect_delay * 2)
+
+    async def _abandon_on_close(self, closing: asyncio.Event) -> None:
+        """Return when closing is set before a connection exists; while connected, the session says goodbye."""
+        await closing.wait()
+        if self.connected.is_set():
+            await asyncio.Event().wait()  # connected: the session ends itself, with its goodbye, and cancels this
+
+    async def _session(self, closing: asyncio.Event) -> None:
+        """One connection, from connect to goodbye (closing) or loss (raises)."""
+        async with self._make_client() as client:
+            await self._announce(client)
+            self._client = client
+            self.connected.set()
+            self._reconnect_delay = self.reconnect_min
+            if self._lost_since is not None:
+                log.info(
+                    "platform broker %s reachable again after %.1fs",
+                    self.config.host,
+                    time.monotonic() - self._lost_since,
+                )
+                self._lost_since = None
+            else:
+                log.info(
+                    "connected to platform broker %s:%d as %s",
+                    self.config.host,
+                    self.config.effective_port,
+                    self.client_id,
+                )
+            await self._serve(client, closing)
+            await self._say_goodbye(client)
 
     async def _announce(self, client: aiomqtt.Client) -> None:
         gateway = self.site.config.gateway

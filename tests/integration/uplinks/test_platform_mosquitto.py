@@ -83,6 +83,7 @@ async def test_contract_birth_meta_telemetry_events_publications_and_death(tmp_p
     await outbox.append_events(
         [
             Event("alarm-1", "alarm", "m1.power_kw", t0 * 1_000_000, {"message": "power high", "value": 99.5}),
+            Event("pub-bad", "publish", "status", t0 * 1_000_000, {"spoof": True}),  # must not overwrite status
             Event("pub-1", "publish", "alerts/zone3/co2", t0 * 1_000_000, {"co2": 1250}),
         ]
     )
@@ -116,6 +117,8 @@ async def test_contract_birth_meta_telemetry_events_publications_and_death(tmp_p
         "body": {"message": "power high", "value": 99.5},
     }  # fmt: skip
     assert seen.on("alerts/zone3/co2") == [{"v": 1, "id": "pub-1", "ts": t0, "payload": {"co2": 1250}}]
+    assert runner.status()["quarantined"] == 1  # the publication aimed at the gateway's own status topic
+    assert all("spoof" not in s for s in status)
 
 
 async def test_broker_outage_backfill_arrives_in_order_flagged_historical(tmp_path: Path, broker: Mosquitto) -> None:
