@@ -14,11 +14,13 @@ Delivery model
     non-retryable failure (the far side will never accept this request, e.g. HTTP 400) splits the request in
     halves until the refused record is alone; that record is quarantined (logged, counted) and the rest arrives.
 
-    Live first: when the next record to send is older than ``live_window`` (the link was down), everything stored
-    up to now becomes *backlog* (persisted as a gap in the cursor, see ``gateway.outbox.UplinkCursor``); live data
-    is sent from the head on, and the backlog is replayed oldest first on at most ``replay_share`` of the
-    in-flight slots, flagged ``historical``. Events (alarms, incentives) are sent in order, one request at a time,
-    ahead of telemetry.
+    Live first: when the link works and the next record to send is older than ``live_window`` (the link was down,
+    or the gateway was), everything stored up to now becomes *backlog* (persisted as a gap in the cursor, see
+    ``gateway.outbox.UplinkCursor``); live data is sent from the head on, and the backlog is replayed oldest first
+    on at most ``replay_share`` of the in-flight slots, flagged ``historical``. Until a request has been accepted
+    (at start, after a failure), a single request probes the link, so old data leaves strictly in order and the
+    backlog never opens mid-outage. Events (alarms, incentives) are sent in order, one request at a time, ahead of
+    telemetry.
 
     Shutdown: when ``stopping`` is set, live data and events committed so far get a bounded final flush
     (``final_flush`` seconds); whatever is not acked by then is sent again after the restart.
@@ -116,6 +118,7 @@ class UplinkRunner:
         self._failures = 0
         self._retry_at = 0.0
         self._down_since: float | None = None
+        self._link_up = False
         self._acked_since_compact = False
         self._last_compact = 0.0
         self._stopping_phase = False
@@ -211,7 +214,10 @@ class UplinkRunner:
 
     async def _launch(self) -> int:
         launched = 0
-        while len(self._tasks) < self.delivery.max_inflight and not self._rewind_pending:
+        # Until a request is accepted (at start, after a failure) one request probes the link: a down server is not
+        # hammered, and old data goes out strictly in order until the backlog can be opened.
+        limit = self.delivery.max_inflight if self._link_up else 1
+        while len(self._tasks) < limit and not self._rewind_pending:
             picked = self._next_events() or await self._next_live()
             if picked is None and not self._stopping_phase:
                 picked = await self._next_replay()
@@ -239,7 +245,10 @@ class UplinkRunner:
             return None
         window_ns = int(self.delivery.live_window * 1e9)
         now_ns = self.clock.time_ns()
-        if not self._cursor.has_backlog and not self._live and not self._stopping_phase:
+        # The backlog is opened only once the link is proven (a request accepted since the last failure): while it
+        # is down, or before the first success, old data goes out in order, so a backlog never starts mid-outage
+        # and live data after it is really live.
+        if self._link_up and not self._cursor.has_backlog and not self._live and not self._stopping_phase:
             peek = self.outbox.read_telemetry_upto(self._live_read, upto_seq=None, max_samples=1)
             if peek and peek[0].created_ns < now_ns - window_ns:
                 await self._open_backlog()
@@ -337,6 +346,7 @@ class UplinkRunner:
     def _on_failure(self, message: str) -> None:
         self.counters.requests_failed += 1
         self._failures += 1
+        self._link_up = False
         self._rewind_pending = True
         delay = min(self.delivery.retry_max, self.delivery.retry_min * 2 ** min(self._failures - 1, 30))
         delay = delay / 2 + self._rng.uniform(0, delay / 2)  # equal jitter: spread, but never hammer at once
@@ -357,6 +367,7 @@ class UplinkRunner:
             log.info("%s: delivering again after %.1fs", self.name, self.clock.monotonic() - self._down_since)
             self._down_since = None
         self._failures = 0
+        self._link_up = True
         self.state = "up"
 
     # -- acks ---------------------------------------------------------------------------------------------------

@@ -64,9 +64,11 @@ class RecordingUplink:
         self.kinds = kinds
         self.clock = clock
         self.attempt_times: list[float] = []
-        #: while cleared, historical (backlog) batches wait here: lets a test watch live data overtake a replay
+        #: while cleared, batches ``hold`` selects (historical ones by default) wait here: lets a test watch live
+        #: data overtake a replay
         self.backlog_gate = asyncio.Event()
         self.backlog_gate.set()
+        self.hold: Callable[[UplinkBatch], bool] = lambda batch: batch.historical
         self.accepted: list[UplinkBatch] = []
         self.attempts = 0
         self.fail_with: UplinkError | None = None
@@ -77,7 +79,7 @@ class RecordingUplink:
         self.attempts += 1
         if self.clock is not None:
             self.attempt_times.append(self.clock.monotonic())
-        if batch.historical:
+        if self.hold(batch):
             await self.backlog_gate.wait()
         await asyncio.sleep(0)
         if self.fail_with is not None:

@@ -84,33 +84,55 @@ async def test_old_data_is_replayed_behind_live_data_flagged_historical_and_surv
         await outbox.append(make_samples(i * 100, 100))  # stored during an outage
     clock.advance(60)  # the outage lasted a minute: these records are now older than the live window
     uplink = RecordingUplink(clock=clock)
-    uplink.backlog_gate.clear()  # the replay is slow: it cannot finish before live data arrives
+    uplink.hold = lambda batch: batch.historical and batch.first_seq > 1  # the replay is slow
+    uplink.backlog_gate.clear()
     runner = make_runner(outbox, uplink, clock)
     stopping, task = await start(runner)
+    # The oldest batch goes first, in order, proving the link; then the rest becomes backlog, persisted as a gap
+    # before any live request.
     await until(lambda: outbox.uplink_cursor("test").has_backlog)
-    assert outbox.uplink_cursor("test") == UplinkCursor(0, 3, 3)  # persisted before any live request
+    assert outbox.uplink_cursor("test") == UplinkCursor(1, 3, 3)
+    assert [s.value for s in uplink.samples(historical=True)] == [float(i) for i in range(100)]
 
     await outbox.append(make_samples(1000, 10))  # live data while the backlog waits
     await until(lambda: outbox.uplink_cursor("test").live_to == 4)
-    assert len(uplink.samples(historical=False)) == 10
-    assert uplink.samples(historical=True) == []  # live overtook the backlog
-    assert outbox.uplink_cursor("test") == UplinkCursor(0, 3, 4)
+    assert [s.value for s in uplink.samples(historical=False)] == [float(i) for i in range(1000, 1010)]
+    assert len(uplink.samples(historical=True)) == 100  # live overtook the backlog
     assert runner.status()["replaying"] is True
     stopping.set()  # stop mid-replay: the backlog request in flight is abandoned, not acked
     await task
-    assert outbox.uplink_cursor("test") == UplinkCursor(0, 3, 4)
+    assert outbox.uplink_cursor("test") == UplinkCursor(1, 3, 4)
 
     restarted = RecordingUplink(clock=clock)
     runner2 = make_runner(outbox, restarted, clock)
     stopping2, task2 = await start(runner2)
-    await until(lambda: not outbox.uplink_cursor("test").has_backlog)
+    await until(lambda: outbox.uplink_cursor("test") == UplinkCursor(4, 4, 4))
     stopping2.set()
     await task2
-    assert [s.value for s in restarted.samples()] == [float(i) for i in range(300)]  # the backlog, only
+    assert [s.value for s in restarted.samples()] == [float(i) for i in range(100, 300)]  # the backlog, only
     assert all(b.historical for b in restarted.accepted)
-    assert runner2.status()["replayed_samples"] == 300
-    assert outbox.uplink_cursor("test") == UplinkCursor(4, 4, 4)
-    await outbox.close()
+    assert runner2.status()["replayed_samples"] == 200
+
+
+async def test_no_backlog_is_opened_while_the_link_is_down_so_data_stays_in_order(tmp_path: Path) -> None:
+    clock = FakeClock(auto_advance=True)
+    outbox = open_outbox(tmp_path, clock)
+    uplink = RecordingUplink(clock=clock)
+    runner = make_runner(outbox, uplink, clock, DELIVERY.model_copy(update={"batch_size": 10}))
+    stopping, task = await start(runner)
+    uplink.fail_with = UplinkError("broker down", retryable=True)
+    for i in range(6):
+        await outbox.append(make_samples(i * 10, 10))
+        clock.advance(20)  # each poll is older than the live window by the time the link is back
+    await until(lambda: uplink.attempts >= 4)
+    assert not outbox.uplink_cursor("test").has_backlog
+    uplink.fail_with = None
+    await until(lambda: len(uplink.samples()) >= 60)
+    stopping.set()
+    await task
+    values = [s.value for s in uplink.samples()]
+    assert sorted(set(values)) == [float(i) for i in range(60)]
+    assert values == sorted(values)  # oldest first, whatever became backlog after the link came back
 
 
 async def test_replay_uses_at_most_its_share_of_the_in_flight_requests(tmp_path: Path) -> None:
@@ -120,11 +142,12 @@ async def test_replay_uses_at_most_its_share_of_the_in_flight_requests(tmp_path:
         await outbox.append(make_samples(i * 100, 100))
     clock.advance(60)
     uplink = RecordingUplink(clock=clock)
+    uplink.hold = lambda batch: batch.historical and batch.first_seq > 1  # the first one proves the link
     uplink.backlog_gate.clear()
     delivery = DELIVERY.model_copy(update={"max_inflight": 4, "replay_share": 0.5})
     runner = make_runner(outbox, uplink, clock, delivery)
     stopping, task = await start(runner)
-    await until(lambda: uplink.attempts >= 2)
+    await until(lambda: uplink.attempts >= 3)
     for _ in range(50):
         await asyncio.sleep(0)
     assert runner.status()["in_flight"] == 2  # 2 of 4 slots: the rest stay free for live data
