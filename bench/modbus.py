@@ -166,6 +166,9 @@ def main() -> None:
     print(f"{points} points in {result['wall_s']:.1f}s, gateway CPU {result['cpu_s']:.2f}s "
           f"= {figures['cpu_us_per_point']} us/point, RSS {figures['rss_mib']} MiB")
     print(json.dumps(figures))
+    if figures["good_ratio"] != 1.0:
+        # a failing link makes CPU per point meaningless (BAD samples cost nothing to decode): say so loudly
+        raise SystemExit(f"not every sample was GOOD (good_ratio {figures['good_ratio']}): the figures are void")
 
 
 if __name__ == "__main__":

@@ -14,10 +14,20 @@ Nothing above this module sees a pymodbus type. It does not retry, schedule or l
 
 Register reads (function codes 3 and 4) are answered with the response's bytes as they came off the wire
 (``read_register_bytes``): the poll path unpacks a whole block with one ``struct`` anyway, so this module
-registers, through pymodbus's public ``client.register`` hook, response classes that keep the register bytes
-instead of building a list with one ``struct.unpack`` per register (and a debug string of it that pymodbus
-formats even when debug logging is off). That halves pymodbus's own CPU per 125-register read; framing,
-transaction ids, timeouts and the transports stay pymodbus's.
+registers, through pymodbus's ``register`` hook, response classes that keep the register bytes instead of
+building a list with one ``struct.unpack`` per register (and a debug string of it that pymodbus formats even
+when debug logging is off).
+
+Modbus TCP runs on ``_TcpSession``: pymodbus's request builders (``ModbusClientMixin``, the interface pymodbus
+documents for custom clients), its socket framer (MBAP header, transaction and unit id checks) and its PDU
+decoders, carried by a plain asyncio Protocol with one request in flight and its timeout on ``loop.call_later``.
+It replaces pymodbus's transaction manager and transport for TCP only, which cost about as much CPU per request
+as everything else the gateway does for the 50 points a read carries (measured in ``bench/RESULTS.md``): a
+lock, ``asyncio.wait_for``, retry and reconnect machinery, and frame logging, none of which we use since the
+scheduler owns retries and reconnects. Like pymodbus's client, the session drops the connection after
+``_SILENT_LIMIT`` requests in a row got no answer at all, so a dead TCP path is re-opened rather than waited
+on. Serial (RTU) stays on pymodbus's own client: there the line, not the CPU, is the limit, and its RTU timing
+and echo handling are worth more than the CPU they cost.
 """
 
 from __future__ import annotations
@@ -25,11 +35,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections.abc import Awaitable
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Self, cast
 
-from pymodbus.client import AsyncModbusSerialClient, AsyncModbusTcpClient
-from pymodbus.exceptions import ModbusException, ModbusIOException
+from pymodbus.client import AsyncModbusSerialClient
+from pymodbus.client.mixin import ModbusClientMixin
+from pymodbus.exceptions import ConnectionException, ModbusException, ModbusIOException
+from pymodbus.framer import FramerSocket
+from pymodbus.pdu import DecodePDU, ModbusPDU
 from pymodbus.pdu.register_message import ReadHoldingRegistersResponse, ReadInputRegistersResponse
 
 from drivers.modbus.config import ModbusBusConfig
@@ -85,6 +99,111 @@ class _InputBytesResponse(_RegisterBytesMixin, ReadInputRegistersResponse):
     pass
 
 
+#: requests in a row with no answer after which a TCP connection is dropped and re-opened (pymodbus: retries + 3)
+_SILENT_LIMIT = 4
+#: transaction ids run 1..65000 and wrap, as pymodbus's do
+_MAX_TID = 65000
+
+
+class _TcpSession(asyncio.Protocol, ModbusClientMixin[Awaitable[ModbusPDU]]):
+    """One Modbus TCP connection: pymodbus builds, frames and decodes; this class only moves bytes and times out.
+
+    ``await session.read_holding_registers(...)`` (any ``ModbusClientMixin`` method) sends one request and waits
+    for the frame with its transaction and unit id. Raises ``TimeoutError`` when none comes within ``timeout``,
+    ``ConnectionException`` when the connection is (or gets) closed, ``ModbusIOException`` for an undecodable
+    answer. Requests must not overlap: the bus scheduler keeps one in flight.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        decoder = DecodePDU(False)
+        decoder.register(_HoldingBytesResponse)
+        decoder.register(_InputBytesResponse)
+        self._framer = FramerSocket(decoder)
+        self._timeout = timeout
+        self._transport: asyncio.Transport | None = None
+        self._buffer = b""
+        self._waiter: asyncio.Future[ModbusPDU] | None = None
+        self._expect_unit = 0
+        self._expect_tid = 0
+        self._tid = 0
+        self._silent = 0
+
+    @property
+    def connected(self) -> bool:
+        return self._transport is not None
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # a stream connection's transport (uvloop's is not an asyncio.Transport subclass, hence no isinstance)
+        self._transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._transport = None
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(ConnectionException(f"connection lost: {exc or 'closed by the peer'}"))
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self._waiter
+        if waiter is None or waiter.done():
+            self._buffer = b""  # a late answer to a request that timed out: nobody waits for it
+            return
+        buffer = self._buffer + data if self._buffer else data
+        try:
+            # skips frames of other transaction ids (late answers), keeps a partial frame for the next chunk
+            used, pdu = self._framer.handleFrame(buffer, self._expect_unit, self._expect_tid)
+        except ModbusException as exc:
+            self._buffer = b""
+            waiter.set_exception(exc)
+            return
+        self._buffer = buffer[used:]
+        if pdu is not None:
+            waiter.set_result(pdu)
+
+    # ModbusClientMixin: every read_*/write_* method builds its request PDU and calls this
+
+    def execute(self, no_response_expected: bool, request: ModbusPDU) -> Awaitable[ModbusPDU]:
+        if no_response_expected:
+            raise ValueError("every request of the gateway waits for its answer")
+        return self._exchange(request)
+
+    async def _exchange(self, request: ModbusPDU) -> ModbusPDU:
+        transport = self._transport
+        if transport is None:
+            raise ConnectionException("not connected")
+        self._tid = self._tid + 1 if self._tid < _MAX_TID else 1
+        request.transaction_id = self._expect_tid = self._tid
+        self._expect_unit = request.dev_id
+        self._buffer = b""
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        transport.write(self._framer.buildFrame(request))
+        timer = loop.call_later(self._timeout, _expire, waiter)
+        try:
+            response: ModbusPDU = await waiter
+        except TimeoutError:
+            self._silent += 1
+            if self._silent >= _SILENT_LIMIT:
+                self.close()  # nothing answers on this connection: let the scheduler re-open it
+            raise
+        finally:
+            timer.cancel()
+            self._waiter = None
+        self._silent = 0
+        return response
+
+
+def _expire(waiter: asyncio.Future[ModbusPDU]) -> None:
+    if not waiter.done():
+        waiter.set_exception(TimeoutError("no answer within the timeout"))
+
+
 class ModbusLink:
     """One connection to a bus. ``async with ModbusLink(bus) as link:`` connects; leaving the block closes it.
 
@@ -94,7 +213,7 @@ class ModbusLink:
     def __init__(self, bus: ModbusBusConfig, *, timeout: float | None = None) -> None:
         self._bus = bus
         self._timeout = bus.timeout if timeout is None else timeout
-        self._client: AsyncModbusTcpClient | AsyncModbusSerialClient | None = None
+        self._client: _TcpSession | AsyncModbusSerialClient | None = None
 
     @property
     def name(self) -> str:
@@ -106,23 +225,20 @@ class ModbusLink:
 
     async def __aenter__(self) -> Self:
         bus = self._bus
-        # pymodbus's own reconnect is off (reconnect_delay=0) and retries=0: the scheduler owns both policies.
-        client: AsyncModbusTcpClient | AsyncModbusSerialClient
         if bus.type == "tcp":
-            client = AsyncModbusTcpClient(
-                bus.host or "", port=bus.port, timeout=self._timeout, retries=0, reconnect_delay=0
-            )
-        else:
-            client = AsyncModbusSerialClient(
-                bus.serial or "",
-                baudrate=bus.baudrate,
-                parity=bus.parity,
-                stopbits=bus.stopbits,
-                bytesize=bus.bytesize,
-                timeout=self._timeout,
-                retries=0,
-                reconnect_delay=0,
-            )
+            await self._open_tcp()
+            return self
+        # pymodbus's own reconnect is off (reconnect_delay=0) and retries=0: the scheduler owns both policies.
+        client = AsyncModbusSerialClient(
+            bus.serial or "",
+            baudrate=bus.baudrate,
+            parity=bus.parity,
+            stopbits=bus.stopbits,
+            bytesize=bus.bytesize,
+            timeout=self._timeout,
+            retries=0,
+            reconnect_delay=0,
+        )
         client.register(_HoldingBytesResponse)
         client.register(_InputBytesResponse)
         self._client = client
@@ -138,6 +254,19 @@ class ModbusLink:
             raise DeviceUnavailable(f"cannot connect to {self.name}")
         return self
 
+    async def _open_tcp(self) -> None:
+        bus = self._bus
+        loop = asyncio.get_running_loop()
+        session = _TcpSession(self._timeout)
+        try:
+            await asyncio.wait_for(
+                loop.create_connection(lambda: session, bus.host or "", bus.port), timeout=self._timeout + 1.0
+            )
+        except (OSError, TimeoutError) as exc:
+            session.close()
+            raise DeviceUnavailable(f"cannot connect to {self.name}: {exc}") from exc
+        self._client = session
+
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
@@ -148,7 +277,7 @@ class ModbusLink:
             self._client.close()
             self._client = None
 
-    def _require(self) -> AsyncModbusTcpClient | AsyncModbusSerialClient:
+    def _require(self) -> _TcpSession | AsyncModbusSerialClient:
         if self._client is None or not self._client.connected:
             raise DeviceUnavailable(f"{self.name} is not connected")
         return self._client
@@ -208,10 +337,10 @@ class ModbusLink:
         # what the request was is spelled out only on failure: formatting it for every read costs more than it says
         try:
             response = await call
-        except ModbusException as exc:
+        except (ModbusException, TimeoutError) as exc:
             what = _describe(table, address, count, writing)
             raise DeviceUnavailable(f"unit {unit} did not answer ({what}): {exc}") from exc
-        except (OSError, TimeoutError) as exc:
+        except OSError as exc:
             what = _describe(table, address, count, writing)
             raise DeviceUnavailable(f"unit {unit} unreachable ({what}): {exc}") from exc
         if response.isError():
