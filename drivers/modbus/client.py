@@ -177,6 +177,9 @@ class _TcpSession(asyncio.Protocol, ModbusClientMixin[Awaitable[ModbusPDU]]):
         transport = self._transport
         if transport is None:
             raise ConnectionException("not connected")
+        if self._waiter is not None:
+            # answers are matched to the one pending request: a second one would steal or lose its answer
+            raise RuntimeError("one Modbus request at a time on a connection (the bus scheduler serialises them)")
         self._tid = self._tid + 1 if self._tid < _MAX_TID else 1
         request.transaction_id = self._expect_tid = self._tid
         self._expect_unit = request.dev_id

@@ -161,3 +161,15 @@ async def test_no_listener_is_unavailable() -> None:
         with pytest.raises(DeviceUnavailable, match="cannot connect"):
             async with link_to(port):
                 pass
+
+
+async def test_overlapping_requests_are_a_programming_error_not_a_mixed_up_answer() -> None:
+    async with (
+        scripted_device(lambda tid, unit, pdu: [mbap(tid, unit, registers_pdu(3, [unit]))]) as (port, _received),
+        link_to(port) as link,
+    ):
+        first = asyncio.ensure_future(link.read_register_bytes("holding", 1, 0, 1))
+        await asyncio.sleep(0)  # a yield, not a wait: the first request is now sent and pending
+        with pytest.raises(RuntimeError, match="one Modbus request at a time"):
+            await link.read_register_bytes("holding", 2, 0, 1)
+        assert await first == b"\x00\x01"
