@@ -80,19 +80,36 @@ class LineProtocolEncoder:
         return None
 
     def encode(self, samples: Iterable[Sample]) -> bytes:
+        # The hot path of a replay (millions of samples): floats, the common case, are formatted inline; samples
+        # of one read arrive together, so the previous line is tried before the dict.
         lines: dict[tuple[str, int], list[str]] = {}
+        series = self._series
+        last_key: tuple[str, int] | None = None
+        last_fields: list[str] = []
+        bad = Quality.BAD
         for point, value, ts, quality in samples:
-            if quality is Quality.BAD or value is None:
+            if quality is bad or value is None:
                 self.skipped_bad += 1
                 continue
-            prefix, field_key, kind = self._series_of(point)
-            text = self._format(value, kind)
-            if text is None:
-                continue
-            key = (prefix, ts)
-            fields = lines.get(key)
-            if fields is None:
-                lines[key] = [f"{field_key}={text}"]
+            cached = series.get(point)
+            prefix, field_key, kind = cached if cached is not None else self._series_of(point)
+            if type(value) is float and kind != "int":
+                if value - value != 0.0:  # NaN or ±inf
+                    self.skipped_non_finite += 1
+                    continue
+                text = f"{field_key}={value!r}"
             else:
-                fields.append(f"{field_key}={text}")
-        return "\n".join(f"{prefix} {','.join(fields)} {ts}" for (prefix, ts), fields in lines.items()).encode()
+                formatted = self._format(value, kind)
+                if formatted is None:
+                    continue
+                text = f"{field_key}={formatted}"
+            if last_key is not None and last_key[1] == ts and last_key[0] == prefix:
+                last_fields.append(text)
+                continue
+            last_key = (prefix, ts)
+            fields = lines.get(last_key)
+            if fields is None:
+                fields = lines[last_key] = []
+            fields.append(text)
+            last_fields = fields
+        return "\n".join([f"{prefix} {','.join(fields)} {ts}" for (prefix, ts), fields in lines.items()]).encode()
