@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from gateway.model import Sample
 from gateway.outbox import StoredEvent, TelemetryBatch
@@ -90,6 +90,14 @@ class Uplink(Protocol):
     async def maintain(self, closing: asyncio.Event) -> None: ...
 
     async def close(self) -> None: ...
+
+
+@runtime_checkable
+class ConnectionAware(Protocol):
+    """An uplink with a lasting connection tells the runner when it is back, so a retry waiting out its backoff
+    starts at once instead of up to ``retry_max`` later."""
+
+    on_connected: Callable[[], None] | None
 
 
 class Clock:

@@ -73,6 +73,8 @@ class MqttUplink:
         self._client: aiomqtt.Client | None = None
         self._window = asyncio.Semaphore(config.max_inflight_messages)
         self.connected = asyncio.Event()
+        #: set by the runner: called on every (re)connection
+        self.on_connected: Callable[[], None] | None = None
         self._lost_since: float | None = None
         self._reconnect_delay = reconnect_min
         self.published = 0
@@ -147,6 +149,8 @@ class MqttUplink:
             self._client = client
             self.connected.set()
             self._reconnect_delay = self.reconnect_min
+            if self.on_connected is not None:
+                self.on_connected()
             if self._lost_since is not None:
                 log.info(
                     "platform broker %s reachable again after %.1fs",

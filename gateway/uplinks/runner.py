@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 from gateway.errors import StoreError, UplinkError
 from gateway.model import Command
 from gateway.outbox import Outbox, UplinkCursor
-from gateway.uplinks.base import Clock, Uplink, UplinkBatch
+from gateway.uplinks.base import Clock, ConnectionAware, Uplink, UplinkBatch
 from gateway.uplinks.config import DeliveryConfig
 
 if TYPE_CHECKING:
@@ -124,6 +124,13 @@ class UplinkRunner:
         self._stopping_phase = False
         self._last_depths: tuple[int, int, float] = (0, 0, 0.0)
         outbox.add_append_listener(self._wake.set)
+        if isinstance(uplink, ConnectionAware):
+            uplink.on_connected = self._connection_restored
+
+    def _connection_restored(self) -> None:
+        if self._retry_at > self.clock.monotonic():
+            self._retry_at = 0.0  # the far side is back: retry now, not when the backoff would have ended
+            self._wake.set()
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ quarantine, events, final flush, and positions that survive a restart."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -242,3 +243,29 @@ async def test_a_send_that_never_answers_times_out_and_is_retried(tmp_path: Path
 def test_an_uplink_with_no_stream_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="delivers no stream"):
         UplinkRunner("uplink[x]", RecordingUplink(frozenset()), None, DELIVERY, cursor_name="x")  # type: ignore[arg-type]
+
+
+class ReconnectingUplink(RecordingUplink):
+    """Has a lasting connection, like the MQTT uplink: the runner hands it a callback for reconnections."""
+
+    on_connected: Callable[[], None] | None = None
+
+
+async def test_a_connection_coming_back_cuts_the_backoff_short(tmp_path: Path) -> None:
+    clock = FakeClock()  # time at real speed: a 30 s backoff cannot end during this test
+    outbox = open_outbox(tmp_path, clock)
+    await outbox.append(make_samples(0, 10))
+    uplink = ReconnectingUplink(clock=clock)
+    uplink.fail_with = UplinkError("broker down", retryable=True)
+    runner = make_runner(outbox, uplink, clock, DELIVERY.model_copy(update={"retry_min": 30, "retry_max": 60}))
+    assert uplink.on_connected is not None
+    stopping, task = await start(runner)
+    await until(lambda: runner.status()["state"] == "retrying")
+    assert runner.status()["retry_in_s"] >= 15
+    uplink.fail_with = None
+    uplink.on_connected()
+    await until(lambda: len(uplink.samples()) == 10)
+    stopping.set()
+    await task
+    assert uplink.attempts == 2
+    await outbox.close()
