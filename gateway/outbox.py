@@ -165,7 +165,7 @@ class OutboxStats:
 
 @dataclass(slots=True)
 class _Job:
-    kind: str  # "samples" | "events" | "ack" | "register" | "compact" | "sync"
+    kind: str  # "samples" | "events" | "ack" | "register" | "cursors" | "compact" | "sync"
     payload: Any
     future: asyncio.Future[Any] | None
     loop: asyncio.AbstractEventLoop | None
