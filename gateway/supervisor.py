@@ -25,10 +25,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import orjson
+
 from gateway.bus import Bus, Subscription
 from gateway.config.site import Site
 from gateway.driver_api import DeviceStatus, Source
-from gateway.errors import ConfigError, DeviceError, Diagnostic, GatewayError, WriteRejected
+from gateway.errors import ConfigError, DeviceError, Diagnostic, GatewayError, StoreError, WriteRejected
 from gateway.live import LiveCache
 from gateway.model import Command, Event, Sample
 from gateway.outbox import Outbox
@@ -144,6 +146,8 @@ class Gateway:
         self.started = asyncio.Event()
         self.started_ns = 0
         self.rule_problems: list[str] = []
+        #: records given up because the store kept failing during shutdown (normally 0)
+        self.store_lost = 0
         self._rules_sub: Subscription | None = None
         self._command_queue: asyncio.Queue[Command | None] = asyncio.Queue(maxsize=1000)
         self._reload_requested = asyncio.Event()
@@ -204,7 +208,27 @@ class Gateway:
 
     async def _store_loop(self, sub: Subscription, outbox: Outbox) -> None:
         async for batch in sub:
-            await outbox.append(batch)
+            await self._store(outbox.append, batch)
+
+    async def _store(self, append: Callable[[Any], Coroutine[Any, Any, Any]], items: Sequence[Any]) -> None:
+        """Append to the outbox, retrying while the disk refuses (full, read-only, I/O error).
+
+        While this retries, the bus queue fills and the drivers wait: back-pressure rather than silent loss. The
+        outbox logs each distinct failure once. Only when the gateway is stopping and the disk still refuses is
+        the data given up, and then it is counted and logged.
+        """
+        delay = 0.05
+        while True:
+            try:
+                await append(items)
+                return
+            except StoreError as exc:
+                if self.bus.closed and delay >= 1.0:
+                    self.store_lost += len(items)
+                    log.error("stopping with the store failing: %d records not stored (%s)", len(items), exc)
+                    return
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
 
     async def _emit_derived(self, samples: list[Sample]) -> None:
         if not samples:
@@ -215,17 +239,21 @@ class Gateway:
         # draining after the bus closed: store directly so nothing derived from the last reads is lost
         self.live.update(samples)
         assert self.outbox is not None
-        await self.outbox.append(samples)
+        await self._store(self.outbox.append, samples)
 
     async def _handle_rule_outputs(self, outputs: Any) -> None:
         assert self.outbox is not None
         await self._emit_derived(list(outputs.samples))
         events: list[Event] = list(outputs.events)
         for topic, payload in outputs.publishes:
-            body = payload if isinstance(payload, dict) else {"payload": payload}
-            events.append(Event(f"publish:{topic}:{time.time_ns()}", "publish", topic, time.time_ns(), body))
+            # A rule's publish travels through the outbox like any event (durable, acked, replayed): the MQTT
+            # uplink sends it to {prefix}/{site}/{gateway}/{topic} with this body as the payload.
+            decoded = orjson.loads(payload) if isinstance(payload, bytes | bytearray | str) else payload
+            body = decoded if isinstance(decoded, dict) else {"value": decoded}
+            now = time.time_ns()
+            events.append(Event(f"publish:{topic}:{now}", "publish", topic, now, body))
         if events:
-            await self.outbox.append_events(events)
+            await self._store(self.outbox.append_events, events)
         for command in outputs.commands:
             try:
                 self._command_queue.put_nowait(command)
@@ -262,7 +290,7 @@ class Gateway:
                 log.exception("incentive stage failed on a batch of %d samples", len(batch))
                 continue
             if events:
-                await self.outbox.append_events(events)
+                await self._store(self.outbox.append_events, events)
 
     async def _tick_loop(self, stopping: asyncio.Event) -> None:
         """Time-driven work: rule timers and schedules, incentive intervals closing with no new reading."""
@@ -287,7 +315,7 @@ class Gateway:
             if self.incentives is not None:
                 events = self.incentives.tick(now)
                 if events:
-                    await self.outbox.append_events(events)
+                    await self._store(self.outbox.append_events, events)
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
                 self._reload_rules()

@@ -13,6 +13,7 @@ from gateway.driver_api import BatchSink, DeviceStatus
 from gateway.errors import WriteRejected
 from gateway.model import Command, Quality, Sample
 from gateway.outbox import Outbox
+from gateway.registry import PointInfo
 from gateway.supervisor import Gateway
 
 
@@ -122,3 +123,84 @@ async def test_writes_are_refused_without_an_allowlist(tmp_path: Path) -> None:
         await gateway.execute_command(Command("probe.value", 3, "platform"))
     assert log == []  # never reached the driver
     assert gateway.commands.entries[-1]["result"] == "refused"
+
+
+async def test_rule_outputs_reach_the_outbox_and_the_driver(tmp_path: Path) -> None:
+    """A rule that fires publishes (stored as a durable event) and writes (through the allowlist to the driver)."""
+    rules = tmp_path / "probe-rules.yaml"
+    rules.write_text(
+        "version: 1\n"
+        "allow:\n  modbus:\n    - {point: probe.value, min: 0, max: 10}\n"
+        "rules:\n"
+        "  - id: probe-high\n"
+        "    when: probe.value > 0.5\n"
+        "    then:\n"
+        "      - publish: {topic: alerts/probe, payload: {value: '=probe.value'}}\n"
+        "      - write: {point: probe.value, value: 5}\n"
+    )
+    site_path = tmp_path / "site.yaml"
+    site_path.write_text(
+        "version: 1\ngateway: {id: gw1, site: lab}\nhttp: {enabled: false}\nrules: [probe-rules.yaml]\n"
+    )
+    site = load_site(site_path)
+    site.registry.add(PointInfo("probe.value", writable=True))
+    log: list[str] = []
+    gateway = Gateway(site, data_dir=tmp_path / "data", sources=[ScriptedSource(log)])
+    stop = asyncio.Event()
+    runner = asyncio.ensure_future(gateway.run(stop))
+    await asyncio.wait_for(gateway.started.wait(), 5)
+    for _ in range(200):
+        if "write probe.value" in log:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(runner, 3)
+    assert "write probe.value" in log
+    assert gateway.commands.entries[-1]["result"] == "ok"
+    outbox = Outbox(tmp_path / "data" / "outbox.db")
+    try:
+        published = [s.event for s in outbox.read_events(0) if s.event.type == "publish"]
+    finally:
+        await outbox.close()
+    assert published
+    assert published[0].subject == "alerts/probe"
+    assert published[0].body == {"value": 1.0}
+
+
+class CountingSource(ScriptedSource):
+    """Publishes 1, 2, 3, ... every 5 ms until stopped."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.published: list[float] = []
+
+    async def run(self, publish: BatchSink, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            value = float(len(self.published) + 1)
+            self.published.append(value)
+            await publish([Sample("probe.value", value, time.time_ns())])
+            await asyncio.sleep(0.005)
+
+
+async def test_a_full_disk_holds_data_back_instead_of_losing_it(tmp_path: Path) -> None:
+    source = CountingSource()
+    gateway = Gateway(_probe_site(tmp_path), data_dir=tmp_path / "data", sources=[source])
+    stop = asyncio.Event()
+    runner = asyncio.ensure_future(gateway.run(stop))
+    await asyncio.wait_for(gateway.started.wait(), 5)
+    await asyncio.sleep(0.05)
+    assert gateway.outbox is not None
+    db = gateway.outbox._db  # the real SQLite file refuses to grow: what a full disk looks like to the writer
+    pages = db.execute("PRAGMA page_count").fetchone()[0]
+    db.execute(f"PRAGMA max_page_count = {pages}")
+    await asyncio.sleep(0.5)
+    assert not gateway.outbox.writable()
+    stored_during_outage = gateway.outbox.stats.telemetry_samples
+    db.execute("PRAGMA max_page_count = 1073741823")  # space freed
+    await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.wait_for(runner, 5)
+    values = [s.value for s in await _stored(tmp_path / "data" / "outbox.db")]
+    assert values == source.published  # everything, in order, once
+    assert len(values) > stored_during_outage
+    assert gateway.store_lost == 0
