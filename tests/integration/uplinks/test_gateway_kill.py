@@ -70,7 +70,6 @@ def stored(tsdb: VictoriaMetrics) -> dict[tuple[str, int], list[float]]:
     return values
 
 
-@pytest.mark.slow
 def retained_status(broker: Mosquitto) -> dict[str, object]:
     out = subprocess.run(
         ["mosquitto_sub", "-p", str(broker.port), "-t", "kill/tower/gw1/status", "-C", "1", "-W", "5"],
