@@ -24,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -108,6 +109,13 @@ def bare_ceiling(port: int, count: int) -> float:
     return int(received) / float(seconds)
 
 
+def thread_cpu_s(native_id: int | None) -> float:
+    """CPU time of one thread of this process (on-CPU nanoseconds from /proc schedstat)."""
+    if native_id is None:
+        return 0.0
+    return int(Path(f"/proc/self/task/{native_id}/schedstat").read_text().split()[0]) / 1e9
+
+
 def rss_mib() -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -146,7 +154,9 @@ async def gateway_step(port: int, outbox: Outbox, rate: float, seconds: float) -
     while not source.connected:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.2)
+    loop_tid, writer_tid = threading.get_native_id(), outbox.writer_native_id
     cpu0 = time.process_time()
+    loop_cpu0, writer_cpu0 = thread_cpu_s(loop_tid), thread_cpu_s(writer_tid)
     wall0 = time.perf_counter()
     pacer, pub = start_publisher(port, rate, count)
     expected = count * VALUES_PER_MESSAGE
@@ -155,6 +165,8 @@ async def gateway_step(port: int, outbox: Outbox, rate: float, seconds: float) -
         await asyncio.sleep(0.05)
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0
+    loop_cpu, writer_cpu = thread_cpu_s(loop_tid) - loop_cpu0, thread_cpu_s(writer_tid) - writer_cpu0
+    per_msg = 1e6 / max(source.messages, 1)
     stopping.set()
     await task
     for proc in (pacer, pub):
@@ -168,7 +180,11 @@ async def gateway_step(port: int, outbox: Outbox, rate: float, seconds: float) -
         "lost": expected - stored,
         "wall_s": round(wall, 2),
         "achieved_msgs_per_s": round(source.messages / max(wall, 1e-9)),
-        "cpu_us_per_msg": round(cpu / max(source.messages, 1) * 1e6, 2),
+        "cpu_us_per_msg": round(cpu * per_msg, 2),
+        # the same CPU split by thread: the event loop (paho, decoding, batching, encoding) and the outbox writer
+        "loop_thread_us_per_msg": round(loop_cpu * per_msg, 2),
+        "writer_thread_us_per_msg": round(writer_cpu * per_msg, 2),
+        "loop_thread_cores": round(loop_cpu / max(wall, 1e-9), 2),
         "batches": source.batches_published,
         "paused": source.reads_paused,
     }
@@ -205,7 +221,11 @@ async def main_async(args: argparse.Namespace) -> dict[str, object]:
             "values_per_msg": VALUES_PER_MESSAGE,
             "qos": 0,
             "loop": "uvloop" if args.uvloop else "asyncio",
-            "steps": [{k: s[k] for k in ("rate", "lost", "cpu_us_per_msg", "wall_s")} for s in steps],
+            "loop_thread_us_per_msg": best["loop_thread_us_per_msg"] if best else None,
+            "writer_thread_us_per_msg": best["writer_thread_us_per_msg"] if best else None,
+            "steps": [
+                {k: s[k] for k in ("rate", "lost", "cpu_us_per_msg", "loop_thread_us_per_msg", "wall_s")} for s in steps
+            ],
         }
     finally:
         broker.close()

@@ -593,6 +593,11 @@ class Outbox:
         table = "telemetry" if kind == "telemetry" else "events"
         return int(self._reader.execute(f"SELECT coalesce(max(seq), 0) FROM {table}").fetchone()[0])  # noqa: S608
 
+    @property
+    def writer_native_id(self) -> int | None:
+        """The OS thread id of the writer thread (benchmarks read its CPU time from /proc)."""
+        return self._thread.native_id
+
     def writable(self) -> bool:
         """False when the last write failed (disk full, read-only): /readyz reports it."""
         return self.stats.last_error is None and not self._closed

@@ -139,7 +139,24 @@ class MqttSource:
 
     # --- receiving -------------------------------------------------------------------------------------------------
 
+    def _on_publish(self, topic: bytes, payload: bytes, received_ns: int) -> None:
+        """A QoS 0 message from the connection's fast path (the usual case): no acknowledgement to keep."""
+        self.messages += 1
+        try:
+            text = topic.decode()
+        except UnicodeDecodeError:  # as in _on_message: the broker should have refused it
+            self.ingest.unrouted += 1
+            return
+        pending = self._pending
+        self.ingest.ingest(text, payload, received_ns, pending)
+        if pending:
+            self._has_data.set()
+            if len(pending) >= self._max_pending and self._connection is not None:
+                self._connection.pause_reading()
+                self.reads_paused += 1
+
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        """A message through paho: QoS 1/2 (acknowledged after hand-off) or one split across socket reads."""
         pending = self._pending
         self.messages += 1
         try:
@@ -191,7 +208,9 @@ class MqttSource:
         in_outage = False
         try:
             while not stopping.is_set():
-                connection = MqttConnection(self.config, on_message=self._on_message, loop=loop)
+                connection = MqttConnection(
+                    self.config, on_message=self._on_message, on_publish=self._on_publish, loop=loop
+                )
                 reason: str
                 try:
                     self.session_state = "connecting"
