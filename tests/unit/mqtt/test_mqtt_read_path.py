@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from paho.mqtt import _packet
-from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.enums import MQTTProtocolVersion, _ConnectionState
 
 from drivers.mqtt.client import MqttConnection, parse_qos0_publish
 from drivers.mqtt.config import MqttSourceConfig
@@ -123,7 +123,7 @@ class _Harness:
         self.ours.setblocking(False)
         client = self.connection.client
         client._sock = self.ours
-        client._state = paho._ConnectionState.MQTT_CS_CONNECTED
+        client._state = _ConnectionState.MQTT_CS_CONNECTED
         self.connection._register_socket()
 
     def _fast(self, topic: bytes, payload: bytes, received_ns: int) -> None:
