@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -190,7 +192,133 @@ async def gateway_step(port: int, outbox: Outbox, rate: float, seconds: float) -
     }
 
 
+def _publish_packet(topic: bytes, payload: bytes) -> bytes:
+    body = len(topic).to_bytes(2, "big") + topic + payload
+    return bytes([0x30, len(body)]) + body  # QoS 0; these messages are < 128 bytes
+
+
+async def cost_split(messages: int) -> dict[str, float]:
+    """CPU per message of each stage, measured offline on the benchmark's message (thread CPU time, best of 3):
+    paho's own read path (socket pair -> loop_read -> on_message), the driver's fast path (64 KiB read ->
+    parse_qos0_publish), Ingest (route + JSON decode into Sample tuples), the outbox's ``encode_samples`` per batch,
+    and the outbox writer thread's INSERT + COMMIT per batch."""
+    import socket
+
+    import paho.mqtt.client as paho
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from drivers.mqtt.client import parse_qos0_publish
+    from drivers.mqtt.ingest import Ingest
+    from gateway.outbox import encode_samples
+
+    packet = _publish_packet(TOPIC.encode(), PAYLOAD.encode())
+    stream = packet * messages
+    per_msg: dict[str, float] = {}
+
+    def best_of_3(name: str, run: Callable[[], None]) -> None:
+        times = []
+        for _ in range(3):
+            start = time.thread_time()
+            run()
+            times.append(time.thread_time() - start)
+        per_msg[name] = round(min(times) / messages * 1e6, 2)
+
+    def paho_read() -> None:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        received = 0
+
+        def on_message(client: paho.Client, userdata: object, message: paho.MQTTMessage) -> None:
+            nonlocal received
+            received += len(message.topic) > 0
+
+        client = paho.Client(CallbackAPIVersion.VERSION2)
+        client.on_message = on_message
+        client._sock = ours  # as after CONNACK: paho reads PUBLISH packets from the socket
+        sent = 0
+        while received < messages:
+            with contextlib.suppress(BlockingIOError):
+                sent += theirs.send(stream[sent : sent + 65536])
+            before = -1
+            while before != received:  # one packet per loop_read
+                before = received
+                client.loop_read()
+        ours.close()
+        theirs.close()
+
+    def fast_read() -> None:
+        ours, theirs = socket.socketpair()
+        ours.setblocking(False)
+        theirs.setblocking(False)
+        sent = received = 0
+        rest = b""
+        while received < messages:
+            with contextlib.suppress(BlockingIOError):
+                sent += theirs.send(stream[sent : sent + 65536])
+            try:
+                buffer, pos = rest + ours.recv(65536), 0
+            except BlockingIOError:
+                continue
+            while (parsed := parse_qos0_publish(buffer, pos, False)) is not None:
+                pos, topic, _payload = parsed
+                received += len(topic.decode()) > 0
+            rest = buffer[pos:]
+        ours.close()
+        theirs.close()
+
+    config = MqttSourceConfig.model_validate(
+        {"id": "b", "host": "h", "subscriptions": [{"id": "s", "topic": "bench/+/state", "decoder": {"type": "json"}}]}
+    )
+    device = MqttDeviceConfig.model_validate(
+        {
+            "id": "sensor1",
+            "driver": "mqtt",
+            "source": "b",
+            "points": {"temperature": {}, "humidity": {}, "co2": {"kind": "int"}, "pressure": {}},
+        }
+    )
+    ingest = Ingest(config, [device])
+    payload = PAYLOAD.encode()
+    out: list[Sample] = []
+
+    def decode() -> None:
+        out.clear()
+        now = time.time_ns()
+        for _ in range(messages):
+            ingest.ingest(TOPIC, payload, now, out)
+
+    best_of_3("paho_read_path", paho_read)
+    best_of_3("fast_read_path", fast_read)
+    best_of_3("ingest_decode", decode)
+    batch_messages = 1000  # about one flush's worth at 20k msg/s (batch_linger 5 ms ... pending while committing)
+    batches = [out[i : i + batch_messages * VALUES_PER_MESSAGE] for i in range(0, len(out), batch_messages * 4)]
+
+    def encode() -> None:
+        for batch in batches:
+            encode_samples(batch)
+
+    best_of_3("outbox_encode", encode)
+    workdir = Path(tempfile.mkdtemp(prefix="mqtt-split-"))
+    try:
+        outbox = Outbox(workdir / "outbox.db")
+        writer = outbox.writer_native_id
+        before = thread_cpu_s(writer)
+        for batch in batches:
+            await outbox.append(batch)
+        per_msg["outbox_writer_commit"] = round((thread_cpu_s(writer) - before) / messages * 1e6, 2)
+        await outbox.close()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return per_msg
+
+
 async def main_async(args: argparse.Namespace) -> dict[str, object]:
+    if args.split:
+        split = await cost_split(args.split_messages)
+        for stage, cost in split.items():
+            print(f"{stage:>22}: {cost:6.2f} us/msg", flush=True)
+        return {"cost_split_us_per_msg": split, "messages": args.split_messages}
     broker = Mosquitto()
     broker.start()
     workdir = Path(tempfile.mkdtemp(prefix="mqtt-bench-"))
@@ -239,6 +367,8 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="*", default=[10_000, 20_000, 25_000, 30_000, 35_000, 40_000])
     parser.add_argument("--bare-messages", type=int, default=300_000)
     parser.add_argument("--no-uvloop", dest="uvloop", action="store_false")
+    parser.add_argument("--split", action="store_true", help="only measure the CPU per message of each stage offline")
+    parser.add_argument("--split-messages", type=int, default=100_000)
     args = parser.parse_args()
     if args.quick:
         args.seconds = 4.0

@@ -61,7 +61,7 @@ def parse_qos0_publish(buffer: bytes, pos: int, v5: bool) -> tuple[int, bytes, b
     including the errors). MQTT 5 properties are skipped: no decoder uses them, and the connection asks for no
     topic aliases (an aliased PUBLISH has an empty topic, which is left to paho)."""
     end = len(buffer)
-    if buffer[pos] & _QOS0_PUBLISH_MASK != _QOS0_PUBLISH:
+    if pos >= end or buffer[pos] & _QOS0_PUBLISH_MASK != _QOS0_PUBLISH:
         return None
     i, length, shift = pos + 1, 0, 0
     while True:  # remaining length: 1 to 4 bytes, 7 bits each, least significant first

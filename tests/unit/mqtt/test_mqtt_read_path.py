@@ -80,6 +80,7 @@ def test_fast_path_decodes_a_multi_byte_length() -> None:
     [
         ("QoS 1 (acknowledged by paho)", publish_packet(b"t", b"1", qos=1), False),
         ("QoS 2", publish_packet(b"t", b"1", qos=2), False),
+        ("nothing left", b"", False),
         ("PINGRESP", b"\xd0\x00", False),
         ("CONNACK", b"\x20\x02\x00\x00", False),
         ("SUBACK", b"\x90\x03\x00\x01\x00", False),
