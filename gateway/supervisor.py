@@ -222,6 +222,12 @@ class Gateway:
             try:
                 await append(items)
                 return
+            except (TypeError, ValueError) as exc:
+                # not encodable (e.g. an integer beyond 64 bits computed by a rule): retrying cannot help, and
+                # letting it escape would stop the gateway; drop this batch, counted and logged
+                self.store_lost += len(items)
+                log.error("%d records cannot be stored and were dropped: %s", len(items), exc)
+                return
             except StoreError as exc:
                 if self.bus.closed and delay >= 1.0:
                     self.store_lost += len(items)
@@ -310,10 +316,21 @@ class Gateway:
                 log.info("rule file changed on disk: reloading")
                 self.request_reload()
             now = time.time_ns()
+            # like the process() paths: a failing tick (a full disk under the rule state or the ledger, a bug) is
+            # logged and tried again next second; it never takes the drivers and the store down with it
             if self.rules is not None:
-                await self._handle_rule_outputs(self.rules.tick(now))
+                try:
+                    outputs = self.rules.tick(now)
+                except Exception:
+                    log.exception("rules tick failed")
+                else:
+                    await self._handle_rule_outputs(outputs)
             if self.incentives is not None:
-                events = self.incentives.tick(now)
+                try:
+                    events = self.incentives.tick(now)
+                except Exception:
+                    log.exception("incentive tick failed")
+                    events = []
                 if events:
                     await self._store(self.outbox.append_events, events)
             if self._reload_requested.is_set():
@@ -336,6 +353,12 @@ class Gateway:
         except ConfigError as exc:
             log.error("rule reload refused, the previous rules keep running:\n%s", exc)
             return
+        except Exception:
+            log.exception("rule reload failed, the previous rules keep running")
+            return
+        for info in self.rules.derived_points():
+            if info.id not in self.registry:
+                self.registry.add(info)
         log.info("rules reloaded from %d file(s)", len(self.site.rule_files))
 
     # -- drivers ----------------------------------------------------------------------------------------------

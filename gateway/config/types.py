@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import types
@@ -123,6 +124,8 @@ def parse_duration(value: Any) -> float:
         seconds = float(match.group(1)) * _UNIT_SECONDS[match.group(2) or "s"]
     else:
         raise ValueError("a duration is a number with a unit, like 5s, 500ms, 15min or 1h")
+    if not math.isfinite(seconds):
+        raise ValueError(f"a duration must be finite, got {value!r}")
     if seconds < 0:
         raise ValueError("a duration cannot be negative")
     return seconds

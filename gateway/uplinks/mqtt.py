@@ -231,16 +231,16 @@ class MqttUplink:
             async with asyncio.TaskGroup() as tg:
                 for topic, payload in messages:
                     await self._window.acquire()
-                    tg.create_task(self._publish(client, topic, payload, qos))
+                    task = tg.create_task(self._publish(client, topic, payload, qos))
+                    # released on completion, including a task cancelled before it ever ran (a sibling failed):
+                    # a release in the coroutine's own `finally` would leak the slot then, and the window with it
+                    task.add_done_callback(lambda _t: self._window.release())
         except* aiomqtt.MqttError as group:
             raise UplinkError(f"platform broker: {group.exceptions[0]}", retryable=True) from None
 
     async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int) -> None:
-        try:
-            await client.publish(topic, payload, qos=qos)
-            self.published += 1
-        finally:
-            self._window.release()
+        await client.publish(topic, payload, qos=qos)
+        self.published += 1
 
 
 def _now_ms() -> int:

@@ -117,7 +117,7 @@ def test_durations(text: str | int, seconds: float) -> None:
     assert parse_duration(text) == seconds
 
 
-@pytest.mark.parametrize("bad", ["5 minutes", "fast", "-1s", True, None, [1], "1y"])
+@pytest.mark.parametrize("bad", ["5 minutes", "fast", "-1s", True, None, [1], "1y", float("inf"), float("nan")])
 def test_bad_durations(bad: object) -> None:
     with pytest.raises(ValueError, match="duration"):
         parse_duration(bad)
