@@ -517,6 +517,12 @@ class RuleRuntime:
             return
         if not self._inputs_ready(rule, st, now_ns, out):
             return
+        # `let` names live in the shared values dict: recompute this rule's own before its actions read them, or a
+        # timer firing from tick() would write another rule's value of the same name
+        try:
+            self._run_lets(rule, self._values)
+        except Exception as exc:
+            self._fail(rule, st, exc, now_ns, out)
         if rule.cooldown_ns and st.last_fired_ns is not None and now_ns - st.pending_ns > rule.hold_ns:
             reason = "cooldown over"
         elif rule.hold_ns:
