@@ -124,7 +124,9 @@ def pair_advance(before: Reading, after: Reading, rules: MeterRules) -> tuple[in
     note: str | None = None
     if advance < 0:
         wrap = rules.wrap_micro
-        if wrap is None or advance + wrap >= wrap // 2:
+        # Without a power limit a wrap cannot be told from a reset to a low value: measure nothing rather than
+        # count a reset as up to half the counter's range (that would feed baselines and mint savings later).
+        if wrap is None or rules.max_power_kw is None or advance + wrap >= wrap // 2:
             return 0, "reset"
         advance += wrap
         note = "rollover"
@@ -169,5 +171,11 @@ def meter_interval(
         total += advance
         if note is not None and note not in notes:
             notes.append(note)
-    complete = abs(start.ts_ns - start_ns) <= tolerance_ns and abs(end.ts_ns - end_ns) <= tolerance_ns
+    # one reading cannot be both edges (a meter that died mid-interval would read as 0 kWh and the whole baseline
+    # as a saving)
+    complete = (
+        end.ts_ns > start.ts_ns
+        and abs(start.ts_ns - start_ns) <= tolerance_ns
+        and abs(end.ts_ns - end_ns) <= tolerance_ns
+    )
     return MeterInterval(start, end, total, complete=complete, notes=tuple(notes))

@@ -63,8 +63,17 @@ ROWS = [
         "0.700000",
         True,
         ("rollover",),
+        MeterRules(wrap_micro=WRAP_32, max_power_kw=40),
+    ),
+    Row(
+        "without a power limit a wrap cannot be told from a reset: nothing counted across it",
+        [Reading(0, WRAP_32 - kwh(0.3)), Reading(8 * MIN, kwh(0.1)), Reading(15 * MIN, kwh(0.4))],
+        "0.300000",
+        True,
+        ("reset",),
         MeterRules(wrap_micro=WRAP_32),
     ),
+
     Row(
         "a drop without a configured width is a reset: nothing counted across it",
         [r(0, 500), r(5, 500.2), r(6, 0.0), r(15, 0.3)],
@@ -169,3 +178,12 @@ def test_nearest_reading_prefers_the_earlier_on_a_tie() -> None:
 )
 def test_format_micro(micro: int, text: str) -> None:
     assert format_micro(micro) == text
+
+
+def test_one_reading_is_never_both_edges() -> None:
+    """With a tolerance of half the interval, a lone mid-interval reading is near both edges: still incomplete, or
+    the interval would read 0 kWh and pay the whole baseline as a saving (found in review)."""
+    lone = [Reading(START + 7 * MIN + 30_000_000_000, kwh(100.0))]
+    result = meter_interval(lone, START, END, tolerance_ns=7 * MIN + 30_000_000_000, rules=NO_RULES)
+    assert result.micro_kwh == 0
+    assert not result.complete
