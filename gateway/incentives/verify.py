@@ -149,6 +149,11 @@ def verify_lines(lines: Iterable[bytes | str], public_keys: Iterable[Ed25519Publ
         except orjson.JSONDecodeError:
             report.problems.append(f"line {number}: not valid JSON")
             continue
+        duplicate = _duplicate_key(text)
+        if duplicate is not None:
+            # parsers disagree on which of two equal keys wins: a line that says two things is tampered with
+            report.problems.append(f"line {number}: duplicate JSON key {duplicate!r}")
+            continue
         shape = _shape_problem(record)
         if shape is not None:
             report.problems.append(f"line {number}: {shape}")
@@ -216,3 +221,21 @@ def verify_lines(lines: Iterable[bytes | str], public_keys: Iterable[Ed25519Publ
     if report.records == 0 and not report.problems:
         report.problems.append("no records found")
     return report
+
+
+def _duplicate_key(text: bytes) -> str | None:
+    """The first key that appears twice in one JSON object of ``text``, if any (orjson keeps the last silently)."""
+    import json
+
+    found: list[str] = []
+
+    def check(pairs: list[tuple[str, object]]) -> dict[str, object]:
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen and not found:
+                found.append(key)
+            seen.add(key)
+        return dict(pairs)
+
+    json.loads(text, object_pairs_hook=check)
+    return found[0] if found else None

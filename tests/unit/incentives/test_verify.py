@@ -181,3 +181,39 @@ def test_keys_generate_writes_private_files_and_refuses_to_overwrite(
     capsys.readouterr()
     assert main(["keys", "generate", "--out", str(out)]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+def test_a_duplicate_key_in_front_of_the_signed_members_is_reported() -> None:
+    """orjson keeps the last of two equal keys (the signed one), a first-wins reader the forged one: reject both."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from gateway.incentives.record import GENESIS_HASH, SCHEMA_ID, key_id, sign
+    from gateway.incentives.verify import verify_lines
+
+    private = Ed25519PrivateKey.generate()
+    public = private.public_key()
+    record = {
+        "schema": SCHEMA_ID,
+        "id": "r1",
+        "seq": 1,
+        "prev_hash": GENESIS_HASH,
+        "account": "acc",
+        "interval": {},
+        "complete": True,
+        "status": "no_saving",
+        "meters": [{"kwh": "1.000000"}],
+        "energy_kwh": "1.000000",
+        "saving_kwh": "0.000000",
+        "emission_factor_kg_per_kwh": "0.5",
+        "co2e_kg": "0.500000",
+        "co2e_saved_kg": "0.000000",
+        "key_id": key_id(public),
+        "baseline": None,
+    }
+    record["signature"] = sign(record, private)
+    line = orjson.dumps(record).decode()
+    assert verify_lines([line], [public]).ok
+    forged = '{"saving_kwh":"999.000000","status":"saving",' + line[1:]
+    report = verify_lines([forged], [public])
+    assert not report.ok
+    assert report.problems == ["line 1: duplicate JSON key 'status'"]
