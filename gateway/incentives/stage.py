@@ -239,6 +239,9 @@ class IncentiveStage:
         self._seq: int = head[0] if head else 0
         self._head_hash: str = head[1] if head else GENESIS_HASH
         self._replay: list[Event] = []
+        #: issued (committed to the ledger) but not yet handed to the caller: survives an exception mid-call, so a
+        #: record committed just before a failure is returned by the next call instead of being lost
+        self._pending: list[Event] = []
         if head:
             rows = db.execute(
                 "SELECT body FROM records WHERE issued_ns >= ? ORDER BY seq", (head[2] - REPLAY_WINDOW_NS,)
@@ -271,15 +274,17 @@ class IncentiveStage:
         with self._lock:
             if rows:
                 self._store_readings(rows)
-            events = self._take_replay()
-            events += self._close_due(clock)
-        return events
+            return self._hand_out(clock)
 
     def tick(self, now_ns: int) -> list[Event]:
         """Close intervals on time even when no reading arrives (a dead meter still gets its incomplete record)."""
         with self._lock:
-            events = self._take_replay()
-            events += self._close_due(max(self._clock_ns, now_ns))
+            return self._hand_out(max(self._clock_ns, now_ns))
+
+    def _hand_out(self, now_ns: int) -> list[Event]:
+        self._pending.extend(self._take_replay())
+        self._close_due(now_ns)  # appends each record to _pending as soon as the ledger has committed it
+        events, self._pending = self._pending, []
         return events
 
     def records_of_day(self, day: date | str) -> list[dict[str, Any]]:
@@ -378,7 +383,9 @@ class IncentiveStage:
                 self._found_incomplete[account.pseudonym] = start
                 waiting.add(account.pseudonym)
                 continue
-            events.append(self._issue(account, start, end, meters))
+            event = self._issue(account, start, end, meters)
+            events.append(event)
+            self._pending.append(event)
         return events
 
     def _meter_interval(self, point: str, start_ns: int, end_ns: int) -> MeterInterval:

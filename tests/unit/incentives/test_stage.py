@@ -13,7 +13,7 @@ import jsonschema  # type: ignore[import-untyped]
 import orjson
 import pytest
 
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, StoreError
 from gateway.incentives.config import validate_against
 from gateway.incentives.record import load_public_key, record_hash
 from gateway.incentives.stage import IncentiveStage
@@ -285,3 +285,33 @@ def test_an_account_starts_at_the_first_edge_its_first_reading_can_cover(stage: 
     events = feed_minutes(stage, A1, range(5, 32), 0.02)  # first reading 5 min into an interval
     assert [r["interval"]["start"] for r in records(events)] == ["2026-11-02T00:15:00Z"]
     assert records(events)[0]["complete"] is True
+
+
+def test_a_record_committed_before_a_failure_is_handed_out_by_the_next_call(tmp_path: Path) -> None:
+    """The ledger commits record by record; a failure on the k-th must not lose records 1..k-1 (found in review)."""
+    stage = IncentiveStage.open(make_site(tmp_path), tmp_path / "data")
+    emitted = []
+    try:
+
+        def minute(m: int) -> list[Sample]:
+            return [
+                reading("apt1.energy_kwh", T0 + m * MIN, 100 + m * 0.01),
+                reading("apt2.energy_kwh", T0 + m * MIN, 200 + m * 0.01),
+            ]
+
+        for m in range(17):
+            emitted += stage.process(minute(m))
+        second = stage._accounts[1].pseudonym
+        stage._db.execute(  # the second account's record insert fails like an I/O error would
+            f"CREATE TEMP TRIGGER boom BEFORE INSERT ON records WHEN NEW.account = '{second}' "
+            "BEGIN SELECT RAISE(ABORT, 'disk I/O error'); END"
+        )
+        with pytest.raises(StoreError):
+            stage.process([s for m in range(17, 32) for s in minute(m)])
+        stage._db.execute("DROP TRIGGER boom")
+        for m in range(32, 50):
+            emitted += stage.process(minute(m))
+        ledger = [row[0] for row in stage._db.execute("SELECT seq FROM records ORDER BY seq")]
+    finally:
+        stage.close()
+    assert sorted(e.body["seq"] for e in emitted) == ledger
