@@ -194,7 +194,12 @@ class MqttUplink:
                 continue
             payload = message.payload if isinstance(message.payload, bytes) else str(message.payload).encode()
             self.commands_received += 1
-            await self.on_command(topic[len(prefix) :], payload)
+            try:
+                await self.on_command(topic[len(prefix) :], payload)
+            except Exception:
+                # e.g. the outbox refusing the command's result (full disk): the connection and the delivery of
+                # everything else must go on; the platform sees no result and retries with the same command id
+                log.exception("platform command on %s could not be handled", topic)
 
     async def _say_goodbye(self, client: aiomqtt.Client) -> None:
         offline = contract.status_payload("offline", reason="stopped", ts_ms=_now_ms(), version=__version__)
