@@ -29,6 +29,7 @@ max_delay: 30min
 baseline: {method: fixed, kwh: 0.4}
 emission_factor: {kg_per_kwh: 0.5703}
 counter: {bits: 16, resolution_kwh: 0.01}
+max_power_kw: 100000   # a wrap is only counted when the implied power is plausible (else it is a reset)
 signing_key_file: keys/signing.pem
 pseudonym_key_file: keys/pseudonym.key
 generate_missing_keys: true
