@@ -26,6 +26,8 @@ class PointInfo:
     min: float | None = None
     max: float | None = None
     description: str | None = None
+    #: an energy meter's rating (kW): the most power it can measure; incentives flag readings implying more
+    max_power_kw: float | None = None
     #: InfluxDB measurement; defaults to the device's profile name or driver
     measurement: str = "gateway"
     tags: Mapping[str, str] = field(default_factory=dict)

@@ -290,7 +290,7 @@ class Gateway:
         assert self.outbox is not None
         async for batch in sub:
             try:
-                events = self.incentives.process(batch)
+                events = self.incentives.process(batch, time.time_ns())
             except Exception:
                 # readings stay in the outbox and the stage's own history: the interval is recomputed later
                 log.exception("incentive stage failed on a batch of %d samples", len(batch))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import date, datetime, time, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from zoneinfo import ZoneInfo
 
@@ -17,7 +17,7 @@ from gateway.incentives.energy import MICRO
 
 NS = 1_000_000_000
 
-#: interval starts -> usable micro-kWh of those that have a usable (complete, continuous) interval
+#: interval starts -> micro-kWh of those that have an unflagged interval record on a day that counts
 HistoryLookup = Callable[[Sequence[int]], dict[int, int]]
 
 
@@ -25,8 +25,8 @@ HistoryLookup = Callable[[Sequence[int]], dict[int, int]]
 class BaselineValue:
     method: str
     micro_kwh: int
-    #: like days whose interval went into the mean (None for a fixed baseline)
-    days_used: int | None = None
+    #: (interval start, micro-kWh) of each like day that went into the mean, newest first; empty for ``fixed``
+    days: tuple[tuple[int, int], ...] = ()
 
 
 def local_start(start_ns: int, zone: ZoneInfo) -> datetime:
@@ -63,19 +63,33 @@ def like_day_starts(start_ns: int, interval_ns: int, zone: ZoneInfo, lookback_da
 
 
 def compute_baseline(
-    baseline: Baseline, start_ns: int, interval_ns: int, zone: ZoneInfo, history: HistoryLookup
+    baseline: Baseline,
+    start_ns: int,
+    interval_ns: int,
+    zone: ZoneInfo,
+    history: HistoryLookup,
+    *,
+    skip_day: Callable[[date], bool] = lambda _day: False,
 ) -> BaselineValue | None:
-    """The baseline for the interval starting at ``start_ns``, or None when history is too thin."""
+    """The baseline for the interval starting at ``start_ns``, or None when history is too thin.
+
+    ``skip_day`` names the local days that never count (excluded dates, abnormal days); ``history`` answers which
+    candidate intervals have an unflagged record and their energy.
+    """
     if isinstance(baseline, FixedBaseline):
         micro = int((baseline.kwh * MICRO).to_integral_value(rounding=ROUND_HALF_EVEN))
         return BaselineValue("fixed", micro)
-    candidates = like_day_starts(start_ns, interval_ns, zone, baseline.lookback_days)
+    candidates = [
+        start
+        for start in like_day_starts(start_ns, interval_ns, zone, baseline.lookback_days)
+        if not skip_day(local_start(start, zone).date())
+    ]
     found = history(candidates)
-    used = [found[start] for start in candidates if start in found][: baseline.days]
+    used = [(start, found[start]) for start in candidates if start in found][: baseline.days]
     if len(used) < baseline.min_days:
         return None
-    mean = (Decimal(sum(used)) / len(used)).to_integral_value(rounding=ROUND_HALF_EVEN)
-    return BaselineValue("like_days", int(mean), days_used=len(used))
+    mean = (Decimal(sum(micro for _, micro in used)) / len(used)).to_integral_value(rounding=ROUND_HALF_EVEN)
+    return BaselineValue("like_days", int(mean), days=tuple(used))
 
 
 def clock_time(start_ns: int, zone: ZoneInfo) -> time:

@@ -11,7 +11,7 @@ so ``0.5703`` stays exactly ``0.5703`` and never becomes ``0.57029999...``.
 from __future__ import annotations
 
 import re
-from datetime import datetime, time
+from datetime import date, datetime, time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
@@ -25,8 +25,6 @@ if TYPE_CHECKING:
     from gateway.config.site import Site
 
 DAY_SECONDS = 86_400
-#: every kWh figure in a record is an integer number of micro-kWh (1 mWh resolution, 6 decimal places)
-KWH_DECIMALS = 6
 
 
 def _decimal(value: Any) -> Decimal:
@@ -180,17 +178,33 @@ class AccountConfig(StrictModel):
 
 class IncentivesConfig(StrictModel):
     """``incentives:`` in the site file. Relative key paths are resolved against the gateway's data directory
-    (where its ledger lives), so the demo and a fresh install keep keys beside the state they sign."""
+    (where its ledger lives), so the demo and a fresh install keep keys beside the state they sign.
+
+    Every setting that changes money is part of the programme (``gateway/incentives/programme.py``): the ledger
+    refuses a changed programme until an operator starts a new epoch."""
 
     accounts: Annotated[list[AccountConfig], Field(min_length=1)]
     interval: PositiveDuration = 900.0
-    #: a reading this close to an interval edge counts as a reading at the edge
-    edge_tolerance: PositiveDuration = 60.0
+    #: the longest time between two readings that an interval edge may be interpolated across (else flag ``gap``)
+    max_gap: PositiveDuration = 300.0
+    #: how long after its end a complete interval waits for late readings before it is issued
+    settle: Duration = 60.0
     #: how long an interval waits for late (backfilled) readings before it is closed as incomplete
     max_delay: Duration = 3600.0
+    #: a reading stamped further than this ahead of the gateway's clock is refused (and counted)
+    max_clock_skew: PositiveDuration = 300.0
+    #: ``day``: interval deltas are netted per local day in a settlement record; ``interval``: each pays max(0, delta)
+    netting: Literal["day", "interval"] = "day"
     baseline: Baseline
+    #: local dates never used as like days (public holidays, demand-response event days)
+    exclude_dates: list[date] = Field(default_factory=list)
     emission_factor: EmissionFactor
     counter: CounterConfig | None = None
+    #: the counter step of meters without a ``counter`` block
+    resolution_kwh: NonNegativeDecimal = Decimal("0.001")
+    #: a counter whose step is more than this share of the baseline cannot show a saving (flag ``resolution``)
+    resolution_share: NonNegativeDecimal = Decimal("0.1")
+    #: the supply limit of every account that does not declare its own (kW); a meter's device rating also counts
     max_power_kw: Annotated[float, Field(gt=0)] | None = None
     #: local zone for like days and time-of-day factors; defaults to the gateway's
     timezone: str | None = None
@@ -199,11 +213,29 @@ class IncentivesConfig(StrictModel):
     #: create missing key files on first start (no record issued yet); never used once a ledger exists
     generate_missing_keys: bool = False
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "edge_tolerance" in data:
+            raise ValueError(
+                "edge_tolerance is gone: interval edges are now interpolated between the readings that straddle "
+                "them; use max_gap (longest gap to interpolate across, default 5min) and settle (wait before "
+                "issuing, default 1min)"
+            )
+        return data
+
     @field_validator("interval")
     @classmethod
     def _grid(cls, value: float) -> float:
         if value != int(value) or value < 60 or DAY_SECONDS % int(value):
             raise ValueError("interval must be whole minutes that divide a day (1min, 5min, 15min, 30min, 1h, ...)")
+        return value
+
+    @field_validator("resolution_kwh")
+    @classmethod
+    def _positive_resolution(cls, value: Decimal) -> Decimal:
+        if value <= 0:
+            raise ValueError("resolution_kwh must be > 0")
         return value
 
     @field_validator("timezone")
@@ -221,15 +253,18 @@ class IncentivesConfig(StrictModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> IncentivesConfig:
-        if self.edge_tolerance * 2 > self.interval:
-            raise ValueError("edge_tolerance must be at most half the interval")
-        if self.max_delay < self.edge_tolerance:
-            raise ValueError("max_delay must be at least edge_tolerance")
+        if self.max_delay < self.settle:
+            raise ValueError("max_delay must be at least settle")
+        if self.settle > self.interval:
+            raise ValueError("settle must be at most the interval")
         return self
 
     @property
     def interval_ns(self) -> int:
         return int(self.interval) * 1_000_000_000
+
+    def meter_resolution_kwh(self) -> Decimal:
+        return self.counter.resolution_kwh if self.counter is not None else self.resolution_kwh
 
 
 def validate_against(site: Site) -> list[Diagnostic]:
@@ -261,4 +296,18 @@ def validate_against(site: Site) -> list[Diagnostic]:
             elif info.unit is not None and info.unit.lower() not in ("kwh", "kw·h", "kw.h"):
                 message = f"meter point {meter!r} is in {info.unit}, expected cumulative kWh"
                 problems.append(site.diagnostic(loc, message))
+            elif power_limit_kw(config, account, info.max_power_kw) is None:
+                # without a limit a bad reading cannot be told from consumption (a single 0 paid 680 kWh once)
+                message = (
+                    f"meter {meter!r} has no power limit: give the account's max_power_kw (its declared supply), "
+                    "incentives.max_power_kw, or max_power_kw on the point in its device profile"
+                )
+                problems.append(site.diagnostic(loc, message))
     return problems
+
+
+def power_limit_kw(config: IncentivesConfig, account: AccountConfig, rating_kw: float | None) -> float | None:
+    """The tightest of the limits declared for a meter: the account's supply, the programme's default, the meter's
+    device rating. None when nothing is declared (a config error for a meter in an account)."""
+    declared = [kw for kw in (account.max_power_kw, config.max_power_kw, rating_kw) if kw is not None]
+    return min(declared) if declared else None

@@ -1,38 +1,52 @@
-"""Interval energy from cumulative meter readings: edges, completeness, rollover, resets, replacements.
+"""Interval energy from cumulative meter readings, metering-grade: interpolated edges, validation flags, outliers.
 
-Owns the pure arithmetic of one meter over one interval. No I/O, no clock, no SQLite: the stage feeds it sorted
-readings and stores what it returns, so every rule here is tested as a table.
+Owns the pure arithmetic of one meter over one interval, exactly as ``docs/incentives.md`` specifies it (the
+verifier re-derives every figure from the same rules). No I/O, no clock, no SQLite: the stage feeds it readings and
+stores what it returns, so every rule here is tested as a table and over generated faults.
 
-All energy is integer micro-kWh (1 mWh), so sums are exact and a record's figures add up to the last digit.
+All energy is integer micro-kWh (µkWh), all time integer Unix nanoseconds; every division is a floor on integers,
+so the gateway and a verifier in any language get the same digits.
 
 How an interval's energy is found
-    * The reading used at an edge is the reading nearest to it (the earlier one on a tie). It is a real reading,
-      never an interpolation, so an auditor can compare it with the meter. An edge is *covered* when that reading
-      lies within ``tolerance`` of it; an interval is complete when both its edges are covered.
-    * Once an interval is closed, its end reading is fixed and becomes the next interval's start reading. Consecutive
-      intervals therefore share their edge readings and their energies add up exactly to the counter's advance,
-      whatever readings arrive late.
-    * Between the two edge readings every consecutive pair is inspected: a counter that goes back is a rollover
-      (wrap of a configured register width, when the wrapped advance is less than half the range and plausible) or
-      else a reset / undeclared replacement, which contributes nothing: a discontinuity never creates consumption
-      that is not measured, and an interval holding one is never rewarded.
-    * A declared replacement between two readings counts the old meter up to its final reading and the new one from
-      its initial reading; without both figures the pair contributes nothing.
+    * Each pair of consecutive readings has an *advance* (the rise, a wrap, a declared replacement, or 0 for a
+      reset) and at most one flag. The advance is spread linearly over the pair's time span; the part before an
+      edge ``t`` is ``adv * (t - a.ts) // (b.ts - a.ts)``. So an interval edge is interpolated from the two readings
+      that straddle it, and never snapped to the nearest reading (which biased short intervals by poll jitter).
+    * A closed interval leaves an :class:`Anchor`: the reading the next interval starts from and how much of its
+      pair's advance is already counted. Adjacent intervals therefore add up exactly to the advance of the readings
+      between them, whatever arrives late (late readings before a closed edge are refused by the stage).
+    * A single reading that breaks the trend in both directions (a ``0`` between two sane readings) is an outlier:
+      left out, listed, and the interval flagged ``spike``, so the energy is right and still pays nothing.
 """
 
 from __future__ import annotations
 
-from bisect import bisect_left
+import math
+import struct
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from itertools import pairwise
 
 MICRO = 1_000_000
-NS_PER_HOUR = 3_600_000_000_000
+#: watts x nanoseconds -> micro-kWh: 1 W for one hour (3.6e12 ns) is 1,000 µkWh
+W_NS_PER_MICRO_KWH = 3_600_000_000
+#: a reading above this many kWh is not a meter (1 TWh); it also keeps every figure inside SQLite's 64-bit integers
+MAX_KWH = 10**12
 
-#: notes that keep an interval from being rewarded (a rollover is exact arithmetic, so it does not)
-BLOCKING_NOTES = frozenset({"reset", "replacement", "implausible"})
+#: flags derived from the readings and programme; ``clock`` is added by the stage from what it saw of time
+GAP, SPIKE, RESET, REPLACEMENT, STUCK, RESOLUTION, CLOCK = (
+    "gap",
+    "spike",
+    "reset",
+    "replacement",
+    "stuck",
+    "resolution",
+    "clock",
+)
+ROLLOVER = "rollover"  # a note, not a flag: the wrap is exact arithmetic
+FLAGS = (GAP, SPIKE, RESET, REPLACEMENT, STUCK, RESOLUTION, CLOCK)
+_BREAKS = frozenset({RESET, SPIKE})
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -45,7 +59,7 @@ class Reading:
 
 @dataclass(frozen=True, slots=True)
 class Replacement:
-    """A declared swap at ``at_ns``: readings at or after it come from the new meter."""
+    """A declared swap at ``at_ns``: readings after it come from the new meter."""
 
     at_ns: int
     old_final_micro: int | None = None
@@ -54,31 +68,48 @@ class Replacement:
 
 @dataclass(frozen=True, slots=True)
 class MeterRules:
-    """What is known about one meter beyond its readings."""
+    """What the programme knows about one meter beyond its readings."""
 
+    #: the most power the meter can see (device rating or the account's supply), whole watts
+    limit_w: int
+    #: the counter's step in micro-kWh
+    resolution_micro: int
     #: the counter wraps to 0 at this value (micro-kWh); None for a counter that never wraps
     wrap_micro: int | None = None
-    max_power_kw: float | None = None
     replacements: tuple[Replacement, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
+class Anchor:
+    """Where a meter's next interval starts: ``reading`` (at or before ``edge_ns``) and the micro-kWh of the pair
+    that starts at it that earlier intervals already counted."""
+
+    edge_ns: int
+    reading: Reading
+    allocated: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class MeterInterval:
-    """The energy one meter measured over one interval, with the readings it came from."""
+    """One meter over one interval: the readings used, the energy, its flags, and the anchor for the next one."""
 
-    start: Reading | None
-    end: Reading | None
+    readings: tuple[Reading, ...]
+    outliers: tuple[Reading, ...]
+    allocated: int
     micro_kwh: int
-    complete: bool
-    notes: tuple[str, ...] = field(default=())
-
-    @property
-    def blocked(self) -> bool:
-        return not BLOCKING_NOTES.isdisjoint(self.notes)
+    flags: frozenset[str]
+    notes: frozenset[str]
+    next_anchor: Anchor
+    #: a run of equal readings longer than ``max_gap`` overlaps the interval: a frozen register, unless the household
+    #: really used nothing (the stage flags ``stuck`` when the baseline expects energy)
+    frozen: bool = False
+    #: True when the readings so far cannot decide the interval yet (the last pair may end in an outlier, or a run of
+    #: equal readings that started inside the interval has not yet ended nor outlasted ``max_gap``)
+    needs_more: bool = False
 
 
 def to_micro_kwh(value: object) -> int | None:
-    """A reading as micro-kWh, half-even; None for anything that is not a finite, non-negative number.
+    """A reading as micro-kWh, half-even; None for anything that is not a finite number in ``0 .. MAX_KWH``.
 
     Floats go through their shortest repr (``0.1`` is 100000 micro-kWh, not 100000.0000000000055...).
     """
@@ -88,7 +119,7 @@ def to_micro_kwh(value: object) -> int | None:
         number = Decimal(value) if isinstance(value, int) else Decimal(repr(value))
     except InvalidOperation:
         return None
-    if not number.is_finite() or number < 0:
+    if not number.is_finite() or number < 0 or number > MAX_KWH:
         return None
     return int((number * MICRO).to_integral_value(rounding=ROUND_HALF_EVEN))
 
@@ -100,82 +131,188 @@ def format_micro(micro: int) -> str:
     return f"{sign}{whole}.{frac:06d}"
 
 
-def nearest_reading(readings: Sequence[Reading], edge_ns: int) -> Reading | None:
-    """The reading nearest to ``edge_ns`` (the earlier on a tie); ``readings`` sorted by time."""
-    if not readings:
-        return None
-    index = bisect_left(readings, Reading(edge_ns, -1))
-    candidates = readings[max(index - 1, 0) : index + 1]
-    return min(candidates, key=lambda r: (abs(r.ts_ns - edge_ns), r.ts_ns))
+def limit_micro(before: Reading, after: Reading, rules: MeterRules) -> int:
+    """The most energy the meter can plausibly advance between two readings, plus one counter step."""
+    return rules.limit_w * (after.ts_ns - before.ts_ns) // W_NS_PER_MICRO_KWH + rules.resolution_micro
 
 
 def pair_advance(before: Reading, after: Reading, rules: MeterRules) -> tuple[int, str | None]:
-    """Energy between two consecutive readings and a note when it is not a plain rise."""
+    """The advance between two consecutive readings and its flag or note (``docs/incentives.md``, in that order)."""
     for swap in rules.replacements:
         if before.ts_ns < swap.at_ns <= after.ts_ns:
             if swap.old_final_micro is None or swap.new_initial_micro is None:
-                return 0, "replacement"
+                return 0, REPLACEMENT
             old_part = swap.old_final_micro - before.micro_kwh
             new_part = after.micro_kwh - swap.new_initial_micro
             if old_part < 0 or new_part < 0:
-                return 0, "replacement"  # the declared figures contradict the readings: measure nothing
-            return old_part + new_part, "replacement"
-    advance = after.micro_kwh - before.micro_kwh
-    note: str | None = None
-    if advance < 0:
-        wrap = rules.wrap_micro
-        # Without a power limit a wrap cannot be told from a reset to a low value: measure nothing rather than
-        # count a reset as up to half the counter's range (that would feed baselines and mint savings later).
-        if wrap is None or rules.max_power_kw is None or advance + wrap >= wrap // 2:
-            return 0, "reset"
-        advance += wrap
-        note = "rollover"
-    if rules.max_power_kw is not None:
-        hours_ns = after.ts_ns - before.ts_ns
-        # the limit in micro-kWh, rounded up by one resolution step so a meter at its limit is not flagged
-        limit = int(rules.max_power_kw * MICRO * hours_ns / NS_PER_HOUR) + 1
-        if advance > limit:
-            return (0, "reset") if note == "rollover" else (advance, "implausible")
-    return advance, note
+                return 0, REPLACEMENT  # the declared figures contradict the readings: measure nothing
+            return old_part + new_part, REPLACEMENT
+    rise = after.micro_kwh - before.micro_kwh
+    limit = limit_micro(before, after, rules)
+    if rise < 0:
+        # a wrap only when the wrapped advance is plausible under the power limit; anything else is a reset, which
+        # measures nothing (a reset counted as a wrap would mint up to half the register's range)
+        if rules.wrap_micro is not None and rise + rules.wrap_micro <= limit:
+            return rise + rules.wrap_micro, ROLLOVER
+        return 0, RESET
+    if rise > limit:
+        return rise, SPIKE
+    return rise, None
+
+
+def portion(advance: int, before: Reading, after: Reading, t_ns: int) -> int:
+    """The part of a pair's advance that falls before ``t_ns`` (linear in time, floor)."""
+    if t_ns >= after.ts_ns:
+        return advance
+    if t_ns <= before.ts_ns:
+        return 0
+    return advance * (t_ns - before.ts_ns) // (after.ts_ns - before.ts_ns)
+
+
+def drop_outliers(readings: Sequence[Reading], rules: MeterRules) -> tuple[list[Reading], list[Reading]]:
+    """Readings with single-reading outliers removed, and the outliers.
+
+    One pass, left to right: ``o`` is an outlier when the pairs (last kept, o) and (o, next) are both a break
+    (reset or spike) and (last kept, next) is not. The first reading (the anchor) and the last are never judged.
+    """
+    if len(readings) < 3:
+        return list(readings), []
+    kept = [readings[0]]
+    outliers: list[Reading] = []
+    for index in range(1, len(readings) - 1):
+        current, following = readings[index], readings[index + 1]
+        previous = kept[-1]
+        if (
+            pair_advance(previous, current, rules)[1] in _BREAKS
+            and pair_advance(current, following, rules)[1] in _BREAKS
+            and pair_advance(previous, following, rules)[1] not in _BREAKS
+        ):
+            outliers.append(current)
+            continue
+        kept.append(current)
+    kept.append(readings[-1])
+    return kept, outliers
 
 
 def meter_interval(
-    readings: Sequence[Reading],
+    anchor: Anchor,
+    later: Sequence[Reading],
     start_ns: int,
     end_ns: int,
     *,
-    tolerance_ns: int,
     rules: MeterRules,
-    fixed_start: Reading | None = None,
+    max_gap_ns: int,
+    more_exist: bool = False,
 ) -> MeterInterval:
-    """Energy of one meter over ``[start_ns, end_ns)`` from ``readings`` (sorted, unique timestamps).
+    """One meter over ``[start_ns, end_ns)`` from its anchor and the readings after it (sorted, unique times).
 
-    ``fixed_start`` is the previous interval's end reading; when given, it is the start reading whatever else
-    arrived since, so closed intervals keep adding up.
+    ``later`` should run past the end: up to ``end + max_gap`` and three readings beyond (``complete_later``), so that
+    an outlier at the end and a run of equal readings across it can be judged. ``complete_later`` says that no
+    reading beyond ``later`` exists yet (the verdict may then be "wait": ``needs_more``).
     """
-    start = fixed_start if fixed_start is not None else nearest_reading(readings, start_ns)
-    if start is None:
-        return MeterInterval(None, None, 0, complete=False)
-    # only readings from the start reading on can end the interval (never one before it, even if late)
-    first = bisect_left(readings, Reading(start.ts_ns, -1))
-    later = readings[first:]
-    if not later or later[0].ts_ns != start.ts_ns:
-        later = [start, *later]
-    end = nearest_reading(later, end_ns)
-    assert end is not None
-    chain = [r for r in later if r.ts_ns <= end.ts_ns]
+    sequence = [anchor.reading, *(r for r in later if r.ts_ns > anchor.reading.ts_ns)]
+    kept, outliers = drop_outliers(sequence, rules)
+    chain: list[Reading] = []
+    for reading in kept:
+        chain.append(reading)
+        if reading.ts_ns >= end_ns:
+            break
+    flags: set[str] = set()
+    notes: set[str] = set()
     total = 0
-    notes: list[str] = []
-    for before, after in pairwise(chain):
-        advance, note = pair_advance(before, after, rules)
-        total += advance
-        if note is not None and note not in notes:
-            notes.append(note)
-    # one reading cannot be both edges (a meter that died mid-interval would read as 0 kWh and the whole baseline
-    # as a saving)
-    complete = (
-        end.ts_ns > start.ts_ns
-        and abs(start.ts_ns - start_ns) <= tolerance_ns
-        and abs(end.ts_ns - end_ns) <= tolerance_ns
+    pairs = list(pairwise(chain))
+    for index, (before, after) in enumerate(pairs):
+        advance, mark = pair_advance(before, after, rules)
+        if mark == ROLLOVER:
+            notes.add(mark)
+        elif mark is not None:
+            flags.add(mark)
+        if after.ts_ns - before.ts_ns > max_gap_ns:
+            flags.add(GAP)
+        total += portion(advance, before, after, end_ns) - (anchor.allocated if index == 0 else 0)
+    last = chain[-1]
+    if last.ts_ns < end_ns:
+        flags.add(GAP)  # no reading at or after the end (closed overdue): the rest is counted by the next interval
+    first_pair_at_start = portion(pair_advance(*pairs[0], rules)[0], *pairs[0], start_ns) if pairs else 0
+    if chain[0].ts_ns > start_ns or (pairs and anchor.allocated != first_pair_at_start):
+        flags.add(GAP)  # energy from before the start lands here (the previous interval closed without a reading)
+    if last.ts_ns >= end_ns and len(chain) >= 2:
+        if last.ts_ns == end_ns:
+            next_anchor = Anchor(end_ns, last, 0)
+        else:
+            before = chain[-2]
+            next_anchor = Anchor(end_ns, before, portion(pair_advance(before, last, rules)[0], before, last, end_ns))
+    else:
+        # nothing reached the end: the next interval continues from the last reading with nothing of its pair counted
+        # (it is flagged ``gap`` there, since that pair's energy before its start is counted in it)
+        next_anchor = Anchor(end_ns, last, anchor.allocated if len(chain) == 1 else 0)
+    outliers_used = tuple(o for o in outliers if o.ts_ns < last.ts_ns)
+    if outliers_used:
+        flags.add(SPIKE)
+    # the last pair is a break and nothing after it is known yet: one more reading might show its end to be an
+    # outlier, so it is worth waiting for (until the interval is overdue)
+    needs_more = (
+        not more_exist
+        and last is sequence[-1]
+        and len(chain) >= 2
+        and pair_advance(chain[-2], last, rules)[1] in _BREAKS
     )
-    return MeterInterval(start, end, total, complete=complete, notes=tuple(notes))
+    frozen, open_run = _frozen(kept, start_ns, end_ns, max_gap_ns)
+    needs_more = needs_more or (open_run and not more_exist)
+    return MeterInterval(
+        readings=tuple(chain),
+        outliers=outliers_used,
+        allocated=anchor.allocated,
+        micro_kwh=total,
+        flags=frozenset(flags),
+        notes=frozenset(notes),
+        next_anchor=next_anchor,
+        frozen=frozen,
+        needs_more=needs_more,
+    )
+
+
+def _frozen(readings: Sequence[Reading], start_ns: int, end_ns: int, max_gap_ns: int) -> tuple[bool, bool]:
+    """(a run of equal readings longer than ``max_gap`` overlaps the interval, the last run is still undecided).
+
+    A run is a maximal sequence of consecutive readings with the same value; its length is from its first reading to
+    its last. The last run is undecided when it started before the end, reaches the last known reading and is not
+    yet longer than ``max_gap``: the next reading may continue it (frozen) or rise (a quiet spell).
+    """
+    frozen = False
+    run_start = 0
+    for index in range(1, len(readings) + 1):
+        if index < len(readings) and readings[index].micro_kwh == readings[run_start].micro_kwh:
+            continue
+        first, last = readings[run_start], readings[index - 1]
+        if first.ts_ns < end_ns and last.ts_ns > start_ns and last.ts_ns - first.ts_ns > max_gap_ns:
+            frozen = True
+        run_start = index
+    last = readings[-1]
+    begin = len(readings) - 1
+    while begin > 0 and readings[begin - 1].micro_kwh == last.micro_kwh:
+        begin -= 1
+    first = readings[begin]
+    undecided = first.ts_ns < end_ns and last.ts_ns - first.ts_ns <= max_gap_ns
+    return frozen, undecided
+
+
+def float32_step_micro(micro: int) -> int:
+    """The spacing of IEEE float32 numbers at a reading, in micro-kWh, when the reading is exactly a float32 (a meter
+    that stores its counter as float32 cannot count finer than this); 0 otherwise."""
+    if micro <= 0:
+        return 0
+    value = float(Decimal(micro) / MICRO)
+    try:
+        if struct.unpack("<f", struct.pack("<f", value))[0] != value:
+            return 0
+    except OverflowError:
+        return 0
+    _, exponent = math.frexp(value)
+    step = Decimal(2) ** (exponent - 24) * MICRO
+    return int(step.to_integral_value(rounding="ROUND_CEILING"))
+
+
+def resolution_step(readings: Sequence[Reading], rules: MeterRules) -> int:
+    """The coarsest counter step among the readings: the configured resolution or the float32 spacing."""
+    return max([rules.resolution_micro, *(float32_step_micro(r.micro_kwh) for r in readings)])

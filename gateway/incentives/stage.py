@@ -1,31 +1,30 @@
-"""The incentive ledger: meter readings in, one signed record per account and interval out.
+"""The incentive stage: meter readings in, signed records of schema 2 out (``docs/incentives.md``).
 
-Owns the ledger's SQLite file (``<data_dir>/incentives.db``): readings not yet consumed, the reading fixed at each
-meter's last closed edge, each account's next interval, and every issued record with its sequence number and hash.
-That file is the source of truth for exactly-once issuing: a record, the cursor move, the fixed edges and the chain
-head are written in one transaction, so after ``kill -9`` an interval is either issued (and never again) or not
-(and is issued after restart with the same id, because the id depends only on account and interval).
+Owns the decisions: which readings are refused (invalid, future, late, duplicate) and counted, when an interval
+closes, which flags it gets, its baseline, delta and saving, the daily settlement, the epoch records, and the
+chain-head checkpoint. The arithmetic of one meter lives in ``energy``, baselines in ``baseline``, the programme in
+``programme``, storage in ``ledger``; this module puts them together.
 
-Delivery is separate from issuing: the events returned by ``process``/``tick`` go to the outbox, which ignores ids it
-already holds. A crash between issuing and the outbox commit is covered by re-emitting, on the first call after
-``open``, every record issued in the ``REPLAY_WINDOW_NS`` before the last one (same id, same bytes).
+Time: ``process(batch, now_ns)`` and ``tick(now_ns)`` take the gateway's clock as an argument (a fake one in tests,
+CSV time in ``incentives test``). A reading stamped beyond ``max_clock_skew`` ahead of it is refused, so one bad
+timestamp can no longer close a day of junk intervals. An interval closes ``settle`` after its end when every meter
+has a reading at or after the end, or ``max_delay`` after its end regardless (then flagged ``gap``).
 
-Closing an interval: at ``end + edge_tolerance`` when every meter has readings at both edges; otherwise it waits for
-late (backfilled) readings until ``end + max_delay`` and is then issued as incomplete (never rewarded). Intervals
-of one account close in order; records are chained across all accounts in the order they are issued.
+Delivery is separate from issuing: the events returned go to the outbox, which ignores ids it already holds. A crash
+between issuing and the outbox commit is covered by re-emitting, on the first call after ``open``, every record issued
+in the ``REPLAY_WINDOW_NS`` before the last one (same id, same bytes).
 
-Imports the config, the pure energy/baseline/record modules and SQLite; never a protocol library, the bus or the
+Imports the config, the pure modules, the ledger and the record module; never a protocol library, the bus or the
 outbox (the supervisor connects them).
 """
 
 from __future__ import annotations
 
 import logging
-import sqlite3
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
 from pathlib import Path
 from typing import Any
@@ -35,22 +34,29 @@ import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.config.site import Site
-from gateway.errors import ConfigError, StoreError
+from gateway.errors import ConfigError
 from gateway.incentives.baseline import BaselineValue, clock_time, compute_baseline, local_start
-from gateway.incentives.config import Baseline, IncentivesConfig, validate_against
+from gateway.incentives.config import IncentivesConfig, validate_against
 from gateway.incentives.energy import (
-    MICRO,
+    CLOCK,
+    FLAGS,
+    GAP,
+    RESOLUTION,
+    STUCK,
+    Anchor,
     MeterInterval,
-    MeterRules,
     Reading,
-    Replacement,
     format_micro,
     meter_interval,
+    pair_advance,
+    portion,
+    resolution_step,
     to_micro_kwh,
 )
+from gateway.incentives.ledger import Ledger, StoredRecord
+from gateway.incentives.programme import AccountPlan, Programme, build_programme, describe_change, iso_ns
 from gateway.incentives.record import (
     GENESIS_HASH,
-    SCHEMA_ID,
     KeyFileError,
     Pseudonymizer,
     key_id,
@@ -58,7 +64,6 @@ from gateway.incentives.record import (
     load_pseudonym_key,
     public_key_path_for,
     record_hash,
-    record_id,
     sign,
     write_pseudonym_key,
     write_signing_key,
@@ -68,75 +73,59 @@ from gateway.model import Event, Quality, Sample
 log = logging.getLogger(__name__)
 
 NS = 1_000_000_000
-LEDGER_FILE = "incentives.db"
+SCHEMA_ID = "edge-gateway/incentive-record/2"
+CHECKPOINT_SCHEMA_ID = "edge-gateway/incentive-checkpoint/1"
 #: records issued this long before the newest one are handed out again after a restart (the outbox dedupes by id)
 REPLAY_WINDOW_NS = 10 * 60 * NS
 #: records issued by one call at most: after a long outage the backlog of (incomplete) intervals is issued over the
 #: next calls instead of blocking the event loop for a minute; the order stays the same
 MAX_RECORDS_PER_CALL = 200
+#: the gateway's clock going back by more than this between two calls is a clock step, not jitter
+CLOCK_STEP_NS = 2 * NS
+#: readings fetched beyond an interval's end: the first at or after it, and two to judge whether it is an outlier
+_EXTRA_READINGS = 3
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS readings (
-    point TEXT NOT NULL, ts_ns INTEGER NOT NULL, micro_kwh INTEGER NOT NULL,
-    PRIMARY KEY (point, ts_ns)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS meter_edges (
-    point TEXT PRIMARY KEY, edge_ns INTEGER NOT NULL, ts_ns INTEGER NOT NULL, micro_kwh INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS cursors (account TEXT PRIMARY KEY, next_start_ns INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS records (
-    seq INTEGER PRIMARY KEY,
-    id TEXT NOT NULL UNIQUE,
-    account TEXT NOT NULL,
-    start_ns INTEGER NOT NULL,
-    micro_kwh INTEGER NOT NULL,
-    usable INTEGER NOT NULL,
-    issued_ns INTEGER NOT NULL,
-    hash TEXT NOT NULL,
-    body BLOB NOT NULL,
-    UNIQUE (account, start_ns)
-);
-"""
+#: why readings were refused or ignored, as counted for the status page and /metrics
+COUNTER_NAMES = ("late_dropped", "invalid", "future", "not_good", "duplicates", "clock_steps")
+
+
+class ProgrammeChanged(ConfigError):
+    """The site's money settings differ from the epoch in force: an operator must start a new epoch."""
 
 
 @dataclass(frozen=True, slots=True)
-class _Account:
-    real_id: str
-    pseudonym: str
-    meters: tuple[str, ...]
-    rules: dict[str, MeterRules]
-    baseline: Baseline
+class _Epoch:
+    number: int
+    programme: Programme
 
 
-def _iso(ns: int) -> str:
-    return datetime.fromtimestamp(ns // NS, UTC).strftime("%Y-%m-%dT%H:%M:%SZ") if ns % NS == 0 else _iso_frac(ns)
+def _digest_id(prefix: str, text: str) -> str:
+    import hashlib
+
+    return prefix + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def _iso_frac(ns: int) -> str:
-    seconds, rest = divmod(ns, NS)
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{rest:09d}".rstrip("0") + "Z"
-
-
-def _micro_of(kwh: Decimal) -> int:
-    return int((kwh * MICRO).to_integral_value(rounding=ROUND_HALF_EVEN))
-
-
-def _times_factor(micro: int, factor: Decimal) -> int:
+def _times(micro: int, factor: Decimal) -> int:
     return int((Decimal(micro) * factor).to_integral_value(rounding=ROUND_HALF_EVEN))
 
 
+def _reading(reading: Reading) -> dict[str, str]:
+    return {"ts": iso_ns(reading.ts_ns), "kwh": format_micro(reading.micro_kwh)}
+
+
 class IncentiveStage:
-    """See the module docstring. Not thread-safe by design of the caller; a lock guards the connection anyway."""
+    """See the module docstring. A lock guards the ledger; the caller may use one thread or several."""
 
     def __init__(
         self,
         *,
         config: IncentivesConfig,
+        programme: Programme,
+        epoch: int,
         gateway_id: str,
         site_id: str,
         zone: ZoneInfo,
-        db: sqlite3.Connection,
+        ledger: Ledger,
         signing_key: Ed25519PrivateKey,
         pseudonyms: Pseudonymizer,
     ) -> None:
@@ -144,390 +133,607 @@ class IncentiveStage:
         self.gateway_id = gateway_id
         self.site_id = site_id
         self.zone = zone
-        self._db = db
+        self._ledger = ledger
         self._lock = threading.Lock()
         self._signing_key = signing_key
         self._key_id = key_id(signing_key.public_key())
+        self._epoch = _Epoch(epoch, programme)
         self._interval_ns = config.interval_ns
-        self._tolerance_ns = int(config.edge_tolerance * NS)
+        self._settle_ns = int(config.settle * NS)
         self._max_delay_ns = int(config.max_delay * NS)
-        #: counters for the status page: samples ignored and why
-        self.counters: dict[str, int] = {"late_dropped": 0, "invalid": 0, "not_good": 0, "duplicates": 0}
-        self._accounts = [self._plan_account(a, pseudonyms) for a in config.accounts]
+        self._max_gap_ns = int(config.max_gap * NS)
+        self._skew_ns = int(config.max_clock_skew * NS)
+        self._excluded = {d.isoformat() for d in config.exclude_dates}
+        self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        self._accounts = programme.accounts
         self._account_of = {meter: acc for acc in self._accounts for meter in acc.meters}
         self._meter_ids = {meter: pseudonyms.meter(meter) for acc in self._accounts for meter in acc.meters}
-        self._clock_ns = 0
-        #: account -> start of the interval last found incomplete; recomputed only when new readings arrive
-        self._found_incomplete: dict[str, int] = {}
         self._load_state()
-
-    def _plan_account(self, account: Any, pseudonyms: Pseudonymizer) -> _Account:
-        config = self.config
-        wrap = _micro_of(config.counter.wrap_kwh) if config.counter is not None else None
-        max_kw = account.max_power_kw if account.max_power_kw is not None else config.max_power_kw
-        rules = {}
-        for meter in account.meters:
-            swaps = tuple(
-                Replacement(
-                    r.at_ns,
-                    _micro_of(r.old_final_kwh) if r.old_final_kwh is not None else None,
-                    _micro_of(r.new_initial_kwh) if r.new_initial_kwh is not None else None,
-                )
-                for r in account.replacements
-                if r.point == meter
-            )
-            rules[meter] = MeterRules(wrap_micro=wrap, max_power_kw=max_kw, replacements=swaps)
-        return _Account(
-            real_id=account.id,
-            pseudonym=pseudonyms.account(account.id),
-            meters=tuple(account.meters),
-            rules=rules,
-            baseline=account.baseline if account.baseline is not None else config.baseline,
-        )
 
     # -- opening ----------------------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, site: Site, data_dir: Path) -> IncentiveStage:
-        """Open (or create) the ledger in ``data_dir``; ConfigError for bad config or keys, StoreError for the file."""
+    def open(cls, site: Site, data_dir: Path, *, new_epoch_reason: str | None = None) -> IncentiveStage:
+        """Open (or create) the ledger in ``data_dir``.
+
+        ConfigError for bad config or keys, :class:`ProgrammeChanged` when the money settings differ from the
+        epoch in force (unless ``new_epoch_reason`` starts a new epoch), StoreError for the file.
+        """
         config = site.config.incentives
         if config is None:
             raise ConfigError([site.diagnostic((), "the site file has no incentives: section")])
         problems = validate_against(site)
         if problems:
             raise ConfigError(problems)
-        data_dir = Path(data_dir)
+        ledger = Ledger.open(Path(data_dir), durable=site.config.storage.durability == "power")
         try:
-            data_dir.mkdir(parents=True, exist_ok=True)
-            db = sqlite3.connect(data_dir / LEDGER_FILE, isolation_level=None, check_same_thread=False)
-            db.execute("PRAGMA journal_mode=WAL")
-            sync = "FULL" if site.config.storage.durability == "power" else "NORMAL"
-            db.execute(f"PRAGMA synchronous={sync}")
-            db.executescript(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open the incentive ledger in {data_dir}: {exc}") from exc
-        try:
-            signing_key, pseudonyms = _load_keys(site, config, data_dir, db)
-            _check_pseudonym_key(site, db, pseudonyms)
+            signing_key, pseudonyms = _load_keys(site, config, Path(data_dir), ledger)
+            zone_name = config.timezone or site.config.gateway.timezone
+            programme = build_programme(config, site.registry, pseudonyms, zone_name)
+            epoch = _settle_epoch(site, ledger, programme, new_epoch_reason)
         except ConfigError:
-            db.close()
+            ledger.close()
             raise
-        zone = ZoneInfo(config.timezone or site.config.gateway.timezone)
-        return cls(
+        stage = cls(
             config=config,
+            programme=programme,
+            epoch=epoch,
             gateway_id=site.config.gateway.id,
             site_id=site.config.gateway.site,
-            zone=zone,
-            db=db,
+            zone=ZoneInfo(zone_name),
+            ledger=ledger,
             signing_key=signing_key,
             pseudonyms=pseudonyms,
         )
+        if ledger.latest_epoch() is None:
+            stage._epoch_reason = "genesis"
+        elif new_epoch_reason is not None:
+            stage._epoch_reason = new_epoch_reason
+        return stage
 
     def _load_state(self) -> None:
-        db = self._db
-        self._cursor: dict[str, int | None] = {a.pseudonym: None for a in self._accounts}
-        for account, start in db.execute("SELECT account, next_start_ns FROM cursors"):
-            if account in self._cursor:
-                self._cursor[account] = start
-        self._issued_any = {
-            row[0] for row in db.execute("SELECT DISTINCT account FROM records") if row[0] in self._cursor
+        ledger = self._ledger
+        stored = ledger.cursors()
+        self._cursor: dict[str, int | None] = {a.real_id: stored.get(a.real_id) for a in self._accounts}
+        self._issued_any = ledger.issued_accounts()
+        self._anchors: dict[str, Anchor] = {
+            point: anchor for point, anchor in ledger.anchors().items() if point in self._account_of
         }
-        self._fixed: dict[str, tuple[int, Reading]] = {}
-        for point, edge_ns, ts_ns, micro in db.execute("SELECT point, edge_ns, ts_ns, micro_kwh FROM meter_edges"):
-            self._fixed[point] = (edge_ns, Reading(ts_ns, micro))
-        head = db.execute("SELECT seq, hash, issued_ns FROM records ORDER BY seq DESC LIMIT 1").fetchone()
+        self._latest: dict[str, Reading] = ledger.latest_readings()
+        self._marks: dict[str, list[tuple[int, int]]] = {}
+        for point, low, high in ledger.clock_marks():
+            self._marks.setdefault(point, []).append((low, high))
+        head = ledger.head()
         self._seq: int = head[0] if head else 0
         self._head_hash: str = head[1] if head else GENESIS_HASH
-        self._replay: list[Event] = []
-        #: issued (committed to the ledger) but not yet handed to the caller: survives an exception mid-call, so a
-        #: record committed just before a failure is returned by the next call instead of being lost
+        #: the epoch record still to issue (genesis, or an operator's new epoch), with its reason
+        self._epoch_reason: str | None = None
+        self._last_now = 0
+        #: account -> start of the interval last found not ready; recomputed only when new readings arrive
+        self._not_ready: dict[str, int] = {}
+        #: issued (committed) but not yet handed to the caller: survives an exception mid-call
         self._pending: list[Event] = []
+        self._replay: list[Event] = []
         if head:
-            rows = db.execute(
-                "SELECT body FROM records WHERE issued_ns >= ? ORDER BY seq", (head[2] - REPLAY_WINDOW_NS,)
-            )
-            self._replay = [self._event(orjson.loads(body)) for (body,) in rows]
+            self._replay = [
+                self._event(orjson.loads(body), issued_ns)
+                for body, issued_ns in ledger.bodies_since(head[2] - REPLAY_WINDOW_NS)
+            ]
+            checkpoint = ledger.meta("checkpoint")
+            if checkpoint is not None:
+                self._replay.append(self._checkpoint_event(orjson.loads(checkpoint)))
 
     # -- the stage --------------------------------------------------------------------------------------------
 
-    def process(self, batch: Sequence[Sample]) -> list[Event]:
-        """Store the meter readings in ``batch``; return the records of intervals that closed (by sample time)."""
+    def process(self, batch: Sequence[Sample], now_ns: int) -> list[Event]:
+        """Store the meter readings in ``batch``; return the records of intervals that closed by ``now_ns``.
+
+        A refused reading is counted in :attr:`counters` and never touches any other reading or account.
+        """
         rows: list[tuple[str, int, int]] = []
-        clock = self._clock_ns
         for sample in batch:
-            account = self._account_of.get(sample.point)
-            if account is None:
+            if sample.point not in self._account_of:
                 continue
             if sample.quality != Quality.GOOD:
                 self.counters["not_good"] += 1
                 continue
             micro = to_micro_kwh(sample.value)
             if micro is None:
-                self.counters["invalid"] += 1
+                self.counters["invalid"] += 1  # NaN, infinite, negative, > 1 TWh or not a number
                 continue
-            fixed = self._fixed.get(sample.point)
-            if fixed is not None and sample.ts <= fixed[1].ts_ns:
-                self.counters["late_dropped"] += 1  # older than a closed edge: its interval is already issued
+            if sample.ts > now_ns + self._skew_ns:
+                self.counters["future"] += 1
                 continue
             rows.append((sample.point, sample.ts, micro))
-            clock = max(clock, sample.ts)
         with self._lock:
+            self._watch_clock(now_ns)
             if rows:
                 self._store_readings(rows)
-            return self._hand_out(clock)
+            return self._hand_out(now_ns)
 
     def tick(self, now_ns: int) -> list[Event]:
-        """Close intervals on time even when no reading arrives (a dead meter still gets its incomplete record)."""
+        """Close intervals on time even when no reading arrives (a dead meter still gets its record)."""
         with self._lock:
-            return self._hand_out(max(self._clock_ns, now_ns))
-
-    def _hand_out(self, now_ns: int) -> list[Event]:
-        self._pending.extend(self._take_replay())
-        self._close_due(now_ns)  # appends each record to _pending as soon as the ledger has committed it
-        events, self._pending = self._pending, []
-        return events
+            self._watch_clock(now_ns)
+            return self._hand_out(now_ns)
 
     def records_of_day(self, day: date | str) -> list[dict[str, Any]]:
-        """Records whose interval starts on ``day`` (local to the incentives zone), in issue order."""
+        """Records whose interval (or settled day) starts on ``day`` (local to the incentives zone), in issue order."""
         if isinstance(day, str):
             day = date.fromisoformat(day)
-        first = int(datetime.combine(day, datetime.min.time(), tzinfo=self.zone).timestamp()) * NS
-        after = int(datetime.combine(day + timedelta(days=1), datetime.min.time(), tzinfo=self.zone).timestamp()) * NS
+        first = int(datetime.combine(day, time(), tzinfo=self.zone).timestamp()) * NS
+        after = int(datetime.combine(day + timedelta(days=1), time(), tzinfo=self.zone).timestamp()) * NS
         with self._lock:
-            rows = self._db.execute(
-                "SELECT body FROM records WHERE start_ns >= ? AND start_ns < ? ORDER BY seq", (first, after)
-            ).fetchall()
-        return [orjson.loads(body) for (body,) in rows]
+            return [orjson.loads(body) for body in self._ledger.bodies_between(first, after)]
+
+    def start_epoch(self, now_ns: int) -> list[Event]:
+        """Issue the pending epoch record (``open(..., new_epoch_reason=...)``) without closing any interval."""
+        with self._lock:
+            self._watch_clock(now_ns)
+            if self._epoch_reason is not None:
+                self._issue_epoch(self._epoch_reason, now_ns)
+                self._pending.append(self._checkpoint_event(self._make_checkpoint(now_ns)))
+            events, self._pending = self._pending, []
+            return events
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._ledger.close()
 
-    # -- readings ---------------------------------------------------------------------------------------------
+    @property
+    def epoch(self) -> int:
+        return self._epoch.number
+
+    # -- time and readings ------------------------------------------------------------------------------------
+
+    def _watch_clock(self, now_ns: int) -> None:
+        """The gateway's clock stepping back: every interval it touches is flagged ``clock``."""
+        last = self._last_now
+        if last and now_ns < last - CLOCK_STEP_NS:
+            self.counters["clock_steps"] += 1
+            log.warning(
+                "the gateway clock stepped back by %.0f s: incentive intervals around it are flagged",
+                (last - now_ns) / NS,
+            )
+            span = (now_ns, last + (last - now_ns))
+            marks = [(point, *span) for point in self._account_of]
+            self._ledger.store_readings([], {}, marks)
+            for point in self._account_of:
+                self._marks.setdefault(point, []).append(span)
+        self._last_now = max(last, now_ns)
 
     def _store_readings(self, rows: list[tuple[str, int, int]]) -> None:
         grid = self._interval_ns
         moved: dict[str, int] = {}
-        for point, ts_ns, _ in rows:
+        marks: list[tuple[str, int, int]] = []
+        kept: list[tuple[str, int, int]] = []
+        for point, ts_ns, micro in rows:
             account = self._account_of[point]
-            self._found_incomplete.pop(account.pseudonym, None)
-            floor = ts_ns - ts_ns % grid
-            if ts_ns - floor > self._tolerance_ns:
-                floor += grid  # an account's first interval starts at an edge this reading can cover
-            current = moved.get(account.pseudonym, self._cursor[account.pseudonym])
+            latest = self._latest.get(point)
+            rules = account.rules[point]
+            if latest is not None and ts_ns < latest.ts_ns and micro > latest.micro_kwh + rules.resolution_micro:
+                # stamped earlier than a reading already stored, yet counted further: the clock that stamped one of
+                # them was wrong; everything from here until the step is caught up cannot be trusted
+                span = (ts_ns, latest.ts_ns + (latest.ts_ns - ts_ns))
+                marks.append((point, *span))
+                self._marks.setdefault(point, []).append(span)
+            anchor = self._anchors.get(point)
+            if anchor is not None and ts_ns <= anchor.edge_ns:
+                self.counters["late_dropped"] += 1  # before a closed edge: its interval is already issued
+                continue
+            kept.append((point, ts_ns, micro))
+            if latest is None or ts_ns > latest.ts_ns:
+                self._latest[point] = Reading(ts_ns, micro)
+            self._not_ready.pop(account.real_id, None)
+            first_edge = -(-ts_ns // grid) * grid  # the first edge at or after the reading: it can interpolate it
+            current = moved.get(account.real_id, self._cursor[account.real_id])
             # before the first record an earlier (backfilled) reading may still move the start back
-            if current is None or (floor < current and account.pseudonym not in self._issued_any):
-                moved[account.pseudonym] = floor
-        try:
-            with self._db:
-                self._db.execute("BEGIN")
-                before = self._db.total_changes
-                self._db.executemany("INSERT OR IGNORE INTO readings (point, ts_ns, micro_kwh) VALUES (?, ?, ?)", rows)
-                self.counters["duplicates"] += len(rows) - (self._db.total_changes - before)
-                self._db.executemany(
-                    "INSERT INTO cursors (account, next_start_ns) VALUES (?, ?) "
-                    "ON CONFLICT (account) DO UPDATE SET next_start_ns = excluded.next_start_ns",
-                    list(moved.items()),
-                )
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot store meter readings in the incentive ledger: {exc}") from exc
+            if current is None or (first_edge < current and account.real_id not in self._issued_any):
+                moved[account.real_id] = first_edge
+        if not kept and not marks:
+            return
+        stored = self._ledger.store_readings(kept, moved, marks)
+        self.counters["duplicates"] += len(kept) - stored
         self._cursor.update(moved)
-
-    def _readings(self, point: str, start_ns: int, end_ns: int, fixed: Reading | None) -> list[Reading]:
-        """The readings that can matter for ``[start, end)``: from the start candidate to the first after the end."""
-        db = self._db
-        if fixed is not None:
-            low = fixed.ts_ns
-        else:
-            before = db.execute(
-                "SELECT MAX(ts_ns) FROM readings WHERE point = ? AND ts_ns <= ?", (point, start_ns)
-            ).fetchone()[0]
-            low = before if before is not None else start_ns
-        high = max(end_ns, low)
-        rows = db.execute(
-            "SELECT ts_ns, micro_kwh FROM readings WHERE point = ? AND ts_ns >= ? AND ts_ns <= ? ORDER BY ts_ns",
-            (point, low, high),
-        ).fetchall()
-        after = db.execute(
-            "SELECT ts_ns, micro_kwh FROM readings WHERE point = ? AND ts_ns > ? ORDER BY ts_ns LIMIT 1", (point, high)
-        ).fetchone()
-        if after is not None:
-            rows.append(after)
-        return [Reading(ts, micro) for ts, micro in rows]
 
     # -- closing intervals ------------------------------------------------------------------------------------
 
-    def _close_due(self, now_ns: int) -> list[Event]:
-        self._clock_ns = now_ns
-        events: list[Event] = []
-        interval, tolerance = self._interval_ns, self._tolerance_ns
+    def _hand_out(self, now_ns: int) -> list[Event]:
+        self._pending.extend(self._take_replay())
+        issued_before = self._seq
+        if self._epoch_reason is not None:
+            self._issue_epoch(self._epoch_reason, now_ns)
+        self._close_due(now_ns)  # appends each record to _pending as soon as the ledger has committed it
+        if self._seq != issued_before:
+            self._pending.append(self._checkpoint_event(self._make_checkpoint(now_ns)))
+        events, self._pending = self._pending, []
+        return events
+
+    def _close_due(self, now_ns: int) -> None:
+        interval = self._interval_ns
+        issued = 0
         waiting: set[str] = set()
-        while len(events) < MAX_RECORDS_PER_CALL:
+        while issued < MAX_RECORDS_PER_CALL:
             due = [
                 (start, index, account)
                 for index, account in enumerate(self._accounts)
-                if (start := self._cursor[account.pseudonym]) is not None
-                and now_ns >= start + interval + tolerance
-                and account.pseudonym not in waiting
+                if (start := self._cursor[account.real_id]) is not None
+                and now_ns >= start + interval + self._settle_ns
+                and account.real_id not in waiting
             ]
             if not due:
-                break
+                return
             start, _, account = min(due, key=lambda item: (item[0], item[1]))
             end = start + interval
             overdue = now_ns >= end + self._max_delay_ns
-            if not overdue and self._found_incomplete.get(account.pseudonym) == start:
-                waiting.add(account.pseudonym)  # nothing new since it was last found incomplete
+            if not overdue and self._not_ready.get(account.real_id) == start:
+                waiting.add(account.real_id)  # nothing new since it was last found not ready
                 continue
-            meters = {point: self._meter_interval(point, start, end) for point in account.meters}
-            if not overdue and not all(m.complete for m in meters.values()):
-                self._found_incomplete[account.pseudonym] = start
-                waiting.add(account.pseudonym)
+            meters = {point: self._meter_interval(account, point, start, end) for point in account.meters}
+            ready = all(m is not None and m.readings[-1].ts_ns >= end and not m.needs_more for m in meters.values())
+            if not ready and not overdue:
+                self._not_ready[account.real_id] = start
+                waiting.add(account.real_id)
                 continue
-            event = self._issue(account, start, end, meters)
-            events.append(event)
-            self._pending.append(event)
-        return events
+            issued += self._issue(account, start, end, meters, now_ns)
 
-    def _meter_interval(self, point: str, start_ns: int, end_ns: int) -> MeterInterval:
-        fixed_entry = self._fixed.get(point)
-        fixed = fixed_entry[1] if fixed_entry is not None and fixed_entry[0] == start_ns else None
-        readings = self._readings(point, start_ns, end_ns, fixed)
-        account = self._account_of[point]
-        return meter_interval(
-            readings, start_ns, end_ns, tolerance_ns=self._tolerance_ns, rules=account.rules[point], fixed_start=fixed
-        )
-
-    def _history(self, account: str) -> Any:
-        def lookup(starts: Sequence[int]) -> dict[int, int]:
-            if not starts:
-                return {}
-            marks = ",".join("?" * len(starts))
-            rows = self._db.execute(
-                f"SELECT start_ns, micro_kwh FROM records WHERE account = ? AND usable = 1 AND start_ns IN ({marks})",  # noqa: S608 - placeholders only
-                (account, *starts),
+    def _meter_interval(self, account: AccountPlan, point: str, start: int, end: int) -> MeterInterval | None:
+        rules = account.rules[point]
+        anchor = self._anchors.get(point)
+        if anchor is None:
+            first = self._ledger.last_reading_at_or_before(point, start) or self._ledger.first_reading_after(
+                point, start - 1
             )
-            return dict(rows.fetchall())
-
-        return lookup
-
-    def _issue(self, account: _Account, start: int, end: int, meters: dict[str, MeterInterval]) -> Event:
-        energy = sum(m.micro_kwh for m in meters.values())
-        complete = all(m.complete for m in meters.values())
-        blocked = any(m.blocked for m in meters.values())
-        notes = sorted({note for m in meters.values() for note in m.notes})
-        usable = complete and not blocked
-        baseline: BaselineValue | None = compute_baseline(
-            account.baseline, start, self._interval_ns, self.zone, self._history(account.pseudonym)
+            if first is None:
+                return None  # the meter has never sent a reading
+            following = self._ledger.first_reading_after(point, first.ts_ns)
+            allocated = 0
+            if following is not None and first.ts_ns < start:
+                allocated = portion(pair_advance(first, following, rules)[0], first, following, start)
+            anchor = Anchor(start, first, allocated)
+        # through end + max_gap and three more: enough to judge an outlier at the end and a run of equal readings
+        # across it; ``more_exist`` says whether the meter has sent anything beyond what was fetched
+        horizon = end + self._max_gap_ns
+        later = self._ledger.readings_after(point, anchor.reading.ts_ns, horizon, _EXTRA_READINGS + 1)
+        more_exist = sum(r.ts_ns >= horizon for r in later) > _EXTRA_READINGS
+        if more_exist:
+            later.pop()  # fetched only to learn that the meter has sent more than is needed
+        return meter_interval(
+            anchor, later, start, end, rules=rules, max_gap_ns=self._max_gap_ns, more_exist=more_exist
         )
-        saving = 0
-        if not complete:
+
+    def _clock_flagged(self, point: str, start: int, end: int) -> bool:
+        return any(low < end and high > start for low, high in self._marks.get(point, ()))
+
+    def _issue(
+        self, account: AccountPlan, start: int, end: int, meters: dict[str, MeterInterval | None], now_ns: int
+    ) -> int:
+        """Issue the interval record (and the day's settlement when this interval ends the day); records issued."""
+        local_day = local_start(start, self.zone).date()
+        baseline = compute_baseline(
+            account.baseline,
+            start,
+            self._interval_ns,
+            self.zone,
+            lambda starts: self._ledger.history(account.real_id, int(self.config.interval), starts),
+            skip_day=self._day_skipper(account.real_id),
+        )
+        entries: list[dict[str, Any]] = []
+        record_flags: set[str] = set()
+        notes: set[str] = set()
+        energy = 0
+        anchors: dict[str, Anchor] = {}
+        for point, measured in meters.items():
+            entry, flags, micro = self._meter_entry(
+                account=account, point=point, start=start, end=end, measured=measured, baseline=baseline
+            )
+            entries.append(entry)
+            record_flags |= flags
+            energy += micro
+            if measured is not None:
+                notes |= measured.notes
+                anchors[point] = measured.next_anchor
+        if GAP in record_flags:
             status = "incomplete"
-        elif blocked:
-            status = "discontinuity"
+        elif record_flags:
+            status = "flagged"
         elif baseline is None:
             status = "no_baseline"
         else:
-            saving = max(0, baseline.micro_kwh - energy)
-            status = "saving" if saving > 0 else "no_saving"
+            status = "measured"
+        delta = baseline.micro_kwh - energy if status == "measured" and baseline is not None else 0
+        saving = max(0, delta) if self.config.netting == "interval" else 0
         factor = self.config.emission_factor.at(clock_time(start, self.zone))
-        record: dict[str, Any] = {
-            "schema": SCHEMA_ID,
-            "id": record_id(self.gateway_id, account.pseudonym, start),
-            "seq": self._seq + 1,
-            "prev_hash": self._head_hash,
-            "gateway": self.gateway_id,
-            "site": self.site_id,
+        body: dict[str, Any] = {
+            **self._common("interval", _digest_id("inc_", f"{self.gateway_id}/{account.pseudonym}/{start}")),
             "account": account.pseudonym,
             "interval": {
-                "start": _iso(start),
-                "end": _iso(end),
+                "start": iso_ns(start),
+                "end": iso_ns(end),
                 "local_start": local_start(start, self.zone).isoformat(),
             },
-            "complete": complete,
             "status": status,
-            "notes": notes,
-            "meters": [self._meter_entry(point, m) for point, m in meters.items()],
+            "flags": sorted(record_flags, key=FLAGS.index),
+            "notes": sorted(notes),
+            "meters": entries,
             "energy_kwh": format_micro(energy),
-            "baseline": None
-            if baseline is None
-            else {"method": baseline.method, "kwh": format_micro(baseline.micro_kwh), "days_used": baseline.days_used},
+            "baseline": _baseline_body(baseline),
+            "delta_kwh": format_micro(delta),
             "saving_kwh": format_micro(saving),
             "emission_factor_kg_per_kwh": str(factor),
-            "co2e_kg": format_micro(_times_factor(energy, factor)),
-            "co2e_saved_kg": format_micro(_times_factor(saving, factor)),
+            "co2e_kg": format_micro(_times(energy, factor)),
+            "co2e_delta_kg": format_micro(_times(delta, factor)),
+            "co2e_saved_kg": format_micro(_times(saving, factor)),
+        }
+        records = [
+            self._seal(
+                body,
+                account=account,
+                start_ns=start,
+                local_day=local_day.isoformat(),
+                flagged=bool(record_flags),
+                micro_kwh=energy,
+                delta_micro=delta,
+            )
+        ]
+        next_day = local_start(end, self.zone).date()
+        if self.config.netting == "day" and next_day != local_day:
+            records.append(self._settlement(account, local_day, records[0]))
+        self._commit(records, now_ns, cursor=(account.real_id, end), anchors=anchors)
+        self._cursor[account.real_id] = end
+        self._issued_any.add(account.real_id)
+        self._anchors.update(anchors)
+        self._not_ready.pop(account.real_id, None)
+        return len(records)
+
+    def _meter_entry(
+        self,
+        *,
+        account: AccountPlan,
+        point: str,
+        start: int,
+        end: int,
+        measured: MeterInterval | None,
+        baseline: BaselineValue | None,
+    ) -> tuple[dict[str, Any], set[str], int]:
+        if measured is None:
+            entry: dict[str, Any] = {
+                "meter": self._meter_ids[point],
+                "readings": [],
+                "allocated_kwh": format_micro(0),
+                "outliers": [],
+                "kwh": format_micro(0),
+                "flags": [GAP],
+                "notes": [],
+            }
+            return entry, {GAP}, 0
+        flags = set(measured.flags)
+        if self._clock_flagged(point, start, end):
+            flags.add(CLOCK)
+        expected = baseline.micro_kwh if baseline is not None else 0
+        if expected > 0 and GAP not in flags and (measured.micro_kwh == 0 or measured.frozen):
+            flags.add(STUCK)  # a meter that did not move while the baseline expects energy: frozen, never a saving
+        if baseline is not None:
+            step = resolution_step(measured.readings, account.rules[point])
+            if Decimal(step) > Decimal(expected) * self.config.resolution_share:
+                flags.add(RESOLUTION)
+        entry = {
+            "meter": self._meter_ids[point],
+            "readings": [_reading(r) for r in measured.readings],
+            "allocated_kwh": format_micro(measured.allocated),
+            "outliers": [_reading(r) for r in measured.outliers],
+            "kwh": format_micro(measured.micro_kwh),
+            "flags": sorted(flags, key=FLAGS.index),
+            "notes": sorted(measured.notes),
+        }
+        return entry, flags, measured.micro_kwh
+
+    def _day_skipper(self, account: str) -> Any:
+        abnormal = self._ledger.abnormal_days(account) | self._excluded
+
+        def skip(day: date) -> bool:
+            return day.isoformat() in abnormal
+
+        return skip
+
+    def _settlement(self, account: AccountPlan, day: date, closing: StoredRecord) -> StoredRecord:
+        rows = [
+            (rid, seq, orjson.loads(body))
+            for rid, seq, body in self._ledger.day_intervals(account.real_id, account.pseudonym, day.isoformat())
+        ]
+        rows.append((closing.id, closing.seq, orjson.loads(closing.body)))
+        listed = [
+            {"id": rid, "seq": seq, "delta_kwh": body["delta_kwh"], "co2e_delta_kg": body["co2e_delta_kg"]}
+            for rid, seq, body in rows
+        ]
+        net = sum(_micro_text(item["delta_kwh"]) for item in listed)
+        co2e_net = sum(_micro_text(item["co2e_delta_kg"]) for item in listed)
+        saving = max(0, net)
+        midnight = int(datetime.combine(day, time(), tzinfo=self.zone).timestamp()) * NS
+        body: dict[str, Any] = {
+            **self._common(
+                "settlement",
+                _digest_id("set_", f"{self.gateway_id}/{account.pseudonym}/day/{day}"),
+                seq=closing.seq + 1,
+                prev_hash=closing.hash,
+            ),
+            "account": account.pseudonym,
+            "day": day.isoformat(),
+            "intervals": listed,
+            "net_kwh": format_micro(net),
+            "saving_kwh": format_micro(saving),
+            "co2e_saved_kg": format_micro(max(0, co2e_net) if saving > 0 else 0),
+        }
+        return self._seal(
+            body,
+            account=account,
+            start_ns=midnight,
+            local_day=day.isoformat(),
+            flagged=False,
+            micro_kwh=0,
+            delta_micro=net,
+        )
+
+    # -- records, epochs, checkpoints -------------------------------------------------------------------------
+
+    def _common(self, kind: str, rid: str, *, seq: int | None = None, prev_hash: str | None = None) -> dict[str, Any]:
+        return {
+            "schema": SCHEMA_ID,
+            "kind": kind,
+            "id": rid,
+            "seq": self._seq + 1 if seq is None else seq,
+            "prev_hash": self._head_hash if prev_hash is None else prev_hash,
+            "gateway": self.gateway_id,
+            "site": self.site_id,
+            "epoch": self._epoch.number,
+            "programme": self._epoch.programme.hash,
             "key_id": self._key_id,
         }
-        record["signature"] = sign(record, self._signing_key)
-        digest = record_hash(record)
-        body = orjson.dumps(record, option=orjson.OPT_SORT_KEYS)
-        try:
-            with self._db:
-                self._db.execute("BEGIN")
-                self._db.execute(
-                    "INSERT INTO records (seq, id, account, start_ns, micro_kwh, usable, issued_ns, hash, body) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        record["seq"],
-                        record["id"],
-                        account.pseudonym,
-                        start,
-                        energy,
-                        int(usable),
-                        self._clock_ns,
-                        digest,
-                        body,
-                    ),
-                )
-                self._db.execute(
-                    "INSERT INTO cursors (account, next_start_ns) VALUES (?, ?) "
-                    "ON CONFLICT (account) DO UPDATE SET next_start_ns = excluded.next_start_ns",
-                    (account.pseudonym, end),
-                )
-                for point, m in meters.items():
-                    if m.end is None:
-                        continue
-                    self._db.execute(
-                        "INSERT INTO meter_edges (point, edge_ns, ts_ns, micro_kwh) VALUES (?, ?, ?, ?) "
-                        "ON CONFLICT (point) DO UPDATE SET edge_ns = excluded.edge_ns, ts_ns = excluded.ts_ns, "
-                        "micro_kwh = excluded.micro_kwh",
-                        (point, end, m.end.ts_ns, m.end.micro_kwh),
-                    )
-                    # readings before the fixed edge can never be used again
-                    self._db.execute("DELETE FROM readings WHERE point = ? AND ts_ns < ?", (point, m.end.ts_ns))
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot write an incentive record to the ledger: {exc}") from exc
-        self._seq, self._head_hash = record["seq"], digest
-        self._cursor[account.pseudonym] = end
-        self._issued_any.add(account.pseudonym)
-        for point, m in meters.items():
-            if m.end is not None:
-                self._fixed[point] = (end, m.end)
-        return self._event(orjson.loads(body))
 
-    def _meter_entry(self, point: str, interval: MeterInterval) -> dict[str, Any]:
-        def reading(r: Reading | None) -> dict[str, str] | None:
-            return None if r is None else {"ts": _iso(r.ts_ns), "kwh": format_micro(r.micro_kwh)}
-
-        return {
-            "meter": self._meter_ids[point],
-            "start": reading(interval.start),
-            "end": reading(interval.end),
-            "kwh": format_micro(interval.micro_kwh),
-            "complete": interval.complete,
-            "notes": list(interval.notes),
-        }
-
-    def _event(self, record: dict[str, Any]) -> Event:
-        end = datetime.strptime(record["interval"]["end"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
-        return Event(
-            id=record["id"], type="incentive", subject=record["account"], ts=int(end.timestamp()) * NS, body=record
+    def _seal(
+        self,
+        body: dict[str, Any],
+        *,
+        account: AccountPlan | None,
+        start_ns: int,
+        local_day: str,
+        flagged: bool,
+        micro_kwh: int,
+        delta_micro: int,
+    ) -> StoredRecord:
+        body["signature"] = sign(body, self._signing_key)
+        return StoredRecord(
+            seq=body["seq"],
+            id=body["id"],
+            kind=body["kind"],
+            account=account.real_id if account is not None else "",
+            pseudonym=account.pseudonym if account is not None else "",
+            start_ns=start_ns,
+            local_day=local_day,
+            interval_s=int(self.config.interval),
+            epoch=self._epoch.number,
+            flagged=flagged,
+            micro_kwh=micro_kwh,
+            delta_micro=delta_micro,
+            hash=record_hash(body),
+            body=orjson.dumps(body, option=orjson.OPT_SORT_KEYS),
         )
+
+    def _commit(self, records: list[StoredRecord], now_ns: int, **state: Any) -> None:
+        self._ledger.commit_issue(records, issued_ns=now_ns, **state)
+        self._seq, self._head_hash = records[-1].seq, records[-1].hash
+        self._pending.extend(self._event(orjson.loads(r.body), now_ns) for r in records)
+
+    def _issue_epoch(self, reason: str, now_ns: int) -> None:
+        """The genesis record (epoch 1) or a new epoch's record; moves every cursor onto the programme's grid."""
+        number = self._epoch.number
+        programme = self._epoch.programme
+        previous = self._ledger.latest_epoch()
+        body: dict[str, Any] = {
+            **self._common("epoch", _digest_id("epo_", f"{self.gateway_id}/epoch/{number}")),
+            "programme_body": programme.body,
+            "previous_programme": previous[1] if previous is not None else None,
+            "reason": reason,
+        }
+        grid = self._interval_ns
+        realigned = {account: -(-start // grid) * grid for account, start in self._cursor.items() if start is not None}
+        record = self._seal(
+            body, account=None, start_ns=number, local_day="", flagged=False, micro_kwh=0, delta_micro=0
+        )
+        self._commit(
+            [record],
+            now_ns,
+            cursors=realigned,
+            epoch=(number, programme.hash, orjson.dumps(programme.body, option=orjson.OPT_SORT_KEYS)),
+        )
+        self._cursor.update(realigned)
+        self._epoch_reason = None
+        log.info("incentive epoch %d started (%s), programme %s", number, reason, programme.hash[:12])
+
+    def _make_checkpoint(self, now_ns: int) -> dict[str, Any]:
+        checkpoint: dict[str, Any] = {
+            "schema": CHECKPOINT_SCHEMA_ID,
+            "gateway": self.gateway_id,
+            "site": self.site_id,
+            "epoch": self._epoch.number,
+            "seq": self._seq,
+            "hash": self._head_hash,
+            "ts": iso_ns(now_ns - now_ns % NS),
+            "key_id": self._key_id,
+        }
+        checkpoint["signature"] = sign(checkpoint, self._signing_key)
+        self._ledger.set_meta("checkpoint", orjson.dumps(checkpoint, option=orjson.OPT_SORT_KEYS).decode())
+        return checkpoint
+
+    def _checkpoint_event(self, checkpoint: dict[str, Any]) -> Event:
+        seconds = datetime.strptime(checkpoint["ts"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC).timestamp()
+        return Event(
+            id=f"chk_{self.gateway_id}_{checkpoint['seq']}",
+            type="incentive_checkpoint",
+            subject="checkpoint",
+            ts=int(seconds) * NS,
+            body=checkpoint,
+        )
+
+    def _event(self, record: dict[str, Any], issued_ns: int) -> Event:
+        """A record as an outbox event, stamped with the end of its interval (or when it was issued)."""
+        ts = issued_ns - issued_ns % NS
+        if record["kind"] == "interval":
+            end = datetime.strptime(record["interval"]["end"][:19], "%Y-%m-%dT%H:%M:%S").replace(tzinfo=UTC)
+            ts = int(end.timestamp()) * NS
+        return Event(id=record["id"], type="incentive", subject=record.get("account", "epoch"), ts=ts, body=record)
 
     def _take_replay(self) -> list[Event]:
         replay, self._replay = self._replay, []
         if replay:
             log.info("re-emitting %d incentive record(s) issued just before the last stop", len(replay))
         return replay
+
+
+def _micro_text(text: str) -> int:
+    sign = -1 if text.startswith("-") else 1
+    whole, _, frac = text.lstrip("-").partition(".")
+    return sign * (int(whole) * 1_000_000 + int(frac.ljust(6, "0")))
+
+
+def _baseline_body(baseline: BaselineValue | None) -> dict[str, Any] | None:
+    if baseline is None:
+        return None
+    body: dict[str, Any] = {"method": baseline.method, "kwh": format_micro(baseline.micro_kwh)}
+    if baseline.method == "like_days":
+        body["days"] = [{"start": iso_ns(start), "kwh": format_micro(micro)} for start, micro in baseline.days]
+    return body
+
+
+# -- epochs -----------------------------------------------------------------------------------------------------------
+
+
+def _settle_epoch(site: Site, ledger: Ledger, programme: Programme, new_epoch_reason: str | None) -> int:
+    """The epoch this stage issues under: 1 for a new ledger, the stored one when the programme is unchanged, the
+    next one when an operator asked for it; else :class:`ProgrammeChanged`."""
+    latest = ledger.latest_epoch()
+    if latest is None:
+        return 1
+    number, stored_hash, stored_body = latest
+    if stored_hash == programme.hash:
+        if new_epoch_reason is not None:
+            raise ProgrammeChanged(
+                [site.diagnostic(("incentives",), f"the programme is unchanged since epoch {number}: no new epoch")]
+            )
+        return number
+    if new_epoch_reason is not None:
+        return number + 1
+    changed = describe_change(orjson.loads(stored_body), programme.body)
+    raise ProgrammeChanged(
+        [
+            site.diagnostic(
+                ("incentives",),
+                f"the incentive programme differs from epoch {number} in the ledger ({changed}); records already "
+                "issued were computed under the old one. Start a new epoch on purpose with: edge-gateway incentives "
+                "new-epoch SITE.yaml --data-dir DIR --reason TEXT (or restore the old settings)",
+            )
+        ]
+    )
 
 
 # -- keys -------------------------------------------------------------------------------------------------------------
@@ -538,13 +744,13 @@ def _resolve(data_dir: Path, path: Path) -> Path:
 
 
 def _load_keys(
-    site: Site, config: IncentivesConfig, data_dir: Path, db: sqlite3.Connection
+    site: Site, config: IncentivesConfig, data_dir: Path, ledger: Ledger
 ) -> tuple[Ed25519PrivateKey, Pseudonymizer]:
     signing_path = _resolve(data_dir, config.signing_key_file)
     pseudonym_path = _resolve(data_dir, config.pseudonym_key_file)
     missing = [p for p in (signing_path, pseudonym_path) if not p.exists()]
     if missing and config.generate_missing_keys:
-        if db.execute("SELECT 1 FROM records LIMIT 1").fetchone() is not None:
+        if ledger.has_records():
             names = ", ".join(str(p) for p in missing)
             raise ConfigError(
                 [
@@ -570,21 +776,3 @@ def _load_keys(
     except KeyFileError as exc:
         raise ConfigError([site.diagnostic(("incentives", "pseudonym_key_file"), str(exc))]) from None
     return signing_key, pseudonyms
-
-
-def _check_pseudonym_key(site: Site, db: sqlite3.Connection, pseudonyms: Pseudonymizer) -> None:
-    row = db.execute("SELECT value FROM meta WHERE key = 'pseudonym_key'").fetchone()
-    if row is None:
-        with db:
-            db.execute("INSERT INTO meta (key, value) VALUES ('pseudonym_key', ?)", (pseudonyms.fingerprint,))
-        return
-    if row[0] != pseudonyms.fingerprint:
-        raise ConfigError(
-            [
-                site.diagnostic(
-                    ("incentives", "pseudonym_key_file"),
-                    "this pseudonym key is not the one the ledger was started with: accounts would get new "
-                    "pseudonyms and lose their baselines (restore the original key)",
-                )
-            ]
-        )
