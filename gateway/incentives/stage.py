@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time as time_module
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
@@ -186,7 +187,9 @@ class IncentiveStage:
             pseudonyms=pseudonyms,
         )
         if ledger.latest_epoch() is None:
-            stage._epoch_reason = "genesis"
+            # the programme is bound to the ledger from its first open; the record reaches the caller on the first
+            # call (or, after a crash before that, with the replay)
+            stage._issue_epoch("genesis", time_module.time_ns())
         elif new_epoch_reason is not None:
             stage._epoch_reason = new_epoch_reason
         return stage
@@ -300,6 +303,8 @@ class IncentiveStage:
             self._ledger.store_readings([], {}, marks)
             for point in self._account_of:
                 self._marks.setdefault(point, []).append(span)
+            self._last_now = now_ns  # one step, counted once: from here on this is the clock
+            return
         self._last_now = max(last, now_ns)
 
     def _store_readings(self, rows: list[tuple[str, int, int]]) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
+from typing import Any
 
 from gateway.config.site import Site, load_site
-from gateway.model import Quality, Sample
+from gateway.model import Event, Quality, Sample
 
 NS = 1_000_000_000
 #: 2026-11-02 00:00:00 UTC, a Monday
@@ -15,10 +16,13 @@ MIN = 60 * NS
 
 DEFAULT_INCENTIVES = """
 interval: 15min
-edge_tolerance: 1min
+max_gap: 5min
+settle: 1min
 max_delay: 30min
+netting: interval
 baseline: {method: fixed, kwh: 0.5}
 emission_factor: {kg_per_kwh: 0.5703}
+max_power_kw: 40
 signing_key_file: keys/signing.pem
 pseudonym_key_file: keys/pseudonym.key
 generate_missing_keys: true
@@ -46,6 +50,15 @@ def write_site(directory: Path, incentives: str = DEFAULT_INCENTIVES, *, timezon
 
 def make_site(directory: Path, incentives: str = DEFAULT_INCENTIVES, *, timezone: str = "UTC") -> Site:
     return load_site(write_site(directory, incentives, timezone=timezone))
+
+
+def records(events: list[Event]) -> list[dict[str, Any]]:
+    """The incentive records among ``events`` (checkpoints left out), in the order they were handed out."""
+    return [e.body for e in events if e.type == "incentive"]
+
+
+def intervals(events: list[Event]) -> list[dict[str, Any]]:
+    return [r for r in records(events) if r["kind"] == "interval"]
 
 
 def reading(point: str, ts_ns: int, kwh: float | int, quality: Quality = Quality.GOOD) -> Sample:

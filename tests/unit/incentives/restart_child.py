@@ -3,7 +3,7 @@
 ``python -m tests.unit.incentives.restart_child SITE DATA_DIR OUTBOX FIRST LAST [--die-after-first-issue]``
 
 Prints ``fed <index>`` after each batch (the parent kills it with SIGKILL at a chosen index). With
-``--die-after-first-issue`` it kills itself with SIGKILL right after the first record is issued and before the
+``--die-after-first-issue`` it kills itself with SIGKILL right after the first interval record is issued and before the
 record reaches the outbox file: the worst moment for exactly-once.
 """
 
@@ -40,8 +40,9 @@ def main(argv: list[str]) -> int:
     stage = IncentiveStage.open(load_site(Path(site_path)), Path(data_dir))
     with open(outbox_path, "ab") as outbox:
         for index in range(int(first), int(last) + 1):
-            events = stage.process(story(index))
-            if events and die_after_issue:
+            batch = story(index)
+            events = stage.process(batch, max(sample.ts for sample in batch))
+            if die_after_issue and any(e.body.get("kind") == "interval" for e in events):
                 os.kill(os.getpid(), signal.SIGKILL)
             for event in events:
                 outbox.write(orjson.dumps(event.body) + b"\n")

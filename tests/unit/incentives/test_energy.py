@@ -1,189 +1,188 @@
-"""Interval energy of one meter, as a table: (readings, rules) -> (kWh, complete, notes)."""
+"""The arithmetic of one meter over one interval, as tables: readings, pairs, edges, outliers, flags."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from itertools import pairwise
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.incentives.energy import (
+    GAP,
+    RESET,
+    REPLACEMENT,
+    ROLLOVER,
+    SPIKE,
+    Anchor,
     MeterRules,
     Reading,
     Replacement,
+    float32_step_micro,
     format_micro,
     meter_interval,
-    nearest_reading,
+    pair_advance,
+    portion,
     to_micro_kwh,
 )
 
-NS = 1_000_000_000
-MIN = 60 * NS
-START, END = 0, 15 * MIN
-TOL = 1 * MIN
-NO_RULES = MeterRules()
-WRAP_32 = 2**32 * 10_000  # a 32-bit count of 0.01 kWh, in micro-kWh
-
-
-def kwh(value: float) -> int:
-    micro = to_micro_kwh(value)
-    assert micro is not None
-    return micro
-
-
-def r(minute: float, value: float) -> Reading:
-    return Reading(int(minute * MIN), kwh(value))
-
-
-@dataclass(frozen=True)
-class Row:
-    name: str
-    readings: list[Reading]
-    expected_kwh: str
-    complete: bool
-    notes: tuple[str, ...] = ()
-    rules: MeterRules = NO_RULES
-    fixed_start: Reading | None = None
-
-
-ROWS = [
-    Row("normal: readings on both edges", [r(0, 100), r(5, 100.2), r(10, 100.4), r(15, 100.6)], "0.600000", True),
-    Row("edges within tolerance", [r(-0.5, 100), r(7, 100.3), r(15.9, 100.7)], "0.700000", True),
-    Row(
-        "nearest edge reading wins, ties go to the earlier",
-        [r(-1, 99.9), r(1, 100.1), r(14, 100.5), r(16, 100.7)],
-        "0.600000",
-        True,
-    ),
-    Row("missing start reading: incomplete", [r(3, 100), r(15, 100.6)], "0.600000", False),
-    Row("missing end reading: incomplete", [r(0, 100), r(10, 100.4)], "0.400000", False),
-    Row("no readings at all", [], "0.000000", False),
-    Row(
-        "rollover of a 32-bit counter counts the wrapped advance",
-        [Reading(0, WRAP_32 - kwh(0.3)), Reading(8 * MIN, kwh(0.1)), Reading(15 * MIN, kwh(0.4))],
-        "0.700000",
-        True,
-        ("rollover",),
-        MeterRules(wrap_micro=WRAP_32, max_power_kw=40),
-    ),
-    Row(
-        "without a power limit a wrap cannot be told from a reset: nothing counted across it",
-        [Reading(0, WRAP_32 - kwh(0.3)), Reading(8 * MIN, kwh(0.1)), Reading(15 * MIN, kwh(0.4))],
-        "0.300000",
-        True,
-        ("reset",),
-        MeterRules(wrap_micro=WRAP_32),
-    ),
-
-    Row(
-        "a drop without a configured width is a reset: nothing counted across it",
-        [r(0, 500), r(5, 500.2), r(6, 0.0), r(15, 0.3)],
-        "0.500000",
-        True,
-        ("reset",),
-    ),
-    Row(
-        "a drop far from the wrap point is a reset even with a width",
-        [r(0, 500), r(6, 0.1), r(15, 0.3)],
-        "0.200000",
-        True,
-        ("reset",),
-        MeterRules(wrap_micro=WRAP_32),
-    ),
-    Row(
-        "declared replacement with both figures counts old and new meter",
-        [r(0, 800), r(5, 800.2), r(10, 0.1), r(15, 0.4)],
-        "0.900000",
-        True,
-        ("replacement",),
-        MeterRules(replacements=(Replacement(7 * MIN, kwh(800.5), kwh(0.0)),)),
-    ),
-    Row(
-        "declared replacement without figures: the swap pair counts nothing",
-        [r(0, 800), r(5, 800.2), r(10, 0.1), r(15, 0.4)],
-        "0.500000",
-        True,
-        ("replacement",),
-        MeterRules(replacements=(Replacement(7 * MIN),)),
-    ),
-    Row(
-        "implausible jump is flagged (and blocks any saving)",
-        [r(0, 100), r(1, 150), r(15, 150.1)],
-        "50.100000",
-        True,
-        ("implausible",),
-        MeterRules(max_power_kw=30.0),
-    ),
-    Row(
-        "power at the limit is plausible",
-        [r(0, 100), r(60 / 60, 100.5), r(15, 101)],
-        "1.000000",
-        True,
-        (),
-        MeterRules(max_power_kw=30.0),
-    ),
-    Row(
-        "fixed start (previous end) is used even if a nearer reading arrived late",
-        [r(-0.5, 100), r(0.1, 100.05), r(15, 100.6)],
-        "0.500000",
-        True,
-        (),
-        MeterRules(),
-        r(0.2, 100.1),
-    ),
-    Row(
-        "a late reading older than the fixed start never ends the interval",
-        [r(-5, 99), r(15.5, 100.6)],
-        "0.600000",
-        True,
-        (),
-        MeterRules(),
-        r(0.5, 100.0),
-    ),
-]
-
-
-@pytest.mark.parametrize("row", ROWS, ids=[row.name for row in ROWS])
-def test_interval_energy(row: Row) -> None:
-    readings = sorted(row.readings)
-    if row.fixed_start is not None:
-        readings = sorted({*readings, row.fixed_start})
-    result = meter_interval(readings, START, END, tolerance_ns=TOL, rules=row.rules, fixed_start=row.fixed_start)
-    assert format_micro(result.micro_kwh) == row.expected_kwh
-    assert result.complete is row.complete
-    assert result.notes == row.notes
-    assert result.blocked is bool({"reset", "replacement", "implausible"} & set(row.notes))
+S = 1_000_000_000
+MIN = 60 * S
+RULES = MeterRules(limit_w=40_000, resolution_micro=1_000)  # 40 kW, 0.001 kWh
+WRAPPING = MeterRules(limit_w=40_000, resolution_micro=10_000, wrap_micro=655_360_000)  # 16 bits of 0.01 kWh
 
 
 @pytest.mark.parametrize(
     ("value", "micro"),
-    [(0.1, 100_000), (123.4567895, 123_456_790), (123.4567885, 123_456_788), (7, 7_000_000), (0, 0)],
+    [
+        (0, 0),
+        (0.1, 100_000),
+        (1234.5678915, 1_234_567_892),  # half-even at the 7th place, from the shortest repr
+        (10**12, 10**18),
+        (10**12 + 1, None),  # over 1 TWh: not a meter (and would overflow SQLite)
+        (1e13, None),
+        (float("nan"), None),
+        (float("inf"), None),
+        (-0.5, None),
+        (True, None),
+        ("12", None),
+    ],
 )
-def test_readings_become_exact_micro_kwh(value: float, micro: int) -> None:
+def test_readings_become_micro_kwh_or_are_refused(value: object, micro: int | None) -> None:
     assert to_micro_kwh(value) == micro
 
 
-@pytest.mark.parametrize("value", [-0.001, float("nan"), float("inf"), True, "12.5", None])
-def test_non_readings_are_refused(value: object) -> None:
-    assert to_micro_kwh(value) is None
-
-
-def test_nearest_reading_prefers_the_earlier_on_a_tie() -> None:
-    readings = [r(-1, 1), r(1, 2)]
-    assert nearest_reading(readings, 0) == readings[0]
-    assert nearest_reading([], 0) is None
-
-
 @pytest.mark.parametrize(
-    ("micro", "text"), [(0, "0.000000"), (1, "0.000001"), (1_500_000, "1.500000"), (-5, "-0.000005")]
+    ("rules", "before", "after", "expected"),
+    [
+        (RULES, Reading(0, 1_000_000), Reading(60 * S, 1_100_000), (100_000, None)),  # 6 kW: plain
+        (RULES, Reading(0, 1_000_000), Reading(60 * S, 1_000_000), (0, None)),
+        (RULES, Reading(0, 1_000_000), Reading(60 * S, 2_000_000), (1_000_000, SPIKE)),  # 60 kW > 40 kW
+        (RULES, Reading(0, 1_000_000), Reading(60 * S, 0), (0, RESET)),  # a bad zero
+        (RULES, Reading(0, 1_000_000), Reading(60 * S, 999_999), (0, RESET)),  # no wrap configured
+        # 655.35 kWh -> 0.01 kWh in a minute: wrapped advance 0.02 kWh, plausible under 40 kW
+        (WRAPPING, Reading(0, 655_350_000), Reading(60 * S, 10_000), (20_000, ROLLOVER)),
+        # a fall to a mid value: the wrapped advance (655 kWh in a minute) is implausible, so it is a reset
+        (WRAPPING, Reading(0, 655_350_000), Reading(60 * S, 300_000_000), (0, RESET)),
+    ],
 )
-def test_format_micro(micro: int, text: str) -> None:
-    assert format_micro(micro) == text
+def test_pair_advance(rules: MeterRules, before: Reading, after: Reading, expected: tuple[int, str | None]) -> None:
+    assert pair_advance(before, after, rules) == expected
 
 
-def test_one_reading_is_never_both_edges() -> None:
-    """With a tolerance of half the interval, a lone mid-interval reading is near both edges: still incomplete, or
-    the interval would read 0 kWh and pay the whole baseline as a saving (found in review)."""
-    lone = [Reading(START + 7 * MIN + 30_000_000_000, kwh(100.0))]
-    result = meter_interval(lone, START, END, tolerance_ns=7 * MIN + 30_000_000_000, rules=NO_RULES)
-    assert result.micro_kwh == 0
-    assert not result.complete
+def test_declared_replacement_counts_old_and_new_parts_and_is_flagged() -> None:
+    swap = Replacement(30 * S, old_final_micro=5_050_000, new_initial_micro=0)
+    rules = MeterRules(limit_w=40_000, resolution_micro=1_000, replacements=(swap,))
+    assert pair_advance(Reading(0, 5_000_000), Reading(60 * S, 20_000), rules) == (70_000, REPLACEMENT)
+    unknown = MeterRules(limit_w=40_000, resolution_micro=1_000, replacements=(Replacement(30 * S),))
+    assert pair_advance(Reading(0, 5_000_000), Reading(60 * S, 20_000), unknown) == (0, REPLACEMENT)
+
+
+def test_portion_is_linear_and_floored() -> None:
+    a, b = Reading(0, 0), Reading(3 * S, 0)
+    assert [portion(10, a, b, t * S) for t in range(5)] == [0, 3, 6, 10, 10]
+
+
+def _energy(readings: list[Reading], start: int, end: int, allocated: int = 0) -> tuple[int, frozenset[str]]:
+    anchor = Anchor(start, readings[0], allocated)
+    result = meter_interval(anchor, readings[1:], start, end, rules=RULES, max_gap_ns=5 * MIN)
+    return result.micro_kwh, result.flags
+
+
+def test_edges_are_interpolated_between_the_straddling_readings() -> None:
+    # 6 kW steady, read at :50 past each minute: the interval [1 min, 3 min) gets exactly 0.2 kWh
+    readings = [Reading(50 * S + i * MIN, 1_000_000 + i * 100_000) for i in range(5)]
+    first = Anchor(MIN, readings[0], portion(100_000, readings[0], readings[1], MIN))
+    result = meter_interval(first, readings[1:], MIN, 3 * MIN, rules=RULES, max_gap_ns=5 * MIN)
+    assert (result.micro_kwh, result.flags) == (200_000, frozenset())
+    assert result.next_anchor == Anchor(3 * MIN, readings[2], portion(100_000, readings[2], readings[3], 3 * MIN))
+
+
+def test_a_bad_zero_at_an_edge_is_an_outlier_measured_right_and_flagged() -> None:
+    readings = [Reading(0, 5_000_000), Reading(30 * S, 5_050_000), Reading(60 * S, 0), Reading(90 * S, 5_150_000)]
+    readings += [Reading(120 * S, 5_200_000)]
+    result = meter_interval(Anchor(0, readings[0]), readings[1:], 0, 60 * S, rules=RULES, max_gap_ns=5 * MIN)
+    assert result.outliers == (Reading(60 * S, 0),)
+    assert result.micro_kwh == 100_000  # the true 0.1 kWh: the zero is left out, the edge interpolated across it
+    assert SPIKE in result.flags and RESET not in result.flags
+
+
+def test_an_edge_is_not_interpolated_across_more_than_max_gap() -> None:
+    readings = [Reading(0, 0), Reading(10 * MIN, 1_000_000)]
+    energy, flags = _energy(readings, 0, 5 * MIN)
+    assert (energy, flags) == (500_000, frozenset({GAP}))
+
+
+def test_no_reading_past_the_end_flags_gap_and_the_next_interval_counts_the_rest() -> None:
+    readings = [Reading(0, 0), Reading(2 * MIN, 100_000)]
+    first = meter_interval(Anchor(0, readings[0]), readings[1:], 0, 5 * MIN, rules=RULES, max_gap_ns=5 * MIN)
+    assert (first.micro_kwh, GAP in first.flags) == (100_000, True)
+    later = [Reading(6 * MIN, 150_000), Reading(11 * MIN, 300_000)]
+    second = meter_interval(first.next_anchor, later, 5 * MIN, 10 * MIN, rules=RULES, max_gap_ns=5 * MIN)
+    # the pair 2 min -> 6 min is counted whole here (flagged: part of it belongs to the closed interval)
+    assert GAP in second.flags
+    # conservation: the advance up to the anchor's reading, plus what is already allocated of the pair after it
+    assert second.next_anchor == Anchor(10 * MIN, Reading(6 * MIN, 150_000), 120_000)
+    assert first.micro_kwh + second.micro_kwh == 150_000 + 120_000
+
+
+def test_a_run_of_equal_readings_longer_than_max_gap_is_frozen() -> None:
+    readings = [Reading(i * MIN, 1_000_000) for i in range(8)] + [Reading(8 * MIN, 1_010_000)]
+    result = meter_interval(Anchor(0, readings[0]), readings[1:], 0, 5 * MIN, rules=RULES, max_gap_ns=5 * MIN)
+    assert result.frozen and result.micro_kwh == 0
+
+
+def test_an_open_run_across_the_end_waits_for_more_readings() -> None:
+    readings = [Reading(0, 0), Reading(4 * MIN, 100_000), Reading(5 * MIN, 100_000)]
+    result = meter_interval(Anchor(0, readings[0]), readings[1:], 0, 5 * MIN, rules=RULES, max_gap_ns=5 * MIN)
+    assert result.needs_more and not result.frozen
+
+
+@pytest.mark.parametrize(("kwh", "step"), [(2.0**24, 2_000_000), (1234.5, 123), (0.1, 0), (123.456789, 0)])
+def test_float32_counter_step(kwh: float, step: int) -> None:
+    assert float32_step_micro(to_micro_kwh(kwh) or 0) == step
+
+
+def test_format_micro() -> None:
+    assert [format_micro(m) for m in (0, 1500, -1, 10**12)] == ["0.000000", "0.001500", "-0.000001", "1000000.000000"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    gaps=st.lists(st.integers(1, 400), min_size=2, max_size=60),
+    rises=st.lists(st.integers(0, 3_000), min_size=60, max_size=60),
+    interval_s=st.sampled_from([60, 300, 900]),
+)
+def test_adjacent_intervals_add_up_exactly_to_the_readings_advance(
+    gaps: list[int], rises: list[int], interval_s: int
+) -> None:
+    """Conservation: whatever the poll times, the intervals' energies and the carried allocation telescope."""
+    times = [0]
+    for gap in gaps:
+        times.append(times[-1] + gap * S)
+    values = [0]
+    for rise in rises[: len(times) - 1]:
+        values.append(values[-1] + rise)
+    readings = [Reading(t, v) for t, v in zip(times, values, strict=True)]
+    step = interval_s * S
+    start = -(-times[0] // step) * step
+    anchor = Anchor(start, readings[0], 0)
+    total = 0
+    edge = start
+    while edge + step <= times[-1]:
+        result = meter_interval(
+            anchor,
+            [r for r in readings if r.ts_ns > anchor.reading.ts_ns],
+            edge,
+            edge + step,
+            rules=MeterRules(limit_w=10**9, resolution_micro=1),
+            max_gap_ns=10**18,
+            more_exist=True,
+        )
+        total += result.micro_kwh
+        anchor = result.next_anchor
+        edge += step
+    # everything up to the last closed edge, plus what the anchor already allocated of its pair
+    counted = total
+    expected = sum(b.micro_kwh - a.micro_kwh for a, b in pairwise(readings) if b.ts_ns <= anchor.reading.ts_ns)
+    assert counted == expected + anchor.allocated
