@@ -213,16 +213,17 @@ class IncentivesConfig(StrictModel):
     #: create missing key files on first start (no record issued yet); never used once a ledger exists
     generate_missing_keys: bool = False
 
-    @model_validator(mode="before")
+    #: the old name of what max_gap and settle now do: kept only to say so at its own line
+    edge_tolerance: Any = Field(default=None, exclude=True)
+
+    @field_validator("edge_tolerance", mode="before")
     @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "edge_tolerance" in data:
-            raise ValueError(
-                "edge_tolerance is gone: interval edges are now interpolated between the readings that straddle "
-                "them; use max_gap (longest gap to interpolate across, default 5min) and settle (wait before "
-                "issuing, default 1min)"
-            )
-        return data
+    def _renamed(cls, value: Any) -> Any:
+        raise ValueError(
+            "edge_tolerance is gone: interval edges are now interpolated between the readings that straddle "
+            "them; use max_gap (longest gap to interpolate across, default 5min) and settle (wait before "
+            "issuing, default 1min)"
+        )
 
     @field_validator("interval")
     @classmethod

@@ -100,11 +100,11 @@ class MeterInterval:
     flags: frozenset[str]
     notes: frozenset[str]
     next_anchor: Anchor
-    #: a run of equal readings longer than ``max_gap`` overlaps the interval: a frozen register, unless the household
-    #: really used nothing (the stage flags ``stuck`` when the baseline expects energy)
+    #: a run of equal readings longer than an interval overlaps this one: a frozen register, unless the household
+    #: really used nothing for that long (the stage flags ``stuck`` when the baseline expects energy)
     frozen: bool = False
     #: True when the readings so far cannot decide the interval yet (the last pair may end in an outlier, or a run of
-    #: equal readings that started inside the interval has not yet ended nor outlasted ``max_gap``)
+    #: equal readings that started inside the interval has not yet ended nor outlasted an interval)
     needs_more: bool = False
 
 
@@ -206,9 +206,9 @@ def meter_interval(
 ) -> MeterInterval:
     """One meter over ``[start_ns, end_ns)`` from its anchor and the readings after it (sorted, unique times).
 
-    ``later`` should run past the end: up to ``end + max_gap`` and three readings beyond (``complete_later``), so that
-    an outlier at the end and a run of equal readings across it can be judged. ``complete_later`` says that no
-    reading beyond ``later`` exists yet (the verdict may then be "wait": ``needs_more``).
+    ``later`` should run past the end: up to one interval length beyond it and three readings more, so that an
+    outlier at the end and a run of equal readings across it can be judged. ``more_exist`` says that the meter has
+    sent readings beyond ``later``; without them the verdict may be "wait" (``needs_more``).
     """
     sequence = [anchor.reading, *(r for r in later if r.ts_ns > anchor.reading.ts_ns)]
     kept, outliers = drop_outliers(sequence, rules)
@@ -257,7 +257,7 @@ def meter_interval(
         and len(chain) >= 2
         and pair_advance(chain[-2], last, rules)[1] in _BREAKS
     )
-    frozen, open_run = _frozen(kept, start_ns, end_ns, max_gap_ns)
+    frozen, open_run = _frozen(kept, start_ns, end_ns, end_ns - start_ns)
     needs_more = needs_more or (open_run and not more_exist)
     return MeterInterval(
         readings=tuple(chain),
@@ -272,12 +272,13 @@ def meter_interval(
     )
 
 
-def _frozen(readings: Sequence[Reading], start_ns: int, end_ns: int, max_gap_ns: int) -> tuple[bool, bool]:
-    """(a run of equal readings longer than ``max_gap`` overlaps the interval, the last run is still undecided).
+def _frozen(readings: Sequence[Reading], start_ns: int, end_ns: int, limit_ns: int) -> tuple[bool, bool]:
+    """(a run of equal readings longer than ``limit_ns`` overlaps the interval, the last run is still undecided).
 
     A run is a maximal sequence of consecutive readings with the same value; its length is from its first reading to
     its last. The last run is undecided when it started before the end, reaches the last known reading and is not
-    yet longer than ``max_gap``: the next reading may continue it (frozen) or rise (a quiet spell).
+    yet longer than ``limit_ns``: the next reading may continue it (frozen) or rise (a quiet spell). The limit is
+    one interval: a household that uses less than one counter step in a whole interval cannot show a saving anyway.
     """
     frozen = False
     run_start = 0
@@ -285,7 +286,7 @@ def _frozen(readings: Sequence[Reading], start_ns: int, end_ns: int, max_gap_ns:
         if index < len(readings) and readings[index].micro_kwh == readings[run_start].micro_kwh:
             continue
         first, last = readings[run_start], readings[index - 1]
-        if first.ts_ns < end_ns and last.ts_ns > start_ns and last.ts_ns - first.ts_ns > max_gap_ns:
+        if first.ts_ns < end_ns and last.ts_ns > start_ns and last.ts_ns - first.ts_ns > limit_ns:
             frozen = True
         run_start = index
     last = readings[-1]
@@ -293,7 +294,7 @@ def _frozen(readings: Sequence[Reading], start_ns: int, end_ns: int, max_gap_ns:
     while begin > 0 and readings[begin - 1].micro_kwh == last.micro_kwh:
         begin -= 1
     first = readings[begin]
-    undecided = first.ts_ns < end_ns and last.ts_ns - first.ts_ns <= max_gap_ns
+    undecided = first.ts_ns < end_ns and last.ts_ns - first.ts_ns <= limit_ns
     return frozen, undecided
 
 
@@ -314,5 +315,9 @@ def float32_step_micro(micro: int) -> int:
 
 
 def resolution_step(readings: Sequence[Reading], rules: MeterRules) -> int:
-    """The coarsest counter step among the readings: the configured resolution or the float32 spacing."""
-    return max([rules.resolution_micro, *(float32_step_micro(r.micro_kwh) for r in readings)])
+    """The coarsest counter step the readings allow: the configured resolution, or the float32 spacing when every
+    reading is exactly a float32 (one such value among decimals is chance: ``12345.5`` is a float32 too)."""
+    steps = [float32_step_micro(r.micro_kwh) for r in readings]
+    if not steps or not all(steps):
+        return rules.resolution_micro
+    return max(rules.resolution_micro, *steps)

@@ -396,9 +396,9 @@ class IncentiveStage:
             if following is not None and first.ts_ns < start:
                 allocated = portion(pair_advance(first, following, rules)[0], first, following, start)
             anchor = Anchor(start, first, allocated)
-        # through end + max_gap and three more: enough to judge an outlier at the end and a run of equal readings
-        # across it; ``more_exist`` says whether the meter has sent anything beyond what was fetched
-        horizon = end + self._max_gap_ns
+        # through one more interval and three readings beyond: enough to judge an outlier at the end and a run of
+        # equal readings across it; ``more_exist`` says whether the meter has sent anything beyond what was fetched
+        horizon = end + self._interval_ns
         later = self._ledger.readings_after(point, anchor.reading.ts_ns, horizon, _EXTRA_READINGS + 1)
         more_exist = sum(r.ts_ns >= horizon for r in later) > _EXTRA_READINGS
         if more_exist:

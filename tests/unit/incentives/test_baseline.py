@@ -57,9 +57,23 @@ def test_like_days_mean_uses_the_newest_usable_days_and_needs_min_days() -> None
     history = {candidates[0]: 300_000, candidates[2]: 500_000, candidates[3]: 400_000, candidates[4]: 1}
     method = LikeDaysBaseline(method="like_days", days=3, min_days=2)
     value = compute_baseline(method, start, Q, zone, lambda starts: {s: history[s] for s in starts if s in history})
-    assert value is not None and (value.micro_kwh, value.days_used) == (400_000, 3)  # 4th usable day not used
+    assert value is not None and value.micro_kwh == 400_000
+    assert value.days == ((candidates[0], 300_000), (candidates[2], 500_000), (candidates[3], 400_000))  # not the 4th
     thin = compute_baseline(method, start, Q, zone, lambda starts: {candidates[0]: 300_000})
     assert thin is None
+
+
+def test_excluded_and_abnormal_days_are_never_like_days() -> None:
+    zone = ZoneInfo("UTC")
+    start = at("2026-11-04T18:00", "UTC")
+    candidates = like_day_starts(start, Q, zone, 45)
+    history = dict.fromkeys(candidates, 100_000) | {candidates[0]: 900_000}
+    method = LikeDaysBaseline(method="like_days", days=2, min_days=2)
+    value = compute_baseline(
+        method, start, Q, zone, lambda starts: {s: history[s] for s in starts}, skip_day=lambda day: day.day == 3
+    )
+    assert value is not None and value.micro_kwh == 100_000  # Tue 3 Nov (900 Wh) skipped: Mon 2 and Fri 30 Oct
+    assert [s for s, _ in value.days] == [candidates[1], candidates[2]]
 
 
 def test_fixed_baseline_is_exact() -> None:
@@ -89,32 +103,33 @@ def test_time_of_day_factor_windows(moment: time, factor: str) -> None:
 def test_like_days_baseline_through_the_stage_uses_only_usable_history(tmp_path: Path) -> None:
     incentives = DEFAULT_INCENTIVES.replace(
         "baseline: {method: fixed, kwh: 0.5}", "baseline: {method: like_days, days: 3, min_days: 2}"
-    )
+    ).replace("max_gap: 5min", "max_gap: 15min")
     stage = IncentiveStage.open(make_site(tmp_path, incentives), tmp_path / "data")
     point = "apt1.energy_kwh"
-    monday = at("2026-11-02T10:00", "UTC")
-    value = 100.0
+    monday = at("2026-11-02T00:00", "UTC")
+    used = [0.8, 0.6, 0.4, 0.7]  # Mon..Thu at 10:00-10:15; 0.1 kWh every other quarter hour
     events = []
     try:
-        for day, used in enumerate([0.8, 0.6, 0.4]):  # Mon, Tue, Wed at 10:00-10:15
-            base = monday + day * 86_400 * NS
-            stage.process([reading(point, base, value)])
-            value += used
-            events += stage.process([reading(point, base + Q, value)])
-            events += stage.tick(base + Q + 2 * 3600 * NS)
-        stage.process([reading(point, monday + 3 * 86_400 * NS, value)])  # Thursday: 0.7 kWh against a 0.6 mean
-        events += stage.process([reading(point, monday + 3 * 86_400 * NS + Q, value + 0.7)])
-        events += stage.tick(monday + 3 * 86_400 * NS + 2 * Q)
+        value = 100.0
+        for quarter in range(4 * 96 + 2):  # read at every quarter hour, four days
+            ts = monday + quarter * Q
+            events += stage.process([reading(point, ts, round(value, 6))], ts)
+            value += used[quarter // 96] if quarter % 96 == 40 else 0.1
+        events += stage.tick(monday + (4 * 96 + 2) * Q + 2 * 60 * NS)
     finally:
         stage.close()
-    by_start = {e.body["interval"]["start"]: e.body for e in events if e.subject == events[0].subject}
+    by_start = {e.body["interval"]["start"]: e.body for e in events if e.body.get("kind") == "interval"}
     assert by_start["2026-11-02T10:00:00Z"]["status"] == "no_baseline"
     assert by_start["2026-11-03T10:00:00Z"]["status"] == "no_baseline"  # one usable day < min_days
     wednesday = by_start["2026-11-04T10:00:00Z"]
-    assert (wednesday["baseline"]["kwh"], wednesday["baseline"]["days_used"], wednesday["saving_kwh"]) == (
+    assert (wednesday["baseline"]["kwh"], len(wednesday["baseline"]["days"]), wednesday["saving_kwh"]) == (
         "0.700000",
         2,
         "0.300000",
     )
     thursday = by_start["2026-11-05T10:00:00Z"]
-    assert (thursday["baseline"]["kwh"], thursday["status"]) == ("0.600000", "no_saving")
+    assert (thursday["baseline"]["kwh"], thursday["status"], thursday["saving_kwh"]) == (
+        "0.600000",
+        "measured",
+        "0.000000",
+    )

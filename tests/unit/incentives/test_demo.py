@@ -42,11 +42,11 @@ def test_demo_block_issues_signed_records_for_each_flat(tmp_path: Path) -> None:
         for second in range(4 * 60):
             t = start + second
             batch = [Sample(p, m.read(t, rng)["energy_kwh"], t * NS) for p, m in meters.items()]
-            events += stage.process(batch)
+            events += stage.process(batch, t * NS)
         assert (tmp_path / "data" / "keys" / "incentive-signing.pub.pem").exists()
     finally:
         stage.close()
-    assert len(events) == 3 * 3  # three closed minutes, three flats
-    assert all(e.body["complete"] for e in events)
-    assert {e.body["status"] for e in events} <= {"saving", "no_saving"}
-    assert len({e.subject for e in events}) == 3
+    issued = [e for e in events if e.type == "incentive" and e.body["kind"] == "interval"]
+    assert len(issued) == 3 * 3  # three closed minutes, three flats
+    assert {e.body["status"] for e in issued} == {"measured"}  # the simulated meters raise no flag
+    assert len({e.subject for e in issued}) == 3
