@@ -273,28 +273,28 @@ def meter_interval(
 
 
 def _frozen(readings: Sequence[Reading], start_ns: int, end_ns: int, limit_ns: int) -> tuple[bool, bool]:
-    """(a run of equal readings longer than ``limit_ns`` overlaps the interval, the last run is still undecided).
+    """(a span without advance longer than ``limit_ns`` overlaps the interval, the last run is still undecided).
 
-    A run is a maximal sequence of consecutive readings with the same value; its length is from its first reading to
-    its last. The last run is undecided when it started before the end, reaches the last known reading and is not
-    yet longer than ``limit_ns``: the next reading may continue it (frozen) or rise (a quiet spell). The limit is
-    one interval: a household that uses less than one counter step in a whole interval cannot show a saving anyway.
+    A run is a maximal sequence of consecutive readings with the same value. The span in which the meter was seen not
+    to advance lasts from the run's first reading to the next reading (the one that rises): where in that last pair
+    the rise happened nobody knows, so a frozen register hidden partly by missing readings still shows. The last
+    run, with no reading after it yet, is undecided while it started before the end and is not longer than the
+    limit: the next reading may continue it (frozen) or rise (a quiet spell). The limit is one interval: a household
+    that uses less than one counter step in a whole interval cannot show a saving anyway.
     """
     frozen = False
     run_start = 0
-    for index in range(1, len(readings) + 1):
-        if index < len(readings) and readings[index].micro_kwh == readings[run_start].micro_kwh:
+    for index in range(1, len(readings)):
+        if readings[index].micro_kwh == readings[run_start].micro_kwh:
             continue
-        first, last = readings[run_start], readings[index - 1]
-        if first.ts_ns < end_ns and last.ts_ns > start_ns and last.ts_ns - first.ts_ns > limit_ns:
+        first, after = readings[run_start], readings[index]
+        if first.ts_ns < end_ns and after.ts_ns > start_ns and after.ts_ns - first.ts_ns > limit_ns:
             frozen = True
         run_start = index
-    last = readings[-1]
-    begin = len(readings) - 1
-    while begin > 0 and readings[begin - 1].micro_kwh == last.micro_kwh:
-        begin -= 1
-    first = readings[begin]
-    undecided = first.ts_ns < end_ns and last.ts_ns - first.ts_ns <= limit_ns
+    first, last = readings[run_start], readings[-1]
+    if first.ts_ns < end_ns and last.ts_ns > start_ns and last.ts_ns - first.ts_ns > limit_ns:
+        frozen = True
+    undecided = run_start < len(readings) - 1 and first.ts_ns < end_ns and last.ts_ns - first.ts_ns <= limit_ns
     return frozen, undecided
 
 

@@ -1,125 +1,300 @@
-"""Property: whatever readings arrive (gaps, wraps, duplicates, shuffled or late), the issued intervals' energies add
-up exactly to the meter's true consumption between the first and the last reading used, and no incomplete interval
-ever carries a saving."""
+"""Properties of the incentive stage over generated meter histories with injected faults (issue 11).
+
+A meter's true counter is generated poll by poll (the truth is linear between true polls); the gateway receives
+those readings through a fault model: gaps, outliers (a bad 0 or a x100 value), a counter reset, a frozen register,
+a step back of the meter's own timestamps, late, duplicate, future-stamped and invalid readings, and gateway
+restarts. A second account's meter is never faulty. Whatever the faults:
+
+* the saving issued for an interval never exceeds the saving the true consumption earns, beyond what interpolating
+  an edge between two real readings can move (the true energy inside the two pairs that straddle the edges, plus
+  two micro-kWh of rounding);
+* no (account, interval) is issued twice, ``seq`` has no gap, a record handed out twice is byte-identical;
+* every interval adds up (energy is the sum of its meters; a saving only on an unflagged interval);
+* the clean account's records are the same as in a run where the faulty meter had no fault at all.
+"""
 
 from __future__ import annotations
 
-import random
+import itertools
 import tempfile
-from dataclasses import dataclass
-from decimal import Decimal
-from itertools import pairwise
+from bisect import bisect_right
+from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
-import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from gateway.config.site import Site
+from gateway.cli import main as cli_main
+from gateway.incentives.record import Pseudonymizer, load_pseudonym_key
 from gateway.incentives.stage import IncentiveStage
 from gateway.model import Sample
 from tests.unit.incentives.helpers import NS, T0, make_site
 
-WRAP_MICRO = 2**16 * 10_000  # counter: {bits: 16, resolution_kwh: 0.01} wraps at 655.36 kWh
-POINT = "apt1.energy_kwh"
+WRAP = 65_536_000  # counter: {bits: 16, resolution_kwh: 0.001} wraps at 65.536 kWh (micro-kWh)
+FAULTY, CLEAN = "apt1.energy_kwh", "apt2.energy_kwh"
+INTERVAL_NS = 15 * 60 * NS
+BASELINE = 500_000  # 0.5 kWh per 15 minutes
 INCENTIVES = """
 interval: 15min
-edge_tolerance: 1min
+max_gap: 5min
+settle: 1min
 max_delay: 30min
-baseline: {method: fixed, kwh: 0.4}
+netting: interval
+baseline: {method: fixed, kwh: 0.5}
 emission_factor: {kg_per_kwh: 0.5703}
-counter: {bits: 16, resolution_kwh: 0.01}
-max_power_kw: 100000   # a wrap is only counted when the implied power is plausible (else it is a reset)
-signing_key_file: keys/signing.pem
-pseudonym_key_file: keys/pseudonym.key
-generate_missing_keys: true
+counter: {bits: 16, resolution_kwh: 0.001}
+max_power_kw: 10
+signing_key_file: {keys}/incentive-signing.pem
+pseudonym_key_file: {keys}/incentive-pseudonym.key
 accounts:
   - {id: "ACC-0001", meters: [apt1.energy_kwh]}
+  - {id: "ACC-0002", meters: [apt2.energy_kwh]}
 """
 
 
-@dataclass(frozen=True)
-class Story:
-    """Readings of one meter: true (unwrapped) micro-kWh at each time, and the order they reach the gateway."""
+@dataclass
+class Meter:
+    """True polls: time (ns, real) and the unwrapped counter (micro-kWh)."""
 
-    times_ns: list[int]
-    true_micro: list[int]
-    arrival: list[list[int]]  # batches of indexes into times/true
+    times: list[int]
+    values: list[int]
+
+    def at(self, t_ns: int) -> Fraction:
+        """The true counter at ``t_ns`` (linear between polls)."""
+        index = bisect_right(self.times, t_ns)
+        if index == 0:
+            return Fraction(self.values[0])
+        if index == len(self.times):
+            return Fraction(self.values[-1])
+        t0, t1 = self.times[index - 1], self.times[index]
+        v0, v1 = self.values[index - 1], self.values[index]
+        return v0 + Fraction(v1 - v0) * (t_ns - t0) / (t1 - t0)
+
+
+@dataclass
+class Story:
+    faulty: Meter
+    clean: Meter
+    #: (stamp shift for the faulty meter from this real time on, shift in ns), or None
+    stamp_step: tuple[int, int] | None
+    #: per delivery: list of (point, stamp, value) and the gateway's clock at delivery
+    deliveries: list[tuple[list[tuple[str, int, Any]], int]] = field(default_factory=list)
+    restarts: set[int] = field(default_factory=set)
+    faults: list[str] = field(default_factory=list)
+
+
+@st.composite
+def meters(draw: st.DrawFn, start_micro: int) -> Meter:
+    step_s = draw(st.integers(20, 90))
+    count = 90 * 60 // step_s
+    jitter = draw(st.lists(st.integers(-5, 5), min_size=count, max_size=count))
+    times = sorted({T0 + (i * step_s + j) * NS for i, j in enumerate(jitter)})
+    # power between 0.2 and 4 kW, piecewise constant per poll: every poll advances by at least one counter step
+    powers = draw(st.lists(st.integers(200, 4_000), min_size=len(times), max_size=len(times)))
+    values = [start_micro]
+    for (before, after), watts in zip(itertools.pairwise(times), powers, strict=False):
+        advance = watts * (after - before) // 3_600_000_000
+        values.append(values[-1] + max(1_000, advance - advance % 1_000))
+    return Meter(times, values)
 
 
 @st.composite
 def stories(draw: st.DrawFn) -> Story:
-    if draw(st.booleans()):  # a meter polled regularly, with jitter: mostly complete intervals
-        step = draw(st.integers(20, 90))
-        count = draw(st.integers(2, 150))
-        jitter = draw(st.lists(st.integers(0, 15), min_size=count, max_size=count))
-        seconds = sorted({i * step + j for i, j in enumerate(jitter)})
-        max_step = 30_000  # at most 0.03 kWh between readings: some intervals save against 0.4 kWh
-    else:  # sparse and irregular: mostly incomplete intervals
-        seconds = sorted(draw(st.lists(st.integers(0, 3 * 3600), min_size=1, max_size=60, unique=True)))
-        max_step = 2_000_000
-    steps = draw(st.lists(st.integers(0, max_step), min_size=len(seconds), max_size=len(seconds)))
-    # often just below the top of the counter, so it wraps
-    start = draw(st.one_of(st.integers(WRAP_MICRO - 5_000_000, WRAP_MICRO - 1), st.integers(0, WRAP_MICRO - 1)))
-    true, total = [], start
-    for step in steps:  # at most 120 kWh in all: far below half the wrap, so a wrap is never mistaken for a reset
-        total += step
-        true.append(total)
-    order = list(range(len(seconds)))
-    shuffler = random.Random(draw(st.integers(0, 2**32)))
-    window = draw(st.integers(1, 6))
-    for i in range(0, len(order), window):  # shuffle within windows: readings arrive late and out of order
-        chunk = order[i : i + window]
-        shuffler.shuffle(chunk)
-        order[i : i + window] = chunk
-    for _ in range(draw(st.integers(0, 5))):  # and some twice
-        order.insert(shuffler.randrange(len(order) + 1), shuffler.choice(order))
-    size = draw(st.integers(1, 5))
-    batches = [order[i : i + size] for i in range(0, len(order), size)]
-    return Story([T0 + s * NS for s in seconds], true, batches)
+    start = draw(st.sampled_from([10_000_000, WRAP - 1_500_000]))  # some start 1.5 kWh below the wrap
+    faulty, clean = draw(meters(start)), draw(meters(20_000_000))
+    faults = draw(
+        st.lists(
+            st.sampled_from(
+                [
+                    "gap",
+                    "outlier_zero",
+                    "outlier_high",
+                    "reset",
+                    "freeze",
+                    "late",
+                    "duplicate",
+                    "future",
+                    "invalid",
+                    "stamp_step",
+                    "restart",
+                ]
+            ),
+            max_size=5,
+        )
+    )
+    n = len(faulty.times)
+    delivered: list[list[Any]] = [[FAULTY, t, v % WRAP] for t, v in zip(faulty.times, faulty.values, strict=True)]
+    dropped: set[int] = set()
+    extra: list[tuple[int, list[Any]]] = []  # (after index, reading)
+    moved: dict[int, int] = {}
+    story = Story(faulty, clean, None, faults=faults)
+    for fault in faults:
+        k = draw(st.integers(1, n - 2))
+        if fault == "gap":
+            dropped |= set(range(k, min(n - 1, k + draw(st.integers(1, 20)))))
+        elif fault == "outlier_zero":
+            delivered[k][2] = 0
+        elif fault == "outlier_high":
+            delivered[k][2] = delivered[k][2] * 100
+        elif fault == "reset" and faulty.values[k - 1] % WRAP < WRAP - 1_000_000:  # near the wrap it looks like one
+            for index in range(k, n):  # the register restarts from 0 at poll k
+                delivered[index][2] = (faulty.values[index] - faulty.values[k]) % WRAP
+        elif fault == "freeze":  # the register stops for longer than an interval, then catches up
+            span = 20 * 60 * NS + draw(st.integers(0, 20)) * 60 * NS
+            for index in range(k, n):
+                if faulty.times[index] - faulty.times[k] > span:
+                    break
+                delivered[index][2] = delivered[k][2]
+        elif fault == "late":
+            moved[k] = min(n - 1, k + draw(st.integers(1, 40)))
+        elif fault == "duplicate":
+            extra.append((k, list(delivered[k])))
+        elif fault == "future":
+            extra.append((k, [FAULTY, faulty.times[k] + 86_400 * NS, delivered[k][2] + 1_000_000]))
+        elif fault == "invalid":
+            extra.append((k, [FAULTY, faulty.times[k] + 1, draw(st.sampled_from([float("nan"), 1e13, -1.0]))]))
+        elif fault == "stamp_step" and story.stamp_step is None:
+            shift = draw(st.integers(2, 30)) * 60 * NS
+            story.stamp_step = (faulty.times[k], shift)
+            for item in delivered[k:]:
+                item[1] -= shift
+        elif fault == "restart":
+            story.restarts.add(k)
+    # deliveries in real time: each true poll time, the readings due then (a late one arrives with a later poll)
+    by_slot: dict[int, list[tuple[str, int, Any]]] = {}
+    for index, item in enumerate(delivered):
+        if index in dropped:
+            continue
+        slot = moved.get(index, index)
+        by_slot.setdefault(slot, []).append(_value(item))
+    for index, item in extra:
+        by_slot.setdefault(index, []).append(_value(item))
+    clean_at = {i: (CLEAN, t, v % WRAP) for i, (t, v) in enumerate(zip(clean.times, clean.values, strict=True))}
+    last = max(len(faulty.times), len(clean.times))
+    for slot in range(last):
+        batch = list(by_slot.get(slot, []))
+        clean_reading = clean_at.get(slot)
+        real_now = max(faulty.times[min(slot, len(faulty.times) - 1)], clean.times[min(slot, len(clean.times) - 1)])
+        if clean_reading is not None:
+            batch.append((clean_reading[0], clean_reading[1], clean_reading[2] / 1_000_000))
+        story.deliveries.append((batch, real_now))
+    return story
 
 
-@pytest.fixture(scope="module")
-def site(tmp_path_factory: pytest.TempPathFactory) -> Site:
-    return make_site(tmp_path_factory.mktemp("prop"), INCENTIVES)
+def _value(item: list[Any]) -> tuple[str, int, Any]:
+    value = item[2]
+    return (item[0], item[1], value / 1_000_000 if isinstance(value, int) else value)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(story=stories())
-def test_interval_energies_add_up_and_incomplete_never_saves(site: Site, story: Story) -> None:
-    with tempfile.TemporaryDirectory() as data:
-        stage = IncentiveStage.open(site, Path(data))
-        try:
-            records = []
-            for batch in story.arrival:
-                samples = [Sample(POINT, (story.true_micro[i] % WRAP_MICRO) / 1e6, story.times_ns[i]) for i in batch]
-                records += [e.body for e in stage.process(samples)]
-            records += [e.body for e in stage.tick(story.times_ns[-1] + 2 * 3600 * NS)]
-        finally:
-            stage.close()
+def run(story: Story, data: Path, site: Any, *, faults: bool) -> list[dict[str, Any]]:
+    """Feed the story (or its fault-free version) to a stage; every record handed out, replays included."""
+    stage = IncentiveStage.open(site, data)
+    handed: list[dict[str, Any]] = []
+    try:
+        for slot, (batch, now) in enumerate(story.deliveries if faults else _clean(story)):
+            if faults and slot in story.restarts:
+                stage.close()
+                stage = IncentiveStage.open(site, data)
+            samples = [Sample(point, value, stamp) for point, stamp, value in batch]
+            handed += [e.body for e in stage.process(samples, now) if e.type == "incentive"]
+        end = story.deliveries[-1][1] + 2 * 3600 * NS
+        handed += [e.body for e in stage.tick(end) if e.type == "incentive"]
+    finally:
+        stage.close()
+    return handed
 
-    true_at = dict(zip(story.times_ns, story.true_micro, strict=True))
-    starts = [r["interval"]["start"] for r in records]
-    assert len(starts) == len(set(starts)), "an interval was issued twice"
-    assert [r["seq"] for r in records] == list(range(1, len(records) + 1))
-    for before, after in pairwise(records):
-        assert before["meters"][0]["end"] == after["meters"][0]["start"], "consecutive intervals share their edge"
 
-    first_reading, last_reading = records[0]["meters"][0]["start"], records[-1]["meters"][0]["end"]
-    first_ts, last_ts = (_ns(first_reading["ts"]), _ns(last_reading["ts"]))
-    issued_micro = sum(int(Decimal(r["energy_kwh"]) * 1_000_000) for r in records)
-    assert issued_micro == true_at[last_ts] - true_at[first_ts]
+def _clean(story: Story) -> list[tuple[list[tuple[str, int, Any]], int]]:
+    faulty = {
+        i: (FAULTY, t, (v % WRAP) / 1_000_000)
+        for i, (t, v) in enumerate(zip(story.faulty.times, story.faulty.values, strict=True))
+    }
+    out = []
+    for slot, (batch, now) in enumerate(story.deliveries):
+        clean = [item for item in batch if item[0] == CLEAN]
+        out.append(([faulty[slot], *clean] if slot in faulty else clean, now))
+    return out
 
-    event(f"wrapped: {any('rollover' in r['notes'] for r in records)}")
-    event(f"has incomplete: {any(not r['complete'] for r in records)}")
-    event(f"has saving: {any(r['status'] == 'saving' for r in records)}")
-    for record in records:
-        if not record["complete"]:
-            assert record["saving_kwh"] == "0.000000" and record["status"] == "incomplete"
-        assert record["status"] != "discontinuity", "a wrap was mistaken for a reset"
+
+def _micro(text: str) -> int:
+    sign = -1 if text.startswith("-") else 1
+    whole, _, frac = text.lstrip("-").partition(".")
+    return sign * (int(whole) * 1_000_000 + int(frac))
 
 
 def _ns(text: str) -> int:
     from datetime import datetime
 
-    return int(datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()) * NS
+    stamp = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    return int(stamp.timestamp()) * NS + stamp.microsecond * 1000
+
+
+def _true_frame(story: Story) -> Meter:
+    """The faulty meter's truth as the gateway's stamps see it (after a stamp step, shifted)."""
+    if story.stamp_step is None:
+        return story.faulty
+    at, shift = story.stamp_step
+    times = [t if t < at else t - shift for t in story.faulty.times]
+    keep = [i for i, t in enumerate(story.faulty.times) if t >= at or t < at - shift]  # drop the overlap's polls
+    return Meter([times[i] for i in keep], [story.faulty.values[i] for i in keep])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(story=stories())
+def test_no_fault_pays_more_than_the_true_saving_or_issues_twice(story: Story) -> None:
+    for fault in story.faults:
+        event(fault)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        assert cli_main(["keys", "generate", "--out", str(root / "keys")]) == 0  # both runs share keys and pseudonyms
+        site = make_site(root, INCENTIVES.replace("{keys}", str(root / "keys")))
+        faulty_account = Pseudonymizer(load_pseudonym_key(root / "keys" / "incentive-pseudonym.key")).account(
+            "ACC-0001"
+        )
+        handed = run(story, root / "faulty", site, faults=True)
+        reference = run(story, root / "clean", site, faults=False)
+
+    # handed out more than once only byte-identically (replays after a restart); seq without gaps
+    by_id: dict[str, dict[str, Any]] = {}
+    for record in handed:
+        assert by_id.setdefault(record["id"], record) == record
+    issued = sorted(by_id.values(), key=lambda r: r["seq"])
+    assert [r["seq"] for r in issued] == list(range(1, len(issued) + 1))
+    intervals = [r for r in issued if r["kind"] == "interval"]
+    keys = [(r["account"], r["interval"]["start"]) for r in intervals]
+    assert len(keys) == len(set(keys)), "an (account, interval) was issued twice"
+
+    truth = _true_frame(story)
+    for record in intervals:
+        energy = _micro(record["energy_kwh"])
+        assert energy == sum(_micro(m["kwh"]) for m in record["meters"])
+        saving = _micro(record["saving_kwh"])
+        assert saving == 0 or (record["status"] == "measured" and not record["flags"])
+        if saving == 0:
+            continue
+        meter = truth if record["account"] == faulty_account else story.clean
+        start, end = _ns(record["interval"]["start"]), _ns(record["interval"]["end"])
+        if story.stamp_step is not None and meter is truth:
+            at, shift = story.stamp_step
+            assert not (start < at + shift and end > at - shift), "paid across a timestamp step"
+        true_energy = meter.at(end) - meter.at(start)
+        readings = [_ns(r["ts"]) for r in record["meters"][0]["readings"]]
+        slack = (meter.at(readings[1]) - meter.at(readings[0])) + (meter.at(readings[-1]) - meter.at(readings[-2]))
+        earned = max(Fraction(0), BASELINE - true_energy)
+        assert saving <= earned + slack + 2, (record["interval"], saving, float(earned), float(slack))
+
+    # the clean account's records do not depend on the other meter's faults (chain fields aside)
+    assert _view(issued, faulty_account) == _view(reference, faulty_account)
+
+
+_CHAIN = {"seq", "prev_hash", "signature"}
+
+
+def _view(records: list[dict[str, Any]], faulty_account: str) -> list[dict[str, Any]]:
+    return [
+        {k: v for k, v in r.items() if k not in _CHAIN}
+        for r in records
+        if r["kind"] == "interval" and r["account"] != faulty_account
+    ]
