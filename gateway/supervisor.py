@@ -30,7 +30,15 @@ import orjson
 from gateway.bus import Bus, Subscription
 from gateway.config.site import Site
 from gateway.driver_api import DeviceStatus, Source
-from gateway.errors import ConfigError, DeviceError, Diagnostic, GatewayError, StoreError, WriteRejected
+from gateway.errors import (
+    ConfigError,
+    DeviceError,
+    Diagnostic,
+    GatewayError,
+    StoreError,
+    WriteRejected,
+    task_group_error,
+)
 from gateway.live import LiveCache
 from gateway.model import Command, Event, Sample
 from gateway.outbox import Outbox
@@ -42,6 +50,9 @@ log = logging.getLogger(__name__)
 
 #: how long uplinks may keep flushing after the drivers stopped (systemd's TimeoutStopSec is longer)
 FINAL_FLUSH_SECONDS = 1.0
+#: after a stop is requested, how long appends to a store that refuses them (failing disk) are retried; then what
+#: it still refuses is given up, counted and reported, so a stop ends in seconds rather than when systemd kills it
+STOP_STORE_GRACE_SECONDS = 2.0
 TICK_SECONDS = 1.0
 
 
@@ -148,6 +159,10 @@ class Gateway:
         self.rule_problems: list[str] = []
         #: records given up because the store kept failing during shutdown (normally 0)
         self.store_lost = 0
+        #: records dropped because they cannot be encoded (e.g. an integer beyond 64 bits computed by a rule)
+        self.unencodable = 0
+        self._stop_requested_at: float | None = None
+        self._last_store_error = ""
         self._rules_sub: Subscription | None = None
         self._command_queue: asyncio.Queue[Command | None] = asyncio.Queue(maxsize=1000)
         self._reload_requested = asyncio.Event()
@@ -214,8 +229,11 @@ class Gateway:
         """Append to the outbox, retrying while the disk refuses (full, read-only, I/O error).
 
         While this retries, the bus queue fills and the drivers wait: back-pressure rather than silent loss. The
-        outbox logs each distinct failure once. Only when the gateway is stopping and the disk still refuses is
-        the data given up, and then it is counted and logged.
+        outbox logs each distinct failure once. Only when a stop was requested more than STOP_STORE_GRACE_SECONDS
+        ago and the disk still refuses is the data given up: then every append is tried once, and what is refused
+        is counted (``store_lost``) and reported in one line when the gateway has stopped. The grace is counted
+        from the stop request, not from the bus closing: a driver blocked on a full queue (the store refusing for
+        minutes) or the ticker inside this loop must be let go, or the stop would never reach the bus.
         """
         delay = 0.05
         while True:
@@ -225,15 +243,17 @@ class Gateway:
             except (TypeError, ValueError) as exc:
                 # not encodable (e.g. an integer beyond 64 bits computed by a rule): retrying cannot help, and
                 # letting it escape would stop the gateway; drop this batch, counted and logged
-                self.store_lost += len(items)
+                self.unencodable += len(items)
                 log.error("%d records cannot be stored and were dropped: %s", len(items), exc)
                 return
             except StoreError as exc:
-                if self.bus.closed and delay >= 1.0:
+                stop_at = self._stop_requested_at
+                if stop_at is not None and time.monotonic() - stop_at >= STOP_STORE_GRACE_SECONDS:
                     self.store_lost += len(items)
-                    log.error("stopping with the store failing: %d records not stored (%s)", len(items), exc)
+                    self._last_store_error = str(exc)
                     return
-            await asyncio.sleep(delay)
+            # while stopping, retry often enough to give up soon after the grace ends
+            await asyncio.sleep(delay if self._stop_requested_at is None else min(delay, 0.25))
             delay = min(delay * 2, 5.0)
 
     async def _emit_derived(self, samples: list[Sample]) -> None:
@@ -379,8 +399,18 @@ class Gateway:
     # -- the whole lifecycle ----------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set and the shutdown sequence has finished.
+
+        Raises ConfigError (the site, its rules or the status page's address are refused at start), StoreError
+        (the data directory or the outbox cannot be opened) or another GatewayError, always as itself: a failure
+        inside the TaskGroup is unwrapped by ``task_group_error``, so the caller never sees an ExceptionGroup for
+        a refusal, on any Python 3.11.
+        """
         storage = self.site.config.storage
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create data directory {self.data_dir}: {exc.strerror or exc}") from None
         outbox = self.outbox = Outbox(
             self.data_dir / "outbox.db",
             durability=storage.durability,
@@ -389,18 +419,25 @@ class Gateway:
         )
         try:
             await self._run_with_outbox(stop, outbox)
-        except* GatewayError as group:
-            # one start-up refusal inside the TaskGroup (e.g. the status page on a public address without a token)
-            # reaches the caller as itself, so `run` prints it as a config/runtime error rather than a traceback
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+        except BaseExceptionGroup as group:
+            # a refusal inside the TaskGroup (e.g. the status page on a public address without a token) reaches the
+            # caller as itself, so `run` prints it as one config/runtime error line rather than a traceback
+            error = task_group_error(group)
+            if error is None:
+                raise
+            raise error from None
         finally:
             if self.incentives is not None:
                 self.incentives.close()
             if self.rules is not None and hasattr(self.rules, "close"):
                 self.rules.close()
             await outbox.close()
+            if self.store_lost:
+                log.error(
+                    "stopped with the store failing: %d records not stored (%s)",
+                    self.store_lost,
+                    self._last_store_error,
+                )
             log.info("gateway stopped; outbox closed")
 
     async def _run_with_outbox(self, stop: asyncio.Event, outbox: Outbox) -> None:
@@ -455,6 +492,7 @@ class Gateway:
                 callback()
 
             await stop.wait()
+            self._stop_requested_at = time.monotonic()
             log.info("stopping: drivers first, then draining the bus")
             sources_stopping.set()
             await asyncio.gather(*source_tasks, ticker)
