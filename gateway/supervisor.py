@@ -53,6 +53,9 @@ FINAL_FLUSH_SECONDS = 1.0
 #: after a stop is requested, how long appends to a store that refuses them (failing disk) are retried; then what
 #: it still refuses is given up, counted and reported, so a stop ends in seconds rather than when systemd kills it
 STOP_STORE_GRACE_SECONDS = 2.0
+#: a stage in an expected fault (its store refusing) counts as working again after this long without a failure: one
+#: successful step proves little, since many steps (a batch with no meter reading) never touch the disk
+STAGE_RECOVERY_SECONDS = 10.0
 TICK_SECONDS = 1.0
 
 
@@ -163,6 +166,9 @@ class Gateway:
         self.unencodable = 0
         self._stop_requested_at: float | None = None
         self._last_store_error = ""
+        #: per stage ("incentive stage", "rules tick", ...), the expected fault it is in and when it last failed,
+        #: so an outage is logged once when it starts and once when it is over
+        self._stage_faults: dict[str, tuple[str, float]] = {}
         self._rules_sub: Subscription | None = None
         self._command_queue: asyncio.Queue[Command | None] = asyncio.Queue(maxsize=1000)
         self._reload_requested = asyncio.Event()
@@ -295,15 +301,38 @@ class Gateway:
                 self.rule_problems.append(f"{time.strftime('%H:%M:%S', time.localtime(ts / 1e9))} {problem}")
             del self.rule_problems[:-50]
 
+    def _stage_failed(self, stage: str, exc: Exception, what: str) -> None:
+        """A stage's step failed and will be tried again with the next batch or tick.
+
+        A GatewayError is an expected fault (a full or failing disk under the rule state or the incentive ledger):
+        one line when it starts or changes, none while it repeats, one when the stage works again (``_stage_ok``).
+        Anything else is a bug, logged with its traceback every time.
+        """
+        if isinstance(exc, GatewayError):
+            message = str(exc)
+            previous = self._stage_faults.get(stage)
+            self._stage_faults[stage] = (message, time.monotonic())
+            if previous is None or previous[0] != message:
+                log.error("%s failed: %s (retrying; logged once)", stage, message)
+            return
+        log.error("%s failed on %s", stage, what, exc_info=exc)
+
+    def _stage_ok(self, stage: str) -> None:
+        fault = self._stage_faults.get(stage)
+        if fault is not None and time.monotonic() - fault[1] >= STAGE_RECOVERY_SECONDS:
+            del self._stage_faults[stage]
+            log.info("%s works again (no failure for %.0f s)", stage, STAGE_RECOVERY_SECONDS)
+
     async def _rules_loop(self, sub: Subscription) -> None:
         async for batch in sub:
             try:
                 outputs = self.rules.process(batch, time.time_ns())
-            except Exception:
-                # The engine isolates each rule's errors itself; this is the net for a bug in the engine: the batch
-                # is already stored, and the next one is evaluated.
-                log.exception("rules engine failed on a batch of %d samples", len(batch))
+            except Exception as exc:
+                # The engine isolates each rule's errors itself; this is the net for a bug in the engine or a failing
+                # disk under its state: the batch is already stored, and the next one is evaluated.
+                self._stage_failed("rules engine", exc, f"a batch of {len(batch)} samples")
                 continue
+            self._stage_ok("rules engine")
             await self._handle_rule_outputs(outputs)
 
     async def _incentives_loop(self, sub: Subscription) -> None:
@@ -311,10 +340,11 @@ class Gateway:
         async for batch in sub:
             try:
                 events = self.incentives.process(batch)
-            except Exception:
+            except Exception as exc:
                 # readings stay in the outbox and the stage's own history: the interval is recomputed later
-                log.exception("incentive stage failed on a batch of %d samples", len(batch))
+                self._stage_failed("incentive stage", exc, f"a batch of {len(batch)} samples")
                 continue
+            self._stage_ok("incentive stage")
             if events:
                 await self._store(self.outbox.append_events, events)
 
@@ -341,16 +371,19 @@ class Gateway:
             if self.rules is not None:
                 try:
                     outputs = self.rules.tick(now)
-                except Exception:
-                    log.exception("rules tick failed")
+                except Exception as exc:
+                    self._stage_failed("rules tick", exc, "a tick")
                 else:
+                    self._stage_ok("rules tick")
                     await self._handle_rule_outputs(outputs)
             if self.incentives is not None:
                 try:
                     events = self.incentives.tick(now)
-                except Exception:
-                    log.exception("incentive tick failed")
+                except Exception as exc:
+                    self._stage_failed("incentive tick", exc, "a tick")
                     events = []
+                else:
+                    self._stage_ok("incentive tick")
                 if events:
                     await self._store(self.outbox.append_events, events)
             if self._reload_requested.is_set():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from gateway.errors import ConfigError, StoreError, WriteRejected
 from gateway.model import Command, Quality, Sample
 from gateway.outbox import Outbox
 from gateway.registry import PointInfo
-from gateway.supervisor import STOP_STORE_GRACE_SECONDS, Gateway
+from gateway.supervisor import STAGE_RECOVERY_SECONDS, STOP_STORE_GRACE_SECONDS, Gateway
 
 
 def _demo() -> Site:
@@ -261,3 +262,25 @@ async def test_a_data_directory_that_cannot_be_created_is_a_store_error(tmp_path
     gateway = Gateway(_probe_site(tmp_path), data_dir=blocker / "data", sources=[])
     with pytest.raises(StoreError, match="cannot create data directory"):
         await gateway.run(asyncio.Event())
+
+
+def test_an_expected_stage_fault_is_logged_once_and_a_bug_every_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.supervisor")
+    gateway = Gateway(_probe_site(tmp_path), data_dir=tmp_path / "data", sources=[])
+    for _ in range(3):  # a failing disk under the incentive ledger, batch after batch
+        gateway._stage_failed("incentive stage", StoreError("disk I/O error"), "a batch")
+        gateway._stage_ok("incentive stage")  # a batch that never touched the disk proves nothing
+    assert caplog.text.count("incentive stage failed: disk I/O error") == 1
+    assert "works again" not in caplog.text
+    message, _ = gateway._stage_faults["incentive stage"]
+    gateway._stage_faults["incentive stage"] = (message, time.monotonic() - STAGE_RECOVERY_SECONDS)
+    gateway._stage_ok("incentive stage")
+    assert "incentive stage works again" in caplog.text
+    assert "Traceback" not in caplog.text
+
+    for _ in range(2):
+        gateway._stage_failed("rules engine", RuntimeError("a bug"), "a batch of 3 samples")
+    bugs = [r for r in caplog.records if r.getMessage() == "rules engine failed on a batch of 3 samples"]
+    assert len(bugs) == 2 and all(r.exc_info for r in bugs)
