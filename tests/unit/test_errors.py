@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import asyncio
+from pathlib import Path
 
 import pytest
 
@@ -63,3 +65,41 @@ async def test_a_refusal_raised_in_a_task_group_comes_out_as_itself() -> None:
     with pytest.raises(GatewayError, match="the disk refuses") as caught:
         await run()
     assert type(caught.value) is StoreError
+
+
+# -- no new exception raised from inside `except*` -------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: (file, function) that still raise a new exception inside `except*`, with who fixes it. On Python < 3.11.4 such an
+#: exception leaves wrapped in an ExceptionGroup, so a caller's `except UplinkError` misses it.
+KNOWN_RAISES_IN_EXCEPT_STAR = {
+    # raises UplinkError from `except* aiomqtt.MqttError`: on 3.11.2 the runner gets ExceptionGroup('', [UplinkError])
+    # and logs it as an unexpected error with a traceback; the uplinks' owner is to switch to `except
+    # BaseExceptionGroup` + task_group_error-style unwrapping (remove this entry then)
+    ("gateway/uplinks/mqtt.py", "send"),
+}
+
+
+def _raises_in_except_star() -> set[tuple[str, str]]:
+    found: set[tuple[str, str]] = set()
+    for package in ("gateway", "drivers", "rules"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            for function in ast.walk(tree):
+                if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                for node in ast.walk(function):
+                    if isinstance(node, ast.TryStar) and any(
+                        isinstance(inner, ast.Raise) and inner.exc is not None
+                        for handler in node.handlers
+                        for inner in ast.walk(handler)
+                    ):
+                        found.add((path.relative_to(REPO).as_posix(), function.name))
+    return found
+
+
+def test_no_new_exception_is_raised_from_inside_except_star() -> None:
+    # use `except BaseExceptionGroup` and task_group_error instead (see gateway/errors.py); a bare `raise` is fine
+    unexpected = _raises_in_except_star() - KNOWN_RAISES_IN_EXCEPT_STAR
+    assert not unexpected, f"raise inside except* (wrapped in an ExceptionGroup before Python 3.11.4): {unexpected}"
