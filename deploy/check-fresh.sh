@@ -48,7 +48,7 @@ begin() {
 }
 finish() { # finish RESULT: record the current step's time and result
   local took=$((SECONDS - step_started))
-  results+=("$(printf '%-52s %6ds  %s' "$step_name" "$took" "$1")")
+  results+=("$(printf '%-62s %6ds  %s' "$step_name" "$took" "$1")")
   log "-- $step_name: $1 in ${took}s"
 }
 
@@ -106,10 +106,11 @@ mount_in_root() { # mount_in_root TARGET MOUNT-ARGS...: mount, remember for the 
   mounted+=("$target")
   mount --make-rslave "$target"
 }
+verdict=""
 # shellcheck disable=SC2317  # called by the EXIT trap
 cleanup() {
   local status=$? pid target i left
-  trap - EXIT INT TERM
+  trap - EXIT INT TERM ERR
   # processes started inside the root (a test's broker, a demo) would keep its mounts busy
   for pid in /proc/[0-9]*; do
     if [ "$(readlink "$pid/root" 2>/dev/null)" = "$root" ]; then
@@ -137,11 +138,17 @@ cleanup() {
       log "removed $root (--keep keeps it)"
     fi
   fi
+  if [ -z "$verdict" ]; then
+    [ ${#results[@]} -eq 0 ] || printf '   %s\n' "${results[@]}"
+    echo "FAIL: check-fresh.sh stopped early (exit $status) after $((SECONDS - started))s; see $log_dir"
+  fi
+  [ "$status" -ne 0 ] || [ -n "$verdict" ] || status=1
   exit "$status"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+trap 'log "failed (exit $?) at line $LINENO: $BASH_COMMAND"' ERR
 
 # -- 1. debootstrap -------------------------------------------------------------------------------------------------
 begin "host: debootstrap available"
@@ -161,8 +168,6 @@ fi
 if [ ! -x "$root/usr/bin/python3" ] || ! grep -q "Base system installed successfully" "$log_dir/debootstrap.log"; then
   finish FAIL
   log "debootstrap failed; see $log_dir/debootstrap.log"
-  printf '%s\n' "${results[@]}"
-  echo "FAIL: check-fresh ($head_commit)"
   exit 1
 fi
 finish "ok ($(du -sh --one-file-system "$root" | cut -f1), $(chroot "$root" dpkg-query -W -f='.\n' | wc -l) packages)"
@@ -173,6 +178,7 @@ cp -L /etc/resolv.conf "$root/etc/resolv.conf"
 [ -s "$root/etc/hosts" ] || cp /etc/hosts "$root/etc/hosts"
 # extra CAs the host trusts (a registry proxy's): kept if the root's bundle is ever rebuilt by update-ca-certificates
 if [ -d /usr/local/share/ca-certificates ]; then
+  mkdir -p "$root/usr/local/share/ca-certificates"
   cp -a /usr/local/share/ca-certificates/. "$root/usr/local/share/ca-certificates/"
 fi
 cp /etc/ssl/certs/ca-certificates.crt "$root/etc/ssl/certs/ca-certificates.crt"
@@ -200,15 +206,16 @@ while IFS= read -r line; do pip_env+=("$line"); done < <(env | grep -E '^PIP_' |
 local_dirs=$(
   {
     printf '%s\n' "${pip_env[@]}" | cut -d= -f2-
-    cat /etc/pip.conf /etc/xdg/pip/pip.conf "$HOME/.config/pip/pip.conf" "$HOME/.pip/pip.conf" 2>/dev/null |
-      awk -F= '/^[[:space:]]*(find-links|index-url|extra-index-url)[[:space:]]*=/ { print $2 }'
+    for file in /etc/pip.conf /etc/xdg/pip/pip.conf "$HOME/.config/pip/pip.conf" "$HOME/.pip/pip.conf"; do
+      [ ! -f "$file" ] || awk -F= '/^[[:space:]]*(find-links|index-url|extra-index-url)[[:space:]]*=/ { print $2 }' "$file"
+    done
   } | tr -s '[:space:]' '\n' | sed -n -e 's#^file://##p' -e '\#^/#p' | sed -e 's#/simple/*$##' -e 's#/*$##' | sort -u
 )
 for dir in $local_dirs; do
   if [ -d "$dir" ]; then
     mount_in_root "$root$dir" --bind "$dir"
     mount -o remount,bind,ro "$root$dir"
-    log "   pip: $dir bind-mounted read-only ($(du -sh "$dir" 2>/dev/null | cut -f1))"
+    log "   pip: $dir bind-mounted read-only"
   fi
 done
 log "   pip variables: ${pip_env[*]:-none}"
@@ -276,10 +283,11 @@ echo
 pretty_name() { sed -n 's/^PRETTY_NAME="\{0,1\}\([^"]*\)"\{0,1\}$/\1/p' "$1"; }
 log "summary: host $(pretty_name /etc/os-release), $(uname -m), $(nproc) cores; root $(pretty_name "$root/etc/os-release"), $(in_root 'python3 --version')"
 printf '   %s\n' "${results[@]}"
-printf '   %-52s %6ds\n' "total" "$((SECONDS - started))"
+printf '   %-62s %6ds\n' "total" "$((SECONDS - started))"
 if [ "$overall" -eq 0 ]; then
-  echo "PASS: both README commands on a fresh Debian 12 root ($head_commit)"
+  verdict="PASS: both README commands on a fresh Debian 12 root ($head_commit)"
 else
-  echo "FAIL: see $log_dir ($head_commit)"
+  verdict="FAIL: see $log_dir ($head_commit)"
 fi
+echo "$verdict"
 exit "$overall"

@@ -138,15 +138,19 @@ def test_check_fresh_installs_only_what_the_readme_promises() -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to act as another user")
-def test_demo_without_venv_support_names_the_package_in_one_line(tmp_path: Path) -> None:
+def test_demo_without_venv_support_names_the_package_in_one_line() -> None:
     # A user without root or passwordless sudo, on a Python without ensurepip (Debian without python3-venv): the
     # demo says in one line what to install and exits 1. A module named ensurepip that fails to import stands in
-    # for the missing package; `nobody` stands in for the user.
+    # for the missing package; `nobody` stands in for the user. The script runs from a copy in a directory that
+    # `nobody` can read (a checkout under /root cannot be); it stops before it needs anything else of the checkout.
     shadow = Path(tempfile.mkdtemp(prefix="no-ensurepip-"))
     try:
-        (shadow / "ensurepip.py").write_text("raise ImportError('python3-venv is not installed')\n")
-        shadow.chmod(0o755)
-        (shadow / "ensurepip.py").chmod(0o644)
+        (shadow / "site").mkdir()
+        (shadow / "site" / "ensurepip.py").write_text("raise ImportError('python3-venv is not installed')\n")
+        (shadow / "checkout" / "deploy").mkdir(parents=True)
+        shutil.copy(DEPLOY / "demo.sh", shadow / "checkout" / "deploy" / "demo.sh")
+        for path in [shadow, *shadow.rglob("*")]:
+            path.chmod(0o755)
         result = subprocess.run(
             [
                 "setpriv",
@@ -155,9 +159,9 @@ def test_demo_without_venv_support_names_the_package_in_one_line(tmp_path: Path)
                 "--clear-groups",
                 "--",
                 "env",
-                f"PYTHONPATH={shadow}",
+                f"PYTHONPATH={shadow / 'site'}",
                 "bash",
-                str(DEPLOY / "demo.sh"),
+                str(shadow / "checkout" / "deploy" / "demo.sh"),
                 "--duration",
                 "1",
             ],
@@ -165,7 +169,7 @@ def test_demo_without_venv_support_names_the_package_in_one_line(tmp_path: Path)
             text=True,
             timeout=60,
             check=False,
-            cwd=tmp_path,
+            cwd=shadow,
         )
     finally:
         shutil.rmtree(shadow)
