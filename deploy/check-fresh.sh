@@ -86,6 +86,7 @@ else
   mkdir -p "$root"
 fi
 root=$(cd "$root" && pwd)
+chmod 755 "$root" # it becomes "/": mktemp's 0700 would lock every user but root out of the whole system
 [ -n "$log_dir" ] || log_dir="$root.logs"
 mkdir -p "$log_dir"
 
