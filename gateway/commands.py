@@ -94,7 +94,8 @@ async def serve_site(
             timer.cancel()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
-    return 0
+    # stopped while the disk refused writes: the supervisor has reported what was not stored, in one line
+    return 3 if gateway.store_lost else 0
 
 
 def _cmd_run(args: argparse.Namespace, site_path: Path) -> int:

@@ -10,6 +10,12 @@
     │   └── WriteRejected      a write refused before it reached the device (not writable, out of bounds, allowlist)
     ├── UplinkError            raised by uplinks; ``retryable`` says whether sending the same batch again can work
     └── StoreError             the outbox cannot be opened or written (disk full, read-only, corrupt)
+
+A TaskGroup reports its failures as a (Base)ExceptionGroup, nested when task groups are nested. ``task_group_error``
+is the one place such a group is turned back into the GatewayError it stands for, so a refusal raised inside a
+TaskGroup reaches the command line as its one line and exit code. It is used with a plain ``except
+BaseExceptionGroup``, never by raising from inside ``except*``: before Python 3.11.4 (Debian 12 ships 3.11.2) an
+exception raised in an ``except*`` clause is wrapped in a new ExceptionGroup (CPython gh-103590).
 """
 
 from __future__ import annotations
@@ -81,3 +87,27 @@ class UplinkError(GatewayError):
 
 class StoreError(GatewayError):
     """The outbox could not be opened or written."""
+
+
+def leaf_exceptions(error: BaseException) -> list[BaseException]:
+    """The exceptions inside ``error``, depth first, with every (nested) exception group flattened away."""
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaf_exceptions(inner)]
+    return [error]
+
+
+def task_group_error(group: BaseExceptionGroup[BaseException]) -> GatewayError | None:
+    """The one GatewayError a task-group failure stands for, or None when it stands for something else (a bug).
+
+    One GatewayError (however deeply nested) is returned as itself; several ConfigErrors (the same kind of refusal,
+    e.g. two parts rejecting the config at start) are merged into one ConfigError carrying all their diagnostics.
+    Anything else, or a mix, is None: the caller re-raises the group, whose traceback is then the useful report.
+    Use it as ``except BaseExceptionGroup as group: error = task_group_error(group); if error is None: raise;
+    raise error from None``.
+    """
+    leaves = leaf_exceptions(group)
+    if len(leaves) == 1 and isinstance(leaves[0], GatewayError):
+        return leaves[0]
+    if leaves and all(isinstance(leaf, ConfigError) for leaf in leaves):
+        return ConfigError(d for leaf in leaves if isinstance(leaf, ConfigError) for d in leaf.diagnostics)
+    return None

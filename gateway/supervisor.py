@@ -30,7 +30,15 @@ import orjson
 from gateway.bus import Bus, Subscription
 from gateway.config.site import Site
 from gateway.driver_api import DeviceStatus, Source
-from gateway.errors import ConfigError, DeviceError, Diagnostic, GatewayError, StoreError, WriteRejected
+from gateway.errors import (
+    ConfigError,
+    DeviceError,
+    Diagnostic,
+    GatewayError,
+    StoreError,
+    WriteRejected,
+    task_group_error,
+)
 from gateway.live import LiveCache
 from gateway.model import Command, Event, Sample
 from gateway.outbox import Outbox
@@ -42,6 +50,12 @@ log = logging.getLogger(__name__)
 
 #: how long uplinks may keep flushing after the drivers stopped (systemd's TimeoutStopSec is longer)
 FINAL_FLUSH_SECONDS = 1.0
+#: after a stop is requested, how long appends to a store that refuses them (failing disk) are retried; then what
+#: it still refuses is given up, counted and reported, so a stop ends in seconds rather than when systemd kills it
+STOP_STORE_GRACE_SECONDS = 2.0
+#: a stage in an expected fault (its store refusing) counts as working again after this long without a failure: one
+#: successful step proves little, since many steps (a batch with no meter reading) never touch the disk
+STAGE_RECOVERY_SECONDS = 10.0
 TICK_SECONDS = 1.0
 
 
@@ -148,6 +162,13 @@ class Gateway:
         self.rule_problems: list[str] = []
         #: records given up because the store kept failing during shutdown (normally 0)
         self.store_lost = 0
+        #: records dropped because they cannot be encoded (e.g. an integer beyond 64 bits computed by a rule)
+        self.unencodable = 0
+        self._stop_requested_at: float | None = None
+        self._last_store_error = ""
+        #: per stage ("incentive stage", "rules tick", ...), the expected fault it is in and when it last failed,
+        #: so an outage is logged once when it starts and once when it is over
+        self._stage_faults: dict[str, tuple[str, float]] = {}
         self._rules_sub: Subscription | None = None
         self._command_queue: asyncio.Queue[Command | None] = asyncio.Queue(maxsize=1000)
         self._reload_requested = asyncio.Event()
@@ -214,8 +235,11 @@ class Gateway:
         """Append to the outbox, retrying while the disk refuses (full, read-only, I/O error).
 
         While this retries, the bus queue fills and the drivers wait: back-pressure rather than silent loss. The
-        outbox logs each distinct failure once. Only when the gateway is stopping and the disk still refuses is
-        the data given up, and then it is counted and logged.
+        outbox logs each distinct failure once. Only when a stop was requested more than STOP_STORE_GRACE_SECONDS
+        ago and the disk still refuses is the data given up: then every append is tried once, and what is refused
+        is counted (``store_lost``) and reported in one line when the gateway has stopped. The grace is counted
+        from the stop request, not from the bus closing: a driver blocked on a full queue (the store refusing for
+        minutes) or the ticker inside this loop must be let go, or the stop would never reach the bus.
         """
         delay = 0.05
         while True:
@@ -225,15 +249,17 @@ class Gateway:
             except (TypeError, ValueError) as exc:
                 # not encodable (e.g. an integer beyond 64 bits computed by a rule): retrying cannot help, and
                 # letting it escape would stop the gateway; drop this batch, counted and logged
-                self.store_lost += len(items)
+                self.unencodable += len(items)
                 log.error("%d records cannot be stored and were dropped: %s", len(items), exc)
                 return
             except StoreError as exc:
-                if self.bus.closed and delay >= 1.0:
+                stop_at = self._stop_requested_at
+                if stop_at is not None and time.monotonic() - stop_at >= STOP_STORE_GRACE_SECONDS:
                     self.store_lost += len(items)
-                    log.error("stopping with the store failing: %d records not stored (%s)", len(items), exc)
+                    self._last_store_error = str(exc)
                     return
-            await asyncio.sleep(delay)
+            # while stopping, retry often enough to give up soon after the grace ends
+            await asyncio.sleep(delay if self._stop_requested_at is None else min(delay, 0.25))
             delay = min(delay * 2, 5.0)
 
     async def _emit_derived(self, samples: list[Sample]) -> None:
@@ -275,15 +301,38 @@ class Gateway:
                 self.rule_problems.append(f"{time.strftime('%H:%M:%S', time.localtime(ts / 1e9))} {problem}")
             del self.rule_problems[:-50]
 
+    def _stage_failed(self, stage: str, exc: Exception, what: str) -> None:
+        """A stage's step failed and will be tried again with the next batch or tick.
+
+        A GatewayError is an expected fault (a full or failing disk under the rule state or the incentive ledger):
+        one line when it starts or changes, none while it repeats, one when the stage works again (``_stage_ok``).
+        Anything else is a bug, logged with its traceback every time.
+        """
+        if isinstance(exc, GatewayError):
+            message = str(exc)
+            previous = self._stage_faults.get(stage)
+            self._stage_faults[stage] = (message, time.monotonic())
+            if previous is None or previous[0] != message:
+                log.error("%s failed: %s (retrying; logged once)", stage, message)
+            return
+        log.error("%s failed on %s", stage, what, exc_info=exc)
+
+    def _stage_ok(self, stage: str) -> None:
+        fault = self._stage_faults.get(stage)
+        if fault is not None and time.monotonic() - fault[1] >= STAGE_RECOVERY_SECONDS:
+            del self._stage_faults[stage]
+            log.info("%s works again (no failure for %.0f s)", stage, STAGE_RECOVERY_SECONDS)
+
     async def _rules_loop(self, sub: Subscription) -> None:
         async for batch in sub:
             try:
                 outputs = self.rules.process(batch, time.time_ns())
-            except Exception:
-                # The engine isolates each rule's errors itself; this is the net for a bug in the engine: the batch
-                # is already stored, and the next one is evaluated.
-                log.exception("rules engine failed on a batch of %d samples", len(batch))
+            except Exception as exc:
+                # The engine isolates each rule's errors itself; this is the net for a bug in the engine or a failing
+                # disk under its state: the batch is already stored, and the next one is evaluated.
+                self._stage_failed("rules engine", exc, f"a batch of {len(batch)} samples")
                 continue
+            self._stage_ok("rules engine")
             await self._handle_rule_outputs(outputs)
 
     async def _incentives_loop(self, sub: Subscription) -> None:
@@ -291,10 +340,11 @@ class Gateway:
         async for batch in sub:
             try:
                 events = self.incentives.process(batch, time.time_ns())
-            except Exception:
+            except Exception as exc:
                 # readings stay in the outbox and the stage's own history: the interval is recomputed later
-                log.exception("incentive stage failed on a batch of %d samples", len(batch))
+                self._stage_failed("incentive stage", exc, f"a batch of {len(batch)} samples")
                 continue
+            self._stage_ok("incentive stage")
             if events:
                 await self._store(self.outbox.append_events, events)
 
@@ -321,16 +371,19 @@ class Gateway:
             if self.rules is not None:
                 try:
                     outputs = self.rules.tick(now)
-                except Exception:
-                    log.exception("rules tick failed")
+                except Exception as exc:
+                    self._stage_failed("rules tick", exc, "a tick")
                 else:
+                    self._stage_ok("rules tick")
                     await self._handle_rule_outputs(outputs)
             if self.incentives is not None:
                 try:
                     events = self.incentives.tick(now)
-                except Exception:
-                    log.exception("incentive tick failed")
+                except Exception as exc:
+                    self._stage_failed("incentive tick", exc, "a tick")
                     events = []
+                else:
+                    self._stage_ok("incentive tick")
                 if events:
                     await self._store(self.outbox.append_events, events)
             if self._reload_requested.is_set():
@@ -379,8 +432,18 @@ class Gateway:
     # -- the whole lifecycle ----------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set and the shutdown sequence has finished.
+
+        Raises ConfigError (the site, its rules or the status page's address are refused at start), StoreError
+        (the data directory or the outbox cannot be opened) or another GatewayError, always as itself: a failure
+        inside the TaskGroup is unwrapped by ``task_group_error``, so the caller never sees an ExceptionGroup for
+        a refusal, on any Python 3.11.
+        """
         storage = self.site.config.storage
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create data directory {self.data_dir}: {exc.strerror or exc}") from None
         outbox = self.outbox = Outbox(
             self.data_dir / "outbox.db",
             durability=storage.durability,
@@ -389,18 +452,25 @@ class Gateway:
         )
         try:
             await self._run_with_outbox(stop, outbox)
-        except* GatewayError as group:
-            # one start-up refusal inside the TaskGroup (e.g. the status page on a public address without a token)
-            # reaches the caller as itself, so `run` prints it as a config/runtime error rather than a traceback
-            if len(group.exceptions) == 1:
-                raise group.exceptions[0] from None
-            raise
+        except BaseExceptionGroup as group:
+            # a refusal inside the TaskGroup (e.g. the status page on a public address without a token) reaches the
+            # caller as itself, so `run` prints it as one config/runtime error line rather than a traceback
+            error = task_group_error(group)
+            if error is None:
+                raise
+            raise error from None
         finally:
             if self.incentives is not None:
                 self.incentives.close()
             if self.rules is not None and hasattr(self.rules, "close"):
                 self.rules.close()
             await outbox.close()
+            if self.store_lost:
+                log.error(
+                    "stopped with the store failing: %d records not stored (%s)",
+                    self.store_lost,
+                    self._last_store_error,
+                )
             log.info("gateway stopped; outbox closed")
 
     async def _run_with_outbox(self, stop: asyncio.Event, outbox: Outbox) -> None:
@@ -455,6 +525,7 @@ class Gateway:
                 callback()
 
             await stop.wait()
+            self._stop_requested_at = time.monotonic()
             log.info("stopping: drivers first, then draining the bus")
             sources_stopping.set()
             await asyncio.gather(*source_tasks, ticker)

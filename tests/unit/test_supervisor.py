@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from pathlib import Path
 
@@ -10,11 +11,11 @@ import pytest
 
 from gateway.config.site import FIRMWARE_CONFIGS, Site, load_site
 from gateway.driver_api import BatchSink, DeviceStatus
-from gateway.errors import WriteRejected
+from gateway.errors import ConfigError, StoreError, WriteRejected
 from gateway.model import Command, Quality, Sample
 from gateway.outbox import Outbox
 from gateway.registry import PointInfo
-from gateway.supervisor import Gateway
+from gateway.supervisor import STAGE_RECOVERY_SECONDS, STOP_STORE_GRACE_SECONDS, Gateway
 
 
 def _demo() -> Site:
@@ -204,3 +205,82 @@ async def test_a_full_disk_holds_data_back_instead_of_losing_it(tmp_path: Path) 
     assert values == source.published  # everything, in order, once
     assert len(values) > stored_during_outage
     assert gateway.store_lost == 0
+
+
+class FloodingSource(CountingSource):
+    """Publishes as fast as the bus lets it, so a refusing store fills the queue at once and blocks this source."""
+
+    async def run(self, publish: BatchSink, stopping: asyncio.Event) -> None:
+        while not stopping.is_set():
+            value = float(len(self.published) + 1)
+            self.published.append(value)
+            await publish([Sample("probe.value", value, time.time_ns())])
+            await asyncio.sleep(0)
+
+
+async def test_a_stop_while_the_disk_refuses_ends_in_seconds_and_counts_what_was_lost(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The queue is full and the source is blocked on it when the stop comes: the store must give up after its grace,
+    # or the source never returns, the bus never closes and the stop waits for systemd's SIGKILL.
+    source = FloodingSource()
+    gateway = Gateway(_probe_site(tmp_path), data_dir=tmp_path / "data", sources=[source])
+    stop = asyncio.Event()
+    runner = asyncio.ensure_future(gateway.run(stop))
+    await asyncio.wait_for(gateway.started.wait(), 5)
+    assert gateway.outbox is not None
+    db = gateway.outbox._db
+    db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")  # the disk is full
+    store_queue = next(sub for sub in gateway.bus.subscriptions() if sub.name == "outbox")
+    for _ in range(500):
+        if store_queue.depth() >= store_queue.maxsize:
+            break
+        await asyncio.sleep(0.01)
+    assert store_queue.depth() >= store_queue.maxsize  # the source is now blocked on the bus
+    stop.set()
+    started = time.monotonic()
+    await asyncio.wait_for(runner, STOP_STORE_GRACE_SECONDS + 5)
+    assert time.monotonic() - started < STOP_STORE_GRACE_SECONDS + 3
+    stored = await _stored(tmp_path / "data" / "outbox.db")
+    assert gateway.store_lost > 0
+    assert len(stored) + gateway.store_lost == len(source.published)  # every sample is stored or counted as lost
+    assert caplog.text.count("stopped with the store failing") == 1
+
+
+async def test_a_refusal_inside_the_task_group_reaches_the_caller_as_itself(tmp_path: Path) -> None:
+    # the status page on a public address without a token is refused inside the TaskGroup; on Python < 3.11.4 a
+    # re-raise from `except*` came out wrapped in an ExceptionGroup, and the CLI printed a traceback
+    gateway = Gateway(_demo(), data_dir=tmp_path, http_listen="0.0.0.0:0")
+    with pytest.raises(ConfigError, match="not loopback") as caught:
+        await asyncio.wait_for(gateway.run(asyncio.Event()), 10)
+    assert type(caught.value) is ConfigError
+
+
+async def test_a_data_directory_that_cannot_be_created_is_a_store_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    gateway = Gateway(_probe_site(tmp_path), data_dir=blocker / "data", sources=[])
+    with pytest.raises(StoreError, match="cannot create data directory"):
+        await gateway.run(asyncio.Event())
+
+
+def test_an_expected_stage_fault_is_logged_once_and_a_bug_every_time(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.supervisor")
+    gateway = Gateway(_probe_site(tmp_path), data_dir=tmp_path / "data", sources=[])
+    for _ in range(3):  # a failing disk under the incentive ledger, batch after batch
+        gateway._stage_failed("incentive stage", StoreError("disk I/O error"), "a batch")
+        gateway._stage_ok("incentive stage")  # a batch that never touched the disk proves nothing
+    assert caplog.text.count("incentive stage failed: disk I/O error") == 1
+    assert "works again" not in caplog.text
+    message, _ = gateway._stage_faults["incentive stage"]
+    gateway._stage_faults["incentive stage"] = (message, time.monotonic() - STAGE_RECOVERY_SECONDS)
+    gateway._stage_ok("incentive stage")
+    assert "incentive stage works again" in caplog.text
+    assert "Traceback" not in caplog.text
+
+    for _ in range(2):
+        gateway._stage_failed("rules engine", RuntimeError("a bug"), "a batch of 3 samples")
+    bugs = [r for r in caplog.records if r.getMessage() == "rules engine failed on a batch of 3 samples"]
+    assert len(bugs) == 2 and all(r.exc_info for r in bugs)

@@ -5,10 +5,12 @@ the code they depend on (routes, package layout, and the line protocol the Influ
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +25,8 @@ UNIT = DEPLOY / "edge-gateway.service"
 INSTALLER = DEPLOY / "install-pi.sh"
 DOCKERFILE = DEPLOY / "Dockerfile"
 DASHBOARD = DEPLOY / "grafana" / "edge-gateway-dashboard.json"
+#: every shell script a user or CI runs: the installer, the README's two commands, the fresh-machine check, CI
+SCRIPTS = [INSTALLER, DEPLOY / "demo.sh", DEPLOY / "check-fresh.sh", REPO / "tests" / "run.sh", REPO / ".ci" / "run"]
 
 pytestmark = pytest.mark.integration
 
@@ -81,18 +85,99 @@ def test_unit_exposure_is_low(tmp_path: Path) -> None:
     assert float(match.group(1)) < 3.0  # systemd calls < 2 "OK", 2-5 "MEDIUM"
 
 
-def test_install_script_is_valid_bash() -> None:
-    result = subprocess.run(["bash", "-n", str(INSTALLER)], capture_output=True, text=True, check=False)
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.relative_to(REPO).as_posix())
+def test_scripts_are_valid_bash_and_executable(script: Path) -> None:
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
-    assert INSTALLER.stat().st_mode & 0o111, "install-pi.sh must be executable"
+    assert script.stat().st_mode & 0o111, f"{script.name} must be executable"
 
 
 @pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
-def test_install_script_is_shellcheck_clean() -> None:
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda path: path.relative_to(REPO).as_posix())
+def test_scripts_are_shellcheck_clean(script: Path) -> None:
     result = subprocess.run(
-        ["shellcheck", "--severity=style", str(INSTALLER)], capture_output=True, text=True, check=False
+        ["shellcheck", "--severity=style", str(script)], capture_output=True, text=True, check=False
     )
     assert result.returncode == 0, result.stdout
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    commands = [
+        line.strip()
+        for line in (REPO / ".ci" / "run").read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "set ", "cd "))
+    ]
+    assert commands == ["./tests/run.sh"]
+
+
+def test_both_readme_commands_build_the_venv_from_the_system_python() -> None:
+    # Debian's /usr/bin/python3 (3.11.2 on Debian 12 and Raspberry Pi OS bookworm) is what users run: the suite must
+    # run on it, and python3-venv must be installed for it to create a virtual environment
+    for script in (DEPLOY / "demo.sh", REPO / "tests" / "run.sh"):
+        text = script.read_text()
+        assert "if [ -x /usr/bin/python3 ]; then python=/usr/bin/python3" in text, script
+        assert "python3-venv" in text, script
+        assert "rebuilding .venv" in text, script
+        installs = [line for line in text.splitlines() if "pip install" in line or "apt-get " in line]
+        assert installs and not [line for line in installs if " -q" in line], f"{script}: installs must be visible"
+
+
+def test_check_fresh_installs_only_what_the_readme_promises() -> None:
+    text = (DEPLOY / "check-fresh.sh").read_text()
+    assert "--variant=minbase --include=python3,git,ca-certificates" in text
+    assert "./deploy/demo.sh" in text and "./tests/run.sh" in text
+    assert "trap cleanup EXIT" in text
+    result = subprocess.run(
+        ["bash", str(DEPLOY / "check-fresh.sh"), "--frobnicate"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 2 and "unknown option --frobnicate" in result.stderr
+    result = subprocess.run(
+        ["bash", str(DEPLOY / "check-fresh.sh"), "--help"], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0 and "debootstrap" in result.stdout and "--keep" in result.stdout
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or shutil.which("setpriv") is None, reason="needs root to act as another user")
+def test_demo_without_venv_support_names_the_package_in_one_line() -> None:
+    # A user without root or passwordless sudo, on a Python without ensurepip (Debian without python3-venv): the
+    # demo says in one line what to install and exits 1. A module named ensurepip that fails to import stands in
+    # for the missing package; `nobody` stands in for the user. The script runs from a copy in a directory that
+    # `nobody` can read (a checkout under /root cannot be); it stops before it needs anything else of the checkout.
+    shadow = Path(tempfile.mkdtemp(prefix="no-ensurepip-"))
+    try:
+        (shadow / "site").mkdir()
+        (shadow / "site" / "ensurepip.py").write_text("raise ImportError('python3-venv is not installed')\n")
+        (shadow / "checkout" / "deploy").mkdir(parents=True)
+        shutil.copy(DEPLOY / "demo.sh", shadow / "checkout" / "deploy" / "demo.sh")
+        for path in [shadow, *shadow.rglob("*")]:
+            path.chmod(0o755)
+        result = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                "--",
+                "env",
+                f"PYTHONPATH={shadow / 'site'}",
+                "bash",
+                str(shadow / "checkout" / "deploy" / "demo.sh"),
+                "--duration",
+                "1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=shadow,
+        )
+    finally:
+        shutil.rmtree(shadow)
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "without python3-venv" in lines[0]
+    assert lines[0].endswith(("sudo apt-get install -y python3-venv", "su -c 'apt-get install -y python3-venv'"))
 
 
 def test_install_script_refuses_without_root_or_with_bad_options() -> None:

@@ -1,0 +1,105 @@
+"""Task-group failures are turned back into the one GatewayError they stand for, on every Python 3.11."""
+
+from __future__ import annotations
+
+import ast
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from gateway.errors import ConfigError, Diagnostic, GatewayError, StoreError, leaf_exceptions, task_group_error
+
+
+def _config_error(message: str) -> ConfigError:
+    return ConfigError([Diagnostic("site.yaml", 1, 1, message)])
+
+
+def test_one_gateway_error_however_nested_is_itself() -> None:
+    refusal = StoreError("cannot open outbox")
+    group = BaseExceptionGroup("outer", [ExceptionGroup("inner", [ExceptionGroup("", [refusal])])])
+    assert task_group_error(group) is refusal
+
+
+def test_several_config_errors_are_one_with_every_diagnostic() -> None:
+    group = ExceptionGroup("", [_config_error("first"), ExceptionGroup("", [_config_error("second")])])
+    merged = task_group_error(group)
+    assert isinstance(merged, ConfigError)
+    assert [d.message for d in merged.diagnostics] == ["first", "second"]
+
+
+@pytest.mark.parametrize(
+    "leaves",
+    [
+        [RuntimeError("a bug")],
+        [StoreError("disk"), RuntimeError("a bug")],
+        [StoreError("disk"), _config_error("bad")],  # two different failures: the traceback tells more
+    ],
+)
+def test_anything_else_is_left_to_the_traceback(leaves: list[Exception]) -> None:
+    assert task_group_error(ExceptionGroup("", leaves)) is None
+
+
+def test_leaves_are_in_order() -> None:
+    a, b, c = ValueError("a"), KeyError("b"), OSError("c")
+    assert leaf_exceptions(BaseExceptionGroup("", [a, BaseExceptionGroup("", [b, c])])) == [a, b, c]
+    assert leaf_exceptions(a) == [a]
+
+
+async def test_a_refusal_raised_in_a_task_group_comes_out_as_itself() -> None:
+    # the shape of Gateway.run: a TaskGroup whose task refuses; the caller catches the refusal by its own type
+    async def refuse() -> None:
+        raise StoreError("the disk refuses")
+
+    async def run() -> None:
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(refuse())
+                await asyncio.Event().wait()
+        except BaseExceptionGroup as group:
+            error = task_group_error(group)
+            if error is None:
+                raise
+            raise error from None
+
+    with pytest.raises(GatewayError, match="the disk refuses") as caught:
+        await run()
+    assert type(caught.value) is StoreError
+
+
+# -- no new exception raised from inside `except*` -------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+#: (file, function) that still raise a new exception inside `except*`, with who fixes it. On Python < 3.11.4 such an
+#: exception leaves wrapped in an ExceptionGroup, so a caller's `except UplinkError` misses it.
+KNOWN_RAISES_IN_EXCEPT_STAR = {
+    # raises UplinkError from `except* aiomqtt.MqttError`: on 3.11.2 the runner gets ExceptionGroup('', [UplinkError])
+    # and logs it as an unexpected error with a traceback; the uplinks' owner is to switch to `except
+    # BaseExceptionGroup` + task_group_error-style unwrapping (remove this entry then)
+    ("gateway/uplinks/mqtt.py", "send"),
+}
+
+
+def _raises_in_except_star() -> set[tuple[str, str]]:
+    found: set[tuple[str, str]] = set()
+    for package in ("gateway", "drivers", "rules"):
+        for path in sorted((REPO / package).rglob("*.py")):
+            tree = ast.parse(path.read_text(), str(path))
+            for function in ast.walk(tree):
+                if not isinstance(function, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                for node in ast.walk(function):
+                    if isinstance(node, ast.TryStar) and any(
+                        isinstance(inner, ast.Raise) and inner.exc is not None
+                        for handler in node.handlers
+                        for inner in ast.walk(handler)
+                    ):
+                        found.add((path.relative_to(REPO).as_posix(), function.name))
+    return found
+
+
+def test_no_new_exception_is_raised_from_inside_except_star() -> None:
+    # use `except BaseExceptionGroup` and task_group_error instead (see gateway/errors.py); a bare `raise` is fine
+    unexpected = _raises_in_except_star() - KNOWN_RAISES_IN_EXCEPT_STAR
+    assert not unexpected, f"raise inside except* (wrapped in an ExceptionGroup before Python 3.11.4): {unexpected}"
