@@ -1,7 +1,10 @@
 """``edge-gateway incentives verify`` and ``edge-gateway keys generate``.
 
-Owns argument parsing and output of the two commands; the checks live in ``verify``, the key files in ``record``.
-Never imports the ledger (verifying needs only the records and a public key).
+Owns argument parsing and output of these commands; the checks live in ``verify``, the key files and checkpoints in
+``record``. ``verify`` never opens the ledger (it needs only the records and a public key).
+
+Each sub-command is added by its own ``_add_*`` function, so other ``incentives`` sub-commands can join
+``register`` without touching these.
 """
 
 from __future__ import annotations
@@ -10,6 +13,8 @@ import argparse
 import sys
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from gateway.incentives.record import (
     PSEUDONYM_KEY_NAME,
@@ -26,13 +31,25 @@ from gateway.incentives.record import (
 def register(subparsers: Any) -> None:
     incentives = subparsers.add_parser("incentives", help="low-carbon incentive records")
     inc_sub = incentives.add_subparsers(dest="incentives_command", metavar="COMMAND", required=True)
+    _add_verify(inc_sub)
+
+    keys = subparsers.add_parser("keys", help="incentive signing and pseudonym keys")
+    keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
+    _add_keys_generate(keys_sub)
+
+
+# -- incentives verify -----------------------------------------------------------------------------------------
+
+
+def _add_verify(inc_sub: Any) -> None:
     verify = inc_sub.add_parser(
         "verify",
-        help="check signatures, hash chain, sequence gaps, duplicates and figures of a record stream",
-        description="Verify incentive records (JSON Lines: records or event envelopes). Exit 0 when every check "
-        "passes, 1 with one line per problem otherwise.",
+        help="re-check a record stream: signatures, chain, gaps, duplicates, every figure, settlements, checkpoint",
+        description="Verify incentive records (JSON Lines: records or event envelopes; '-' reads standard input) "
+        "against the specification in docs/incentives.md. Exit 0 with one summary line when every check passes, "
+        "1 with one line per problem otherwise.",
     )
-    verify.add_argument("records", type=Path, metavar="RECORDS.jsonl")
+    verify.add_argument("records", metavar="RECORDS.jsonl", help="the records, one per line ('-' for stdin)")
     verify.add_argument(
         "--public-key",
         type=Path,
@@ -41,18 +58,30 @@ def register(subparsers: Any) -> None:
         metavar="KEY",
         help="the gateway's Ed25519 public key (PEM); repeat for records signed before a key rotation",
     )
+    verify.add_argument(
+        "--checkpoint",
+        type=Path,
+        metavar="FILE",
+        help="a signed chain-head checkpoint (JSON): the stream must hold its seq with exactly its hash",
+    )
+    verify.add_argument(
+        "--from-seq",
+        type=_positive_int,
+        metavar="N",
+        help="the stream is a partial export (`incentives export --since N`): the epoch record in force, then "
+        "records from seq N on",
+    )
     verify.set_defaults(handler=_verify)
 
-    keys = subparsers.add_parser("keys", help="incentive signing and pseudonym keys")
-    keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)
-    generate = keys_sub.add_parser(
-        "generate",
-        help="create an Ed25519 signing key pair and a pseudonym key (files 0600)",
-        description=f"Writes {SIGNING_KEY_NAME}, {PUBLIC_KEY_NAME} and {PSEUDONYM_KEY_NAME} into DIR. Existing "
-        "files are never overwritten. Give the public key to the platform; the other two never leave the gateway.",
-    )
-    generate.add_argument("--out", type=Path, required=True, metavar="DIR")
-    generate.set_defaults(handler=_generate)
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from exc
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -63,9 +92,22 @@ def _verify(args: argparse.Namespace) -> int:
     except KeyFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    checkpoint: Any = None
+    if args.checkpoint is not None:
+        try:
+            checkpoint = orjson.loads(args.checkpoint.read_bytes())
+        except OSError as exc:
+            print(f"error: cannot read checkpoint {args.checkpoint}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        except orjson.JSONDecodeError:
+            print(f"error: checkpoint {args.checkpoint} is not valid JSON", file=sys.stderr)
+            return 1
     try:
-        with args.records.open("rb") as handle:
-            report = verify_lines(handle, keys)
+        if args.records == "-":
+            report = verify_lines(sys.stdin.buffer, keys, from_seq=args.from_seq, checkpoint=checkpoint)
+        else:
+            with Path(args.records).open("rb") as handle:
+                report = verify_lines(handle, keys, from_seq=args.from_seq, checkpoint=checkpoint)
     except OSError as exc:
         print(f"error: cannot read {args.records}: {exc.strerror or exc}", file=sys.stderr)
         return 1
@@ -74,8 +116,22 @@ def _verify(args: argparse.Namespace) -> int:
     if report.problems:
         print(f"FAILED: {len(report.problems)} problem(s) in {report.records} record(s)", file=sys.stderr)
         return 1
-    print(f"ok: {report.records} record(s), seq {report.first_seq}..{report.last_seq}, chain and signatures valid")
+    print(report.summary())
     return 0
+
+
+# -- keys generate ---------------------------------------------------------------------------------------------
+
+
+def _add_keys_generate(keys_sub: Any) -> None:
+    generate = keys_sub.add_parser(
+        "generate",
+        help="create an Ed25519 signing key pair and a pseudonym key (files 0600)",
+        description=f"Writes {SIGNING_KEY_NAME}, {PUBLIC_KEY_NAME} and {PSEUDONYM_KEY_NAME} into DIR. Existing "
+        "files are never overwritten. Give the public key to the platform; the other two never leave the gateway.",
+    )
+    generate.add_argument("--out", type=Path, required=True, metavar="DIR")
+    generate.set_defaults(handler=_generate)
 
 
 def _generate(args: argparse.Namespace) -> int:
