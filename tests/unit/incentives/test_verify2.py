@@ -1,4 +1,4 @@
-"""``incentives verify`` (record schema 2), on a stream built by hand.
+"""``incentives verify`` (record schema 2) and ``incentives export``, on a stream built by hand.
 
 The stream below is written from docs/incentives.md with every figure worked out by hand (the comments show the
 arithmetic); the only code shared with the verifier is ``record.py`` (encoding, hashing, signing). A tiny helper
@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -922,9 +923,100 @@ def test_cli_verify_bad_inputs(files: Files, tmp_path: Path, capsys: pytest.Capt
         main([*args, "--from-seq", "0"])
 
 
+def make_ledger(path: Path, records: list[dict[str, Any]], checkpoint: dict[str, Any] | None) -> sqlite3.Connection:
+    """A ledger with the layout the stage writes (records, meta); left open in WAL mode like a running gateway."""
+    ledger = sqlite3.connect(path, isolation_level=None)
+    ledger.execute("PRAGMA journal_mode=WAL")
+    ledger.execute("CREATE TABLE records (seq INTEGER PRIMARY KEY, id TEXT NOT NULL, kind TEXT NOT NULL, "
+                   "body BLOB NOT NULL, account TEXT)")  # fmt: skip
+    ledger.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT)")
+    ledger.execute("BEGIN")
+    for record in records:
+        ledger.execute(
+            "INSERT INTO records (seq, id, kind, body) VALUES (?, ?, ?, ?)",
+            (record["seq"], record["id"], record["kind"], orjson.dumps(record, option=orjson.OPT_SORT_KEYS)),
+        )
+    if checkpoint is not None:
+        ledger.execute("INSERT INTO meta VALUES ('checkpoint', ?)", (orjson.dumps(checkpoint).decode(),))
+    ledger.execute("COMMIT")
+    return ledger
+
+
+def test_export_then_verify_with_the_checkpoint(
+    files: Files, tmp_path: Path, capsysbinary: pytest.CaptureFixture[bytes]
+) -> None:
+    records = build(two_epochs())
+    ledger = make_ledger(tmp_path / "incentives.db", records, checkpoint_for(records))
+    try:
+        assert main(["incentives", "export", "--data-dir", str(tmp_path)]) == 0
+        assert capsysbinary.readouterr().out == b"\n".join(lines(records)) + b"\n"
+        out, cp = tmp_path / "export.jsonl", tmp_path / "cp.json"
+        assert main(["incentives", "export", "--data-dir", str(tmp_path), "--out", str(out), "--checkpoint-out",
+                     str(cp)]) == 0  # fmt: skip
+        assert b"exported 10 record(s), seq 1..10" in capsysbinary.readouterr().err
+        assert verify_lines(out.read_bytes().splitlines(), [PUBLIC], checkpoint=orjson.loads(cp.read_bytes())).ok
+
+        # --since 8: the epoch record in force (seq 6) first, then 8..10
+        assert main(["incentives", "export", "--data-dir", str(tmp_path), "--since", "8", "--out", str(out)]) == 0
+        assert [orjson.loads(x)["seq"] for x in out.read_bytes().splitlines()] == [6, 8, 9, 10]
+        assert main(["incentives", "verify", str(out), "--public-key", str(files.public), "--from-seq", "8",
+                     "--checkpoint", str(cp)]) == 0  # fmt: skip
+        assert main(["incentives", "verify", str(out), "--public-key", str(files.public)]) == 1
+        assert b"the first records are missing: the stream starts at seq 6" in capsysbinary.readouterr().out
+
+        # a record the running gateway commits now is in the next export (WAL, read-only reader)
+        extra = build([*two_epochs(), settlement(ACCT_B, "2026-12-01", ["B2"])])[-1]
+        body = orjson.dumps(extra, option=orjson.OPT_SORT_KEYS)
+        ledger.execute("INSERT INTO records (seq, id, kind, body) VALUES (?, ?, ?, ?)",
+                       (extra["seq"], extra["id"], extra["kind"], body))  # fmt: skip
+        assert main(["incentives", "export", "--data-dir", str(tmp_path), "--since", "11"]) == 0
+        assert [orjson.loads(x)["seq"] for x in capsysbinary.readouterr().out.splitlines()] == [6, 11]
+    finally:
+        ledger.close()
+    assert main(["incentives", "export", "--data-dir", str(tmp_path), "--since", "2"]) == 0  # gateway stopped
+    assert [orjson.loads(x)["seq"] for x in capsysbinary.readouterr().out.splitlines()] == list(range(1, 12))
+
+
+def test_export_refuses_a_missing_ledger_and_a_missing_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["incentives", "export", "--data-dir", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (
+        f"error: no incentive ledger at {tmp_path / 'incentives.db'} (is --data-dir the gateway's data directory?)\n"
+    )
+    assert not (tmp_path / "incentives.db").exists()
+    make_ledger(tmp_path / "incentives.db", build(stream_bodies()), None).close()
+    cp = tmp_path / "cp.json"
+    assert main(["incentives", "export", "--data-dir", str(tmp_path), "--checkpoint-out", str(cp)]) == 1
+    err = capsys.readouterr().err
+    assert "holds no checkpoint yet" in err and err.count("\n") == 1
+    assert not cp.exists()
+
+
 def _cli(*args: str, **kwargs: Any) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(PACKAGE.parents[1])}
     return subprocess.Popen([sys.executable, "-m", "gateway", *args], env=env, stderr=subprocess.PIPE, **kwargs)
+
+
+def test_export_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    bodies = stream_bodies()
+    day = bodies[1]
+    many = [bodies[0]] + [
+        {
+            **day,
+            "_label": f"x{n}",
+            "interval": {**day["interval"], "start": _iso(_ns("2026-11-30T00:00:00Z") + n * 900)},
+        }
+        for n in range(1, 800)
+    ]
+    records = build(many)  # figures do not matter here; only the volume (well over a pipe buffer)
+    make_ledger(tmp_path / "incentives.db", records, None).close()
+    with _cli("incentives", "export", "--data-dir", str(tmp_path), stdout=subprocess.PIPE) as reader:
+        assert reader.stdout is not None and reader.stderr is not None
+        reader.stdout.readline()
+        reader.stdout.close()  # like `| head -1`
+        assert reader.wait(timeout=60) in (0, 141, -signal.SIGPIPE)
+        assert reader.stderr.read() == b""
 
 
 def _iso(ns: int) -> str:
