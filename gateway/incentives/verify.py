@@ -159,8 +159,19 @@ def _utc_ns(value: Any, what: str) -> int:
 
 def _show_ts(ns: int) -> str:
     seconds, rest = divmod(ns, NS)
-    text = (datetime(1970, 1, 1) + timedelta(seconds=seconds)).strftime("%Y-%m-%dT%H:%M:%S")
+    try:
+        text = _iso(datetime(1970, 1, 1) + timedelta(seconds=seconds))
+    except OverflowError:
+        return f"{ns} ns"
     return f"{text}.{rest:09d}".rstrip("0") + "Z" if rest else text + "Z"
+
+
+def _iso(moment: datetime) -> str:
+    """``YYYY-MM-DDTHH:MM:SS`` (strftime does not pad years before 1000 everywhere)."""
+    return (
+        f"{moment.year:04d}-{moment.month:02d}-{moment.day:02d}T"
+        f"{moment.hour:02d}:{moment.minute:02d}:{moment.second:02d}"
+    )
 
 
 @lru_cache(maxsize=1 << 16)
@@ -272,9 +283,13 @@ def _weekend(ordinal: int) -> bool:
 
 
 @lru_cache(maxsize=1 << 16)
-def _local(start_s: int, zone: ZoneInfo) -> tuple[int, int, int]:
-    """Local date ordinal, seconds since local midnight (wall clock) and UTC offset in seconds of a UTC second."""
-    moment = datetime.fromtimestamp(start_s, zone)
+def _local(start_s: int, zone: ZoneInfo) -> tuple[int, int, int] | None:
+    """Local date ordinal, seconds since local midnight (wall clock) and UTC offset in seconds of a UTC second;
+    None at the calendar's edge (year 1 or 9999 with an offset that leaves it)."""
+    try:
+        moment = datetime.fromtimestamp(start_s, zone)
+    except (OverflowError, ValueError, OSError):
+        return None
     offset = moment.utcoffset()
     assert offset is not None
     return moment.toordinal(), moment.hour * 3600 + moment.minute * 60 + moment.second, int(offset.total_seconds())
@@ -378,7 +393,7 @@ def _parse_programme(body: Any) -> _Programme:
         raise _Bad("netting is neither 'day' nor 'interval'")
     try:
         zone = ZoneInfo(_str(programme["timezone"], "timezone"))
-    except (ZoneInfoNotFoundError, ValueError) as exc:
+    except (ZoneInfoNotFoundError, ValueError, OSError) as exc:
         raise _Bad(f"timezone {programme['timezone']!r} is not a known IANA zone") from exc
     share = Fraction(_factor(programme["resolution_share"], "resolution_share"))
     exclude = frozenset(
@@ -977,7 +992,8 @@ class _Verifier:
             )
         if start % length:
             out(f"the interval start {_show_ts(start)} is not on the grid of interval_s {programme.interval_s}")
-        day, clock, offset = _local(start // NS, programme.zone) if start % NS == 0 else (None, None, None)
+        local = _local(start // NS, programme.zone) if start % NS == 0 else None
+        day, clock, offset = local if local is not None else (None, None, None)
         local_text = span["local_start"]
         if not _local_matches(local_text, start, offset):
             expected_local = _show_local(start, offset)
@@ -1084,7 +1100,7 @@ class _Verifier:
                 out(f"meter {name}: flag {flag} is not derivable from its readings")
 
         status = record["status"]
-        if status not in _STATUSES:
+        if not isinstance(status, str) or status not in _STATUSES:
             raise _Bad(f"status {status!r} is not one of {sorted(_STATUSES)}")
         expected_status = (
             "incomplete"
@@ -1171,7 +1187,11 @@ class _Verifier:
             if start % NS:
                 out(f"baseline day {_show_ts(start)} is not an interval start")
                 continue
-            day, clock, _ = _local(start // NS, programme.zone)
+            local = _local(start // NS, programme.zone)
+            if local is None:
+                out(f"baseline day {_show_ts(start)} is outside the calendar in {programme.zone.key}")
+                continue
+            day, clock, _ = local
             if clock != info.clock:
                 out(
                     f"baseline day {_show_ts(start)} is at local {_show_clock(clock)}, not at this interval's "
@@ -1455,7 +1475,7 @@ def _show_local(start: int, offset: int | None) -> str:
     moment = datetime(1970, 1, 1) + timedelta(seconds=start // NS + offset)
     sign = "-" if offset < 0 else "+"
     hours, minutes = divmod(abs(offset) // 60, 60)
-    return f"{moment.strftime('%Y-%m-%dT%H:%M:%S')}{sign}{hours:02d}:{minutes:02d}"
+    return f"{_iso(moment)}{sign}{hours:02d}:{minutes:02d}"
 
 
 def _local_matches(text: Any, start: int, offset: int | None) -> bool:

@@ -1076,3 +1076,58 @@ def test_keys_generate_writes_private_files_and_refuses_to_overwrite(
     capsys.readouterr()
     assert main(["keys", "generate", "--out", str(out)]) == 1
     assert "refusing to overwrite" in capsys.readouterr().err
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=12)
+    | st.sampled_from(["9999-12-31T23:59:59Z", "0001-01-01T00:00:00Z", "0.000000", "-1.000000", "1e9", "23:00"]),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=6,
+)  # fmt: skip
+
+
+def _paths(node: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    found = [prefix] if prefix else []
+    children = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    for key, child in children:
+        found += _paths(child, (*prefix, key))
+    return found
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_signed_garbage_anywhere_is_reported_never_a_crash(data: st.DataObject) -> None:
+    """A gateway bug may sign any shape: every one is a problem line, never an exception."""
+    records = build(stream_bodies())
+    index = data.draw(st.integers(0, len(records) - 1), label="record")
+    record = json.loads(json.dumps(records[index]))
+    path = data.draw(st.sampled_from([p for p in _paths(record) if p[0] not in ("signature", "key_id")]), label="at")
+    *parents, last = path
+    node: Any = record
+    for part in parents:
+        node = node[part]
+    if data.draw(st.booleans(), label="delete") and isinstance(node, dict):
+        del node[last]
+    else:
+        node[last] = data.draw(JSON_VALUES, label="value")
+    record["signature"] = sign(record, KEY)
+    records[index] = record
+    for later in range(index + 1, len(records)):
+        records[later]["prev_hash"] = record_hash(records[later - 1])
+        records[later]["signature"] = sign(records[later], KEY)
+    problems_of(records, checkpoint=CHECKPOINT)  # must not raise (a no-op change may even be clean)
+
+
+def test_times_at_the_calendar_edge_and_absurd_zones_are_problems_not_crashes() -> None:
+    """Found by the property above run long: datetime overflows in local time, a zone name too long for a path."""
+    bodies = stream_bodies()
+    labelled(bodies, "A2")["interval"]["start"] = "9999-12-31T23:45:00Z"  # + 8 h leaves the calendar
+    labelled(bodies, "A3")["baseline"]["days"][0]["start"] = "9999-12-31T23:45:00Z"
+    records = build(bodies)
+    problems = problems_of(records)
+    assert (
+        f"{where(records, 10)}: baseline day 9999-12-31T23:45:00Z is outside the calendar in Asia/Shanghai" in problems
+    )
+    assert any(p.startswith(f"{where(records, 6)}: local_start") for p in problems)
+    records = build([epoch(programme(timezone="A" * 300)), *stream_bodies()[1:]])
+    assert problems_of(records)[0] == f"{where(records, 1)}: malformed: timezone {'A' * 300!r} is not a known IANA zone"
