@@ -722,6 +722,7 @@ class _Seen:
     id: str
     hash: str
     prev_hash: str
+    epoch: int
     trusted: bool  # signed by a given key with a valid signature
 
 
@@ -866,7 +867,7 @@ class _Verifier:
         if self.max_seq is not None and seq != self.max_seq + 1:
             self.whole = False
         self.max_seq = seq if self.max_seq is None else max(self.max_seq, seq)
-        seen = _Seen(number, seq, rid, digest, record["prev_hash"], trusted)
+        seen = _Seen(number, seq, rid, digest, record["prev_hash"], record["epoch"], trusted)
         self.by_id[rid] = seen
         self.by_seq[seq] = seen
         if not trusted:
@@ -1454,6 +1455,9 @@ class _Verifier:
                 f"checkpoint: seq {seq} in the stream (line {seen.line}) has hash {seen.hash}, "
                 f"the checkpoint says {expected}"
             )
+            return
+        if seen.epoch != checkpoint["epoch"]:
+            self.problem(f"checkpoint: epoch {checkpoint['epoch']} is not that of seq {seq} ({seen.epoch})")
             return
         self.report.checkpoint_seq = seq
 

@@ -484,6 +484,9 @@ def test_a_checkpoint_that_names_another_record() -> None:
     assert problems_of(records, checkpoint=bad) == [
         "checkpoint: bad checkpoint signature: the checkpoint was changed after it was signed"
     ]
+    other_epoch = {**checkpoint, "epoch": 2}
+    other_epoch["signature"] = sign(other_epoch, KEY)
+    assert problems_of(records, checkpoint=other_epoch) == ["checkpoint: epoch 2 is not that of seq 14 (1)"]
 
 
 def test_a_programme_hash_that_is_not_the_hash_of_the_epoch_body() -> None:
