@@ -681,12 +681,30 @@ def _outlier_problems(
 
 
 def _resolution_step(readings: list[Reading], rules: _MeterRules) -> Fraction:
-    step = rules.resolution_kwh
-    for _, micro in readings:
-        spacing = _float32_step(micro)
-        if spacing is not None and spacing > step:
-            step = spacing
-    return step
+    """``resolution_kwh``, or, when every listed reading is exactly a float32, the larger of that and the biggest
+    float32 spacing at them (a register that is a float32 counts in its spacing)."""
+    spacings = [_float32_step(micro) for _, micro in readings]
+    if not spacings or any(spacing is None for spacing in spacings):
+        return rules.resolution_kwh
+    return max([rules.resolution_kwh, *(spacing for spacing in spacings if spacing is not None)])
+
+
+def _frozen_run(readings: list[Reading], start: int, end: int, interval: int) -> tuple[Reading, Reading] | None:
+    """The first run of equal listed readings longer than one interval that overlaps ``[start, end)``."""
+    first = 0
+    for index in range(1, len(readings) + 1):
+        if index < len(readings) and readings[index][1] == readings[first][1]:
+            continue
+        low, high = readings[first], readings[index - 1]
+        if high[0] - low[0] > interval and low[0] < end and high[0] > start:
+            return low, high
+        first = index
+    return None
+
+
+def _may_run_on(readings: list[Reading]) -> bool:
+    """The listed readings begin or end with two equal ones: a frozen run may go on beyond them (declared)."""
+    return len(readings) >= 2 and (readings[0][1] == readings[1][1] or readings[-1][1] == readings[-2][1])
 
 
 # -- the report ------------------------------------------------------------------------------------------------
@@ -1085,8 +1103,21 @@ class _Verifier:
         derived_flags: set[str] = set()
         for name, result, stated_flags in results:
             derived = dict(result.flags)
-            if baseline is not None and baseline > 0 and result.kwh == 0:
-                derived.setdefault("stuck", f"no energy while the baseline expects {_fmt(baseline)} kWh")
+            declared = set(_DECLARED_FLAGS)
+            if baseline is not None and baseline > 0:
+                run = _frozen_run(result.readings, info.start, info.end, programme.interval_s * NS)
+                if result.kwh == 0:
+                    derived.setdefault(
+                        "stuck", f"no advance over the interval while the baseline expects {_fmt(baseline)} kWh"
+                    )
+                elif run is not None:
+                    derived.setdefault(
+                        "stuck",
+                        f"the readings stay at {_fmt(run[0][1])} from {_show_ts(run[0][0])} to {_show_ts(run[1][0])}, "
+                        "longer than one interval",
+                    )
+                elif _may_run_on(result.readings):
+                    declared.add("stuck")
             if baseline is not None:
                 step = _resolution_step(result.readings, by_name[name])
                 if step > _share_of(programme.resolution_share, baseline):
@@ -1097,7 +1128,7 @@ class _Verifier:
             derived_flags.update(derived)
             for flag in sorted(derived.keys() - set(stated_flags)):
                 out(f"meter {name}: flag {flag} missing: {derived[flag]}")
-            for flag in sorted(set(stated_flags) - derived.keys() - _DECLARED_FLAGS):
+            for flag in sorted(set(stated_flags) - derived.keys() - declared):
                 out(f"meter {name}: flag {flag} is not derivable from its readings")
 
         status = record["status"]

@@ -620,6 +620,10 @@ FLAG_CASES: dict[str, tuple[list[tuple[str, str]], str, str, str]] = {
                                        "0.100000", "gap", "incomplete"),
     # one pair over 15 minutes: longer than max_gap_s 300
     "gap (a long pair)": ([("00:00", "90.000000"), ("00:15", "90.150000")], "0.150000", "gap", "incomplete"),
+    # frozen at 90 from 23:58 to 00:14 (16 min, longer than one interval), then 0.04 in 4 min: 1/4 of it before 00:15
+    "stuck (a frozen run)": ([("2026-12-02T23:58:00Z", "90.000000"), ("00:02", "90.000000"), ("00:06", "90.000000"),
+                              ("00:10", "90.000000"), ("00:14", "90.000000"), ("00:18", "90.040000")],
+                             "0.010000", "stuck", "flagged"),
     # not a µkWh in 15 minutes while the baseline expects 0.3
     "stuck": ([("00:00", "90.000000"), ("00:05", "90.000000"), ("00:10", "90.000000"), ("00:15", "90.000000")],
               "0.000000", "stuck", "flagged"),
@@ -637,7 +641,7 @@ def _thursday(case: str, *, honest: bool) -> list[dict[str, Any]]:
         body = programme()
         body["accounts"][1]["meters"][0]["replacements"] = [swap]
         bodies[0] = epoch(body)
-    stamped = [(f"2026-12-03T{t}:00Z", k) for t, k in readings]
+    stamped = [(t if "T" in t else f"2026-12-03T{t}:00Z", k) for t, k in readings]
     if honest:
         record = _b4("2026-12-03T00:00:00Z", "B4", stamped, kwh=kwh, status=status, flags=(flag,))
     else:  # the flag left out: measured, and the delta the baseline gives
@@ -654,6 +658,30 @@ def test_each_derivable_flag_is_accepted_when_present_and_reported_when_missing(
     flag = FLAG_CASES[case][2]
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{where(records, 15)}: meter {METER_B}: flag {flag} missing: ")
+
+
+def _thursday_b(readings: list[str], kwh: str, **kwargs: Any) -> list[dict[str, Any]]:
+    stamped = list(zip([f"2026-12-03T00:{m:02d}:00Z" for m in (0, 5, 10, 15)], readings, strict=True))
+    return build([*stream_bodies(), _b4("2026-12-03T00:00:00Z", "B4", stamped, kwh=kwh, **kwargs)])
+
+
+def test_a_float32_step_counts_only_when_every_reading_is_a_float32() -> None:
+    mixed = ["1048576.000000", "1048576.125000", "1048576.200000", "1048576.250000"]  # 1048576.2 is no float32
+    assert problems_of(_thursday_b(mixed, "0.250000", status="measured", delta="0.050000")) == []
+    records = _thursday_b(mixed, "0.250000", status="flagged", flags=("resolution",))
+    assert problems_of(records) == [
+        f"{where(records, 15)}: meter {METER_B}: flag resolution is not derivable from its readings"
+    ]
+
+
+def test_stuck_may_be_declared_only_for_a_run_that_goes_on_beyond_the_readings() -> None:
+    ends_equal = ["90.000000", "90.050000", "90.100000", "90.100000"]  # the gateway saw the run go on
+    assert problems_of(_thursday_b(ends_equal, "0.100000", status="flagged", flags=("stuck",))) == []
+    moving = ["90.000000", "90.050000", "90.100000", "90.150000"]
+    records = _thursday_b(moving, "0.150000", status="flagged", flags=("stuck",))
+    assert problems_of(records) == [
+        f"{where(records, 15)}: meter {METER_B}: flag stuck is not derivable from its readings"
+    ]
 
 
 def test_a_rollover_without_its_note_and_an_allocation_that_takes_too_much() -> None:
