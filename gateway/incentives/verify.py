@@ -1104,12 +1104,10 @@ class _Verifier:
         for name, result, stated_flags in results:
             derived = dict(result.flags)
             declared = set(_DECLARED_FLAGS)
-            if baseline is not None and baseline > 0:
+            if baseline is not None and baseline > 0 and "gap" not in derived:
                 run = _frozen_run(result.readings, info.start, info.end, programme.interval_s * NS)
                 if result.kwh == 0:
-                    derived.setdefault(
-                        "stuck", f"no advance over the interval while the baseline expects {_fmt(baseline)} kWh"
-                    )
+                    derived["stuck"] = f"no advance over the interval while the baseline expects {_fmt(baseline)} kWh"
                 elif run is not None:
                     derived.setdefault(
                         "stuck",
@@ -1183,6 +1181,16 @@ class _Verifier:
         self, value: Any, out: Callable[[str], None], info: _Interval, rules: _AccountRules, programme: _Programme
     ) -> int | None:
         """Checks the record's baseline; returns its ``kwh`` in µkWh (None when there is none)."""
+        if value is None and rules.baseline.method == "like_days":
+            # too few usable like days; with the whole stream at hand that can be checked
+            if self.whole and self.from_genesis and info.day is not None and info.clock is not None:
+                usable = self._like_days(info, rules.baseline, programme.exclude)
+                if len(usable) >= rules.baseline.min_days:
+                    out(
+                        f"baseline is null although the stream has {len(usable)} usable like day(s) "
+                        f"(min_days {rules.baseline.min_days})"
+                    )
+            return None
         body = _obj(value, "baseline")
         method = body.get("method")
         if method != rules.baseline.method:
@@ -1194,7 +1202,7 @@ class _Verifier:
                 out(f"baseline kwh {_fmt(fixed)} is not the programme's fixed {_fmt(rules.baseline.kwh or 0)}")
             return fixed
         _members(body, {"method", "kwh", "days"}, "baseline")
-        kwh = _micro_or_null(body["kwh"], "baseline kwh")
+        kwh = _micro(body["kwh"], "baseline kwh")
         days: list[tuple[int, int]] = []
         for item in _list(body["days"], "baseline days"):
             entry = _obj(item, "baseline days entry")
@@ -1204,11 +1212,9 @@ class _Verifier:
         problems_before = len(self.report.problems)
         if len(days) > like.days:
             out(f"baseline lists {len(days)} days, more than the programme's {like.days}")
-        if kwh is None and len(days) >= like.min_days:
-            out(f"baseline kwh is null although {len(days)} days are listed (min_days {like.min_days})")
-        if kwh is not None and len(days) < like.min_days:
-            out(f"baseline has {len(days)} day(s), fewer than min_days {like.min_days}: its kwh must be null")
-        if kwh is not None and days:
+        if len(days) < like.min_days:
+            out(f"baseline has {len(days)} day(s), fewer than min_days {like.min_days}: it must be null")
+        if days:
             mean = _div_half_even(sum(k for _, k in days), len(days))
             if mean != kwh:
                 out(f"baseline kwh {_fmt(kwh)} is not the mean of its days ({_fmt(mean)})")

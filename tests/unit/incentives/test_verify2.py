@@ -136,7 +136,7 @@ def interval(
     readings: list[tuple[str, str]],
     *,
     kwh: str,
-    baseline: dict[str, Any],
+    baseline: dict[str, Any] | None,
     status: str,
     delta: str = ZERO,
     saving: str = ZERO,
@@ -181,7 +181,7 @@ def settlement(account: str, day: str, labels: list[str], **overrides: Any) -> d
     return {"kind": "settlement", "account": account, "day": day, "_labels": labels, "_overrides": overrides}
 
 
-def like_days(kwh: str | None, *days: tuple[str, str]) -> dict[str, Any]:
+def like_days(kwh: str, *days: tuple[str, str]) -> dict[str, Any]:
     return {"method": "like_days", "kwh": kwh, "days": [{"start": s, "kwh": k} for s, k in days]}
 
 
@@ -248,7 +248,7 @@ def stream_bodies(netting: str = "day") -> list[dict[str, Any]]:
         interval("A1", ACCT_A, "2026-11-30T00:00:00Z",
                  [("2026-11-30T00:00:00Z", "100.000000"), ("2026-11-30T00:05:00Z", "100.100000"),
                   ("2026-11-30T00:10:00Z", "100.200000"), ("2026-11-30T00:15:00Z", "100.300000")],
-                 kwh="0.300000", baseline=like_days(None), status="no_baseline"),
+                 kwh="0.300000", baseline=None, status="no_baseline"),
         # seq 3: 0.15 kWh against the fixed 0.3: delta 0.15 (paid by the day's settlement)
         interval("B1", ACCT_B, "2026-11-30T00:00:00Z",
                  [("2026-11-30T00:00:00Z", "50.000000"), ("2026-11-30T00:05:00Z", "50.050000"),
@@ -531,6 +531,16 @@ def test_a_baseline_that_skips_a_usable_like_day() -> None:
     assert problems_of(records) == [
         f"{where(records, 10)}: baseline days are not the newest usable like days in the stream: expected "
         "[2026-12-01T00:00:00Z, 2026-11-30T00:00:00Z], listed [2026-11-30T00:00:00Z]"
+    ]
+
+
+def test_no_baseline_although_the_stream_has_usable_like_days() -> None:
+    bodies = stream_bodies()
+    a3 = labelled(bodies, "A3")
+    a3.update(baseline=None, status="no_baseline", delta_kwh=ZERO)
+    records = build(bodies)
+    assert problems_of(records) == [
+        f"{where(records, 10)}: baseline is null although the stream has 2 usable like day(s) (min_days 1)"
     ]
 
 
