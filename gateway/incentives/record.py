@@ -10,15 +10,23 @@ Canonical encoding
     ``signature`` = base64url (no padding) of the Ed25519 signature over those bytes.
     ``hash`` of a record = SHA-256 hex of the canonical encoding of the *whole* record, signature included; the next
     record carries it as ``prev_hash`` (the first one carries 64 zeros).
+
+Chain-head checkpoint (``make_checkpoint``, ``checkpoint_problems``)
+    ``{"schema": CHECKPOINT_SCHEMA_ID, "gateway", "site", "epoch", "seq", "hash", "ts", "key_id", "signature"}``,
+    signed like a record; ``hash`` is the ``record_hash`` of record ``seq``. The rules are in docs/incentives.md.
 """
 
 from __future__ import annotations
 
 import base64
+import binascii
 import hashlib
 import hmac
 import os
+import re
 import secrets
+from collections.abc import Iterable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +35,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-SCHEMA_ID = "edge-gateway/incentive-record/1"
+SCHEMA_ID = "edge-gateway/incentive-record/2"
+CHECKPOINT_SCHEMA_ID = "edge-gateway/incentive-checkpoint/1"
 GENESIS_HASH = "0" * 64
 SIGNING_KEY_NAME = "incentive-signing.pem"
 PUBLIC_KEY_NAME = "incentive-signing.pub.pem"
@@ -100,6 +109,125 @@ def record_id(gateway: str, account_pseudonym: str, start_ns: int) -> str:
     """Deterministic: the same account and interval always get the same id, before or after a crash."""
     digest = hashlib.sha256(f"{gateway}/{account_pseudonym}/{start_ns}".encode()).hexdigest()
     return "inc_" + digest[:32]
+
+
+def settlement_id(gateway: str, account_pseudonym: str, day: str) -> str:
+    """``day`` is the account's local date, ``YYYY-MM-DD``: one settlement per account and day, whatever resends."""
+    digest = hashlib.sha256(f"{gateway}/{account_pseudonym}/day/{day}".encode()).hexdigest()
+    return "set_" + digest[:32]
+
+
+def epoch_id(gateway: str, epoch: int) -> str:
+    digest = hashlib.sha256(f"{gateway}/epoch/{epoch}".encode()).hexdigest()
+    return "epo_" + digest[:32]
+
+
+def programme_hash(programme_body: dict[str, Any]) -> str:
+    """SHA-256 hex of the canonical encoding of a programme body (every member, nothing removed)."""
+    return hashlib.sha256(orjson.dumps(programme_body, option=orjson.OPT_SORT_KEYS)).hexdigest()
+
+
+_SIGNATURE_TEXT = re.compile(r"[A-Za-z0-9_-]{86}")
+
+
+def signature_is_canonical(text: Any) -> bool:
+    """True when ``text`` is the one unpadded base64url spelling of 64 bytes.
+
+    A lenient decoder ignores the 4 unused bits of the last character, so 16 spellings decode to the same
+    signature; only one of them is what ``sign`` writes, and a record's hash (over the text) must not be malleable.
+    """
+    if not isinstance(text, str) or _SIGNATURE_TEXT.fullmatch(text) is None:
+        return False
+    try:
+        raw = base64.urlsafe_b64decode(text + "==")
+    except (binascii.Error, ValueError):
+        return False
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii") == text
+
+
+# -- chain-head checkpoint --------------------------------------------------------------------------------------
+
+_CHECKPOINT_MEMBERS: dict[str, type] = {
+    "schema": str,
+    "gateway": str,
+    "site": str,
+    "epoch": int,
+    "seq": int,
+    "hash": str,
+    "ts": str,
+    "key_id": str,
+    "signature": str,
+}
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_CHECKPOINT_TS = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+
+
+def format_checkpoint_ts(ts_ns: int) -> str:
+    """UTC, whole seconds (truncated), ``2026-12-02T10:15:07Z``."""
+    return datetime.fromtimestamp(ts_ns // 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def make_checkpoint(
+    *,
+    gateway: str,
+    site: str,
+    epoch: int,
+    seq: int,
+    head_hash: str,
+    ts_ns: int,
+    private_key: Ed25519PrivateKey,
+) -> dict[str, Any]:
+    """The signed chain-head checkpoint for record ``seq`` whose ``record_hash`` is ``head_hash``."""
+    checkpoint: dict[str, Any] = {
+        "schema": CHECKPOINT_SCHEMA_ID,
+        "gateway": gateway,
+        "site": site,
+        "epoch": epoch,
+        "seq": seq,
+        "hash": head_hash,
+        "ts": format_checkpoint_ts(ts_ns),
+        "key_id": key_id(private_key.public_key()),
+    }
+    checkpoint["signature"] = sign(checkpoint, private_key)
+    return checkpoint
+
+
+def checkpoint_problems(checkpoint: Any, public_keys: Iterable[Ed25519PublicKey]) -> list[str]:
+    """What is wrong with a checkpoint on its own (shape, key, signature); empty when it is sound.
+
+    Whether the stream holds ``seq`` with that ``hash`` is the verifier's question, not this one's.
+    """
+    if not isinstance(checkpoint, dict):
+        return ["the checkpoint is not a JSON object"]
+    problems: list[str] = []
+    for name, kind in _CHECKPOINT_MEMBERS.items():
+        if name not in checkpoint:
+            problems.append(f"the checkpoint has no member {name!r}")
+        elif not isinstance(checkpoint[name], kind) or (kind is int and isinstance(checkpoint[name], bool)):
+            problems.append(f"the checkpoint member {name!r} has the wrong type")
+    problems.extend(
+        f"the checkpoint has an unexpected member {name!r}" for name in checkpoint if name not in _CHECKPOINT_MEMBERS
+    )
+    if problems:
+        return problems
+    if checkpoint["schema"] != CHECKPOINT_SCHEMA_ID:
+        problems.append(
+            f"unknown checkpoint schema {checkpoint['schema']!r} (this verifier knows {CHECKPOINT_SCHEMA_ID})"
+        )
+    if checkpoint["seq"] < 1 or checkpoint["epoch"] < 1:
+        problems.append("the checkpoint's seq and epoch must be 1 or more")
+    if _HEX64.fullmatch(checkpoint["hash"]) is None:
+        problems.append("the checkpoint's hash is not 64 lowercase hex digits")
+    if _CHECKPOINT_TS.fullmatch(checkpoint["ts"]) is None:
+        problems.append("the checkpoint's ts is not a UTC time like 2026-12-02T10:15:07Z")
+    keys = {key_id(k): k for k in public_keys}
+    key = keys.get(checkpoint["key_id"])
+    if key is None:
+        given = ", ".join(sorted(keys)) or "none"
+        problems.append(f"the checkpoint is signed by key {checkpoint['key_id']}, not by the given key ({given})")
+    elif not signature_is_canonical(checkpoint["signature"]) or not signature_valid(checkpoint, key):
+        problems.append("bad checkpoint signature: the checkpoint was changed after it was signed")
+    return problems
 
 
 # -- key files ------------------------------------------------------------------------------------------------------
