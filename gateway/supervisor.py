@@ -4,7 +4,8 @@ Owns start-up order, shutdown order, the command router (allowlist, then the own
 bus and its consumers. It imports driver packages, the rules engine, the incentive stage, the uplinks and the HTTP
 server lazily, only when the site uses them, so a small site does not pay for libraries it does not need.
 
-Start-up builds from the outbox outward:  outbox -> rules -> incentives -> bus consumers -> uplinks -> HTTP -> drivers.
+Start-up takes the data directory's lock (one process per data directory), then builds from the outbox outward:
+    outbox -> rules -> incentives -> bus consumers -> uplinks -> HTTP -> drivers.
 Shutdown goes the other way, so nothing read is lost:
     1. drivers stop (each publishes what it has already read),
     2. the bus closes; the store, rules and incentive consumers drain every queued batch,
@@ -31,6 +32,7 @@ from gateway.bus import Bus, Subscription
 from gateway.config.site import Site
 from gateway.driver_api import DeviceStatus, Source
 from gateway.errors import ConfigError, DeviceError, Diagnostic, GatewayError, StoreError, WriteRejected
+from gateway.files import DataDirLock
 from gateway.live import LiveCache
 from gateway.model import Command, Event, Sample
 from gateway.outbox import Outbox
@@ -379,6 +381,12 @@ class Gateway:
     # -- the whole lifecycle ----------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
+        # One gateway process per data directory: the lock is taken before the outbox, the rule state or the ledger
+        # is opened, and held until they are closed. A second process gets DataDirBusy (exit 3), not a second writer.
+        with DataDirLock(self.data_dir):
+            await self._run_locked(stop)
+
+    async def _run_locked(self, stop: asyncio.Event) -> None:
         storage = self.site.config.storage
         self.data_dir.mkdir(parents=True, exist_ok=True)
         outbox = self.outbox = Outbox(
