@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import secrets
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
@@ -220,7 +221,9 @@ def test_generated_keys_are_private_and_not_regenerated_once_records_exist(tmp_p
 def test_a_changed_pseudonym_key_is_refused(tmp_path: Path) -> None:
     site = make_site(tmp_path)
     IncentiveStage.open(site, tmp_path / "data").close()
-    (tmp_path / "data" / "keys" / "pseudonym.key").write_text("f" * 64 + "\n")
+    other = tmp_path / "data" / "keys" / "pseudonym.key"
+    other.write_text(secrets.token_hex(32) + "\n")  # a valid key (random, 0600), just not the ledger's
+    other.chmod(0o600)
     with pytest.raises(ConfigError, match="not the one the ledger was started with"):
         IncentiveStage.open(site, tmp_path / "data")
 
