@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -162,6 +162,39 @@ def _mqtt_binding_errors(config: SiteConfig, smap: SourceMap) -> list[Diagnostic
     return errors
 
 
+def _account_devices(config: SiteConfig) -> dict[str, str]:
+    """Device id -> the first meter of ``incentives.accounts`` it holds.
+
+    Every point of such a device is personal, not only the meter: an apartment's power, current or power factor
+    draws the same daily life as its kWh counter (when someone is home, cooks, sleeps)."""
+    devices: dict[str, str] = {}
+    if config.incentives is not None:
+        for account in config.incentives.accounts:
+            for meter in account.meters:
+                devices.setdefault(meter.partition(".")[0], meter)
+    return devices
+
+
+def _unpersonalised(device: DeviceConfig, meter: str, smap: SourceMap, loc: Loc) -> list[Diagnostic]:
+    """An explicit ``personal: false`` on a device holding an account meter (or on one of its points) is an error:
+    it cannot take effect, and silently ignoring it would let the file say the opposite of what the gateway does."""
+    found: list[Loc] = []
+    if "personal" in device.model_fields_set and not device.personal:
+        found.append((*loc, "personal"))
+    if isinstance(device, MqttDeviceConfig):
+        for name, spec in device.points.items():
+            if "personal" in spec.model_fields_set and not spec.personal:
+                found.append((*loc, "points", name, "personal"))
+    return [
+        smap.diagnostic(
+            where,
+            f"device {device.id!r} holds the account meter {meter} (incentives.accounts): its points are personal "
+            "data and cannot be declared personal: false",
+        )
+        for where in found
+    ]
+
+
 def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site:
     """Load, validate and resolve a site file. Raises ConfigError with every problem found."""
     path = Path(path)
@@ -178,6 +211,7 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
     loaded: dict[tuple[str, type[StrictModel]], StrictModel | ConfigError] = {}
     registry = PointRegistry()
     seen_devices: set[str] = set()
+    account_devices = _account_devices(config)
     for index, device in enumerate(config.devices):
         loc: Loc = ("devices", index)
         if device.id in seen_devices:
@@ -215,8 +249,12 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
                 continue
             profile = cached
             profiles[device.id] = profile
+        if device.id in account_devices:
+            errors.extend(_unpersonalised(device, account_devices[device.id], smap, loc))
         try:
             infos: list[PointInfo] = device.point_infos(profile)  # type: ignore[arg-type]
+            if device.id in account_devices:
+                infos = [replace(info, personal=True) for info in infos]
             for info in infos:
                 registry.add(info)
         except (DuplicatePoint, ValueError) as exc:
