@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from gateway.aggregate import BuildingAggregate, build_aggregate
 from gateway.bus import Bus, Subscription
 from gateway.config.site import Site
 from gateway.driver_api import DeviceStatus, Source
@@ -143,6 +144,8 @@ class Gateway:
         self.outbox: Outbox | None = None
         self.rules: Any = None
         self.incentives: Any = None
+        #: the sum of the household meters for the platform (privacy.building_aggregate), or None
+        self.aggregate: BuildingAggregate | None = None
         self.uplinks: list[UplinkRunnerLike] = []
         self.commands = CommandLog()
         self.started = asyncio.Event()
@@ -335,6 +338,9 @@ class Gateway:
                     events = []
                 if events:
                     await self._store(self.outbox.append_events, events)
+            if self.aggregate is not None:
+                # an ordinary building point from here on: stored, shown and sent like any reading
+                await self.bus.publish(self.aggregate.tick(now))
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
                 self._reload_rules()
@@ -422,8 +428,11 @@ class Gateway:
             from gateway.incentives.stage import IncentiveStage
 
             self.incentives = IncentiveStage.open(site, self.data_dir)
+        self.aggregate = build_aggregate(site)
 
         self.bus.tap(self.live.update)
+        if self.aggregate is not None:
+            self.bus.tap(self.aggregate.update)
         store_sub = self.bus.subscribe("outbox", maxsize=1024)
         self._rules_sub = self.bus.subscribe("rules", maxsize=256) if self.rules is not None else None
         incentives_sub = self.bus.subscribe("incentives", maxsize=256) if self.incentives is not None else None

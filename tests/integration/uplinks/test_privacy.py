@@ -108,3 +108,38 @@ async def test_the_tsdb_gets_apartment_series_only_when_its_uplink_opted_in(
     apartment = series(tsdb, test, "energy_meter_energy_kwh", device="apt101")
     assert apartment == ([(t0, 1523.4)] if include_personal else [])
     assert runner.status()["backlog_samples"] == 0  # withheld is not stuck: the cursor moved over it
+
+
+async def test_a_running_gateway_sends_the_building_sum_and_nothing_of_the_flats(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    from gateway.supervisor import Gateway
+
+    uplink = f"  platform: {{host: 127.0.0.1, port: {broker.port}, prefix: agg, delivery: {FAST_DELIVERY}}}\n"
+    path = tmp_path / "site.yaml"
+    devices = "".join(
+        f"  - {{id: {d}, driver: simulator, profile: sim-energy-meter, seed: {i}}}\n"
+        for i, d in enumerate(("main", "apt101", "apt102", "apt201"))
+    )
+    path.write_text(
+        "version: 1\ngateway: {id: gw1, site: tower}\nhttp: {enabled: false}\ndevices:\n"
+        + devices
+        + f"uplinks:\n{uplink}"
+        + INCENTIVES.replace("keys/pseudonym.key", "keys/pseudonym.key\n  generate_missing_keys: true")
+        + '    - {id: "ACC-201", meters: [apt201.energy_kwh]}\n'
+        + "privacy:\n  building_aggregate: {every: 1s}\n"
+    )
+    gateway = Gateway(load_site(path), data_dir=tmp_path / "data", http_listen="off")
+    stop = asyncio.Event()
+    async with platform(broker, "agg/tower/gw1") as seen, asyncio.TaskGroup() as tg:
+        tg.create_task(gateway.run(stop))
+        await wait_for(lambda: len(seen.on("telemetry/building")) >= 2, what="two building sums")
+        stop.set()
+
+    topics = {topic.removeprefix("agg/tower/gw1/") for topic, _payload, _retain in seen.messages}
+    assert topics == {"status", "meta", "telemetry/main", "telemetry/building"}
+    (meta,) = seen.on("meta")
+    assert set(meta["devices"]) == {"main", "building"}
+    assert meta["devices"]["building"]["points"]["energy_kwh_total"]["unit"] == "kWh"
+    sums = seen.on("telemetry/building")
+    assert all(set(m["values"]) == {"energy_kwh_total"} and m["ts"] % 1000 == 0 for m in sums)
