@@ -38,6 +38,9 @@ from rules.expr import FUNCTIONS, CompiledExpr, Evaluator, ExprError, Kind, comp
 from rules.schedule import Schedule
 
 _REGISTRY_KINDS: dict[str, Kind] = {"float": "num", "int": "num", "bool": "bool", "str": "str"}
+#: the measurement of every point rules make: a registry point without it (and not physical) is the gateway's own
+#: (the building aggregate), which a rule may not redefine either
+RULE_MEASUREMENT = "derived"
 _POINT_KINDS: dict[Kind, ValueKind] = {"num": "float", "bool": "bool", "str": "str", "any": "float"}
 
 
@@ -264,9 +267,10 @@ class _Builder:
                 self.errors.append(smap.diagnostic(("points", point), message, key=True))
                 continue
             known = self.registry.get(point)
-            if known is not None and known.physical:
+            if known is not None and (known.physical or known.measurement != RULE_MEASUREMENT):
+                what = "a device point" if known.physical else "the gateway's own point"
                 self.errors.append(
-                    smap.diagnostic(("points", point), f"{point!r} is a device point; pick another name", key=True)
+                    smap.diagnostic(("points", point), f"{point!r} is {what}; pick another name", key=True)
                 )
                 continue
             self.point_configs[point] = _PointSource(point_config, smap, ("points", point))
@@ -343,7 +347,7 @@ class _Builder:
             "id": point,
             "unit": config.unit,
             "description": config.description,
-            "measurement": "derived",
+            "measurement": RULE_MEASUREMENT,
             "physical": False,
         }
         aggregate = config.aggregate()

@@ -269,6 +269,7 @@ def _building_aggregate(
         description=f"Sum of {len(meters)} household meters (privacy.building_aggregate)",
         measurement="building",
         tags={"device": aggregate.point.partition(".")[0]},
+        physical=False,  # computed, not read: no driver owns it, and the platform's meta marks it derived
     )
     return info, []
 

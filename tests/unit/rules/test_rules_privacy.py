@@ -91,3 +91,13 @@ def test_a_reload_keeps_derived_points_personal(tmp_path: Path, registry: PointR
     path.write_text("version: 1\npoints:\n  building.flats_kw: {expr: 'apt101.power_kw + apt201.power_kw'}\n")
     second = reload(first, [path], grown)
     assert [(i.id, i.personal) for i in second.derived_points()] == [("building.flats_kw", True)]
+
+
+def test_a_rule_cannot_redefine_the_building_aggregate(tmp_path: Path) -> None:
+    from gateway.errors import ConfigError
+
+    site = load_site(ROOT / "firmware_configs" / "sites" / "demo.yaml")
+    assert not site.registry["building.energy_kwh_total"].personal
+    path = _rules(tmp_path, "points:\n  building.energy_kwh_total: {expr: 'apt101.energy_kwh * 1'}\n")
+    with pytest.raises(ConfigError, match=r"'building\.energy_kwh_total' is the gateway's own point; pick another"):
+        load_rule_set([path], site.registry, timezone="UTC")
