@@ -9,6 +9,10 @@
     │   ├── DeviceRejected     the device answered with an exception code (Modbus) or refused the request
     │   └── WriteRejected      a write refused before it reached the device (not writable, out of bounds, allowlist)
     ├── UplinkError            raised by uplinks; ``retryable`` says whether sending the same batch again can work
+    ├── StoreError             the outbox cannot be opened or written (disk full, read-only, corrupt)
+    └── DataDirBusy            another gateway process holds the data directory's lock
+
+
     └── StoreError             the outbox cannot be opened or written (disk full, read-only, corrupt)
 
 A TaskGroup reports its failures as a (Base)ExceptionGroup, nested when task groups are nested. ``task_group_error``
@@ -87,6 +91,10 @@ class UplinkError(GatewayError):
 
 class StoreError(GatewayError):
     """The outbox could not be opened or written."""
+
+
+class DataDirBusy(GatewayError):
+    """Another gateway process holds ``<data_dir>/gateway.lock``: two on one outbox would deliver everything twice."""
 
 
 def leaf_exceptions(error: BaseException) -> list[BaseException]:

@@ -48,6 +48,7 @@ from typing import Any, Literal
 import orjson
 
 from gateway.errors import StoreError
+from gateway.files import create_private_sqlite, ensure_private_dir
 from gateway.model import Event, Quality, Sample
 
 log = logging.getLogger(__name__)
@@ -195,10 +196,11 @@ class Outbox:
         #: stamps ``created_ns`` (the age uplinks judge backfill by); a test passes its fake clock
         self.time_ns = time_ns
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = self._connect()
+            ensure_private_dir(self.path.parent)
+            # every reading passes through here (apartment meters too): the file and its -wal/-shm are 0600
+            self._db = self._connect(create_private_sqlite)
             self._db.executescript(_SCHEMA)
-            self._reader = self._connect()
+            self._reader = self._connect(sqlite3.connect)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open outbox {self.path}: {exc}") from exc
         self.stats = OutboxStats()
@@ -211,8 +213,8 @@ class Outbox:
 
     # -- connection ---------------------------------------------------------------------------------------------
 
-    def _connect(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
+    def _connect(self, connect: Callable[..., sqlite3.Connection]) -> sqlite3.Connection:
+        db = connect(self.path, check_same_thread=False, isolation_level=None, timeout=30)
         db.execute("PRAGMA journal_mode=WAL")
         # NORMAL in WAL mode: a committed transaction survives a process crash; FULL adds an fsync per commit so it
         # also survives a power cut.

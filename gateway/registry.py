@@ -33,6 +33,11 @@ class PointInfo:
     tags: Mapping[str, str] = field(default_factory=dict)
     #: False for derived and virtual points made by rules: nothing reads them from a device
     physical: bool = True
+    #: personal data (an apartment's meter, a tenant's thermostat): never leaves the building raw. The platform
+    #: uplink withholds it from telemetry and meta; InfluxDB only with ``include_personal: true``. Set by the point's
+    #: or device's ``personal: true``, for every device holding a meter of ``incentives.accounts``, and for rule
+    #: points computed from personal points (docs/privacy.md).
+    personal: bool = False
 
     @property
     def device(self) -> str:

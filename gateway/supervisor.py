@@ -4,7 +4,8 @@ Owns start-up order, shutdown order, the command router (allowlist, then the own
 bus and its consumers. It imports driver packages, the rules engine, the incentive stage, the uplinks and the HTTP
 server lazily, only when the site uses them, so a small site does not pay for libraries it does not need.
 
-Start-up builds from the outbox outward:  outbox -> rules -> incentives -> bus consumers -> uplinks -> HTTP -> drivers.
+Start-up takes the data directory's lock (one process per data directory), then builds from the outbox outward:
+    outbox -> rules -> incentives -> bus consumers -> uplinks -> HTTP -> drivers.
 Shutdown goes the other way, so nothing read is lost:
     1. drivers stop (each publishes what it has already read),
     2. the bus closes; the store, rules and incentive consumers drain every queued batch,
@@ -27,6 +28,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
+from gateway.aggregate import BuildingAggregate, build_aggregate
 from gateway.bus import Bus, Subscription
 from gateway.config.site import Site
 from gateway.driver_api import DeviceStatus, Source
@@ -39,6 +41,7 @@ from gateway.errors import (
     WriteRejected,
     task_group_error,
 )
+from gateway.files import DataDirLock
 from gateway.live import LiveCache
 from gateway.model import Command, Event, Sample
 from gateway.outbox import Outbox
@@ -155,6 +158,8 @@ class Gateway:
         self.outbox: Outbox | None = None
         self.rules: Any = None
         self.incentives: Any = None
+        #: the sum of the household meters for the platform (privacy.building_aggregate), or None
+        self.aggregate: BuildingAggregate | None = None
         self.uplinks: list[UplinkRunnerLike] = []
         self.commands = CommandLog()
         self.started = asyncio.Event()
@@ -386,6 +391,9 @@ class Gateway:
                     self._stage_ok("incentive tick")
                 if events:
                     await self._store(self.outbox.append_events, events)
+            if self.aggregate is not None:
+                # an ordinary building point from here on: stored, shown and sent like any reading
+                await self.bus.publish(self.aggregate.tick(now))
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
                 self._reload_rules()
@@ -439,11 +447,19 @@ class Gateway:
         inside the TaskGroup is unwrapped by ``task_group_error``, so the caller never sees an ExceptionGroup for
         a refusal, on any Python 3.11.
         """
-        storage = self.site.config.storage
+        # One gateway process per data directory: the lock is taken before the outbox, the rule state or the ledger
+        # is opened, and held until they are closed. A second process gets DataDirBusy (exit 3), not a second writer.
         try:
-            self.data_dir.mkdir(parents=True, exist_ok=True)
+            lock = DataDirLock(self.data_dir).acquire()  # creates the directory (0700) when it is missing
         except OSError as exc:
             raise StoreError(f"cannot create data directory {self.data_dir}: {exc.strerror or exc}") from None
+        try:
+            await self._run_locked(stop)
+        finally:
+            lock.release()
+
+    async def _run_locked(self, stop: asyncio.Event) -> None:
+        storage = self.site.config.storage
         outbox = self.outbox = Outbox(
             self.data_dir / "outbox.db",
             durability=storage.durability,
@@ -484,8 +500,11 @@ class Gateway:
             from gateway.incentives.stage import IncentiveStage
 
             self.incentives = IncentiveStage.open(site, self.data_dir)
+        self.aggregate = build_aggregate(site)
 
         self.bus.tap(self.live.update)
+        if self.aggregate is not None:
+            self.bus.tap(self.aggregate.update)
         store_sub = self.bus.subscribe("outbox", maxsize=1024)
         self._rules_sub = self.bus.subscribe("rules", maxsize=256) if self.rules is not None else None
         incentives_sub = self.bus.subscribe("incentives", maxsize=256) if self.incentives is not None else None

@@ -62,6 +62,9 @@ class DerivedPointConfig(StrictModel):
     initial: ActionValue | None = None
     unit: str | None = None
     description: str | None = None
+    #: personal data, never sent raw to the city platform. A point computed from a personal point is personal
+    #: anyway (``false`` there is an error); a virtual point needs ``true`` to be set from personal points.
+    personal: bool | None = None
 
     def aggregate(self) -> tuple[str, str] | None:
         """(function, source point) of a window aggregate, or None."""

@@ -6,13 +6,18 @@ against the allowlist and the registry's bounds, and the ``Allowlist`` itself.
 
 Expression errors are positioned inside the YAML scalar they came from: ``demo.yaml:14:23`` points at the unknown
 name, not at the start of the line. Imports no runtime or I/O code beyond reading the files.
+
+Personal data (``PointInfo.personal``, docs/privacy.md): rules may read it, but what they make of it stays personal.
+A derived point computed from a personal point is personal; a virtual point set from one must be declared
+``personal: true``; a ``publish``, ``alarm`` or ``event`` whose payload reads one is refused at load, because those
+go to the city platform as they are. Reads are followed through ``let`` names and other derived points.
 """
 
 from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +38,9 @@ from rules.expr import FUNCTIONS, CompiledExpr, Evaluator, ExprError, Kind, comp
 from rules.schedule import Schedule
 
 _REGISTRY_KINDS: dict[str, Kind] = {"float": "num", "int": "num", "bool": "bool", "str": "str"}
+#: the measurement of every point rules make: a registry point without it (and not physical) is the gateway's own
+#: (the building aggregate), which a rule may not redefine either
+RULE_MEASUREMENT = "derived"
 _POINT_KINDS: dict[Kind, ValueKind] = {"num": "float", "bool": "bool", "str": "str", "any": "float"}
 
 
@@ -238,6 +246,8 @@ class _Builder:
         self.visiting: list[str] = []
         self.derived: dict[str, tuple[DerivedPoint, frozenset[str]]] = {}
         self.virtual: dict[str, VirtualPoint] = {}
+        #: per rule being compiled: let name -> the points it reads (through earlier lets too)
+        self.let_points: dict[str, frozenset[str]] = {}
         self.scope = _Scope(self)
 
     # -- reading --------------------------------------------------------------------------------------------
@@ -257,9 +267,10 @@ class _Builder:
                 self.errors.append(smap.diagnostic(("points", point), message, key=True))
                 continue
             known = self.registry.get(point)
-            if known is not None and known.physical:
+            if known is not None and (known.physical or known.measurement != RULE_MEASUREMENT):
+                what = "a device point" if known.physical else "the gateway's own point"
                 self.errors.append(
-                    smap.diagnostic(("points", point), f"{point!r} is a device point; pick another name", key=True)
+                    smap.diagnostic(("points", point), f"{point!r} is {what}; pick another name", key=True)
                 )
                 continue
             self.point_configs[point] = _PointSource(point_config, smap, ("points", point))
@@ -304,13 +315,39 @@ class _Builder:
         self.kinds[name] = kind
         return kind
 
+    def is_personal(self, point: str) -> bool:
+        if point in self.derived:
+            return self.derived[point][0].info.personal
+        if point in self.virtual:
+            return self.virtual[point].info.personal
+        info = self.registry.get(point)
+        return info is not None and info.personal
+
+    def personal_reads(self, points: Iterable[str]) -> list[str]:
+        return sorted(p for p in set(points) if self.is_personal(p))
+
+    def derived_personal(
+        self, point: str, config: DerivedPointConfig, smap: SourceMap, loc: Loc, reads: Iterable[str]
+    ) -> bool:
+        """A point computed from personal data is personal; saying otherwise is an error, not a way out."""
+        personal = self.personal_reads(reads)
+        if personal and config.personal is False:
+            self.errors.append(
+                smap.diagnostic(
+                    (*loc, "personal"),
+                    f"{point} is computed from the personal point {personal[0]}, so it is personal itself: "
+                    "remove personal: false (docs/privacy.md)",
+                )
+            )
+        return bool(personal) or bool(config.personal)
+
     def build_point(self, point: str, source: _PointSource) -> Kind:
         config, smap, loc = source.config, source.smap, source.loc
         info_args: dict[str, Any] = {
             "id": point,
             "unit": config.unit,
             "description": config.description,
-            "measurement": "derived",
+            "measurement": RULE_MEASUREMENT,
             "physical": False,
         }
         aggregate = config.aggregate()
@@ -320,6 +357,7 @@ class _Builder:
             except ExprError as exc:
                 self.errors.append(expr_diagnostic(smap, (*loc, "expr"), exc))
                 return "any"
+            info_args["personal"] = self.derived_personal(point, config, smap, loc, compiled.points)
             info = PointInfo(kind=_POINT_KINDS[compiled.kind], **info_args)
             derived = DerivedPoint(
                 id=point,
@@ -347,6 +385,7 @@ class _Builder:
                 return "num"
             assert config.window is not None
             kind: ValueKind = "int" if function == "count" else "float"
+            info_args["personal"] = self.derived_personal(point, config, smap, loc, (source_point,))
             derived = DerivedPoint(
                 id=point,
                 order=0,
@@ -365,6 +404,7 @@ class _Builder:
         if initial is not None and kind_of_value(initial) != kind_word:
             self.errors.append(smap.diagnostic((*loc, "initial"), f"initial value {initial!r} is not a {config.kind}"))
             initial = None
+        info_args["personal"] = bool(config.personal)
         self.virtual[point] = VirtualPoint(point, kind_word, initial, PointInfo(kind=config.kind, **info_args))
         return kind_word
 
@@ -466,8 +506,15 @@ class _Builder:
         except _CycleError as exc:  # pragma: no cover - cycles are reported once by build_points
             self.errors.append(smap.diagnostic(loc, f"derived points form a cycle: {exc}"))
             return None
-        used.update(compiled.points)
+        used.update(self.reads_of(compiled))
         return compiled
+
+    def reads_of(self, compiled: CompiledExpr) -> set[str]:
+        """The points an expression reads, directly or through the rule's ``let`` names."""
+        reads = set(compiled.points)
+        for name in compiled.lets:
+            reads.update(self.let_points.get(name, ()))
+        return reads
 
     def compile_value(
         self, value: Any, smap: SourceMap, loc: Loc, lets: Mapping[str, Kind], used: set[str]
@@ -480,7 +527,7 @@ class _Builder:
             except ExprError as exc:
                 self.errors.append(expr_diagnostic(smap, loc, exc, skip=1))
                 return None
-            used.update(compiled.points)
+            used.update(self.reads_of(compiled))
             return compiled.evaluate, compiled.kind
         return (lambda v, constant=value: constant), kind_of_value(value)
 
@@ -502,6 +549,27 @@ class _Builder:
             return compiled[0] if compiled else (lambda v: None)
         self.errors.append(smap.diagnostic(loc, f"unsupported value {template!r} in a payload"))
         return lambda v: None
+
+    def compile_outgoing(
+        self, template: Any, smap: SourceMap, loc: Loc, lets: Mapping[str, Kind], used: set[str]
+    ) -> Evaluator:
+        """A publish payload or alarm/event data: they go to the city platform as they are, so reading a personal
+        point there is refused (the rule's condition may read them: only its firing leaves the building)."""
+        reads: set[str] = set()
+        evaluator = self.compile_template(template, smap, loc, lets, reads)
+        used.update(reads)
+        personal = self.personal_reads(reads)
+        if personal:
+            what = "publish payload" if loc[-1] == "payload" else f"{loc[-2]} data"
+            self.errors.append(
+                smap.diagnostic(
+                    loc,
+                    f"this {what} reads the personal point {personal[0]}; it would go to the city platform as it "
+                    "is, and personal data leaves the building only inside incentive records or as the building "
+                    "aggregate (docs/privacy.md)",
+                )
+            )
+        return evaluator
 
     def compile_action(
         self,
@@ -551,18 +619,30 @@ class _Builder:
                     )
                 )
                 return None
-            value = self.compile_value(action.set.value, smap, (*aloc, "value"), lets, used)
+            reads: set[str] = set()
+            value = self.compile_value(action.set.value, smap, (*aloc, "value"), lets, reads)
+            used.update(reads)
             if value is None:
                 return None
             if value[1] not in (virtual.kind, "any") and virtual.kind != "any":
                 self.errors.append(smap.diagnostic((*aloc, "value"), f"{point} is a {virtual.info.kind} point"))
                 return None
+            personal = self.personal_reads(reads)
+            if personal and not virtual.info.personal:
+                self.errors.append(
+                    smap.diagnostic(
+                        (*aloc, "value"),
+                        f"sets {point} from the personal point {personal[0]}: declare {point} with personal: true "
+                        "(docs/privacy.md)",
+                    )
+                )
+                return None
             return CompiledAction("set", index, point=point, value=value[0])
         if action.publish is not None:
-            payload = self.compile_template(action.publish.payload, smap, (*aloc, "payload"), lets, used)
+            payload = self.compile_outgoing(action.publish.payload, smap, (*aloc, "payload"), lets, used)
             return CompiledAction("publish", index, topic=action.publish.topic, payload=payload)
         if action.alarm is not None:
-            data = self.compile_template(action.alarm.data, smap, (*aloc, "data"), lets, used)
+            data = self.compile_outgoing(action.alarm.data, smap, (*aloc, "data"), lets, used)
             return CompiledAction(
                 "alarm",
                 index,
@@ -572,7 +652,7 @@ class _Builder:
                 data=data,
             )
         assert action.event is not None
-        data = self.compile_template(action.event.data, smap, (*aloc, "data"), lets, used)
+        data = self.compile_outgoing(action.event.data, smap, (*aloc, "data"), lets, used)
         return CompiledAction(
             "event",
             index,
@@ -590,11 +670,15 @@ class _Builder:
         used: set[str] = set()
         let_kinds: dict[str, Kind] = {}
         lets: list[tuple[str, Evaluator]] = []
+        self.let_points = {}
         for name, text in rule.let.items():
             if name in FUNCTIONS or name in ("true", "false", "True", "False"):
                 self.errors.append(smap.diagnostic((*loc, "let", name), f"let name {name!r} is reserved", key=True))
                 continue
-            compiled = self.compile_expr_at(text, smap, (*loc, "let", name), let_kinds, want=None, used=used)
+            let_used: set[str] = set()
+            compiled = self.compile_expr_at(text, smap, (*loc, "let", name), let_kinds, want=None, used=let_used)
+            self.let_points[name] = frozenset(let_used)
+            used.update(let_used)
             if compiled is not None:
                 let_kinds[name] = compiled.kind
                 lets.append((name, compiled.evaluate))

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway.errors import StoreError
+from gateway.files import create_private_sqlite, ensure_private_dir
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rule_state (
@@ -49,8 +50,8 @@ class RuleStateStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            ensure_private_dir(path.parent)
+            self._db = create_private_sqlite(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(_SCHEMA)

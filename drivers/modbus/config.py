@@ -79,6 +79,8 @@ class ModbusPoint(StrictModel):
     #: after a write, read the point back and fail the write unless the device holds what was written
     readback: bool = False
     tags: dict[str, str] = Field(default_factory=dict)
+    #: personal data (a tenant's consumption): never sent raw to the city platform (docs/privacy.md)
+    personal: bool = False
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -312,6 +314,8 @@ class ModbusDeviceConfig(StrictModel):
     unit: Annotated[int, Field(ge=1, le=255)]
     poll: PositiveDuration = 1.0
     tags: dict[str, str] = Field(default_factory=dict)
+    #: every point of this device is personal data (an apartment's meter), whatever the shared profile says
+    personal: bool = False
 
     def point_infos(self, profile: StrictModel) -> list[PointInfo]:
         assert isinstance(profile, ModbusProfile)
@@ -327,6 +331,7 @@ class ModbusDeviceConfig(StrictModel):
                 description=spec.description,
                 measurement=profile.measurement_name,
                 tags={**base_tags, **spec.tags},
+                personal=self.personal or spec.personal,
             )
             for name, spec in profile.points.items()
         ]

@@ -295,6 +295,8 @@ class MqttPointSpec(StrictModel):
     #: only messages of this subscription carry the point (Tasmota ``STATE`` vs ``SENSOR``)
     subscription: Ident | None = None
     command: MqttCommandSpec | None = None
+    #: personal data (a tenant's plug or meter): never sent raw to the city platform (docs/privacy.md)
+    personal: bool = False
 
     @field_validator("path")
     @classmethod
@@ -329,6 +331,8 @@ class MqttDeviceConfig(StrictModel):
     measurement: str = "mqtt"
     points: Annotated[dict[Ident, MqttPointSpec], Field(min_length=1)]
     tags: dict[str, str] = Field(default_factory=dict)
+    #: every point of this device is personal data
+    personal: bool = False
 
     @field_validator("topic_name")
     @classmethod
@@ -353,6 +357,7 @@ class MqttDeviceConfig(StrictModel):
                 description=spec.description,
                 measurement=self.measurement,
                 tags={"device": self.id, **self.tags},
+                personal=self.personal or spec.personal,
             )
             for name, spec in self.points.items()
         ]

@@ -27,6 +27,8 @@ class SimPointSpec(StrictModel):
     min: float | None = None
     max: float | None = None
     description: str | None = None
+    #: personal data: never sent raw to the city platform (docs/privacy.md)
+    personal: bool = False
 
 
 class SimulatorProfile(StrictModel):
@@ -62,6 +64,8 @@ class SimulatorDeviceConfig(StrictModel):
     #: scales the simulated load (an apartment meter draws less than a plant room)
     scale: float = Field(default=1.0, gt=0)
     tags: dict[str, str] = Field(default_factory=dict)
+    #: every point of this device is personal data (an apartment's meter), whatever the shared profile says
+    personal: bool = False
 
     def point_infos(self, profile: StrictModel) -> list[PointInfo]:
         assert isinstance(profile, SimulatorProfile)
@@ -76,6 +80,7 @@ class SimulatorDeviceConfig(StrictModel):
                 description=spec.description,
                 measurement=profile.model,
                 tags={"device": self.id, **self.tags},
+                personal=self.personal or spec.personal,
             )
             for name, spec in profile.points.items()
         ]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -18,14 +18,14 @@ from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig
 from drivers.mqtt.config import MqttDeviceConfig, MqttSourceConfig
 from drivers.simulator.config import SimulatorDeviceConfig
 from gateway.config.source import Loc, SourceMap, load_yaml, validate
-from gateway.config.types import Ident, Size, StrictModel, parse_size
+from gateway.config.types import Ident, PointId, PositiveDuration, Size, StrictModel, parse_size
 from gateway.errors import ConfigError, Diagnostic
 from gateway.incentives.config import IncentivesConfig
 from gateway.registry import DuplicatePoint, PointInfo, PointRegistry
 from gateway.uplinks.config import UplinksConfig
 
 # parse_size is re-exported: driver configs parse sizes with the same rules
-__all__ = ["FIRMWARE_CONFIGS", "Site", "SiteConfig", "load_profile", "load_site", "parse_size"]
+__all__ = ["FIRMWARE_CONFIGS", "Site", "SiteConfig", "aggregate_meters", "load_profile", "load_site", "parse_size"]
 
 #: the repository's firmware_configs/ (device profiles, demo site, rule files)
 FIRMWARE_CONFIGS = Path(
@@ -68,6 +68,34 @@ class HttpConfig(StrictModel):
     token_file: Path | None = None
 
 
+class BuildingAggregateConfig(StrictModel):
+    """The one way household meters reach the platform outside incentive records: their sum, as one building point.
+
+    Sent once per ``every`` (aligned to the UTC grid), and only when *every* meter has a good reading no older than
+    ``max_age`` (default ``every``): a sum over a changing set of meters would give one meter away as the difference
+    of two sums, and a sum sent after each single reading would give away that reading's increase. At least
+    ``min_meters`` meters (3 or more: with two, each household learns the other's figures by subtracting its own).
+    """
+
+    point: PointId = "building.energy_kwh_total"
+    #: default: every meter of ``incentives.accounts``
+    meters: list[PointId] | None = None
+    min_meters: Annotated[int, Field(ge=3)] = 3
+    every: PositiveDuration = 900.0
+    max_age: PositiveDuration | None = None
+
+    @property
+    def freshness(self) -> float:
+        return self.max_age if self.max_age is not None else self.every
+
+
+class PrivacyConfig(StrictModel):
+    """``privacy:``. What is personal is said on points and devices (``personal: true``) and by
+    ``incentives.accounts``; this block holds what the platform may get instead."""
+
+    building_aggregate: BuildingAggregateConfig | None = None
+
+
 DeviceConfig = Annotated[SimulatorDeviceConfig | ModbusDeviceConfig | MqttDeviceConfig, Field(discriminator="driver")]
 
 
@@ -82,6 +110,7 @@ class SiteConfig(StrictModel):
     uplinks: UplinksConfig = UplinksConfig()
     rules: list[str] = Field(default_factory=list)
     incentives: IncentivesConfig | None = None
+    privacy: PrivacyConfig = PrivacyConfig()
     #: where device profiles are looked up, relative to the site file; the bundled profiles are always searched last
     profile_dirs: list[str] = Field(default_factory=lambda: ["../devices"])
 
@@ -162,6 +191,89 @@ def _mqtt_binding_errors(config: SiteConfig, smap: SourceMap) -> list[Diagnostic
     return errors
 
 
+def _account_devices(config: SiteConfig) -> dict[str, str]:
+    """Device id -> the first meter of ``incentives.accounts`` it holds.
+
+    Every point of such a device is personal, not only the meter: an apartment's power, current or power factor
+    draws the same daily life as its kWh counter (when someone is home, cooks, sleeps)."""
+    devices: dict[str, str] = {}
+    if config.incentives is not None:
+        for account in config.incentives.accounts:
+            for meter in account.meters:
+                devices.setdefault(meter.partition(".")[0], meter)
+    return devices
+
+
+def _unpersonalised(device: DeviceConfig, meter: str, smap: SourceMap, loc: Loc) -> list[Diagnostic]:
+    """An explicit ``personal: false`` on a device holding an account meter (or on one of its points) is an error:
+    it cannot take effect, and silently ignoring it would let the file say the opposite of what the gateway does."""
+    found: list[Loc] = []
+    if "personal" in device.model_fields_set and not device.personal:
+        found.append((*loc, "personal"))
+    if isinstance(device, MqttDeviceConfig):
+        for name, spec in device.points.items():
+            if "personal" in spec.model_fields_set and not spec.personal:
+                found.append((*loc, "points", name, "personal"))
+    return [
+        smap.diagnostic(
+            where,
+            f"device {device.id!r} holds the account meter {meter} (incentives.accounts): its points are personal "
+            "data and cannot be declared personal: false",
+        )
+        for where in found
+    ]
+
+
+def aggregate_meters(config: SiteConfig) -> list[str]:
+    """The meters the building aggregate sums: its own ``meters``, else every meter of ``incentives.accounts``."""
+    aggregate = config.privacy.building_aggregate
+    if aggregate is not None and aggregate.meters is not None:
+        return list(dict.fromkeys(aggregate.meters))
+    if config.incentives is None:
+        return []
+    return list(dict.fromkeys(m for account in config.incentives.accounts for m in account.meters))
+
+
+def _building_aggregate(
+    config: SiteConfig, aggregate: BuildingAggregateConfig, registry: PointRegistry, smap: SourceMap
+) -> tuple[PointInfo | None, list[Diagnostic]]:
+    """The aggregate's point, or the reasons it cannot be built (positioned in ``privacy.building_aggregate``)."""
+    loc: Loc = ("privacy", "building_aggregate")
+    meters = aggregate_meters(config)
+    problems: list[Diagnostic] = []
+    for index, meter in enumerate(meters):
+        info = registry.get(meter)
+        where: Loc = (*loc, "meters", index) if aggregate.meters is not None else loc
+        if info is None:
+            problems.append(smap.diagnostic(where, f"building aggregate meter {meter!r} is not a point of any device"))
+        elif info.kind not in ("float", "int"):
+            problems.append(smap.diagnostic(where, f"building aggregate meter {meter!r} is {info.kind}, not a number"))
+    if len(meters) < aggregate.min_meters:
+        source = "meters" if aggregate.meters is not None else "incentives.accounts"
+        problems.append(
+            smap.diagnostic(
+                (*loc, "meters") if aggregate.meters is not None else loc,
+                f"the building aggregate needs at least {aggregate.min_meters} meters (min_meters); {source} names "
+                f"{len(meters)}",
+            )
+        )
+    if aggregate.point in registry:
+        problems.append(smap.diagnostic((*loc, "point"), f"{aggregate.point!r} is already a device point"))
+    if problems:
+        return None, problems
+    units = {registry[m].unit for m in meters}
+    info = PointInfo(
+        id=aggregate.point,
+        unit=units.pop() if len(units) == 1 else None,
+        kind="float",
+        description=f"Sum of {len(meters)} household meters (privacy.building_aggregate)",
+        measurement="building",
+        tags={"device": aggregate.point.partition(".")[0]},
+        physical=False,  # computed, not read: no driver owns it, and the platform's meta marks it derived
+    )
+    return info, []
+
+
 def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site:
     """Load, validate and resolve a site file. Raises ConfigError with every problem found."""
     path = Path(path)
@@ -178,6 +290,7 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
     loaded: dict[tuple[str, type[StrictModel]], StrictModel | ConfigError] = {}
     registry = PointRegistry()
     seen_devices: set[str] = set()
+    account_devices = _account_devices(config)
     for index, device in enumerate(config.devices):
         loc: Loc = ("devices", index)
         if device.id in seen_devices:
@@ -215,14 +328,23 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
                 continue
             profile = cached
             profiles[device.id] = profile
+        if device.id in account_devices:
+            errors.extend(_unpersonalised(device, account_devices[device.id], smap, loc))
         try:
             infos: list[PointInfo] = device.point_infos(profile)  # type: ignore[arg-type]
+            if device.id in account_devices:
+                infos = [replace(info, personal=True) for info in infos]
             for info in infos:
                 registry.add(info)
         except (DuplicatePoint, ValueError) as exc:
             errors.append(smap.diagnostic(loc, str(exc)))
 
     errors.extend(_mqtt_binding_errors(config, smap))
+    if config.privacy.building_aggregate is not None and not errors:
+        aggregate, problems = _building_aggregate(config, config.privacy.building_aggregate, registry, smap)
+        errors.extend(problems)
+        if aggregate is not None:
+            registry.add(aggregate)
 
     rule_files: list[Path] = []
     for index, rule_path in enumerate(config.rules):

@@ -82,6 +82,8 @@ def points(gateway: Gateway, now_ns: int | None = None) -> list[JsonDict]:
                 "kind": info.kind,
                 "writable": info.writable,
                 "derived": not info.physical,
+                # shown here (the page is local: loopback, or a token), withheld from the platform
+                "personal": info.personal,
             }
         )
     # a sample for a point the registry does not know (a rule output added at run time) is still shown
@@ -101,6 +103,7 @@ def points(gateway: Gateway, now_ns: int | None = None) -> list[JsonDict]:
                     "kind": None,
                     "writable": False,
                     "derived": True,
+                    "personal": None,
                 }
             )
     return result

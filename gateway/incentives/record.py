@@ -234,6 +234,8 @@ def checkpoint_problems(checkpoint: Any, public_keys: Iterable[Ed25519PublicKey]
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:
+    from gateway.files import check_private_file
+
     try:
         data = path.read_bytes()
     except OSError as exc:
@@ -244,6 +246,11 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         raise KeyFileError(f"{path} is not an unencrypted PEM private key: {exc}") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise KeyFileError(f"{path} holds a {type(key).__name__}, not an Ed25519 private key")
+    try:
+        # anyone who can read it can sign records the platform pays on: refused like ssh refuses a private key
+        check_private_file(path, "signing key")
+    except OSError as exc:
+        raise KeyFileError(str(exc)) from None
     return key
 
 
@@ -262,21 +269,50 @@ def load_public_key(path: Path) -> Ed25519PublicKey:
 
 
 def load_pseudonym_key(path: Path) -> bytes:
-    """First line of the file, stripped (the same convention as every ``*_file`` secret)."""
+    """First line of the file, stripped (the same convention as every ``*_file`` secret): at least 64 hex digits
+    (32 random bytes, what ``keys generate`` writes), in a file only its owner can read.
+
+    A guessable key turns every pseudonym back into an account id by brute force over the (few) real ids, so a
+    short or patterned key is refused rather than used. "Patterned": fewer than 10 different hex digits (64 random
+    digits show fewer than 10 about once in 10**12 keys; requiring all 16 would refuse a quarter of random keys) or
+    one block repeated. The key text itself (not the decoded bytes) stays the HMAC key, as before."""
+    from gateway.files import check_private_file
+
+    min_hex_digits = 64
+    min_distinct_digits = 10
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise KeyFileError(f"cannot read pseudonym key {path}: {exc}") from exc
     lines = text.splitlines()
     key = lines[0].strip() if lines else ""
-    if len(key) < MIN_PSEUDONYM_KEY_CHARS:
-        raise KeyFileError(f"{path}: the pseudonym key must be at least {MIN_PSEUDONYM_KEY_CHARS} characters")
+    fix = "create one with `edge-gateway keys generate`"
+    if not key or any(c not in "0123456789abcdefABCDEF" for c in key):
+        raise KeyFileError(f"{path}: the pseudonym key must be hex digits (64 or more); {fix}")
+    if len(key) < min_hex_digits:
+        raise KeyFileError(
+            f"{path}: the pseudonym key has {len(key)} hex digits, at least {min_hex_digits} (32 random bytes) are "
+            f"needed; {fix}"
+        )
+    digits = key.lower()
+    distinct = len(set(digits))
+    repeated = any(digits[n:] == digits[:-n] for n in range(1, len(digits) // 2 + 1))  # period n: s[n:] == s[:-n]
+    if distinct < min_distinct_digits or repeated:
+        why = f"only {distinct} different digits" if distinct < min_distinct_digits else "one block repeated"
+        raise KeyFileError(f"{path}: the pseudonym key does not look random ({why}); {fix}")
+    try:
+        check_private_file(path, "pseudonym key")
+    except OSError as exc:
+        raise KeyFileError(str(exc)) from None
     return key.encode("utf-8")
 
 
 def _write_new(path: Path, data: bytes, mode: int) -> None:
-    """Create ``path`` with ``mode`` from the start (never world-readable, even for an instant); refuse to overwrite."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Create ``path`` with ``mode`` from the start (never world-readable, even for an instant); refuse to overwrite.
+    A directory created for it is 0700."""
+    from gateway.files import ensure_private_dir
+
+    ensure_private_dir(path.parent)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as handle:
         handle.write(data)

@@ -63,6 +63,9 @@ class InfluxConfig(StrictModel):
     delivery: DeliveryConfig = DeliveryConfig()
     #: tags added to every line, besides ``site`` and ``gateway`` (which are always there)
     extra_tags: dict[str, str] = Field(default_factory=dict)
+    #: also write personal points (apartment meters): only for an InfluxDB inside the building, run by the same
+    #: operator under the same data-protection rules as the gateway itself (docs/privacy.md)
+    include_personal: bool = False
 
     _token_path = field_validator("token_file", mode="before")(_resolve_path)
 

@@ -13,11 +13,16 @@ Topics, under ``base = {prefix}/{site}/{gateway}``::
     base/cmd/{action}        subscribed: commands from the platform (see gateway.commands_platform)
 
 Timestamps on the wire are Unix milliseconds (integers): nanoseconds do not survive a JavaScript number.
+
+Personal data stays in the building: telemetry and meta carry only points the registry knows and does not mark
+``personal`` (``PlatformPoints``). Every telemetry and meta payload is built here, so no caller can forget the
+filter; the platform gets personal data only inside incentive records and as the building aggregate
+(docs/privacy.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -26,12 +31,35 @@ from gateway.model import Quality
 from gateway.outbox import StoredEvent, TelemetryBatch
 
 if TYPE_CHECKING:
-    from gateway.registry import PointRegistry
+    from gateway.registry import PointInfo, PointRegistry
 
 CONTRACT_VERSION = 1
 _QUALITY_NAMES = {Quality.UNCERTAIN: "uncertain", Quality.BAD: "bad"}
 #: what a rule's publish topic may not contain: MQTT wildcards, NUL, empty levels, and the gateway's own topics
 _RESERVED_FIRST_LEVELS = frozenset({"status", "meta", "telemetry", "events", "cmd"})
+
+
+class PlatformPoints:
+    """The points whose values may go to the platform raw: known to the registry and not personal.
+
+    A point the registry does not know is withheld too: it is a reading of a device removed from the site file
+    while still queued in the outbox, and whether it was personal can no longer be told. Answers are cached per
+    point (a running registry only grows, by the derived points of reloaded rules; a known point never changes)."""
+
+    def __init__(self, registry: Mapping[str, PointInfo]) -> None:
+        self._registry = registry
+        self._shared: dict[str, bool] = {}
+
+    def __contains__(self, point: object) -> bool:
+        if not isinstance(point, str):
+            return False
+        shared = self._shared.get(point)
+        if shared is None:
+            info = self._registry.get(point)
+            if info is None:
+                return False  # not cached: a rule reload may still register it
+            shared = self._shared[point] = not info.personal
+        return shared
 
 
 def base_topic(prefix: str, site: str, gateway: str) -> str:
@@ -44,11 +72,14 @@ def status_payload(state: str, *, reason: str, ts_ms: int, version: str) -> byte
 
 
 def meta_payload(*, site: str, gateway: str, name: str | None, registry: PointRegistry, ts_ms: int) -> bytes:
+    """Devices and their points, without personal points (and without devices that have nothing else)."""
     devices: dict[str, Any] = {}
     for device in registry.devices():
         points: dict[str, Any] = {}
         for point_id in registry.points_of(device):
             info = registry[point_id]
+            if info.personal:
+                continue
             entry: dict[str, Any] = {"kind": info.kind, "writable": info.writable, "measurement": info.measurement}
             for key in ("unit", "min", "max", "description"):
                 value = getattr(info, key)
@@ -59,17 +90,23 @@ def meta_payload(*, site: str, gateway: str, name: str | None, registry: PointRe
             if not info.physical:
                 entry["derived"] = True
             points[info.name] = entry
-        devices[device] = {"points": points}
+        if points:
+            devices[device] = {"points": points}
     doc = {"v": CONTRACT_VERSION, "site": site, "gateway": gateway, "name": name, "ts": ts_ms, "devices": devices}
     return orjson.dumps(doc)
 
 
-def telemetry_messages(base: str, rows: list[TelemetryBatch], *, historical: bool) -> Iterator[tuple[str, bytes]]:
+def telemetry_messages(
+    base: str, rows: list[TelemetryBatch], *, historical: bool, shared: PlatformPoints
+) -> Iterator[tuple[str, bytes]]:
     """One message per (stored batch, device, read time): ``seq`` is the stored batch's, so a resend is
-    recognisable; ``(seq, ts)`` identifies a message on its device topic."""
+    recognisable; ``(seq, ts)`` identifies a message on its device topic. Only points in ``shared`` are sent (values
+    and quality alike); a device whose read held nothing else gets no message."""
     for row in rows:
         groups: dict[tuple[str, int], tuple[dict[str, Any], dict[str, str]]] = {}
         for point, value, ts, quality in row.samples:
+            if point not in shared:
+                continue
             device, _, name = point.partition(".")
             key = (device, ts)
             group = groups.get(key)

@@ -45,7 +45,9 @@ class InfluxUplink:
         self.config = config
         gateway = site.config.gateway
         self.encoder = LineProtocolEncoder(
-            site.registry, common_tags={**config.extra_tags, "site": gateway.site, "gateway": gateway.id}
+            site.registry,
+            common_tags={**config.extra_tags, "site": gateway.site, "gateway": gateway.id},
+            include_personal=config.include_personal,
         )
         self._client: Any = None
         self._writer: Any = None
@@ -69,7 +71,7 @@ class InfluxUplink:
     async def send(self, batch: UplinkBatch) -> None:
         body = self.encoder.encode(batch.samples())
         if not body:
-            return  # only BAD or non-finite values: nothing for a TSDB
+            return  # only BAD, non-finite or withheld personal values: nothing for a TSDB
         from influxdb_client.client.exceptions import InfluxDBError
 
         writer = self._connect()

@@ -6,7 +6,9 @@ name, timestamp = the sample's ``ts`` in nanoseconds. Samples of one device read
 and timestamp) share one line, as InfluxDB stores them best. Imports no protocol library.
 
 What is not written: BAD samples (a communication failure has no value, DESIGN.md), and non-finite floats (NaN,
-±inf), which no InfluxDB accepts; both are counted. Ints of ``kind: int`` points are written as integers (``5i``),
+±inf), which no InfluxDB accepts; both are counted. Personal points (``PointInfo.personal``), and points the registry
+does not know, are withheld unless the uplink opted in with ``include_personal`` (an InfluxDB inside the building,
+docs/privacy.md); they are counted too. Ints of ``kind: int`` points are written as integers (``5i``),
 other numbers as floats, so a field never changes type between writes (InfluxDB refuses that).
 """
 
@@ -38,20 +40,32 @@ def quote_string(text: str) -> str:
 class LineProtocolEncoder:
     """Turns sample batches into line protocol bytes. Series keys are computed once per point and cached."""
 
-    def __init__(self, registry: Mapping[str, PointInfo], *, common_tags: Mapping[str, str]) -> None:
+    def __init__(
+        self, registry: Mapping[str, PointInfo], *, common_tags: Mapping[str, str], include_personal: bool
+    ) -> None:
         self.registry = registry
         self.common_tags = dict(common_tags)
+        #: no default: whoever builds an encoder decides, in so many words, whether personal data may go out
+        self.include_personal = include_personal
         self._series: dict[str, tuple[str, str, str]] = {}
+        self._withheld: set[str] = set()
         self.skipped_bad = 0
         self.skipped_non_finite = 0
+        self.skipped_personal = 0
 
-    def _series_of(self, point: str) -> tuple[str, str, str]:
-        """``(measurement,tags prefix, escaped field key, value kind)`` for ``point``."""
+    def _series_of(self, point: str) -> tuple[str, str, str] | None:
+        """``(measurement,tags prefix, escaped field key, value kind)`` for ``point``; None if it is withheld."""
         cached = self._series.get(point)
         if cached is not None:
             return cached
+        if point in self._withheld:
+            return None
         device, _, name = point.partition(".")
         info = self.registry.get(point)
+        if not self.include_personal and (info is None or info.personal):
+            if info is not None:  # an unknown point is not remembered: a rule reload may still register it
+                self._withheld.add(point)
+            return None
         if info is None:  # not in the registry (should not happen): still keep the value, under the device
             measurement, tags, kind = "gateway", {"device": device}, ""
         else:
@@ -92,7 +106,12 @@ class LineProtocolEncoder:
                 self.skipped_bad += 1
                 continue
             cached = series.get(point)
-            prefix, field_key, kind = cached if cached is not None else self._series_of(point)
+            if cached is None:
+                cached = self._series_of(point)
+                if cached is None:
+                    self.skipped_personal += 1
+                    continue
+            prefix, field_key, kind = cached
             if type(value) is float and kind != "int":
                 if value - value != 0.0:  # NaN or ±inf
                     self.skipped_non_finite += 1

@@ -66,6 +66,8 @@ class MqttUplink:
         self.site = site
         gateway = site.config.gateway
         self.base = contract.base_topic(config.prefix, gateway.site, gateway.id)
+        #: personal points never go out raw (gateway.uplinks.contract)
+        self.shared = contract.PlatformPoints(site.registry)
         self.client_id = config.client_id or f"edge-gateway-{gateway.site}-{gateway.id}"
         self.on_command = on_command if config.commands else None
         self.reconnect_min = reconnect_min
@@ -219,7 +221,7 @@ class MqttUplink:
             raise UplinkError(f"not connected to platform broker {self.config.host}", retryable=True)
         if batch.kind == "telemetry":
             messages: Iterable[tuple[str, bytes]] = contract.telemetry_messages(
-                self.base, batch.telemetry, historical=batch.historical
+                self.base, batch.telemetry, historical=batch.historical, shared=self.shared
             )
             qos = self.config.qos
         else:

@@ -59,7 +59,7 @@ def now() -> int:
 @pytest.fixture
 async def gateway(tmp_path: Path, now: int) -> AsyncIterator[Gateway]:
     site = demo_site()
-    statuses = [online(device) for device in site.registry.devices()]
+    statuses = [online(device.id) for device in site.config.devices]
     gw = Gateway(site, data_dir=tmp_path, http_listen="off", sources=[StatusSource(statuses)])
     gw.sources = [StatusSource(statuses)]
     gw.outbox = Outbox(tmp_path / "outbox.db")

@@ -97,6 +97,7 @@ async def test_points_have_the_shape_tail_reads(client: TestClient[Any, Any], ga
     assert points["zone1.occupancy"]["value"] == 3 and points["zone1.occupancy"]["kind"] == "int"
     bad = points["apt101.power_kw"]
     assert bad["value"] is None and bad["quality"] == "bad"
+    assert bad["personal"] is True and co2["personal"] is False  # the local page shows both, and says which is which
     never = points["ahu3.fan_speed_pct"]
     assert never["value"] is None and never["ts"] is None and never["quality"] is None
 

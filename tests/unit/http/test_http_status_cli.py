@@ -45,7 +45,8 @@ async def test_prints_every_section_and_exits_0_when_ready(served: str, capsys: 
     code, out, err = await run_status(capsys, args(served))
     assert code == 0, err
     assert out.startswith("Demo Tower, simulated  (demo_tower/demo_gw, v0.1.0)  READY")
-    for heading in ("Alarms (0)", "Devices (8)", "Points (36)", "Rules (0)", "Uplinks (0)"):
+    # 36 device points and the building aggregate (privacy.building_aggregate)
+    for heading in ("Alarms (0)", "Devices (8)", "Points (37)", "Rules (0)", "Uplinks (0)"):
         assert heading in out
     assert "zone1.co2" in out and "640.0" in out and "ppm" in out
     assert "apt101.power_kw" in out and " bad " in out

@@ -83,7 +83,7 @@ async def test_ready_then_watchdog_then_stopping(tmp_path: Path, notify_socket: 
         callback()
     ready = await receive(sock)
     assert ready.splitlines()[0] == "READY=1"
-    assert "STATUS=gateway demo_tower/demo_gw up: 8 devices, 36 points" in ready
+    assert "STATUS=gateway demo_tower/demo_gw up: 8 devices, 37 points" in ready  # 36 + the building aggregate
     assert f"MAINPID={os.getpid()}" in ready
 
     gateway.outbox = Outbox(tmp_path / "outbox.db")

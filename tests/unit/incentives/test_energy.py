@@ -10,8 +10,8 @@ from hypothesis import strategies as st
 
 from gateway.incentives.energy import (
     GAP,
-    RESET,
     REPLACEMENT,
+    RESET,
     ROLLOVER,
     SPIKE,
     Anchor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import secrets
 import sqlite3
 from collections.abc import Iterator
 from datetime import date
@@ -217,7 +218,9 @@ def test_generated_keys_are_private_and_not_regenerated_once_records_exist(tmp_p
 def test_a_changed_pseudonym_key_is_a_programme_change_that_needs_a_new_epoch(tmp_path: Path) -> None:
     site = make_site(tmp_path)
     IncentiveStage.open(site, tmp_path / "data").close()
-    (tmp_path / "data" / "keys" / "pseudonym.key").write_text("0123456789abcdef" * 4 + "\n")
+    other = tmp_path / "data" / "keys" / "pseudonym.key"
+    other.write_text(secrets.token_hex(32) + "\n")  # a valid key (random, 0600), just not the ledger's
+    other.chmod(0o600)
     with pytest.raises(ProgrammeChanged, match="the pseudonym key"):
         IncentiveStage.open(site, tmp_path / "data")
 
@@ -397,7 +400,7 @@ def test_a_bad_zero_at_an_edge_is_measured_right_pays_nothing_and_stays_out_of_b
 
 
 def test_a_frozen_meter_pays_nothing(stage: IncentiveStage) -> None:
-    events = feed_minutes(stage, A1, range(0, 10), 0.02)
+    events = feed_minutes(stage, A1, range(10), 0.02)
     events += feed_minutes(stage, A1, range(10, 50), 0.0, base=100.18)  # frozen at minute 9's value
     stuck = [r for r in records(events) if "stuck" in r["flags"]]
     assert stuck and all(r["saving_kwh"] == "0.000000" for r in records(events) if r["flags"])
@@ -448,7 +451,7 @@ def test_an_absurd_value_is_refused_alone_and_other_accounts_keep_their_reading(
 def test_changing_the_interval_is_refused_until_a_new_epoch_is_started(tmp_path: Path) -> None:
     hourly = make_site(tmp_path, DEFAULT_INCENTIVES.replace("interval: 15min", "interval: 1h"))
     stage = IncentiveStage.open(hourly, tmp_path / "data")
-    events = feed_minutes(stage, A1, range(0, 70), 0.02)
+    events = feed_minutes(stage, A1, range(70), 0.02)
     stage.close()
     quarter = make_site(tmp_path, DEFAULT_INCENTIVES)
     with pytest.raises(ProgrammeChanged, match="interval_s 3600 -> 900"):

@@ -19,16 +19,21 @@ BROKEN = ROOT / "tests" / "cases" / "rules" / "broken"
 
 #: file -> (line, column, part of the message) of the first diagnostic
 EXPECTED: dict[str, tuple[int, int, str]] = {
+    "alarm_personal_derived": (8, 67, "this alarm data reads the personal point apt101.kwh_1h"),
     "allow_not_writable": (5, 15, "zone3.co2 is not writable"),
     "and_needs_bool": (4, 35, "'and' needs true/false, got a number"),
     "bad_duration": (5, 10, "invalid duration '5 minutes'"),
     "block_scalar_second_line": (6, 25, "unknown point 'zone3.occupants' (did you mean 'zone3.occupancy'?)"),
     "derived_cycle": (3, 25, "cycle: building.a_kw -> building.b_kw -> building.a_kw"),
+    "derived_personal_false": (3, 77, "computed from the personal point apt101.power_kw, so it is personal itself"),
     "dunder_attribute": (4, 12, "attribute '__class__' not allowed"),
     "duplicate_rule_id": (7, 9, "rule id 'co2-high' used twice"),
     "function_not_allowed": (9, 57, "function 'open' not allowed"),
     "huge_power": (4, 24, "huge power"),
     "payload_expression": (6, 75, "attribute access not allowed"),
+    "publish_personal": (6, 51, "this publish payload reads the personal point apt101.energy_kwh"),
+    "publish_personal_let": (8, 50, "this publish payload reads the personal point apt101.power_kw"),
+    "set_personal_virtual": (8, 47, "declare building.flat_kw with personal: true"),
     "set_undeclared": (6, 22, "set needs a virtual point declared under points:"),
     "syntax_error": (4, 22, "syntax error"),
     "unknown_key": (5, 5, "unknown key 'clear_whn'"),

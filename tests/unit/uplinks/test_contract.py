@@ -18,6 +18,14 @@ from gateway.uplinks import contract
 SCHEMAS = Path(contract.__file__).parent / "schemas"
 BASE = "city/tower/gw1"
 TS = 1_790_000_000_123_456_789
+#: the points the telemetry tests send: all known, none personal
+SHARED = contract.PlatformPoints(
+    PointRegistry(PointInfo(f"{d}.{n}") for d in ("m1", "m2") for n in ("power_kw", "energy_kwh", "voltage"))
+)
+
+
+def telemetry(rows: list[TelemetryBatch], *, historical: bool = False) -> list[tuple[str, bytes]]:
+    return list(contract.telemetry_messages(BASE, rows, historical=historical, shared=SHARED))
 
 
 def check(schema: str, payload: bytes) -> dict[str, Any]:
@@ -65,7 +73,7 @@ def test_telemetry_one_message_per_device_and_read_with_quality_and_the_historic
             Sample("m1.power_kw", 3.6, TS + 10**9, Quality.GOOD),
         ],
     )
-    messages = [(t, check("telemetry", p)) for t, p in contract.telemetry_messages(BASE, [row], historical=True)]
+    messages = [(t, check("telemetry", p)) for t, p in telemetry([row], historical=True)]
     assert messages == [
         (f"{BASE}/telemetry/m1", {"v": 1, "seq": 17, "ts": TS // 10**6, "historical": True,
                                   "values": {"power_kw": 3.5, "energy_kwh": 1200.25}}),
@@ -75,7 +83,7 @@ def test_telemetry_one_message_per_device_and_read_with_quality_and_the_historic
         (f"{BASE}/telemetry/m1", {"v": 1, "seq": 17, "ts": TS // 10**6 + 1000, "historical": True,
                                   "values": {"power_kw": 3.6}}),
     ]  # fmt: skip
-    live = [orjson.loads(p) for _t, p in contract.telemetry_messages(BASE, [row], historical=False)]
+    live = [orjson.loads(p) for _t, p in telemetry([row])]
     assert all("historical" not in m for m in live)
 
 
@@ -83,8 +91,50 @@ def test_the_same_point_twice_at_one_time_in_one_batch_keeps_both_values_in_orde
     row = TelemetryBatch(
         3, 0, [Sample("m1.power_kw", 1.0, TS, Quality.GOOD), Sample("m1.power_kw", 2.0, TS, Quality.GOOD)]
     )
-    values = [orjson.loads(p)["values"] for _t, p in contract.telemetry_messages(BASE, [row], historical=False)]
+    values = [orjson.loads(p)["values"] for _t, p in telemetry([row])]
     assert values == [{"power_kw": 1.0}, {"power_kw": 2.0}]
+
+
+def test_personal_and_unknown_points_never_reach_telemetry_or_meta() -> None:
+    registry = PointRegistry(
+        [
+            PointInfo("apt101.energy_kwh", unit="kWh", personal=True),
+            PointInfo("apt101.power_kw", unit="kW", personal=True),
+            PointInfo("apt102.energy_kwh", unit="kWh", personal=True),
+            PointInfo("apt102.link_ok", kind="bool"),
+            PointInfo("main.energy_kwh", unit="kWh"),
+        ]
+    )
+    row = TelemetryBatch(
+        5,
+        0,
+        [
+            Sample("apt101.energy_kwh", 1523.4, TS, Quality.GOOD),
+            Sample("apt101.power_kw", None, TS, Quality.BAD),  # not even its quality goes out
+            Sample("apt102.energy_kwh", 877.1, TS, Quality.UNCERTAIN),
+            Sample("apt102.link_ok", True, TS, Quality.GOOD),
+            Sample("main.energy_kwh", 98765.5, TS, Quality.GOOD),
+            Sample("removed.energy_kwh", 12.5, TS, Quality.GOOD),  # not in the registry: withheld too
+        ],
+    )
+    shared = contract.PlatformPoints(registry)
+    sent = list(contract.telemetry_messages(BASE, [row], historical=False, shared=shared))
+    messages = [(t, check("telemetry", p)) for t, p in sent]
+    assert messages == [
+        (f"{BASE}/telemetry/apt102", {"v": 1, "seq": 5, "ts": TS // 10**6, "values": {"link_ok": True}}),
+        (f"{BASE}/telemetry/main", {"v": 1, "seq": 5, "ts": TS // 10**6, "values": {"energy_kwh": 98765.5}}),
+    ]
+    assert b"1523.4" not in b"".join(p for _t, p in sent)
+    meta = check("meta", contract.meta_payload(site="tower", gateway="gw1", name=None, registry=registry, ts_ms=5))
+    assert meta["devices"] == {
+        "apt102": {"points": {"link_ok": {"kind": "bool", "writable": False, "measurement": "gateway"}}},
+        "main": {"points": {"energy_kwh": {"kind": "float", "writable": False, "measurement": "gateway",
+                                           "unit": "kWh"}}},
+    }  # fmt: skip
+    # a point registered later (a reloaded rule's derived point) is shared from then on
+    assert "removed.energy_kwh" not in shared
+    registry.add(PointInfo("removed.energy_kwh"))
+    assert "removed.energy_kwh" in shared
 
 
 def test_events_and_rule_publications() -> None:

@@ -16,6 +16,7 @@ REGISTRY = PointRegistry(
         PointInfo("ahu3.mode", kind="str", measurement="ahu"),
         PointInfo("ahu3.steps", kind="int", measurement="ahu"),
         PointInfo("odd.name", measurement="my meas,x", tags={"room": "A 1,=b"}),
+        PointInfo("apt1.energy_kwh", measurement="energy_meter", tags={"device": "apt1"}, personal=True),
     ]
 )
 TS = 1_790_000_000_000_000_000
@@ -23,7 +24,8 @@ COMMON = ",gateway=gw1,site=tower"
 
 
 def encode(*samples: Sample) -> str:
-    return LineProtocolEncoder(REGISTRY, common_tags={"site": "tower", "gateway": "gw1"}).encode(samples).decode()
+    encoder = LineProtocolEncoder(REGISTRY, common_tags={"site": "tower", "gateway": "gw1"}, include_personal=True)
+    return encoder.encode(samples).decode()
 
 
 @pytest.mark.parametrize(
@@ -37,7 +39,8 @@ def encode(*samples: Sample) -> str:
         ("ahu3.steps", 4, f"ahu,device=ahu3{COMMON} steps=4i {TS}"),
         ("ahu3.steps", 4.0, f"ahu,device=ahu3{COMMON} steps=4i {TS}"),
         ("odd.name", 1.5, f"my\\ meas\\,x,device=odd,gateway=gw1,room=A\\ 1\\,\\=b,site=tower name=1.5 {TS}"),
-        ("other.thing", 2.5, f"gateway,device=other{COMMON} thing=2.5 {TS}"),  # not in the registry: still kept
+        # not in the registry: kept where personal data may go (withheld otherwise, see below)
+        ("other.thing", 2.5, f"gateway,device=other{COMMON} thing=2.5 {TS}"),
     ],
 )
 def test_one_sample(point: str, value: object, line: str) -> None:
@@ -46,13 +49,13 @@ def test_one_sample(point: str, value: object, line: str) -> None:
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
 def test_non_finite_values_are_not_written_and_are_counted(value: float) -> None:
-    encoder = LineProtocolEncoder(REGISTRY, common_tags={})
+    encoder = LineProtocolEncoder(REGISTRY, common_tags={}, include_personal=False)
     assert encoder.encode([Sample("m1.power_kw", value, TS, Quality.GOOD)]) == b""
     assert encoder.skipped_non_finite == 1
 
 
 def test_bad_samples_are_not_written_uncertain_ones_are() -> None:
-    encoder = LineProtocolEncoder(REGISTRY, common_tags={})
+    encoder = LineProtocolEncoder(REGISTRY, common_tags={}, include_personal=False)
     out = encoder.encode(
         [Sample("m1.power_kw", None, TS, Quality.BAD), Sample("m1.energy_kwh", 7.5, TS, Quality.UNCERTAIN)]
     )
@@ -70,3 +73,22 @@ def test_points_read_together_share_a_line_and_other_times_get_their_own() -> No
         f"energy_meter,device=m1,floor=2{COMMON} power_kw=1.0,energy_kwh=10.0 {TS}",
         f"energy_meter,device=m1,floor=2{COMMON} power_kw=2.0 {TS + 1}",
     ]
+
+
+def test_personal_and_unknown_points_are_withheld_unless_the_uplink_opted_in() -> None:
+    samples = [
+        Sample("apt1.energy_kwh", 1523.4, TS, Quality.GOOD),
+        Sample("m1.energy_kwh", 98765.5, TS, Quality.GOOD),
+        Sample("gone.energy_kwh", 12.5, TS, Quality.GOOD),  # a device no longer in the site file
+    ]
+    default = LineProtocolEncoder(REGISTRY, common_tags={}, include_personal=False)
+    for _ in range(2):  # the second time from the cache
+        assert default.encode(samples).decode() == f"energy_meter,device=m1,floor=2 energy_kwh=98765.5 {TS}"
+    assert default.skipped_personal == 4
+    opted_in = LineProtocolEncoder(REGISTRY, common_tags={}, include_personal=True)
+    assert opted_in.encode(samples).decode().splitlines() == [
+        f"energy_meter,device=apt1 energy_kwh=1523.4 {TS}",
+        f"energy_meter,device=m1,floor=2 energy_kwh=98765.5 {TS}",
+        f"gateway,device=gone energy_kwh=12.5 {TS}",
+    ]
+    assert opted_in.skipped_personal == 0
