@@ -152,7 +152,7 @@ def pair_advance(before: Reading, after: Reading, rules: MeterRules) -> tuple[in
     if rise < 0:
         # a wrap only when the wrapped advance is plausible under the power limit; anything else is a reset, which
         # measures nothing (a reset counted as a wrap would mint up to half the register's range)
-        if rules.wrap_micro is not None and rise + rules.wrap_micro <= limit:
+        if rules.wrap_micro is not None and 0 <= rise + rules.wrap_micro <= limit:
             return rise + rules.wrap_micro, ROLLOVER
         return 0, RESET
     if rise > limit:

@@ -9,7 +9,6 @@ Imports SQLite and the pure energy module; never a protocol library, the bus or 
 
 from __future__ import annotations
 
-import os
 import sqlite3
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway.errors import StoreError
+from gateway.files import create_private_sqlite, ensure_private_dir
 from gateway.incentives.energy import Anchor, Reading
 
 LEDGER_FILE = "incentives.db"
@@ -89,11 +89,8 @@ class Ledger:
         """Open or create the ledger (file mode 0600: it holds real account ids); StoreError when it cannot be used."""
         path = Path(data_dir) / LEDGER_FILE
         try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fresh = not path.exists()
-            if fresh:
-                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            ensure_private_dir(path.parent)
+            db = create_private_sqlite(path, isolation_level=None, check_same_thread=False)
             version = db.execute("PRAGMA user_version").fetchone()[0]
             has_tables = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'records'").fetchone() is not None
             if has_tables and version != LEDGER_VERSION:
@@ -109,10 +106,6 @@ class Ledger:
             db.execute(f"PRAGMA user_version = {LEDGER_VERSION}")
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the incentive ledger {path}: {exc}") from exc
-        for suffix in ("-wal", "-shm"):
-            side = path.with_name(path.name + suffix)
-            if side.exists():
-                side.chmod(0o600)
         return cls(db)
 
     def close(self) -> None:

@@ -7,13 +7,10 @@ Pure: no SQLite, no clock; the stage stores the body and compares hashes.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 from typing import Any
-
-import orjson
 
 from gateway.incentives.config import (
     AccountConfig,
@@ -23,7 +20,7 @@ from gateway.incentives.config import (
     power_limit_kw,
 )
 from gateway.incentives.energy import MICRO, MeterRules, Replacement, format_micro
-from gateway.incentives.record import Pseudonymizer
+from gateway.incentives.record import Pseudonymizer, programme_hash
 from gateway.registry import PointRegistry
 
 NS = 1_000_000_000
@@ -56,10 +53,6 @@ def iso_ns(ns: int) -> str:
     seconds, rest = divmod(ns, NS)
     text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
     return text + (f".{rest:09d}".rstrip("0") if rest else "") + "Z"
-
-
-def programme_hash(body: dict[str, Any]) -> str:
-    return hashlib.sha256(orjson.dumps(body, option=orjson.OPT_SORT_KEYS)).hexdigest()
 
 
 def _baseline_body(baseline: Baseline) -> dict[str, Any]:

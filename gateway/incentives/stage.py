@@ -40,7 +40,6 @@ from gateway.incentives.baseline import BaselineValue, clock_time, compute_basel
 from gateway.incentives.config import IncentivesConfig, validate_against
 from gateway.incentives.energy import (
     CLOCK,
-    FLAGS,
     GAP,
     RESOLUTION,
     STUCK,
@@ -58,13 +57,18 @@ from gateway.incentives.ledger import Ledger, StoredRecord
 from gateway.incentives.programme import AccountPlan, Programme, build_programme, describe_change, iso_ns
 from gateway.incentives.record import (
     GENESIS_HASH,
+    SCHEMA_ID,
     KeyFileError,
     Pseudonymizer,
+    epoch_id,
     key_id,
     load_private_key,
     load_pseudonym_key,
+    make_checkpoint,
     public_key_path_for,
     record_hash,
+    record_id,
+    settlement_id,
     sign,
     write_pseudonym_key,
     write_signing_key,
@@ -74,8 +78,6 @@ from gateway.model import Event, Quality, Sample
 log = logging.getLogger(__name__)
 
 NS = 1_000_000_000
-SCHEMA_ID = "edge-gateway/incentive-record/2"
-CHECKPOINT_SCHEMA_ID = "edge-gateway/incentive-checkpoint/1"
 #: records issued this long before the newest one are handed out again after a restart (the outbox dedupes by id)
 REPLAY_WINDOW_NS = 10 * 60 * NS
 #: records issued by one call at most: after a long outage the backlog of (incomplete) intervals is issued over the
@@ -98,12 +100,6 @@ class ProgrammeChanged(ConfigError):
 class _Epoch:
     number: int
     programme: Programme
-
-
-def _digest_id(prefix: str, text: str) -> str:
-    import hashlib
-
-    return prefix + hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
 def _times(micro: int, factor: Decimal) -> int:
@@ -450,7 +446,7 @@ class IncentiveStage:
         saving = max(0, delta) if self.config.netting == "interval" else 0
         factor = self.config.emission_factor.at(clock_time(start, self.zone))
         body: dict[str, Any] = {
-            **self._common("interval", _digest_id("inc_", f"{self.gateway_id}/{account.pseudonym}/{start}")),
+            **self._common("interval", record_id(self.gateway_id, account.pseudonym, start)),
             "account": account.pseudonym,
             "interval": {
                 "start": iso_ns(start),
@@ -458,7 +454,7 @@ class IncentiveStage:
                 "local_start": local_start(start, self.zone).isoformat(),
             },
             "status": status,
-            "flags": sorted(record_flags, key=FLAGS.index),
+            "flags": sorted(record_flags),
             "notes": sorted(notes),
             "meters": entries,
             "energy_kwh": format_micro(energy),
@@ -528,7 +524,7 @@ class IncentiveStage:
             "allocated_kwh": format_micro(measured.allocated),
             "outliers": [_reading(r) for r in measured.outliers],
             "kwh": format_micro(measured.micro_kwh),
-            "flags": sorted(flags, key=FLAGS.index),
+            "flags": sorted(flags),
             "notes": sorted(measured.notes),
         }
         return entry, flags, measured.micro_kwh
@@ -558,7 +554,7 @@ class IncentiveStage:
         body: dict[str, Any] = {
             **self._common(
                 "settlement",
-                _digest_id("set_", f"{self.gateway_id}/{account.pseudonym}/day/{day}"),
+                settlement_id(self.gateway_id, account.pseudonym, day.isoformat()),
                 seq=closing.seq + 1,
                 prev_hash=closing.hash,
             ),
@@ -635,7 +631,7 @@ class IncentiveStage:
         programme = self._epoch.programme
         previous = self._ledger.latest_epoch()
         body: dict[str, Any] = {
-            **self._common("epoch", _digest_id("epo_", f"{self.gateway_id}/epoch/{number}")),
+            **self._common("epoch", epoch_id(self.gateway_id, number)),
             "programme_body": programme.body,
             "previous_programme": previous[1] if previous is not None else None,
             "reason": reason,
@@ -656,17 +652,15 @@ class IncentiveStage:
         log.info("incentive epoch %d started (%s), programme %s", number, reason, programme.hash[:12])
 
     def _make_checkpoint(self, now_ns: int) -> dict[str, Any]:
-        checkpoint: dict[str, Any] = {
-            "schema": CHECKPOINT_SCHEMA_ID,
-            "gateway": self.gateway_id,
-            "site": self.site_id,
-            "epoch": self._epoch.number,
-            "seq": self._seq,
-            "hash": self._head_hash,
-            "ts": iso_ns(now_ns - now_ns % NS),
-            "key_id": self._key_id,
-        }
-        checkpoint["signature"] = sign(checkpoint, self._signing_key)
+        checkpoint = make_checkpoint(
+            gateway=self.gateway_id,
+            site=self.site_id,
+            epoch=self._epoch.number,
+            seq=self._seq,
+            head_hash=self._head_hash,
+            ts_ns=now_ns,
+            private_key=self._signing_key,
+        )
         self._ledger.set_meta("checkpoint", orjson.dumps(checkpoint, option=orjson.OPT_SORT_KEYS).decode())
         return checkpoint
 

@@ -64,6 +64,8 @@ def test_readings_become_micro_kwh_or_are_refused(value: object, micro: int | No
         (WRAPPING, Reading(0, 655_350_000), Reading(60 * S, 10_000), (20_000, ROLLOVER)),
         # a fall to a mid value: the wrapped advance (655 kWh in a minute) is implausible, so it is a reset
         (WRAPPING, Reading(0, 655_350_000), Reading(60 * S, 300_000_000), (0, RESET)),
+        # a fall from above the register's range (a bad reading) is never a wrap: the advance would be negative
+        (WRAPPING, Reading(0, 1_000_300_000), Reading(60 * S, 10_006_000), (0, RESET)),
     ],
 )
 def test_pair_advance(rules: MeterRules, before: Reading, after: Reading, expected: tuple[int, str | None]) -> None:
