@@ -42,6 +42,9 @@ def register(subparsers: Any) -> None:
     inc_sub = incentives.add_subparsers(dest="incentives_command", metavar="COMMAND", required=True)
     _add_verify(inc_sub)
     _add_export(inc_sub)
+    from gateway.incentives.replay import add_commands  # test, new-epoch: they drive the stage itself
+
+    add_commands(inc_sub)
 
     keys = subparsers.add_parser("keys", help="incentive signing and pseudonym keys")
     keys_sub = keys.add_subparsers(dest="keys_command", metavar="COMMAND", required=True)

@@ -150,11 +150,19 @@ class IncentiveStage:
     # -- opening ----------------------------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, site: Site, data_dir: Path, *, new_epoch_reason: str | None = None) -> IncentiveStage:
+    def open(
+        cls,
+        site: Site,
+        data_dir: Path,
+        *,
+        new_epoch_reason: str | None = None,
+        key_files: tuple[Path, Path] | None = None,
+    ) -> IncentiveStage:
         """Open (or create) the ledger in ``data_dir``.
 
         ConfigError for bad config or keys, :class:`ProgrammeChanged` when the money settings differ from the
-        epoch in force (unless ``new_epoch_reason`` starts a new epoch), StoreError for the file.
+        epoch in force (unless ``new_epoch_reason`` starts a new epoch), StoreError for the file. ``key_files``
+        (signing, pseudonym) replace the site's key files (``incentives test`` signs with throw-away keys).
         """
         config = site.config.incentives
         if config is None:
@@ -164,7 +172,7 @@ class IncentiveStage:
             raise ConfigError(problems)
         ledger = Ledger.open(Path(data_dir), durable=site.config.storage.durability == "power")
         try:
-            signing_key, pseudonyms = _load_keys(site, config, Path(data_dir), ledger)
+            signing_key, pseudonyms = _load_keys(site, config, Path(data_dir), ledger, key_files)
             zone_name = config.timezone or site.config.gateway.timezone
             programme = build_programme(config, site.registry, pseudonyms, zone_name)
             epoch = _settle_epoch(site, ledger, programme, new_epoch_reason)
@@ -282,6 +290,10 @@ class IncentiveStage:
     @property
     def epoch(self) -> int:
         return self._epoch.number
+
+    @property
+    def accounts(self) -> tuple[AccountPlan, ...]:
+        return self._accounts
 
     # -- time and readings ------------------------------------------------------------------------------------
 
@@ -743,10 +755,13 @@ def _resolve(data_dir: Path, path: Path) -> Path:
 
 
 def _load_keys(
-    site: Site, config: IncentivesConfig, data_dir: Path, ledger: Ledger
+    site: Site, config: IncentivesConfig, data_dir: Path, ledger: Ledger, key_files: tuple[Path, Path] | None
 ) -> tuple[Ed25519PrivateKey, Pseudonymizer]:
-    signing_path = _resolve(data_dir, config.signing_key_file)
-    pseudonym_path = _resolve(data_dir, config.pseudonym_key_file)
+    if key_files is not None:
+        signing_path, pseudonym_path = key_files
+    else:
+        signing_path = _resolve(data_dir, config.signing_key_file)
+        pseudonym_path = _resolve(data_dir, config.pseudonym_key_file)
     missing = [p for p in (signing_path, pseudonym_path) if not p.exists()]
     if missing and config.generate_missing_keys:
         if ledger.has_records():
