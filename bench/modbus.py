@@ -163,10 +163,14 @@ def main() -> None:
         "rss_mib": round(rss_mib, 1),
         "loop": "uvloop" if args.uvloop else "asyncio",
     }
-    print(f"plan per device: {len(plan_per_device)} requests; per cycle {requests_per_cycle} "
-          f"(minimum {minimum}, one-per-point {args.devices * args.points})")
-    print(f"{points} points in {result['wall_s']:.1f}s, gateway CPU {result['cpu_s']:.2f}s "
-          f"= {figures['cpu_us_per_point']} us/point, RSS {figures['rss_mib']} MiB")
+    print(
+        f"plan per device: {len(plan_per_device)} requests; per cycle {requests_per_cycle} "
+        f"(minimum {minimum}, one-per-point {args.devices * args.points})"
+    )
+    print(
+        f"{points} points in {result['wall_s']:.1f}s, gateway CPU {result['cpu_s']:.2f}s "
+        f"= {figures['cpu_us_per_point']} us/point, RSS {figures['rss_mib']} MiB"
+    )
     print(json.dumps(figures))
     if figures["good_ratio"] != 1.0:
         # a failing link makes CPU per point meaningless (BAD samples cost nothing to decode): say so loudly

@@ -106,6 +106,9 @@ class MeterInterval:
     #: True when the readings so far cannot decide the interval yet (the last pair may end in an outlier, or a run of
     #: equal readings that started inside the interval has not yet ended nor outlasted an interval)
     needs_more: bool = False
+    #: the last run of equal readings started before the end and reaches the last reading given: more readings are
+    #: needed to know whether it outlasts an interval
+    open_run: bool = False
 
 
 def to_micro_kwh(value: object) -> int | None:
@@ -269,6 +272,7 @@ def meter_interval(
         next_anchor=next_anchor,
         frozen=frozen,
         needs_more=needs_more,
+        open_run=open_run,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
+from functools import lru_cache
 from typing import Any
 
 from gateway.incentives.config import (
@@ -48,11 +49,21 @@ def micro_of(kwh: Decimal) -> int:
     return int((kwh * MICRO).to_integral_value(rounding=ROUND_HALF_EVEN))
 
 
+@lru_cache(maxsize=1024)
+def _utc_date(day: int) -> str:
+    return datetime.fromtimestamp(day * 86_400, UTC).strftime("%Y-%m-%dT")
+
+
 def iso_ns(ns: int) -> str:
-    """UTC ISO 8601 with only the fraction digits it needs: ``2026-12-01T10:00:00Z``, ``...:00.5Z``."""
+    """UTC ISO 8601 with only the fraction digits it needs: ``2026-12-01T10:00:00Z``, ``...:00.5Z``.
+
+    Every reading of every record goes through here: the date is cached, the clock formatted by hand."""
     seconds, rest = divmod(ns, NS)
-    text = datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    return text + (f".{rest:09d}".rstrip("0") if rest else "") + "Z"
+    day, second = divmod(seconds, 86_400)
+    hours, second = divmod(second, 3600)
+    minutes, second = divmod(second, 60)
+    fraction = f".{rest:09d}".rstrip("0") if rest else ""
+    return f"{_utc_date(day)}{hours:02d}:{minutes:02d}:{second:02d}{fraction}Z"
 
 
 def _baseline_body(baseline: Baseline) -> dict[str, Any]:

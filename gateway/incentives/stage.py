@@ -404,16 +404,22 @@ class IncentiveStage:
             if following is not None and first.ts_ns < start:
                 allocated = portion(pair_advance(first, following, rules)[0], first, following, start)
             anchor = Anchor(start, first, allocated)
-        # through one more interval and three readings beyond: enough to judge an outlier at the end and a run of
-        # equal readings across it; ``more_exist`` says whether the meter has sent anything beyond what was fetched
-        horizon = end + self._interval_ns
-        later = self._ledger.readings_after(point, anchor.reading.ts_ns, horizon, _EXTRA_READINGS + 1)
-        more_exist = sum(r.ts_ns >= horizon for r in later) > _EXTRA_READINGS
-        if more_exist:
-            later.pop()  # fetched only to learn that the meter has sent more than is needed
-        return meter_interval(
-            anchor, later, start, end, rules=rules, max_gap_ns=self._max_gap_ns, more_exist=more_exist
-        )
+        # first the readings through the end and three beyond (enough to judge an outlier at the end); only when
+        # the meter's last readings are equal across the end, through one more interval, to see whether that run
+        # outlasts an interval (a frozen register) or ends in a rise. ``more_exist``: the meter has sent more.
+        result = None
+        for horizon in (end, end + self._interval_ns):
+            later = self._ledger.readings_after(point, anchor.reading.ts_ns, horizon, _EXTRA_READINGS + 1)
+            more_exist = sum(r.ts_ns >= horizon for r in later) > _EXTRA_READINGS
+            if more_exist:
+                later.pop()  # fetched only to learn that the meter has sent more than is needed
+            result = meter_interval(
+                anchor, later, start, end, rules=rules, max_gap_ns=self._max_gap_ns, more_exist=more_exist
+            )
+            if not (result.open_run and more_exist):
+                break
+        assert result is not None
+        return result
 
     def _clock_flagged(self, point: str, start: int, end: int) -> bool:
         return any(low < end and high > start for low, high in self._marks.get(point, ()))

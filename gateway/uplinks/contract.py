@@ -147,6 +147,11 @@ def publish_topic_problem(subject: str) -> str | None:
     return None
 
 
+#: event types whose newest message a late subscriber must still get: the incentive chain-head checkpoint (a platform
+#: that subscribes after an outage compares it with the records it holds and sees a missing tail)
+RETAINED_EVENT_TYPES = frozenset({"incentive_checkpoint"})
+
+
 def event_message(base: str, stored: StoredEvent) -> tuple[str, bytes]:
     """``publish`` events go to their own topic with the rule's payload; every other event to events/{type}."""
     event = stored.event

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import aiomqtt
 
 from gateway import __version__
-from gateway.errors import UplinkError
+from gateway.errors import UplinkError, leaf_exceptions
 from gateway.uplinks import contract
 from gateway.uplinks.base import StreamKind, UplinkBatch
 from gateway.uplinks.config import PlatformConfig
@@ -220,33 +220,42 @@ class MqttUplink:
         if client is None:
             raise UplinkError(f"not connected to platform broker {self.config.host}", retryable=True)
         if batch.kind == "telemetry":
-            messages: Iterable[tuple[str, bytes]] = contract.telemetry_messages(
-                self.base, batch.telemetry, historical=batch.historical, shared=self.shared
+            messages: Iterable[tuple[str, bytes, bool]] = (
+                (topic, payload, False)
+                for topic, payload in contract.telemetry_messages(
+                    self.base, batch.telemetry, historical=batch.historical, shared=self.shared
+                )
             )
             qos = self.config.qos
         else:
-            checked: list[tuple[str, bytes]] = []
+            checked: list[tuple[str, bytes, bool]] = []
             for stored in batch.events:
                 if stored.event.type == "publish":
                     problem = contract.publish_topic_problem(stored.event.subject)
                     if problem is not None:
                         raise UplinkError(f"event {stored.event.id}: {problem}", retryable=False)
-                checked.append(contract.event_message(self.base, stored))
+                topic, payload = contract.event_message(self.base, stored)
+                checked.append((topic, payload, stored.event.type in contract.RETAINED_EVENT_TYPES))
             messages = checked
             qos = 1  # events are never fire-and-forget
         try:
             async with asyncio.TaskGroup() as tg:
-                for topic, payload in messages:
+                for topic, payload, retain in messages:
                     await self._window.acquire()
-                    task = tg.create_task(self._publish(client, topic, payload, qos))
+                    task = tg.create_task(self._publish(client, topic, payload, qos, retain))
                     # released on completion, including a task cancelled before it ever ran (a sibling failed):
                     # a release in the coroutine's own `finally` would leak the slot then, and the window with it
                     task.add_done_callback(lambda _t: self._window.release())
-        except* aiomqtt.MqttError as group:
-            raise UplinkError(f"platform broker: {group.exceptions[0]}", retryable=True) from None
+        except BaseExceptionGroup as group:
+            # a plain handler, not except*: an exception raised inside except* reaches the runner still wrapped in an
+            # ExceptionGroup on Python before 3.11.4 (Debian 12's 3.11.2), and the runner would not see UplinkError
+            broker = next((e for e in leaf_exceptions(group) if isinstance(e, aiomqtt.MqttError)), None)
+            if broker is None:
+                raise
+            raise UplinkError(f"platform broker: {broker}", retryable=True) from None
 
-    async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int) -> None:
-        await client.publish(topic, payload, qos=qos)
+    async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        await client.publish(topic, payload, qos=qos, retain=retain)
         self.published += 1
 
 

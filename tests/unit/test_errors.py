@@ -73,12 +73,7 @@ REPO = Path(__file__).resolve().parents[2]
 
 #: (file, function) that still raise a new exception inside `except*`, with who fixes it. On Python < 3.11.4 such an
 #: exception leaves wrapped in an ExceptionGroup, so a caller's `except UplinkError` misses it.
-KNOWN_RAISES_IN_EXCEPT_STAR = {
-    # raises UplinkError from `except* aiomqtt.MqttError`: on 3.11.2 the runner gets ExceptionGroup('', [UplinkError])
-    # and logs it as an unexpected error with a traceback; the uplinks' owner is to switch to `except
-    # BaseExceptionGroup` + task_group_error-style unwrapping (remove this entry then)
-    ("gateway/uplinks/mqtt.py", "send"),
-}
+KNOWN_RAISES_IN_EXCEPT_STAR: set[tuple[str, str]] = set()
 
 
 def _raises_in_except_star() -> set[tuple[str, str]]:

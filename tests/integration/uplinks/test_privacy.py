@@ -23,6 +23,7 @@ pytestmark = pytest.mark.integration
 INCENTIVES = """incentives:
   baseline: {method: fixed, kwh: 0.5}
   emission_factor: {kg_per_kwh: 0.5703}
+  max_power_kw: 40
   signing_key_file: keys/signing.pem
   pseudonym_key_file: keys/pseudonym.key
   accounts:
