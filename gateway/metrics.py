@@ -79,6 +79,7 @@ class GatewayCollector(Collector):
         yield from self._queue_metrics()
         yield from self._uplink_metrics()
         yield from self._rule_metrics()
+        yield from self._incentive_metrics()
 
     def _gateway_metrics(self) -> Iterator[Metric]:
         gw = self._gateway
@@ -186,6 +187,22 @@ class GatewayCollector(Collector):
             for name in _RULE_STATES:
                 state.add_metric([rule_id, name], int(rule["state"] == name))
         yield from (evaluations, failures, state)
+
+    def _incentive_metrics(self) -> Iterator[Metric]:
+        stage = self._gateway.incentives
+        if stage is None:
+            return
+        refused = CounterMetricFamily(
+            "edge_gateway_incentive_readings_refused",
+            "Meter readings the incentive stage refused or ignored, by reason",
+            labels=["reason"],
+        )
+        for reason, count in stage.counters.items():
+            refused.add_metric([reason], count)
+        yield refused
+        yield GaugeMetricFamily(
+            "edge_gateway_incentive_epoch", "The incentive programme epoch in force", value=stage.epoch
+        )
 
 
 def build_registry(gateway: Gateway) -> CollectorRegistry:

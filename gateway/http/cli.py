@@ -130,6 +130,10 @@ def render(data: JsonDict, out: TextIO, *, all_points: bool = True) -> None:
     incentives = data["incentives"]
     if incentives["enabled"]:
         print(f"\nIncentive records on {incentives['day']}: {len(incentives['records'])}", file=out)
+        refused = {name: count for name, count in (incentives.get("refused") or {}).items() if count}
+        if refused:
+            listed = ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in sorted(refused.items()))
+            print(f"  meter readings refused or ignored: {listed}", file=out)
         if incentives.get("error"):
             print(f"  ! {incentives['error']}", file=out)
 

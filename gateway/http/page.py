@@ -20,13 +20,16 @@ JsonDict = dict[str, Any]
 #: incentive record columns shown when present (gateway/incentives/incentive-record.schema.json; dotted = nested)
 _INCENTIVE_COLUMNS = (
     ("seq", "#"),
+    ("kind", "Kind"),
     ("interval.local_start", "Interval"),
+    ("day", "Day"),
     ("account", "Account"),
     ("status", "Status"),
+    ("flags", "Flags"),
     ("energy_kwh", "kWh"),
+    ("delta_kwh", "Below baseline kWh"),
     ("saving_kwh", "Saved kWh"),
     ("co2e_saved_kg", "kg CO2e saved"),
-    ("complete", "Complete"),
 )
 
 
@@ -309,6 +312,10 @@ def _incentives(data: JsonDict) -> str:
         for record in records[-50:]
     ]
     body = _table([title for _key, title in columns], rows, f"No records issued yet on {view['day']}.")
+    refused = {name: count for name, count in (view.get("refused") or {}).items() if count}
+    if refused:
+        listed = ", ".join(f"{escape(name.replace('_', ' '))} {count}" for name, count in sorted(refused.items()))
+        body += f'<p class="note-warn">Meter readings refused or ignored since start: {listed}</p>'
     if view.get("error"):
         body += f'<p class="err">{escape(view["error"])}</p>'
     return _section("incentives", "Incentive records today", body, note=f"{len(records)} records, {view['day']}")

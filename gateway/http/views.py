@@ -237,14 +237,17 @@ def incentives_today(gateway: Gateway) -> JsonDict:
     """Today's incentive records (in the gateway's time zone), or why there are none."""
     stage = gateway.incentives
     if stage is None:
-        return {"enabled": False, "day": None, "records": [], "error": None}
+        return {"enabled": False, "day": None, "records": [], "error": None, "refused": {}}
     day = datetime.now(ZoneInfo(gateway.site.config.gateway.timezone)).date()
+    # readings the stage refused or ignored, by reason (invalid, future, late_dropped, ...): never silently dropped
+    refused = dict(stage.counters)
     try:
         records = [as_dict(r) for r in stage.records_of_day(day)]
     except Exception as exc:
         log.debug("incentive records failed", exc_info=True)
-        return {"enabled": True, "day": day.isoformat(), "records": [], "error": f"cannot read records: {exc}"}
-    return {"enabled": True, "day": day.isoformat(), "records": records, "error": None}
+        error = f"cannot read records: {exc}"
+        return {"enabled": True, "day": day.isoformat(), "records": [], "error": error, "refused": refused}
+    return {"enabled": True, "day": day.isoformat(), "records": records, "error": None, "refused": refused}
 
 
 def recent_commands(gateway: Gateway, limit: int = 20) -> list[JsonDict]:

@@ -193,7 +193,9 @@ class IncentiveStage:
         if ledger.latest_epoch() is None:
             # the programme is bound to the ledger from its first open; the record reaches the caller on the first
             # call (or, after a crash before that, with the replay)
-            stage._issue_epoch("genesis", time_module.time_ns())
+            now_ns = time_module.time_ns()
+            stage._issue_epoch("genesis", now_ns)
+            stage._pending.append(stage._checkpoint_event(stage._make_checkpoint(now_ns)))
         elif new_epoch_reason is not None:
             stage._epoch_reason = new_epoch_reason
         return stage

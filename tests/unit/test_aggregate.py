@@ -81,7 +81,9 @@ def test_non_numbers_are_not_summed() -> None:
 
 def _site(tmp_path: Path, privacy: str, accounts: int = 3) -> Path:
     flats = "".join(f"  - {{id: apt{i}, driver: simulator, profile: sim-energy-meter}}\n" for i in range(1, 4))
-    account_lines = "".join(f"    - {{id: A{i}, meters: [apt{i}.energy_kwh]}}\n" for i in range(1, accounts + 1))
+    account_lines = "".join(
+        f"    - {{id: A{i}, meters: [apt{i}.energy_kwh], max_power_kw: 40}}\n" for i in range(1, accounts + 1)
+    )
     path = tmp_path / "site.yaml"
     path.write_text(
         "version: 1\ngateway: {id: gw1, site: tower}\n"

@@ -36,9 +36,12 @@ class RuleStatus:  # the shape of rules.runtime.RuleStatus
 
 
 class Incentives:
+    epoch = 1
+
     def __init__(self, records: list[dict[str, Any]] | None = None) -> None:
         self.records = records
         self.asked: list[Any] = []
+        self.counters = {"invalid": 0, "future": 0, "late_dropped": 0}
 
     def records_of_day(self, day: Any) -> list[dict[str, Any]]:
         self.asked.append(day)
@@ -426,25 +429,32 @@ async def test_bearer_and_basic_auth_with_the_token(locked: TestClient[Any, Any]
 
 async def test_incentive_records_of_the_day(client: TestClient[Any, Any], gateway: Gateway) -> None:
     record = {
-        "schema": "edge-gateway/incentive-record/1",
+        "schema": "edge-gateway/incentive-record/2",
+        "kind": "interval",
         "id": "inc_" + "0" * 32,
         "seq": 7,
         "account": "acct_" + "ab" * 16,
         "interval": {"start": "2026-11-26T01:00:00Z", "end": "2026-11-26T01:15:00Z", "local_start": "09:00+08:00"},
-        "status": "saving",
+        "status": "measured",
+        "flags": [],
         "energy_kwh": "1.250000",
+        "delta_kwh": "0.310000",
         "saving_kwh": "0.310000",
         "co2e_saved_kg": "0.176700",
-        "complete": True,
     }
     stage = Incentives([record])
+    stage.counters["future"] = 2  # two readings stamped ahead of the clock were refused
     gateway.incentives = stage
     view = await get_json(client, "/api/incentives")
     assert view["enabled"] is True and view["records"] == [record] and view["error"] is None
+    assert view["refused"] == {"invalid": 0, "future": 2, "late_dropped": 0}
     assert str(stage.asked[0]) == view["day"]  # asked for today in the gateway's time zone, as a date
     html = await (await client.get("/")).text()
-    for shown in ("09:00+08:00", "acct_abababababababababa…", "saving", "0.310000", "0.176700", "1 records"):
+    for shown in ("09:00+08:00", "acct_abababababababababa…", "measured", "0.310000", "0.176700", "1 records"):
         assert shown in html
+    assert "Meter readings refused or ignored since start: future 2" in html
+    metrics = await (await client.get("/metrics")).text()
+    assert 'edge_gateway_incentive_readings_refused_total{reason="future"} 2.0' in metrics
 
 
 async def test_incentive_records_that_cannot_be_read(client: TestClient[Any, Any], gateway: Gateway) -> None:
