@@ -81,6 +81,8 @@ class ModbusPoint(StrictModel):
     tags: dict[str, str] = Field(default_factory=dict)
     #: personal data (a tenant's consumption): never sent raw to the city platform (docs/privacy.md)
     personal: bool = False
+    #: an energy meter's rating in kW (the most power it can measure): incentive readings implying more are flagged
+    max_power_kw: Annotated[float, Field(gt=0)] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
@@ -332,6 +334,7 @@ class ModbusDeviceConfig(StrictModel):
                 measurement=profile.measurement_name,
                 tags={**base_tags, **spec.tags},
                 personal=self.personal or spec.personal,
+                max_power_kw=spec.max_power_kw,
             )
             for name, spec in profile.points.items()
         ]

@@ -297,6 +297,8 @@ class MqttPointSpec(StrictModel):
     command: MqttCommandSpec | None = None
     #: personal data (a tenant's plug or meter): never sent raw to the city platform (docs/privacy.md)
     personal: bool = False
+    #: an energy meter's rating in kW (the most power it can measure): incentive readings implying more are flagged
+    max_power_kw: Annotated[float, Field(gt=0)] | None = None
 
     @field_validator("path")
     @classmethod
@@ -358,6 +360,7 @@ class MqttDeviceConfig(StrictModel):
                 measurement=self.measurement,
                 tags={"device": self.id, **self.tags},
                 personal=self.personal or spec.personal,
+                max_power_kw=spec.max_power_kw,
             )
             for name, spec in self.points.items()
         ]

@@ -5,7 +5,7 @@ Imports no protocol library (config must stay cheap to load).
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -29,6 +29,8 @@ class SimPointSpec(StrictModel):
     description: str | None = None
     #: personal data: never sent raw to the city platform (docs/privacy.md)
     personal: bool = False
+    #: an energy meter's rating in kW (the most power it can measure): incentive readings implying more are flagged
+    max_power_kw: Annotated[float, Field(gt=0)] | None = None
 
 
 class SimulatorProfile(StrictModel):
@@ -81,6 +83,7 @@ class SimulatorDeviceConfig(StrictModel):
                 measurement=profile.model,
                 tags={"device": self.id, **self.tags},
                 personal=self.personal or spec.personal,
+                max_power_kw=spec.max_power_kw,
             )
             for name, spec in profile.points.items()
         ]

@@ -115,6 +115,8 @@ def _verify(args: argparse.Namespace) -> int:
         except orjson.JSONDecodeError:
             print(f"error: checkpoint {args.checkpoint} is not valid JSON", file=sys.stderr)
             return 1
+        if isinstance(checkpoint, dict) and "signature" not in checkpoint and isinstance(checkpoint.get("body"), dict):
+            checkpoint = checkpoint["body"]  # the retained MQTT message as received: its envelope carries it in body
     try:
         if args.records == "-":
             report = verify_lines(sys.stdin.buffer, keys, from_seq=args.from_seq, checkpoint=checkpoint)

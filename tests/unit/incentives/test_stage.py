@@ -494,3 +494,52 @@ def test_records_keep_no_real_ids_even_in_the_programme(stage: IncentiveStage) -
     events = feed_minutes(stage, A1, range(17), 0.02)
     text = orjson.dumps([e.body for e in events]).decode()
     assert "ACC-0001" not in text and "apt1" not in text
+
+
+def test_the_platforms_copy_verifies_and_its_retained_checkpoint_shows_a_missing_tail(
+    tmp_path: Path, stage: IncentiveStage, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from gateway.cli import main as cli_main
+    from gateway.outbox import StoredEvent
+    from gateway.uplinks.contract import RETAINED_EVENT_TYPES, event_message
+
+    events = feed_minutes(stage, A1, range(47), 0.02)
+    messages = [(event.type, event_message("p/s/g", StoredEvent(0, 0, event))[1]) for event in events]
+    retained = [payload for kind, payload in messages if kind in RETAINED_EVENT_TYPES][-1]  # what a late subscriber gets
+    records = [payload for kind, payload in messages if kind == "incentive"]
+    assert len(records) == 4  # genesis and three intervals
+    (tmp_path / "checkpoint.json").write_bytes(retained)
+    public = tmp_path / "data" / "keys" / "signing.pub.pem"
+    check = ["--public-key", str(public), "--checkpoint", str(tmp_path / "checkpoint.json")]
+
+    (tmp_path / "all.jsonl").write_bytes(b"\n".join(records) + b"\n")
+    assert cli_main(["incentives", "verify", str(tmp_path / "all.jsonl"), *check]) == 0
+    (tmp_path / "cut.jsonl").write_bytes(b"\n".join(records[:-1]) + b"\n")  # the last record never arrived
+    capsys.readouterr()
+    assert cli_main(["incentives", "verify", str(tmp_path / "cut.jsonl"), *check]) == 1
+    assert "tail missing" in capsys.readouterr().out
+
+
+def test_a_meter_rated_in_its_device_profile_needs_no_other_limit_and_the_tightest_wins(tmp_path: Path) -> None:
+    from gateway.config.site import load_site
+    from gateway.incentives.programme import build_programme
+    from gateway.incentives.record import Pseudonymizer
+
+    path = tmp_path / "site.yaml"
+    path.write_text(
+        "version: 1\ngateway: {id: gw1, site: tower}\n"
+        "modbus_buses: [{id: b1, type: tcp, host: 127.0.0.1}]\n"
+        "devices:\n"
+        "  - {id: m1, driver: modbus, profile: eastron-sdm120, bus: b1, unit: 1}\n"
+        "  - {id: m2, driver: modbus, profile: eastron-sdm120, bus: b1, unit: 2}\n"
+        "incentives:\n  baseline: {method: fixed, kwh: 0.5}\n  emission_factor: {kg_per_kwh: 0.5}\n"
+        "  signing_key_file: k.pem\n  pseudonym_key_file: p.key\n  accounts:\n"
+        "    - {id: A1, meters: [m1.import_kwh]}\n"
+        "    - {id: A2, meters: [m2.import_kwh], max_power_kw: 7.2}\n"
+    )
+    site = load_site(path)
+    assert validate_against(site) == []  # the SDM120 profile rates its energy points (45 A x 230 V)
+    assert site.config.incentives is not None
+    programme = build_programme(site.config.incentives, site.registry, Pseudonymizer(b"0123456789abcdef" * 4), "UTC")
+    limits = [plan.rules[plan.meters[0]].limit_w for plan in programme.accounts]
+    assert limits == [10_400, 7_200]
