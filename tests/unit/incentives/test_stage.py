@@ -505,7 +505,8 @@ def test_the_platforms_copy_verifies_and_its_retained_checkpoint_shows_a_missing
 
     events = feed_minutes(stage, A1, range(47), 0.02)
     messages = [(event.type, event_message("p/s/g", StoredEvent(0, 0, event))[1]) for event in events]
-    retained = [payload for kind, payload in messages if kind in RETAINED_EVENT_TYPES][-1]  # what a late subscriber gets
+    # the newest retained message is what a platform that subscribes late gets
+    retained = [payload for kind, payload in messages if kind in RETAINED_EVENT_TYPES][-1]
     records = [payload for kind, payload in messages if kind == "incentive"]
     assert len(records) == 4  # genesis and three intervals
     (tmp_path / "checkpoint.json").write_bytes(retained)
