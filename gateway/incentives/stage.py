@@ -504,6 +504,9 @@ class IncentiveStage:
         self._cursor[account.real_id] = end
         self._issued_any.add(account.real_id)
         self._anchors.update(anchors)
+        for point in anchors:  # marks that end before the closed edge can touch no open interval (the ledger agrees)
+            if point in self._marks:
+                self._marks[point] = [(low, high) for low, high in self._marks[point] if high >= end]
         self._not_ready.pop(account.real_id, None)
         return len(records)
 
