@@ -198,8 +198,14 @@ class GatewayCollector(Collector):
             labels=["reason"],
         )
         for reason, count in stage.counters.items():
-            refused.add_metric([reason], count)
+            if reason != "clock_steps":
+                refused.add_metric([reason], count)
         yield refused
+        yield CounterMetricFamily(
+            "edge_gateway_incentive_clock_steps",
+            "Times the gateway clock stepped back (the intervals it touched are flagged clock)",
+            value=stage.counters.get("clock_steps", 0),
+        )
         yield GaugeMetricFamily(
             "edge_gateway_incentive_epoch", "The incentive programme epoch in force", value=stage.epoch
         )

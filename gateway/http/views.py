@@ -237,17 +237,27 @@ def incentives_today(gateway: Gateway) -> JsonDict:
     """Today's incentive records (in the gateway's time zone), or why there are none."""
     stage = gateway.incentives
     if stage is None:
-        return {"enabled": False, "day": None, "records": [], "error": None, "refused": {}}
+        return {"enabled": False, "day": None, "records": [], "error": None, "refused": {}, "clock_steps": 0}
     day = datetime.now(ZoneInfo(gateway.site.config.gateway.timezone)).date()
     # readings the stage refused or ignored, by reason (invalid, future, late_dropped, ...): never silently dropped
-    refused = dict(stage.counters)
+    refused = {reason: count for reason, count in stage.counters.items() if reason != "clock_steps"}
+    error: str | None
     try:
         records = [as_dict(r) for r in stage.records_of_day(day)]
     except Exception as exc:
         log.debug("incentive records failed", exc_info=True)
         error = f"cannot read records: {exc}"
-        return {"enabled": True, "day": day.isoformat(), "records": [], "error": error, "refused": refused}
-    return {"enabled": True, "day": day.isoformat(), "records": records, "error": None, "refused": refused}
+        records = []
+    else:
+        error = None
+    return {
+        "enabled": True,
+        "day": day.isoformat(),
+        "records": records,
+        "error": error,
+        "refused": refused,
+        "clock_steps": stage.counters.get("clock_steps", 0),
+    }
 
 
 def recent_commands(gateway: Gateway, limit: int = 20) -> list[JsonDict]:

@@ -41,7 +41,7 @@ class Incentives:
     def __init__(self, records: list[dict[str, Any]] | None = None) -> None:
         self.records = records
         self.asked: list[Any] = []
-        self.counters = {"invalid": 0, "future": 0, "late_dropped": 0}
+        self.counters = {"invalid": 0, "future": 0, "late_dropped": 0, "clock_steps": 0}
 
     def records_of_day(self, day: Any) -> list[dict[str, Any]]:
         self.asked.append(day)
