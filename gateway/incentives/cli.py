@@ -15,7 +15,7 @@ import os
 import sqlite3
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,12 +172,17 @@ def _export(args: argparse.Namespace) -> int:
                     "run export without --checkpoint-out"
                 )
             rows = _export_rows(ledger, args.since)
-            if args.out is None:
-                seqs = _write_records(rows, sys.stdout.buffer)
-                sys.stdout.buffer.flush()
-            else:
-                with _replace_atomically(args.out) as handle:
-                    seqs = _write_records(rows, handle)
+            try:
+                if args.out is None:
+                    seqs = _write_records(rows, sys.stdout.buffer)
+                    sys.stdout.buffer.flush()
+                else:
+                    with _replace_atomically(args.out) as handle:
+                        seqs = _write_records(rows, handle)
+            finally:
+                # finish the cursor while the connection is open: left to the garbage collector after a closed pipe,
+                # it would print "Exception ignored ... closed database" on the way out
+                rows.close()
             if checkpoint is not None:
                 with _replace_atomically(args.checkpoint_out) as handle:
                     handle.write(checkpoint + b"\n")
@@ -224,7 +229,7 @@ def _stored_checkpoint(ledger: sqlite3.Connection) -> bytes | None:
     return (value.encode("utf-8") if isinstance(value, str) else bytes(value)).strip()
 
 
-def _export_rows(ledger: sqlite3.Connection, since: int | None) -> Iterator[tuple[int, Any]]:
+def _export_rows(ledger: sqlite3.Connection, since: int | None) -> Generator[tuple[int, Any], None, None]:
     if since is not None:
         epoch = ledger.execute(
             "SELECT seq, body FROM records WHERE kind = 'epoch' AND seq < ? ORDER BY seq DESC LIMIT 1", (since,)
