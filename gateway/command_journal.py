@@ -88,13 +88,21 @@ class CommandJournal:
             ).fetchone()
         return _entry(row) if row is not None else None
 
-    def receive(self, command_id: str, payload_hash: str, received_ns: int, nonce: str | None = None) -> None:
-        """Record a command (and its nonce) as received, durably, before anything is applied."""
+    def receive(
+        self,
+        command_id: str,
+        payload_hash: str,
+        received_ns: int,
+        nonce: str | None = None,
+        result: dict[str, Any] | None = None,
+    ) -> None:
+        """Record a command (and its nonce) as received, durably, before anything is applied; a command answered
+        without touching a device comes with its ``result``, in the same transaction."""
         with self._lock, self._db:
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
-                "INSERT INTO commands (id, payload_hash, received_ns) VALUES (?, ?, ?)",
-                (command_id, payload_hash, received_ns),
+                "INSERT INTO commands (id, payload_hash, received_ns, result) VALUES (?, ?, ?, ?)",
+                (command_id, payload_hash, received_ns, orjson.dumps(result).decode() if result is not None else None),
             )
             if nonce is not None:
                 self._db.execute("INSERT INTO nonces (nonce, received_ns) VALUES (?, ?)", (nonce, received_ns))

@@ -61,6 +61,8 @@ MAX_SAFE_INTEGER = 2**53
 _BASE_KEYS = frozenset({"v", "id", "point", "value", "ts"})
 _SIGNED_KEYS = frozenset({"expires", "nonce", "signature"})
 
+#: a long-running gateway forgets expired journal entries this often (and at every start)
+PRUNE_EVERY_S = 3600.0
 DEFAULT_MAX_AGE = 60.0
 DEFAULT_MAX_SKEW = 5.0
 
@@ -139,6 +141,7 @@ class PlatformCommands:
         self.gateway_id = gateway_id
         self.time_ns = time_ns
         self._recovered = False
+        self._pruned_at = 0.0
         self._lock = asyncio.Lock()
         self.received = 0
         self.duplicates = 0
@@ -153,23 +156,32 @@ class PlatformCommands:
             if self._recovered:
                 return
             for entry in await asyncio.to_thread(self.journal.unanswered):
-                result = entry.result
-                if result is None:
-                    log.error(
-                        "platform command %s was being applied when the gateway stopped: outcome unknown, "
-                        "not applied again",
-                        entry.command_id,
-                    )
-                    message = (
-                        "the gateway stopped while applying this command: whether the device took it is unknown; "
-                        "it is not applied again (read the point to see its value)"
-                    )
-                    result = self._result(entry.command_id, entry.command_id, "write", {}, "unknown", message)
-                    await asyncio.to_thread(self.journal.settle, entry.command_id, result)
-                    self._count("unknown")
+                result = entry.result if entry.result is not None else await self._settle_unknown(entry)
                 await self._send(entry.command_id, result)
-            await asyncio.to_thread(self.journal.prune, self.time_ns())
+            await self._prune()
             self._recovered = True
+
+    async def _settle_unknown(self, entry: JournalEntry) -> dict[str, Any]:
+        """The answer for a command taken on whose outcome was never recorded (a crash, or an unexpected error)."""
+        log.error(
+            "platform command %s was being applied when the gateway stopped or failed: outcome unknown, "
+            "not applied again",
+            entry.command_id,
+        )
+        message = (
+            "the gateway stopped while applying this command: whether the device took it is unknown; "
+            "it is not applied again (read the point to see its value)"
+        )
+        result = self._result(entry.command_id, entry.command_id, "write", {}, "unknown", message)
+        await asyncio.to_thread(self.journal.settle, entry.command_id, result)
+        self._count("unknown")
+        stored = await asyncio.to_thread(self.journal.get, entry.command_id)
+        assert stored is not None and stored.result is not None
+        return stored.result  # the one settled first, should another have won
+
+    async def _prune(self) -> None:
+        await asyncio.to_thread(self.journal.prune, self.time_ns())
+        self._pruned_at = time.monotonic()
 
     def close(self) -> None:
         self.journal.close()
@@ -184,6 +196,8 @@ class PlatformCommands:
 
     async def _handle(self, action: str, payload: bytes) -> None:
         self.received += 1
+        if time.monotonic() - self._pruned_at > PRUNE_EVERY_S:
+            await self._prune()
         raw: dict[str, Any] | None = None
         problem: str | None = None
         try:
@@ -241,8 +255,9 @@ class PlatformCommands:
         if entry.payload_hash == digest or key.startswith("invalid-"):
             self.duplicates += 1
             log.info("platform command %s received again: answered with its first result, not applied again", key)
-            if entry.result is not None:  # None: being applied right now (cannot happen under the lock)
-                await self._send(key, entry.result)
+            # no result: an earlier attempt died with an unexpected error after taking the command on
+            result = entry.result if entry.result is not None else await self._settle_unknown(entry)
+            await self._send(key, result)
             return
         # The same id with another payload: a platform bug or a replay. Answered under its own result id, so the
         # original result (which the platform may deduplicate on) is left alone.
@@ -317,6 +332,9 @@ class PlatformCommands:
             return "refused", str(exc)
         except DeviceError as exc:
             return "failed", str(exc)
+        except Exception as exc:  # a bug below us: whether the device was written is not known
+            log.exception("platform command %s: unexpected error while applying it", raw.get("id"))
+            return "unknown", f"unexpected error while applying the command ({type(exc).__name__}); not retried"
         return "applied", None
 
     # -- answers ------------------------------------------------------------------------------------------------
@@ -334,8 +352,7 @@ class PlatformCommands:
     ) -> None:
         """A command answered without touching a device: journalled with its result in one go, then sent."""
         result = self._result(key, command_id, action, raw, status, reason)
-        await asyncio.to_thread(self.journal.receive, key, digest, self.time_ns(), nonce)
-        await asyncio.to_thread(self.journal.settle, key, result)
+        await asyncio.to_thread(self.journal.receive, key, digest, self.time_ns(), nonce, result)
         self._log(command_id, action, raw, status, reason)
         await self._send(key, result)
 

@@ -185,7 +185,12 @@ class MqttUplink:
         await client.publish(f"{self.base}/meta", meta, qos=1, retain=True)
         if self.on_command is not None:
             if self.before_commands is not None:
-                await self.before_commands()
+                try:
+                    await self.before_commands()
+                except Exception:
+                    # e.g. the outbox refusing a recovered result (full disk): commands are still taken; the
+                    # recovery is tried again before the next one
+                    log.exception("platform commands: answering what a restart left unanswered failed")
             await client.subscribe(f"{self.base}/cmd/#", qos=1)
 
     async def _serve(self, client: aiomqtt.Client, closing: asyncio.Event) -> None:

@@ -39,6 +39,9 @@ class Handler:
             raise WriteRejected("ahu3.locked: not in the allow list")
         if command.point == "ahu3.offline":
             raise DeviceUnavailable("ahu3: no answer after 3 retries")
+        if command.point == "ahu3.buggy":
+            self.applied.append(command)  # it may well have reached the device
+            raise RuntimeError("a bug after the write")
         if isinstance(command.value, int | float) and not 20 <= command.value <= 100:
             raise WriteRejected(f"{command.point}: {command.value} outside 20..100")
         self.applied.append(command)
@@ -195,6 +198,15 @@ async def test_a_crash_between_write_and_result_is_answered_unknown_and_never_re
     await restarted.handle("write", payload)  # the platform retries: the same answer, no write
     assert setup.handler.applied == []
     assert result_bytes(setup.outbox) == [encode_event(answer.event)]
+
+
+async def test_an_unexpected_error_while_applying_is_answered_unknown_and_not_retried(setup: Setup) -> None:
+    payload = cmd(id="dr-48", point="ahu3.buggy", value=50)
+    await setup.commands.handle("write", payload)
+    await setup.commands.handle("write", payload)
+    (answer,) = setup.outbox.read_events(0, limit=10)
+    assert answer.event.body["status"] == "unknown" and "RuntimeError" in answer.event.body["message"]
+    assert len(setup.handler.applied) == 1
 
 
 async def test_a_crash_between_result_and_outbox_sends_the_stored_result_on_restart(setup: Setup) -> None:
