@@ -205,7 +205,7 @@ class PlatformCommands:
         except StrictJsonError as exc:
             problem = f"payload refused: {exc}"
             parsed = _lenient(payload)  # only to find the id the answer belongs to
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
             problem = f"payload is not JSON: {exc}"
             parsed = None
         if isinstance(parsed, dict):
@@ -213,9 +213,9 @@ class PlatformCommands:
         elif problem is None:
             problem = "payload must be a JSON object"
         command_id = raw.get("id") if raw is not None else None
-        if not isinstance(command_id, str) or not _COMMAND_ID_RE.match(command_id):
+        if not isinstance(command_id, str) or not _COMMAND_ID_RE.match(command_id) or command_id.startswith("invalid-"):
             command_id = None
-            problem = problem or "id must be 1-128 characters of A-Z a-z 0-9 _ . : -"
+            problem = problem or "id must be 1-128 characters of A-Z a-z 0-9 _ . : - (not starting with invalid-)"
         # without a usable id the answer is keyed by the payload's hash: the same bad message is answered once
         key = command_id or "invalid-" + hashlib.sha256(payload).hexdigest()[:16]
         digest = payload_hash(raw if problem is None else None, payload)

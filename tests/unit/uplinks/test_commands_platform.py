@@ -241,7 +241,18 @@ def test_a_journal_shorter_than_the_command_window_is_refused(tmp_path: Path) ->
         journal.close()
 
 
-@pytest.mark.parametrize("payload", [b"{not json", b"[1, 2]", cmd(point="ahu3.setpoint", value=1), cmd(id="a b")])
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"{not json",
+        b"[1, 2]",
+        b"[" * 100_000 + b"]" * 100_000,
+        b"\xff\xfe",
+        cmd(point="ahu3.setpoint", value=1),
+        cmd(id="a b"),
+        cmd(id="invalid-0123456789abcdef", point="ahu3.setpoint", value=40),  # the prefix of hash-keyed answers
+    ],
+)
 async def test_payloads_without_a_usable_id_are_answered_keyed_by_their_hash(setup: Setup, payload: bytes) -> None:
     await setup.commands.handle("write", payload)
     await setup.commands.handle("write", payload)  # the same bad message again: one answer
