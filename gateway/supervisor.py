@@ -570,7 +570,9 @@ class Gateway:
             return []
         from gateway.uplinks.runner import build_uplinks
 
-        runners: list[UplinkRunnerLike] = [*build_uplinks(self.site, outbox, commands=self.execute_command)]
+        runners: list[UplinkRunnerLike] = [
+            *build_uplinks(self.site, outbox, commands=self.execute_command, data_dir=self.data_dir)
+        ]
         return runners
 
     def _start_http(self, tg: asyncio.TaskGroup, stopping: asyncio.Event) -> asyncio.Task[None] | None:

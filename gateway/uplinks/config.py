@@ -132,10 +132,15 @@ class PlatformConfig(StrictModel):
     delivery: DeliveryConfig = DeliveryConfig(batch_size=2000, max_inflight=2, retry_max=10.0)
     #: accept write commands on ``cmd/write``; off means the subscription is not even made
     commands: bool = True
-    #: a command older than this (by its ``ts``) is refused as stale
-    command_max_age: Duration = 300.0
+    #: a command older than this (by its required ``ts``) is refused as stale; at most a day, far inside the 7 days
+    #: the command journal remembers an id, so an id is never forgotten while a command could still be accepted
+    command_max_age: Annotated[Duration, Field(gt=0, le=86_400)] = 60.0
+    #: a command whose ``ts`` is further than this ahead of the gateway clock is refused
+    command_max_skew: Annotated[Duration, Field(ge=0, le=3_600)] = 5.0
+    #: the platform's Ed25519 public key (PEM): when set, only commands signed with it are applied (docs/commands.md)
+    command_public_key_file: Path | None = None
 
-    _password_path = field_validator("password_file", mode="before")(_resolve_path)
+    _password_path = field_validator("password_file", "command_public_key_file", mode="before")(_resolve_path)
 
     @field_validator("prefix")
     @classmethod
@@ -152,6 +157,8 @@ class PlatformConfig(StrictModel):
             object.__setattr__(self, "password", read_secret_file(self.password_file))
         if self.password is not None and self.username is None:
             raise ValueError("a password needs a username")
+        if self.command_public_key_file is not None and not self.command_public_key_file.is_file():
+            raise ValueError(f"command_public_key_file not found: {self.command_public_key_file}")
         return self
 
     @property

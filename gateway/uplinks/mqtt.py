@@ -59,6 +59,8 @@ class MqttUplink:
         *,
         site: Site,
         on_command: CommandCallback | None = None,
+        before_commands: Callable[[], Awaitable[None]] | None = None,
+        on_close: Callable[[], None] | None = None,
         reconnect_min: float = 0.5,
         reconnect_max: float = 30.0,
     ) -> None:
@@ -70,6 +72,9 @@ class MqttUplink:
         self.shared = contract.PlatformPoints(site.registry)
         self.client_id = config.client_id or f"edge-gateway-{gateway.site}-{gateway.id}"
         self.on_command = on_command if config.commands else None
+        #: awaited on each connection before the command subscription (answers what a crash left unanswered)
+        self.before_commands = before_commands
+        self.on_close = on_close
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self._client: aiomqtt.Client | None = None
@@ -179,6 +184,13 @@ class MqttUplink:
         await client.publish(f"{self.base}/status", online, qos=1, retain=True)
         await client.publish(f"{self.base}/meta", meta, qos=1, retain=True)
         if self.on_command is not None:
+            if self.before_commands is not None:
+                try:
+                    await self.before_commands()
+                except Exception:
+                    # e.g. the outbox refusing a recovered result (full disk): commands are still taken; the
+                    # recovery is tried again before the next one
+                    log.exception("platform commands: answering what a restart left unanswered failed")
             await client.subscribe(f"{self.base}/cmd/#", qos=1)
 
     async def _serve(self, client: aiomqtt.Client, closing: asyncio.Event) -> None:
@@ -211,7 +223,10 @@ class MqttUplink:
             log.warning("could not publish offline status on stop: %s", exc)
 
     async def close(self) -> None:
-        """The connection is owned by ``maintain``, which ends it; nothing else to release."""
+        """The connection is owned by ``maintain``, which ends it; the command side (its journal) is released."""
+        if self.on_close is not None:
+            on_close, self.on_close = self.on_close, None
+            on_close()
 
     # -- delivery -----------------------------------------------------------------------------------------------
 

@@ -31,8 +31,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gateway.errors import StoreError, UplinkError
@@ -474,8 +476,17 @@ class UplinkRunner:
         }
 
 
-def build_uplinks(site: Site, outbox: Outbox, *, commands: CommandHandler) -> list[UplinkRunner]:
-    """One runner per configured uplink. Protocol libraries are imported here, only for what is configured."""
+def build_uplinks(
+    site: Site,
+    outbox: Outbox,
+    *,
+    commands: CommandHandler,
+    data_dir: Path | None = None,
+    time_ns: Callable[[], int] = time.time_ns,
+) -> list[UplinkRunner]:
+    """One runner per configured uplink. Protocol libraries are imported here, only for what is configured.
+
+    Platform commands are journalled in ``<data_dir>/commands.db`` (by default beside the outbox)."""
     config = site.config.uplinks
     runners: list[UplinkRunner] = []
     if config.influx is not None:
@@ -484,12 +495,36 @@ def build_uplinks(site: Site, outbox: Outbox, *, commands: CommandHandler) -> li
         influx = InfluxUplink(config.influx, site=site)
         runners.append(UplinkRunner("uplink[influx]", influx, outbox, config.influx.delivery, cursor_name="influx"))
     if config.platform is not None:
-        from gateway.commands_platform import PlatformCommands
         from gateway.uplinks.mqtt import MqttUplink
 
-        platform_commands = PlatformCommands(
-            commands, outbox, max_age=config.platform.command_max_age, gateway_id=site.config.gateway.id
-        )
-        mqtt = MqttUplink(config.platform, site=site, on_command=platform_commands.handle)
-        runners.append(UplinkRunner("uplink[platform]", mqtt, outbox, config.platform.delivery, cursor_name="platform"))
+        platform = config.platform
+        if not platform.commands:
+            mqtt = MqttUplink(platform, site=site)
+        else:
+            from gateway.command_journal import JOURNAL_FILE, CommandJournal
+            from gateway.commands_platform import PlatformCommands
+            from gateway.incentives.record import load_public_key
+
+            public_key = None
+            if platform.command_public_key_file is not None:
+                public_key = load_public_key(platform.command_public_key_file)
+            journal = CommandJournal((data_dir or outbox.path.parent) / JOURNAL_FILE)
+            platform_commands = PlatformCommands(
+                commands,
+                outbox,
+                journal,
+                gateway_id=site.config.gateway.id,
+                max_age=platform.command_max_age,
+                max_skew=platform.command_max_skew,
+                public_key=public_key,
+                time_ns=time_ns,
+            )
+            mqtt = MqttUplink(
+                platform,
+                site=site,
+                on_command=platform_commands.handle,
+                before_commands=platform_commands.recover,
+                on_close=platform_commands.close,
+            )
+        runners.append(UplinkRunner("uplink[platform]", mqtt, outbox, platform.delivery, cursor_name="platform"))
     return runners

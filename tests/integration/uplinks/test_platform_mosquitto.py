@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -37,6 +38,8 @@ class Platform:
         self.broker = broker
         self.base = base
         self.messages: list[tuple[str, dict[str, Any], bool]] = []
+        #: the bytes as the broker delivered them, by topic
+        self.raw: list[tuple[str, bytes]] = []
 
     def on(self, suffix: str) -> list[dict[str, Any]]:
         return [payload for topic, payload, _retain in self.messages if topic == f"{self.base}/{suffix}"]
@@ -53,6 +56,8 @@ class Platform:
                         if message.topic.value.startswith(f"{self.base}/cmd/"):
                             continue  # the platform's own requests (one of them deliberately not JSON)
                         payload = orjson.loads(message.payload) if message.payload else {}  # type: ignore[arg-type]
+                        assert isinstance(message.payload, bytes)
+                        self.raw.append((message.topic.value, message.payload))
                         self.messages.append((message.topic.value, payload, message.retain))
             except aiomqtt.MqttError:
                 await asyncio.sleep(0.1)  # the broker is down: the platform reconnects, its session kept
@@ -175,10 +180,10 @@ async def test_platform_commands_are_applied_through_the_handler_once_refused_wi
             tg.create_task(runner.run(stopping))
             await wait_for(lambda: bool(seen.on("status")), what="online")
             async with aiomqtt.Client("127.0.0.1", port=broker.port, identifier="platform-operator") as operator:
-                ok = orjson.dumps({"v": 1, "id": "dr-1", "point": "m1.power_kw", "value": 40})
+                ok = orjson.dumps({"v": 1, "id": "dr-1", "point": "m1.power_kw", "value": 40, "ts": now_ms()})
                 await operator.publish(f"{base}/cmd/write", ok, qos=1)
                 await operator.publish(f"{base}/cmd/write", ok, qos=1)  # redelivered: applied once
-                refused = orjson.dumps({"v": 1, "id": "dr-2", "point": "m2.voltage", "value": 1})
+                refused = orjson.dumps({"v": 1, "id": "dr-2", "point": "m2.voltage", "value": 1, "ts": now_ms()})
                 await operator.publish(f"{base}/cmd/write", refused, qos=1)
                 await operator.publish(f"{base}/cmd/write", b"{not json", qos=1)
             await wait_for(lambda: len(seen.on("events/command_result")) >= 3, what="results")
@@ -192,3 +197,60 @@ async def test_platform_commands_are_applied_through_the_handler_once_refused_wi
     assert "not in any allow list" in results["dr-2"]["message"]
     (invalid,) = [body for subject, body in results.items() if subject.startswith("invalid-")]
     assert invalid["status"] == "invalid" and "not JSON" in invalid["message"]
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+async def test_a_repeated_command_is_answered_with_the_first_result_bytes_after_compaction_and_a_restart(
+    tmp_path: Path, broker: Mosquitto
+) -> None:
+    """Issue 12: a command re-sent after its result was compacted away, and again after a restart, was applied
+    again (78 then 79 under one id). Now the device sees one write and every answer is the first one, byte for
+    byte; another payload under the same id is refused under a result id of its own."""
+    site = platform_site(tmp_path, broker, "once")
+    base = "once/tower/gw1"
+    recorder = CommandRecorder()
+    command = orjson.dumps({"v": 1, "id": "dr-once", "point": "m1.power_kw", "value": 78, "ts": now_ms()})
+    other = orjson.dumps({"v": 1, "id": "dr-once", "point": "m1.power_kw", "value": 79, "ts": now_ms()})
+    topic = f"{base}/events/command_result"
+
+    def answers() -> list[bytes]:
+        return [payload for t, payload in seen.raw if t == topic]
+
+    async with platform(broker, base) as seen:
+        for restart in (False, True):  # the same data directory: a new Outbox, a new journal connection
+            outbox = Outbox(tmp_path / "outbox.db")
+            (runner,) = build_uplinks(site, outbox, commands=recorder)
+            stopping = asyncio.Event()
+            async with (
+                asyncio.TaskGroup() as tg,
+                aiomqtt.Client("127.0.0.1", port=broker.port, identifier="platform-operator") as operator,
+            ):
+                tg.create_task(runner.run(stopping))
+                await wait_for(runner.uplink.connected.is_set, what="connected and subscribed")  # type: ignore[attr-defined]
+                if not restart:
+                    await operator.publish(f"{base}/cmd/write", command, qos=1)
+                    await wait_for(lambda: len(answers()) >= 1, what="first result")
+                    # delivered, then compacted away: the outbox no longer knows the result
+                    deadline = time.monotonic() + 10
+                    while outbox.has_event("cmd-result:dr-once"):
+                        assert time.monotonic() < deadline, "the result was never compacted"
+                        await outbox.compact()
+                        await asyncio.sleep(0.05)
+                await operator.publish(f"{base}/cmd/write", command, qos=1)
+                await wait_for(lambda want=(3 if restart else 2): len(answers()) >= want, what="repeated result")
+                if restart:
+                    await operator.publish(f"{base}/cmd/write", other, qos=1)
+                    await wait_for(lambda: len(answers()) >= 4, what="conflict result")
+                stopping.set()
+            await outbox.close()
+
+    first, *repeats, conflict = answers()
+    assert repeats == [first, first]
+    assert orjson.loads(first)["body"]["status"] == "applied"
+    assert [c.value for c in recorder.commands] == [78]  # the device saw one write
+    refused = orjson.loads(conflict)
+    assert refused["subject"] == "dr-once" and refused["id"] != orjson.loads(first)["id"]
+    assert refused["body"]["status"] == "refused" and "already used" in refused["body"]["message"]

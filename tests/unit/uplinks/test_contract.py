@@ -175,7 +175,7 @@ def test_publish_topics_stay_under_the_gateway_and_off_its_own_topics(subject: s
 def test_the_documented_command_example_is_valid() -> None:
     example = {"v": 1, "id": "dr-2026-11-27-0042", "point": "ahu3.vent_setpoint_pct", "value": 40, "ts": 1795300000000}
     jsonschema.validate(example, json.loads((SCHEMAS / "command-write.schema.json").read_text()))
-    with pytest.raises(jsonschema.ValidationError):
-        jsonschema.validate(
-            {**example, "point": "AHU3"}, json.loads((SCHEMAS / "command-write.schema.json").read_text())
-        )
+    schema = json.loads((SCHEMAS / "command-write.schema.json").read_text())
+    for bad in ({**example, "point": "AHU3"}, {k: v for k, v in example.items() if k != "ts"}):
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(bad, schema)
