@@ -2,7 +2,7 @@
 
 Owns the terminal rendering only; the data comes from a running gateway over HTTP (standard library client, so the
 command works on a box where the gateway runs as another user). Exit codes: 0 ready, 1 reachable but not ready,
-3 unreachable or not a gateway.
+3 unreachable or not a gateway; 2 a usage error (argparse), 130 Ctrl-C (``gateway.cli``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import Any, TextIO
 
 import orjson
 
+from gateway.arguments import duration, gateway_url
 from gateway.http.page import format_age, format_bytes, format_latency, format_unit, format_value
 
 JsonDict = dict[str, Any]
@@ -98,8 +99,10 @@ def render(data: JsonDict, out: TextIO, *, all_points: bool = True) -> None:
     _table([[str(r["id"]), r["state"], str(r.get("last_error") or r.get("error") or "")] for r in rules["rules"]], out)
     if rules.get("error"):
         print(f"  ! {rules['error']}", file=out)
-    for problem in rules["problems"][-10:]:
-        print(f"  ? {problem}", file=out)
+    if rules["problems"]:
+        print("  recent rule problems:", file=out)  # the page's heading
+        for problem in rules["problems"][-10:]:
+            print(f"    {problem}", file=out)
 
     print(f"\nUplinks ({len(data['uplinks'])})", file=out)
     if not data["uplinks"]:
@@ -171,8 +174,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="print a running gateway's status (devices, points, alarms, rules, uplinks)",
         description="Exit code: 0 ready, 1 running but not ready, 3 unreachable.",
     )
-    status.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway's status address")
+    status.add_argument(
+        "--url",
+        type=gateway_url,
+        default="http://127.0.0.1:8080",
+        help="the gateway's status address (http:// may be left out)",
+    )
     status.add_argument("--token-file", help="file holding the access token (default: $EDGE_GATEWAY_TOKEN)")
-    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    status.add_argument("--timeout", type=duration, default=5.0, help="how long to wait for an answer (5, 500ms, 1min)")
     status.add_argument("--problems", action="store_true", help="list only points whose quality is not good")
     status.set_defaults(handler=cmd_status)
