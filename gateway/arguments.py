@@ -32,7 +32,7 @@ def int_range(low: int, high: int) -> Callable[[str], int]:
 
     def parse(text: str) -> int:
         try:
-            value = int(text, 0)
+            value = int(text, 10 if text.strip().isdigit() else 0)  # 0x10 as well; 010 is ten, not an error
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
         if not low <= value <= high:

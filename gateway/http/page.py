@@ -83,12 +83,14 @@ def format_unit(unit: str | None) -> str:
 
 def format_reading(value: Any, digits: int = 6) -> str:
     """A value for a terminal line that scripts may read (``tail``, ``modbus read``): floats to ``digits``
-    significant digits (a float32 register's ``230.10000610351562`` is ``230.1``), never an exponent or a
-    thousands separator."""
+    significant digits (a float32 register's ``230.10000610351562`` is ``230.1``), no thousands separator, and
+    an exponent only outside 0.0001 to 10**15 (a wrong word order's ``1.37542e-36`` stays readable)."""
     if not isinstance(value, float) or not math.isfinite(value):
         return str(value)
     if value == 0:
         return "0"
+    if not 1e-4 <= abs(value) < 1e15:
+        return f"{value:.{digits}g}"
     rounded = round(value, digits - 1 - math.floor(math.log10(abs(value))))
     text = format(Decimal(repr(rounded)), "f")
     return text.rstrip("0").rstrip(".") if "." in text else text
