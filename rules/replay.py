@@ -139,7 +139,8 @@ def read_samples_csv(
             errors.append(Diagnostic(name, number, 1, str(exc), line))
     if needs_start is not None and relative_rows > 1:
         first = errors[needs_start]
-        more = f"{first.message}; so do {relative_rows - 1} more rows with relative times"
+        rows_text = "1 more row" if relative_rows == 2 else f"{relative_rows - 1} more rows"
+        more = f"{first.message}; so do {rows_text} with relative times"
         errors[needs_start] = Diagnostic(first.file, first.line, first.col, more, first.source_line)
     if errors:
         raise ConfigError(errors)
