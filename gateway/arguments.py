@@ -57,7 +57,7 @@ def host_port(default_port: int) -> Callable[[str], tuple[str, int]]:
             host, _, port_text = text.partition(":")
         if not host:
             raise argparse.ArgumentTypeError(f"{text!r} has no host: use HOST:PORT, like 192.168.1.20:502")
-        if not port_text:
+        if not port_text and not text.endswith(":"):
             return host, default_port
         if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
             raise argparse.ArgumentTypeError(f"invalid port {port_text!r} in {text!r}: use a number 1-65535")
