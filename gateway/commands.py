@@ -15,12 +15,9 @@ import sys
 import tempfile
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 from gateway import arguments
 from gateway.config.site import FIRMWARE_CONFIGS, Site, load_site
@@ -170,7 +167,14 @@ def cmd_tail(args: argparse.Namespace) -> int:
         return _tail_demo(args, patterns)
     if args.data_dir is not None:
         args.usage.error("--data-dir is only for --demo")  # exits 2
-    return _tail_remote(args.url or _DEFAULT_URL, patterns, args.duration)
+    from gateway.http.cli import read_token
+
+    try:
+        token = read_token(args.token_file)
+    except OSError as exc:
+        print(f"cannot read token file {args.token_file}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return _tail_remote(args.url or _DEFAULT_URL, patterns, args.duration, token)
 
 
 def _tail_demo(args: argparse.Namespace, patterns: list[str]) -> int:
@@ -221,23 +225,26 @@ def _tail_demo(args: argparse.Namespace, patterns: list[str]) -> int:
 _RECONNECT_S = 30.0
 
 
-def _tail_remote(url: str, patterns: list[str], duration: float | None) -> int:
+def _tail_remote(url: str, patterns: list[str], duration: float | None, token: str | None) -> int:
     """Poll a running gateway's /api/points and print every new sample.
 
     Exit 3 with one line when the gateway cannot be reached at the start, or stays away for ``_RECONNECT_S`` (or
     until ``--duration`` ends) after it was reached. Ctrl-C is not caught here: ``gateway.cli`` makes it 130."""
+    from gateway.http.cli import UNAUTHORISED_HINT, fetch_json
+
     seen: dict[str, int] = {}
     deadline = None if duration is None else time.monotonic() + duration
     lost_since: float | None = None
     reached = False
     while deadline is None or time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/api/points", timeout=5) as resp:  # noqa: S310 (operator-given URL)
-                points = orjson.loads(resp.read())
+            points = fetch_json(url, "/api/points", token=token)
             if not isinstance(points, list):
                 raise ValueError("the answer is not an edge-gateway point list")
         except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors; JSONDecodeError a ValueError
             reason = getattr(exc, "reason", exc)
+            if isinstance(exc, urllib.error.HTTPError):
+                reason = f"HTTP {exc.code} {exc.reason}{UNAUTHORISED_HINT if exc.code == 401 else ''}"
             if not reached:
                 print(f"cannot reach the gateway at {url}: {reason} (is it running?)", file=sys.stderr)
                 return 3
@@ -295,5 +302,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     source.add_argument("--demo", action="store_true", help="run the demo in-process and print its samples")
     tail.add_argument("--data-dir", help="with --demo: where its store lives (default: a temporary directory)")
+    tail.add_argument("--token-file", help="file holding the access token (default: $EDGE_GATEWAY_TOKEN)")
     tail.add_argument("--duration", type=arguments.duration, help="stop after this long (90, 90s, 15min, 2h)")
     tail.set_defaults(handler=cmd_tail, usage=tail)
