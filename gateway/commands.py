@@ -164,6 +164,8 @@ def _matches(point: str, patterns: list[str]) -> bool:
 def cmd_tail(args: argparse.Namespace) -> int:
     patterns = list(args.points)
     if args.demo:
+        if args.token_file is not None:
+            args.usage.error("--token-file is for --url, not --demo")  # exits 2
         return _tail_demo(args, patterns)
     if args.data_dir is not None:
         args.usage.error("--data-dir is only for --demo")  # exits 2

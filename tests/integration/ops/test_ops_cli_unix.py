@@ -277,6 +277,7 @@ def test_modbus_read_of_an_unreachable_device_is_exit_3_with_one_line() -> None:
     [
         (["tail", "--demo", "--url", "http://127.0.0.1:8080"], "argument --url: not allowed with argument --demo"),
         (["tail", "--data-dir", "/tmp/x"], "--data-dir is only for --demo"),
+        (["tail", "--demo", "--token-file", "/tmp/x"], "--token-file is for --url, not --demo"),
         (["tail", "--duration", "soon"], "argument --duration: invalid duration 'soon'"),
         (["tail", "--url", "localhost:abc"], "argument --url: 'localhost:abc' has an invalid port"),
         (["status", "--url", "ftp://gateway"], "argument --url: 'ftp://gateway' is not a gateway address"),
