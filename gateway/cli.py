@@ -44,20 +44,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    handler: Handler | None = getattr(args, "handler", None)
-    if handler is None:
-        parser.print_help(sys.stderr)
-        return 2
-    from gateway.logs import setup_logging
+    """Parse, run the command, and map the two ways a user ends a command to Unix exit codes.
 
-    setup_logging(level=args.log_level, fmt=args.log_format)
+    Ctrl-C (SIGINT) anywhere, even while the commands are being imported, is 130 and no traceback. A closed
+    pipe (``edge-gateway tail | head -2``) ends the command quietly with 0: ``head`` got what it asked for."""
     try:
-        return handler(args)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        handler: Handler | None = getattr(args, "handler", None)
+        if handler is None:
+            parser.print_help(sys.stderr)
+            return 2
+        from gateway.logs import setup_logging
+
+        setup_logging(level=args.log_level, fmt=args.log_format)
+        code = handler(args)
+        sys.stdout.flush()  # a pipe closed after the last print shows here, not in the interpreter's exit
+        return code
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:
-        # output piped into `head` and closed early: not an error of ours; silence the flush at exit too
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        _silence_stdout()
         return 0
+
+
+def _silence_stdout() -> None:
+    # the reader has gone: what is still buffered cannot be written, and the interpreter's flush at exit must not
+    # print "Exception ignored ... BrokenPipeError"
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout already closed or not a file
+        pass

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import fnmatch
 import logging
 import os
@@ -16,13 +15,11 @@ import sys
 import tempfile
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
-import orjson
-
+from gateway import arguments
 from gateway.config.site import FIRMWARE_CONFIGS, Site, load_site
 from gateway.errors import ConfigError, GatewayError
 from gateway.model import Sample
@@ -30,6 +27,7 @@ from gateway.model import Sample
 log = logging.getLogger(__name__)
 
 DEMO_SITE = FIRMWARE_CONFIGS / "sites" / "demo.yaml"
+_DEFAULT_URL = "http://127.0.0.1:8080"
 
 
 def default_data_dir(site: Site) -> Path:
@@ -66,8 +64,13 @@ async def serve_site(
     duration: float | None,
     http: str | None,
     on_gateway: Callable[[Any], None] | None = None,
+    stop: asyncio.Event | None = None,
+    interrupt_code: int = 0,
 ) -> int:
-    """Run a gateway until SIGTERM/SIGINT or ``duration`` seconds; SIGHUP reloads the rules."""
+    """Run a gateway until SIGTERM/SIGINT, ``stop`` is set or ``duration`` seconds; SIGHUP reloads the rules.
+
+    A stop by SIGINT returns ``interrupt_code`` once the gateway has stopped cleanly: 0 for ``run`` and ``demo``
+    (Ctrl-C is their documented way to stop), 130 for ``tail --demo`` (interrupted, as any Unix tool)."""
     from gateway import systemd
     from gateway.supervisor import Gateway
 
@@ -75,10 +78,17 @@ async def serve_site(
     systemd.attach(gateway)
     if on_gateway is not None:
         on_gateway(gateway)
-    stop = asyncio.Event()
+    stop = stop or asyncio.Event()
+    interrupted = False
+
+    def on_sigint() -> None:
+        nonlocal interrupted
+        interrupted = True
+        stop.set()
+
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, on_sigint)
     loop.add_signal_handler(signal.SIGHUP, gateway.request_reload)
     timer = loop.call_later(duration, stop.set) if duration is not None else None
     try:
@@ -95,7 +105,9 @@ async def serve_site(
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     # stopped while the disk refused writes: the supervisor has reported what was not stored, in one line
-    return 3 if gateway.store_lost else 0
+    if gateway.store_lost:
+        return 3
+    return interrupt_code if interrupted else 0
 
 
 def _cmd_run(args: argparse.Namespace, site_path: Path) -> int:
@@ -135,10 +147,14 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def _format_sample(sample: Sample, unit: str | None) -> str:
+    """``08:00:01.250  zone3.co2   448.628 ppm``: 6 significant digits, units as the status page shows them."""
+    from gateway.http.page import format_reading, format_unit
+
     stamp = time.strftime("%H:%M:%S", time.localtime(sample.ts / 1e9)) + f".{sample.ts // 1_000_000 % 1000:03d}"
-    value = "BAD" if sample.value is None else sample.value
+    value = "BAD" if sample.value is None else format_reading(sample.value)
+    shown_unit = format_unit(unit) if sample.value is not None else ""
     quality = "" if sample.quality.name == "GOOD" else f" [{sample.quality.name.lower()}]"
-    return f"{stamp}  {sample.point:<32} {value}{' ' + unit if unit and sample.value is not None else ''}{quality}"
+    return f"{stamp}  {sample.point:<32} {value}{' ' + shown_unit if shown_unit else ''}{quality}"
 
 
 def _matches(point: str, patterns: list[str]) -> bool:
@@ -148,8 +164,19 @@ def _matches(point: str, patterns: list[str]) -> bool:
 def cmd_tail(args: argparse.Namespace) -> int:
     patterns = list(args.points)
     if args.demo:
+        if args.token_file is not None:
+            args.usage.error("--token-file is for --url, not --demo")  # exits 2
         return _tail_demo(args, patterns)
-    return _tail_remote(args.url.rstrip("/"), patterns, args.duration)
+    if args.data_dir is not None:
+        args.usage.error("--data-dir is only for --demo")  # exits 2
+    from gateway.http.cli import read_token
+
+    try:
+        token = read_token(args.token_file)
+    except OSError as exc:
+        print(f"cannot read token file {args.token_file}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return _tail_remote(args.url or _DEFAULT_URL, patterns, args.duration, token)
 
 
 def _tail_demo(args: argparse.Namespace, patterns: list[str]) -> int:
@@ -159,6 +186,7 @@ def _tail_demo(args: argparse.Namespace, patterns: list[str]) -> int:
 
     async def main() -> int:
         printer: asyncio.Task[None] | None = None
+        stop = asyncio.Event()
 
         def attach(gateway: Any) -> None:
             nonlocal printer
@@ -166,17 +194,27 @@ def _tail_demo(args: argparse.Namespace, patterns: list[str]) -> int:
             sub = gateway.bus.subscribe("tail", maxsize=64, policy="drop_oldest")
 
             async def show() -> None:
-                async for batch in sub:
-                    for sample in batch:
-                        if _matches(sample.point, patterns):
-                            info = site.registry.get(sample.point)
-                            print(_format_sample(sample, info.unit if info else None), flush=True)
+                try:
+                    async for batch in sub:
+                        for sample in batch:
+                            if _matches(sample.point, patterns):
+                                info = site.registry.get(sample.point)
+                                print(_format_sample(sample, info.unit if info else None), flush=True)
+                except BrokenPipeError:
+                    stop.set()  # the reader (`| head -2`) has gone: stop the gateway, then end quietly
+                    raise
 
             printer = asyncio.ensure_future(show())
 
         with tempfile.TemporaryDirectory(prefix="edge-gateway-tail-") as tmp:
             code = await serve_site(
-                site, data_dir=Path(args.data_dir or tmp), duration=args.duration, http="off", on_gateway=attach
+                site,
+                data_dir=Path(args.data_dir or tmp),
+                duration=args.duration,
+                http="off",
+                on_gateway=attach,
+                stop=stop,
+                interrupt_code=130,
             )
             if printer is not None:
                 await printer
@@ -185,24 +223,46 @@ def _tail_demo(args: argparse.Namespace, patterns: list[str]) -> int:
     return run_async(main())
 
 
-def _tail_remote(url: str, patterns: list[str], duration: float | None) -> int:
-    """Poll a running gateway's /api/points and print every new sample."""
+#: after the gateway was reached once, how long a lost connection is retried (a restart) before exit 3
+_RECONNECT_S = 30.0
+
+
+def _tail_remote(url: str, patterns: list[str], duration: float | None, token: str | None) -> int:
+    """Poll a running gateway's /api/points and print every new sample.
+
+    Exit 3 with one line when the gateway cannot be reached at the start, or stays away for ``_RECONNECT_S`` (or
+    until ``--duration`` ends) after it was reached. Ctrl-C is not caught here: ``gateway.cli`` makes it 130."""
+    from gateway.http.cli import UNAUTHORISED_HINT, fetch_json
+
     seen: dict[str, int] = {}
     deadline = None if duration is None else time.monotonic() + duration
-    failures = 0
+    lost_since: float | None = None
+    reached = False
     while deadline is None or time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"{url}/api/points", timeout=5) as resp:  # noqa: S310 (operator-given URL)
-                points = orjson.loads(resp.read())
-            failures = 0
-        except (urllib.error.URLError, OSError, orjson.JSONDecodeError) as exc:
-            failures += 1
-            if failures == 1:
-                print(f"cannot reach {url}: {exc} (is the gateway running? retrying)", file=sys.stderr)
-            if failures >= 30:
+            points = fetch_json(url, "/api/points", token=token)
+            if not isinstance(points, list):
+                raise ValueError("the answer is not an edge-gateway point list")
+        except (OSError, ValueError) as exc:  # URLError and HTTPError are OSErrors; JSONDecodeError a ValueError
+            reason = getattr(exc, "reason", exc)
+            if isinstance(exc, urllib.error.HTTPError):
+                reason = f"HTTP {exc.code} {exc.reason}{UNAUTHORISED_HINT if exc.code == 401 else ''}"
+            if not reached:
+                print(f"cannot reach the gateway at {url}: {reason} (is it running?)", file=sys.stderr)
+                return 3
+            now = time.monotonic()
+            if lost_since is None:
+                lost_since = now
+                print(f"lost the gateway at {url}: {reason}; retrying for {_RECONNECT_S:.0f} s", file=sys.stderr)
+            elif now - lost_since >= _RECONNECT_S:
+                print(f"gave up on the gateway at {url}: {reason}", file=sys.stderr)
                 return 3
             time.sleep(1)
             continue
+        reached = True
+        if lost_since is not None:
+            lost_since = None
+            print(f"the gateway at {url} answers again", file=sys.stderr)
         for item in points:
             point, ts = item["id"], item.get("ts")
             if ts is None or seen.get(point) == ts or not _matches(point, patterns):
@@ -212,14 +272,13 @@ def _tail_remote(url: str, patterns: list[str], duration: float | None) -> int:
 
             quality = Quality[item.get("quality", "GOOD").upper()]
             print(_format_sample(Sample(point, item.get("value"), ts, quality), item.get("unit")), flush=True)
-        with contextlib.suppress(KeyboardInterrupt):
-            time.sleep(1)
-    return 0
+        time.sleep(1)
+    return 3 if lost_since is not None else 0
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-dir", help="where the outbox and state live (default: a per-user state directory)")
-    parser.add_argument("--duration", type=float, help="stop cleanly after this many seconds")
+    parser.add_argument("--duration", type=arguments.duration, help="stop cleanly after this long (90, 90s, 15min, 2h)")
     parser.add_argument("--http", help="status page address HOST:PORT, or 'off' (default: the site's http.listen)")
 
 
@@ -239,8 +298,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     tail = sub.add_parser("tail", help="print live samples of a running gateway (or of the demo)")
     tail.add_argument("points", nargs="*", help="glob patterns of point ids (default: all)")
-    tail.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway's status address")
-    tail.add_argument("--demo", action="store_true", help="run the demo in-process and print its samples")
+    source = tail.add_mutually_exclusive_group()
+    source.add_argument(
+        "--url", type=arguments.gateway_url, help=f"the gateway's status address (default {_DEFAULT_URL})"
+    )
+    source.add_argument("--demo", action="store_true", help="run the demo in-process and print its samples")
     tail.add_argument("--data-dir", help="with --demo: where its store lives (default: a temporary directory)")
-    tail.add_argument("--duration", type=float, help="stop after this many seconds")
-    tail.set_defaults(handler=cmd_tail)
+    tail.add_argument("--token-file", help="file holding the access token (default: $EDGE_GATEWAY_TOKEN)")
+    tail.add_argument("--duration", type=arguments.duration, help="stop after this long (90, 90s, 15min, 2h)")
+    tail.set_defaults(handler=cmd_tail, usage=tail)

@@ -1,7 +1,8 @@
 """``edge-gateway rules check`` and ``edge-gateway rules test``: the engineer's tools for rule files.
 
 Owns argument parsing and printing only; loading is ``rules.loader``, replay is ``rules.replay``. Exit codes follow
-``gateway.cli``: 0 ok, 1 the input was wrong (rule file, site or samples), 3 a runtime failure.
+``gateway.cli``: 0 ok, 1 the input was wrong (rule file, site or samples), 2 a usage error (a bad ``--tick``,
+``--start`` or ``--until``), 3 a runtime failure.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
-from gateway.config.types import parse_duration
+from gateway.arguments import duration
 from gateway.errors import ConfigError
 from gateway.registry import PointInfo
 from rules.loader import load_rule_set
@@ -36,9 +37,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     test.add_argument("--until", help="keep the clock running until this time (ISO 8601 or +duration)")
     test.add_argument("--site", type=Path, help="site file: point names, types and the time zone")
     test.add_argument("--tz", help="time zone of naive times and of the report (default: the site's, else UTC)")
-    test.add_argument("--tick", default="1s", help="simulated clock step between samples (default 1s)")
+    test.add_argument(
+        "--tick", type=duration, default=1.0, help="simulated clock step between samples (default 1s; 10s, 1min)"
+    )
     test.add_argument("-v", "--verbose", action="store_true", help="also print pending/reset, derived points")
-    test.set_defaults(handler=run_test)
+    test.set_defaults(handler=run_test, usage=test)
 
 
 def _site(path: Path | None) -> tuple[Mapping[str, PointInfo] | None, str]:
@@ -75,16 +78,15 @@ def run_test(args: argparse.Namespace) -> int:
         except (ValueError, KeyError):
             print(f"unknown time zone {zone_name!r}", file=sys.stderr)
             return 1
+        tick_ns = round(args.tick * 1e9)
         try:
-            tick_ns = round(parse_duration(args.tick) * 1e9)
             start_ns = parse_time(args.start, zone, None) if args.start else None
+        except ValueError as exc:
+            args.usage.error(f"argument --start: {exc}")  # exits 2
+        try:
             until_ns = parse_time(args.until, zone, start_ns) if args.until else None
         except ValueError as exc:
-            print(f"rules test: {exc}", file=sys.stderr)
-            return 1
-        if tick_ns <= 0:
-            print("rules test: --tick must be more than zero", file=sys.stderr)
-            return 1
+            args.usage.error(f"argument --until: {exc}")
         rule_set = load_rule_set(args.files, registry, timezone=zone_name)
         samples = read_samples_csv(args.data, zone=zone, start_ns=start_ns, registry=registry)
     except ConfigError as exc:

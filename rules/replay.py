@@ -3,7 +3,7 @@
 Owns the samples CSV format, the replay loop and the one-line-per-action report. The CSV has a header and one
 sample per row::
 
-    time,point,value[,quality]
+    time,point,value[,quality]                  # the first column may also be called ts
     2026-03-02T08:00:00,zone3.co2,1180          # absolute (naive times are in the site's time zone)
     +5min,zone3.co2,1210                        # or relative to --start: seconds or a duration
     +6min,zone3.co2,,bad                        # empty value (or quality bad): the point is missing
@@ -34,13 +34,17 @@ _TRUE = {"true", "1", "on"}
 _FALSE = {"false", "0", "off"}
 
 
+class NeedsStart(ValueError):
+    """A relative time without ``--start``: said once for the whole file, not once per row."""
+
+
 def parse_time(text: str, zone: ZoneInfo, start_ns: int | None) -> int:
     """An ISO time (naive means ``zone``) or a time relative to ``start_ns`` (``+5min``, ``90``) -> Unix ns."""
     text = text.strip()
     relative = text.removeprefix("+")
     if relative and (relative[0].isdigit()) and ("-" not in relative and ":" not in relative):
         if start_ns is None:
-            raise ValueError(f"relative time {text!r} needs --start (like --start 2026-03-02T08:00)")
+            raise NeedsStart(f"relative time {text!r} needs --start (like --start 2026-03-02T08:00)")
         return start_ns + round(parse_duration(relative) * 1e9)
     try:
         moment = dt.datetime.fromisoformat(text)
@@ -88,12 +92,23 @@ def read_samples_csv(
         raise ConfigError([Diagnostic(name, 0, 0, "no samples")])
     header_no, header_line = rows[0]
     header = [h.strip() for h in next(csv.reader([header_line]))]
-    if header[:3] != ["time", "point", "value"] or len(header) > 4 or header[3:] not in ([], ["quality"]):
+    if (
+        header[:1] not in (["time"], ["ts"])
+        or header[1:3] != ["point", "value"]
+        or len(header) > 4
+        or header[3:] not in ([], ["quality"])
+    ):
         raise ConfigError(
-            [Diagnostic(name, header_no, 1, "the header must be time,point,value[,quality]", header_line)]
+            [
+                Diagnostic(
+                    name, header_no, 1, "the header must be time,point,value[,quality] (or ts for time)", header_line
+                )
+            ]
         )
     samples: list[Sample] = []
     errors: list[Diagnostic] = []
+    needs_start: int | None = None  # index in errors of the one "needs --start" diagnostic
+    relative_rows = 0
     for number, line in rows[1:]:
         fields = next(csv.reader([line]))
         try:
@@ -115,8 +130,18 @@ def read_samples_csv(
             else:
                 info = registry.get(point) if registry is not None else None
                 samples.append(Sample(point, _parse_value(raw, info), ts, quality))
+        except NeedsStart as exc:
+            relative_rows += 1
+            if needs_start is None:
+                needs_start = len(errors)
+                errors.append(Diagnostic(name, number, 1, str(exc), line))
         except ValueError as exc:
             errors.append(Diagnostic(name, number, 1, str(exc), line))
+    if needs_start is not None and relative_rows > 1:
+        first = errors[needs_start]
+        rows_text = "1 more row" if relative_rows == 2 else f"{relative_rows - 1} more rows"
+        more = f"{first.message}; so do {rows_text} with relative times"
+        errors[needs_start] = Diagnostic(first.file, first.line, first.col, more, first.source_line)
     if errors:
         raise ConfigError(errors)
     samples.sort(key=lambda s: s.ts)  # stable: rows of one time keep their file order

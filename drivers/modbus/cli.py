@@ -3,7 +3,8 @@
 Owns argument parsing and printing for these three commands. ``plan`` needs no device and imports no pymodbus;
 ``probe`` and ``read`` talk to a device through ``drivers.modbus.client.ModbusLink`` (imported when they run).
 
-Exit codes: 0 ok, 1 bad input (config error, unknown profile), 3 the device could not be read.
+Exit codes: 0 ok, 1 bad input (config error, unknown profile), 2 a usage error (a bad ``--tcp``, count or address:
+argparse's one line), 3 the device could not be read, 130 Ctrl-C (``gateway.cli``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from typing import Any
 from drivers.modbus.codec import decode_raw, wire_buffers
 from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig, ModbusProfile
 from drivers.modbus.planner import explain_bus, plan_device
+from gateway.arguments import duration, host_port, int_range
 from gateway.errors import ConfigError, DeviceError
+from gateway.http.page import format_reading, format_unit
 
 _ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")
 
@@ -28,10 +31,12 @@ def register(subparsers: Any) -> None:
 
     probe = sub.add_parser("probe", help="read raw registers and print every 16/32/64-bit interpretation")
     _connection_args(probe)
-    probe.add_argument("--address", type=int, required=True, help="0-based protocol address (register 40001 = 0)")
-    probe.add_argument("--count", type=int, default=4, help="registers to read (1-125)")
+    probe.add_argument(
+        "--address", type=int_range(0, 65535), required=True, help="0-based protocol address (register 40001 = 0)"
+    )
+    probe.add_argument("--count", type=int_range(1, 125), default=4, help="registers to read (1-125)")
     probe.add_argument("--table", choices=["holding", "input"], default="holding")
-    probe.set_defaults(handler=_probe)
+    probe.set_defaults(handler=_probe, usage=probe)
 
     read = sub.add_parser("read", help="read every point of a device profile and print it with units")
     _connection_args(read)
@@ -45,20 +50,24 @@ def register(subparsers: Any) -> None:
 
 def _connection_args(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--tcp", metavar="HOST:PORT", help="Modbus TCP endpoint (port defaults to 502)")
+    where.add_argument(
+        "--tcp", type=host_port(502), metavar="HOST:PORT", help="Modbus TCP endpoint (port defaults to 502)"
+    )
     where.add_argument("--serial", metavar="DEV", help="serial device for Modbus RTU, e.g. /dev/ttyUSB0")
-    parser.add_argument("--baud", type=int, default=9600)
+    parser.add_argument("--baud", type=int_range(50, 4_000_000), default=9600)
     parser.add_argument("--parity", choices=["N", "E", "O"], default="N")
     parser.add_argument("--stopbits", type=int, choices=[1, 2], default=1)
-    parser.add_argument("--unit", type=int, required=True, help="slave address / unit id")
-    parser.add_argument("--timeout", type=float, default=1.0, help="seconds to wait for an answer")
+    parser.add_argument("--unit", type=int_range(1, 255), required=True, help="slave address / unit id (1-255)")
+    parser.add_argument(
+        "--timeout", type=duration, default=1.0, help="how long to wait for an answer (default 1s; 500ms, 2s)"
+    )
 
 
 def _bus(args: argparse.Namespace) -> ModbusBusConfig:
     if args.tcp:
-        host, _, port = args.tcp.rpartition(":") if ":" in args.tcp else (args.tcp, "", "502")
+        host, port = args.tcp
         return ModbusBusConfig.model_validate(
-            {"id": "cli", "type": "tcp", "host": host, "port": int(port), "timeout": args.timeout, "retries": 0}
+            {"id": "cli", "type": "tcp", "host": host, "port": port, "timeout": args.timeout, "retries": 0}
         )
     return ModbusBusConfig.model_validate(
         {
@@ -83,8 +92,8 @@ def _fail(message: str, code: int) -> int:
 
 
 def _probe(args: argparse.Namespace) -> int:
-    if not 1 <= args.count <= 125 or not 0 <= args.address <= 65535 or args.address + args.count > 65536:
-        return _fail("--count must be 1-125 and the range must end at or before address 65535", 1)
+    if args.address + args.count > 65536:
+        args.usage.error(f"--address {args.address} --count {args.count} runs past address 65535")  # exits 2
     try:
         bus = _bus(args)
         registers = asyncio.run(_read_registers(bus, args.table, args.unit, args.address, args.count))
@@ -168,7 +177,8 @@ def _read(args: argparse.Namespace) -> int:
             failed += 1
             print(f"{name:<{width}}  BAD  {error}")
         else:
-            print(f"{name:<{width}}  {value}{' ' + unit if unit else ''}")
+            shown = format_unit(unit)
+            print(f"{name:<{width}}  {format_reading(value)}{' ' + shown if shown else ''}")
     return 3 if failed == len(rows) else 0
 
 

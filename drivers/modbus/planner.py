@@ -151,14 +151,14 @@ def minimum_requests(unit_points: Iterable[tuple[int, Iterable[ModbusPoint]]]) -
 
 
 def summarize(requests: Sequence[ReadRequest]) -> str:
-    """"3 requests touching 118 registers (4 fill) for 40 points"."""
+    """ "3 requests touching 118 registers (4 fill) for 40 points"."""
     registers = sum(r.count for r in requests if r.table not in BIT_TABLES)
     bits = sum(r.count for r in requests if r.table in BIT_TABLES)
     fill = sum(r.fill for r in requests)
     points = sum(len(r.points) for r in requests)
-    touched = [f"{registers} registers"] if registers or not bits else []
+    touched = [_count(registers, "register")] if registers or not bits else []
     if bits:
-        touched.append(f"{bits} bits")
+        touched.append(_count(bits, "bit"))
     what = " and ".join(touched)
     return f"{_count(len(requests), 'request')} touching {what} ({fill} fill) for {_count(points, 'point')}"
 

@@ -2,7 +2,7 @@
 
 Owns the terminal rendering only; the data comes from a running gateway over HTTP (standard library client, so the
 command works on a box where the gateway runs as another user). Exit codes: 0 ready, 1 reachable but not ready,
-3 unreachable or not a gateway.
+3 unreachable or not a gateway; 2 a usage error (argparse), 130 Ctrl-C (``gateway.cli``).
 """
 
 from __future__ import annotations
@@ -18,18 +18,25 @@ from typing import Any, TextIO
 
 import orjson
 
+from gateway.arguments import duration, gateway_url
 from gateway.http.page import format_age, format_bytes, format_latency, format_unit, format_value
 
 JsonDict = dict[str, Any]
 
 
-def fetch_status(url: str, *, token: str | None = None, timeout: float = 5.0) -> JsonDict:
-    """GET ``{url}/api/status``. Raises OSError (unreachable, HTTP error) or ValueError (not a gateway's JSON)."""
-    request = urllib.request.Request(url.rstrip("/") + "/api/status")  # noqa: S310 (operator-given URL)
+def fetch_json(url: str, path: str, *, token: str | None = None, timeout: float = 5.0) -> Any:
+    """GET ``{url}{path}`` as JSON, with the access token when given. Raises OSError (unreachable, HTTP error:
+    ``urllib.error.HTTPError``) or ValueError (not JSON)."""
+    request = urllib.request.Request(url.rstrip("/") + path)  # noqa: S310 (operator-given URL)
     if token:
         request.add_header("Authorization", "Basic " + base64.b64encode(f"status:{token}".encode()).decode())
     with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310
-        data = orjson.loads(resp.read())
+        return orjson.loads(resp.read())
+
+
+def fetch_status(url: str, *, token: str | None = None, timeout: float = 5.0) -> JsonDict:
+    """GET ``{url}/api/status``. Raises OSError (unreachable, HTTP error) or ValueError (not a gateway's JSON)."""
+    data = fetch_json(url, "/api/status", token=token, timeout=timeout)
     if not isinstance(data, dict) or "gateway" not in data or "points" not in data:
         raise ValueError("the answer is not an edge-gateway status document")
     return data
@@ -98,8 +105,10 @@ def render(data: JsonDict, out: TextIO, *, all_points: bool = True) -> None:
     _table([[str(r["id"]), r["state"], str(r.get("last_error") or r.get("error") or "")] for r in rules["rules"]], out)
     if rules.get("error"):
         print(f"  ! {rules['error']}", file=out)
-    for problem in rules["problems"][-10:]:
-        print(f"  ? {problem}", file=out)
+    if rules["problems"]:
+        print("  recent rule problems:", file=out)  # the page's heading
+        for problem in rules["problems"][-10:]:
+            print(f"    {problem}", file=out)
 
     print(f"\nUplinks ({len(data['uplinks'])})", file=out)
     if not data["uplinks"]:
@@ -138,23 +147,28 @@ def render(data: JsonDict, out: TextIO, *, all_points: bool = True) -> None:
             print(f"  ! {incentives['error']}", file=out)
 
 
-def _token(args: argparse.Namespace) -> str | None:
-    if args.token_file:
-        lines = Path(args.token_file).read_text(encoding="utf-8").splitlines()
+def read_token(token_file: str | None) -> str | None:
+    """The access token: the first line of ``token_file``, else ``$EDGE_GATEWAY_TOKEN``. Raises OSError."""
+    if token_file:
+        lines = Path(token_file).read_text(encoding="utf-8").splitlines()
         return lines[0].strip() if lines else None
     return os.environ.get("EDGE_GATEWAY_TOKEN") or None
 
 
+#: what ``status`` and ``tail`` add to an HTTP 401
+UNAUTHORISED_HINT = " (give the access token with --token-file or $EDGE_GATEWAY_TOKEN)"
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        token = _token(args)
+        token = read_token(args.token_file)
     except OSError as exc:
         print(f"cannot read token file {args.token_file}: {exc.strerror or exc}", file=sys.stderr)
         return 1
     try:
         data = fetch_status(args.url, token=token, timeout=args.timeout)
     except urllib.error.HTTPError as exc:
-        hint = " (give the access token with --token-file or $EDGE_GATEWAY_TOKEN)" if exc.code == 401 else ""
+        hint = UNAUTHORISED_HINT if exc.code == 401 else ""
         print(f"{args.url}: HTTP {exc.code} {exc.reason}{hint}", file=sys.stderr)
         return 3
     except (OSError, ValueError) as exc:
@@ -171,8 +185,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="print a running gateway's status (devices, points, alarms, rules, uplinks)",
         description="Exit code: 0 ready, 1 running but not ready, 3 unreachable.",
     )
-    status.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway's status address")
+    status.add_argument(
+        "--url",
+        type=gateway_url,
+        default="http://127.0.0.1:8080",
+        help="the gateway's status address (http:// may be left out)",
+    )
     status.add_argument("--token-file", help="file holding the access token (default: $EDGE_GATEWAY_TOKEN)")
-    status.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    status.add_argument("--timeout", type=duration, default=5.0, help="how long to wait for an answer (5, 500ms, 1min)")
     status.add_argument("--problems", action="store_true", help="list only points whose quality is not good")
     status.set_defaults(handler=cmd_status)

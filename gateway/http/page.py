@@ -10,8 +10,10 @@ Must never import aiohttp or read the gateway directly: it renders the dict it i
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterable
+from decimal import Decimal
 from html import escape
 from typing import Any
 
@@ -77,6 +79,21 @@ _UNIT_DISPLAY = {"degC": "°C", "degF": "°F", "m3": "m³", "m3/h": "m³/h", "ug
 
 def format_unit(unit: str | None) -> str:
     return "" if unit is None else _UNIT_DISPLAY.get(unit, unit)
+
+
+def format_reading(value: Any, digits: int = 6) -> str:
+    """A value for a terminal line that scripts may read (``tail``, ``modbus read``): floats to ``digits``
+    significant digits (a float32 register's ``230.10000610351562`` is ``230.1``), no thousands separator, and
+    an exponent only outside 0.0001 to 10**15 (a wrong word order's ``1.37542e-36`` stays readable)."""
+    if not isinstance(value, float) or not math.isfinite(value):
+        return str(value)
+    if value == 0:
+        return "0"
+    if not 1e-4 <= abs(value) < 1e15:
+        return f"{value:.{digits}g}"
+    rounded = round(value, digits - 1 - math.floor(math.log10(abs(value))))
+    text = format(Decimal(repr(rounded)), "f")
+    return text.rstrip("0").rstrip(".") if "." in text else text
 
 
 def format_bytes(count: float) -> str:

@@ -93,3 +93,24 @@ async def test_something_else_answering_is_exit_3(capsys: pytest.CaptureFixture[
     async with TestServer(app) as server:
         code, _, err = await run_status(capsys, args(str(server.make_url("")).rstrip("/")))
     assert code == 3 and "not an edge-gateway status document" in err
+
+
+async def test_tail_with_the_token_and_without(
+    gateway: Gateway, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.commands import cmd_tail
+
+    monkeypatch.delenv("EDGE_GATEWAY_TOKEN", raising=False)
+
+    async with TestServer(create_app(gateway, token=Secret(TOKEN))) as server:
+        url = str(server.make_url("")).rstrip("/")
+        tail = argparse.Namespace(points=["zone1.co2"], demo=False, url=url, data_dir=None, duration=0.5)
+        code = await asyncio.to_thread(cmd_tail, argparse.Namespace(**vars(tail), token_file=None))
+        err = capsys.readouterr().err
+        assert code == 3 and "HTTP 401" in err and "--token-file" in err and len(err.splitlines()) == 1
+        token_file = tmp_path / "token"
+        token_file.write_text(TOKEN + "\n")
+        code = await asyncio.to_thread(cmd_tail, argparse.Namespace(**vars(tail), token_file=str(token_file)))
+        out, err = capsys.readouterr()
+        assert (code, err) == (0, "")
+        assert re.search(r"zone1\.co2 +640 ppm$", out, re.MULTILINE), out

@@ -234,16 +234,32 @@ def test_rules_check_reports_errors_of_every_file(capsys: pytest.CaptureFixture[
 
 def test_rules_test_refuses_relative_times_without_start(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     data = tmp_path / "s.csv"
-    data.write_text("time,point,value\n+0,zone1.co2,900\n")
+    data.write_text("time,point,value\n" + "".join(f"+{i}min,zone1.co2,900\n" for i in range(19)))
     assert run_cli(["rules", "test", str(DEMO_RULES), "--data", str(data), "--site", str(DEMO_SITE)]) == 1
-    assert "needs --start" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("needs --start") == 1  # once for the file, not once per row
+    assert "so do 18 more rows" in err
 
 
-def test_rules_test_rejects_a_bad_tick(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+def test_rules_test_accepts_ts_for_the_time_column(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    data = tmp_path / "s.csv"
+    data.write_text("ts,point,value\n2026-03-02T08:00:00,zone1.co2,900\n")
+    assert run_cli(["rules", "test", str(DEMO_RULES), "--data", str(data), "--site", str(DEMO_SITE)]) == 0
+    assert "# replaying 1 samples" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "option", [["--tick", "0s"], ["--tick", "soon"], ["--start", "yesterday"], ["--until", "later"]]
+)
+def test_rules_test_bad_options_are_usage_errors(
+    option: list[str], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     data = tmp_path / "s.csv"
     data.write_text("time,point,value\n2026-03-02T08:00:00,zone1.co2,900\n")
-    assert run_cli(["rules", "test", str(DEMO_RULES), "--data", str(data), "--tick", "0s"]) == 1
-    assert "--tick" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(["rules", "test", str(DEMO_RULES), "--data", str(data), *option])
+    assert exit_info.value.code == 2
+    assert f"error: argument {option[0]}:" in capsys.readouterr().err
 
 
 def test_the_documented_demo_replay_runs(capsys: pytest.CaptureFixture[str]) -> None:
