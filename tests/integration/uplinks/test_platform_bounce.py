@@ -44,13 +44,13 @@ async def test_a_broker_bounce_fails_sends_in_flight_at_once_without_a_warning_f
             await wait_for(lambda: len(seen.on("telemetry/m1")) == 5, what="live before the bounce")
             await asyncio.sleep(1.2)  # past the broker's autosave: the platform's session survives the kill
             assert broker.proc is not None
+            caplog.clear()  # from here on: the publishes into the frozen broker, the bounce, the catch-up
             os.kill(broker.proc.pid, signal.SIGSTOP)  # frozen: what is published now stays unacknowledged
             try:
                 await outbox.append(readings(5, READINGS, t0_ms=t0))
                 await wait_for(lambda: runner.status()["in_flight"] >= 1, what="publishes in flight")
                 await asyncio.sleep(0.5)  # every message of the requests in flight handed to the client
                 failed_before = runner.status()["requests_failed"]  # a send before the first connection fails
-                caplog.clear()
                 killed = time.monotonic()
             finally:
                 broker.kill()  # SIGKILL reaches a stopped process: the connection dies with no ack given
