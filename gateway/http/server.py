@@ -39,6 +39,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import enum
 import hmac
 import ipaddress
@@ -332,11 +333,16 @@ class HostAllowlist:
         return name in LOOPBACK_NAMES or name == (f"[{local_ip}]" if ":" in local_ip else local_ip)
 
 
-def _local_address(request: web.Request) -> tuple[str, int] | None:
-    sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+def local_address(sockname: object) -> tuple[str, int] | None:
+    """The address and port a connection arrived at, from its socket name, as a client writes it in ``Host``."""
     if not isinstance(sockname, tuple) or len(sockname) < 2:
         return None
-    return str(sockname[0]).lower(), int(sockname[1])
+    address = str(sockname[0]).lower()
+    with contextlib.suppress(ValueError):
+        mapped = ipaddress.ip_address(address)
+        if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
+            address = str(mapped.ipv4_mapped)  # an IPv4 client of a dual-stack [::] bind: its Host is the IPv4 form
+    return address, int(sockname[1])
 
 
 def _host_middleware(allowed: HostAllowlist) -> Any:
@@ -344,7 +350,11 @@ def _host_middleware(allowed: HostAllowlist) -> Any:
     async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
         host = request.headers.get("Host")
         # No Host at all is no browser (browsers always send one), so no DNS rebinding: HTTP/1.0 tools may go on.
-        if host is None or request.path in _OPEN_PATHS or allowed.allows(host, _local_address(request)):
+        if (
+            host is None
+            or request.path in _OPEN_PATHS
+            or allowed.allows(host, local_address(request.get_extra_info("sockname")))
+        ):
             return await handler(request)
         return web.Response(
             status=421, text=f"this gateway does not answer to host {host[:100]!r}: add it to http.allowed_hosts\n"

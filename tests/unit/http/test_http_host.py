@@ -15,7 +15,7 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.config.types import Secret
 from gateway.errors import ConfigError
-from gateway.http.server import HostAllowlist, create_app, serve, split_host
+from gateway.http.server import HostAllowlist, create_app, local_address, serve, split_host
 from gateway.supervisor import Gateway
 from tests.unit.http.test_http_serve import make_gateway
 
@@ -86,6 +86,19 @@ async def test_allowed_hosts_are_served(client: TestClient[Any, Any]) -> None:
     ):
         resp = await client.get("/api/points", headers={"Host": host})
         assert resp.status == 200, host
+
+
+@pytest.mark.parametrize(
+    ("sockname", "expected"),
+    [
+        (("192.168.1.20", 8080), ("192.168.1.20", 8080)),
+        (("::ffff:192.168.1.20", 8080, 0, 0), ("192.168.1.20", 8080)),  # an IPv4 client of a dual-stack bind
+        (("FD00::5", 8080, 0, 0), ("fd00::5", 8080)),
+        (None, None),
+    ],
+)
+def test_local_address(sockname: object, expected: tuple[str, int] | None) -> None:
+    assert local_address(sockname) == expected
 
 
 async def test_probes_answer_whatever_the_host(client: TestClient[Any, Any]) -> None:
