@@ -7,6 +7,7 @@ raises ``ConfigError`` listing every problem found as ``file:line:col: message``
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -61,11 +62,28 @@ class StorageConfig(StrictModel):
     event_budget: Size = 64 * 1024**2
 
 
+#: a ``Host`` header value: a DNS name, an IPv4 address or a bracketed IPv6 address, and an optional port
+_HOST_ENTRY = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]{1,5})?")
+
+
 class HttpConfig(StrictModel):
     listen: str = "127.0.0.1:8080"
     enabled: bool = True
     #: required for any bind other than loopback
     token_file: Path | None = None
+    #: extra names the page may be reached by, as the browser sends them in ``Host`` (``gateway.example.org`` or
+    #: ``gateway.example.org:8443``; without a port, on any port, e.g. behind a proxy). Always allowed: ``localhost``,
+    #: ``127.0.0.1`` and ``[::1]`` with the port the server listens on, and the address a request arrived at. Any
+    #: other ``Host`` is refused (421), so a web page cannot read the status page through DNS rebinding.
+    allowed_hosts: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _host_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not _HOST_ENTRY.fullmatch(name):
+                raise ValueError(f"{name!r} is not a host name, optionally with :port (e.g. gateway.example.org:8443)")
+        return [name.lower() for name in names]
 
 
 class BuildingAggregateConfig(StrictModel):

@@ -25,6 +25,11 @@ otherwise). With a token, every route but ``/healthz`` and ``/readyz`` (which re
 what probes call) needs ``Authorization: Bearer <token>`` or HTTP basic auth with the token as password (so a
 browser can log in with its own dialog).
 
+Host check: a request whose ``Host`` is not an allowed name is refused with 421 (``HostAllowlist``), so a web
+page cannot read the page through DNS rebinding (a name of the attacker's resolving to 127.0.0.1). Allowed:
+``localhost``, ``127.0.0.1`` and ``[::1]`` on the port the request arrived at, the address it arrived at, and
+``http.allowed_hosts``. The probes are exempt. Every response carries a CSP, ``nosniff`` and ``DENY`` for framing.
+
 Start-up checks run when ``serve(...)`` is *called*, before its coroutine is scheduled: a missing token or an
 address in use raises at once, with a clear message, instead of failing later inside a task.
 """
@@ -34,13 +39,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import enum
 import hmac
 import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -285,9 +291,82 @@ def _auth_middleware(token: Secret) -> Any:
     return require_token
 
 
-#: the page loads nothing from elsewhere and runs no inline script: say so, so a browser enforces it
+# -- Host check and security headers --------------------------------------------------------------------------------
+
+#: the names a browser on the gateway itself uses (with the port the server listens on)
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "[::1]"})
+
+
+def split_host(host: str) -> tuple[str, int | None]:
+    """``"Example.org:8080"`` -> ("example.org", 8080); ``"[::1]"`` -> ("[::1]", None). A bad port gives -1."""
+    host = host.strip().lower()
+    name, sep, port_text = host.rpartition(":")
+    if not sep or not name or (name.startswith("[") and not name.endswith("]")):
+        return host, None  # no port (a bare IPv6 address without brackets is no valid Host either: never matches)
+    return name, int(port_text) if port_text.isdigit() else -1
+
+
+class HostAllowlist:
+    """The ``Host`` values the server answers: the loopback names on the port a request arrived at, the address it
+    arrived at (an address in ``Host`` cannot come from DNS rebinding), and the configured names (``name`` on any
+    port, ``name:port`` on that port only)."""
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        self._any_port: set[str] = set()
+        self._exact: set[tuple[str, int]] = set()
+        for entry in names:
+            name, port = split_host(entry)
+            if port is None:
+                self._any_port.add(name)
+            else:
+                self._exact.add((name, port))
+
+    def allows(self, host: str, local: tuple[str, int] | None) -> bool:
+        name, port = split_host(host)
+        if name in self._any_port or (name, port if port is not None else 80) in self._exact:
+            return True
+        if local is None:
+            return False
+        local_ip, local_port = local
+        if (port if port is not None else 80) != local_port:
+            return False
+        return name in LOOPBACK_NAMES or name == (f"[{local_ip}]" if ":" in local_ip else local_ip)
+
+
+def local_address(sockname: object) -> tuple[str, int] | None:
+    """The address and port a connection arrived at, from its socket name, as a client writes it in ``Host``."""
+    if not isinstance(sockname, tuple) or len(sockname) < 2:
+        return None
+    address = str(sockname[0]).lower()
+    with contextlib.suppress(ValueError):
+        mapped = ipaddress.ip_address(address)
+        if isinstance(mapped, ipaddress.IPv6Address) and mapped.ipv4_mapped is not None:
+            address = str(mapped.ipv4_mapped)  # an IPv4 client of a dual-stack [::] bind: its Host is the IPv4 form
+    return address, int(sockname[1])
+
+
+def _host_middleware(allowed: HostAllowlist) -> Any:
+    @web.middleware
+    async def check_host(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        # No Host at all is no browser (browsers always send one), so no DNS rebinding: HTTP/1.0 tools may go on.
+        if (
+            host is None
+            or request.path in _OPEN_PATHS
+            or allowed.allows(host, local_address(request.get_extra_info("sockname")))
+        ):
+            return await handler(request)
+        return web.Response(
+            status=421, text=f"this gateway does not answer to host {host[:100]!r}: add it to http.allowed_hosts\n"
+        )
+
+    return check_host
+
+
+#: the page loads its own CSS and script and fetches its own API, nothing from elsewhere, and runs no inline script
+#: or style: say so, so a browser enforces it; no one may frame it (clickjacking)
 _SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; base-uri 'none'",
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
     "Referrer-Policy": "no-referrer",
@@ -296,7 +375,11 @@ _SECURITY_HEADERS = {
 
 @web.middleware
 async def _security_headers(request: web.Request, handler: Handler) -> web.StreamResponse:
-    response = await handler(request)
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:  # 404, 405, a static file refused: these answers get the headers too
+        exc.headers.update(_SECURITY_HEADERS)
+        raise
     response.headers.update(_SECURITY_HEADERS)
     return response
 
@@ -304,9 +387,12 @@ async def _security_headers(request: web.Request, handler: Handler) -> web.Strea
 # -- the application ------------------------------------------------------------------------------------------------
 
 
-def create_app(gateway: Gateway, *, token: Secret | None = None) -> web.Application:
-    """The aiohttp application for ``gateway`` (tests drive it with aiohttp's TestServer)."""
-    middlewares = [_security_headers] if token is None else [_security_headers, _auth_middleware(token)]
+def create_app(gateway: Gateway, *, token: Secret | None = None, allowed_hosts: Iterable[str] = ()) -> web.Application:
+    """The aiohttp application for ``gateway`` (tests drive it with aiohttp's TestServer). ``allowed_hosts``: the
+    names allowed in ``Host`` besides loopback names and the address a request arrived at (``HostAllowlist``)."""
+    middlewares = [_security_headers, _host_middleware(HostAllowlist(allowed_hosts))]
+    if token is not None:
+        middlewares.append(_auth_middleware(token))
     app = web.Application(middlewares=middlewares)
     app[GATEWAY_KEY] = gateway
     app[REGISTRY_KEY] = metrics.build_registry(gateway)
@@ -343,7 +429,7 @@ def serve(gateway: Gateway, listen: str, stopping: asyncio.Event) -> Coroutine[A
 
 
 async def _serve(gateway: Gateway, sock: socket.socket, token: Secret | None, stopping: asyncio.Event) -> None:
-    app = create_app(gateway, token=token)
+    app = create_app(gateway, token=token, allowed_hosts=gateway.site.config.http.allowed_hosts)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     try:
         await runner.setup()

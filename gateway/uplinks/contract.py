@@ -6,6 +6,7 @@ checks every payload built here against them. Changing a payload means changing 
 Topics, under ``base = {prefix}/{site}/{gateway}``::
 
     base/status              retained, QoS 1: online on connect; offline by Last Will or on a clean stop
+                             (a Last Will's ``since``/``ts`` is when the connection began, not its end)
     base/meta                retained, QoS 1: devices and points with units, kinds and tags
     base/telemetry/{device}  QoS 1: one message per device and read (a poll batch), with the outbox seq
     base/events/{type}       QoS 1: alarms, rule notifications, incentive records, command results; stable ids
@@ -66,9 +67,19 @@ def base_topic(prefix: str, site: str, gateway: str) -> str:
     return f"{prefix}/{site}/{gateway}"
 
 
-def status_payload(state: str, *, reason: str, ts_ms: int, version: str) -> bytes:
-    doc = {"v": CONTRACT_VERSION, "state": state, "reason": reason, "ts": ts_ms, "gateway_version": version}
+def status_payload(state: str, *, reason: str, ts_ms: int, version: str, since_ms: int | None = None) -> bytes:
+    doc: dict[str, Any] = {"v": CONTRACT_VERSION, "state": state, "reason": reason, "ts": ts_ms}
+    if since_ms is not None:
+        doc["since"] = since_ms
+    doc["gateway_version"] = version
     return orjson.dumps(doc)
+
+
+def will_payload(*, connected_ms: int, version: str) -> bytes:
+    """The Last Will (offline, reason ``lost``), built when the connection is opened: the broker sends it later, as
+    it is, so the one time it can honestly carry is the connection's start, ``since``. The time of death is when the
+    platform receives it. ``ts`` is the same connect time, kept because contract v1 requires it on every status."""
+    return status_payload("offline", reason="lost", ts_ms=connected_ms, version=version, since_ms=connected_ms)
 
 
 def meta_payload(*, site: str, gateway: str, name: str | None, registry: PointRegistry, ts_ms: int) -> bytes:

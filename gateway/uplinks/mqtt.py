@@ -9,6 +9,13 @@ Delivery: every message is QoS 1 (``qos: 0`` only for telemetry, if configured),
 broker has acknowledged all of the batch's messages, so the runner acks the outbox only over what the broker holds.
 At most ``max_inflight_messages`` are unacknowledged at once: paho's delivery collapses with tens of thousands
 outstanding (FIELD-NOTES.md).
+
+A lost connection fails every publish in flight at once (``send`` raises a retryable ``UplinkError``): the messages
+were not acknowledged, so the runner sends them again from the outbox after the reconnection, with the same seq and
+ids. Without this, each would wait for its delivery timeout on a client that is already gone.
+
+The Last Will is composed when the connection opens and sent by the broker unchanged, so its only time is the
+connection's start (``since``, see ``contract.will_payload``); the time of death is when the platform receives it.
 """
 
 from __future__ import annotations
@@ -35,6 +42,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CommandCallback = Callable[[str, bytes], Awaitable[None]]
+
+#: calls outside the publish window (birth, meta, subscribe, goodbye) that may be pending besides it
+_PENDING_HEADROOM = 16
 
 
 def tls_context(config: PlatformConfig) -> ssl.SSLContext | None:
@@ -79,6 +89,8 @@ class MqttUplink:
         self.reconnect_max = reconnect_max
         self._client: aiomqtt.Client | None = None
         self._window = asyncio.Semaphore(config.max_inflight_messages)
+        #: set when the current connection ends: publishes in flight on it fail at once (a new one per connection)
+        self._lost = asyncio.Event()
         self.connected = asyncio.Event()
         #: set by the runner: called on every (re)connection
         self.on_connected: Callable[[], None] | None = None
@@ -93,11 +105,11 @@ class MqttUplink:
         password = self.config.password.reveal() if self.config.password is not None else None
         will = aiomqtt.Will(
             f"{self.base}/status",
-            contract.status_payload("offline", reason="lost", ts_ms=_now_ms(), version=__version__),
+            contract.will_payload(connected_ms=_now_ms(), version=__version__),
             qos=1,
             retain=True,
         )
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             self.config.host,
             port=self.config.effective_port,
             identifier=self.client_id,
@@ -109,6 +121,10 @@ class MqttUplink:
             max_inflight_messages=self.config.max_inflight_messages,
             timeout=self.config.delivery.timeout,
         )
+        # aiomqtt warns on every call while more than 10 are pending (166 lines in one broker bounce); the window
+        # bounds what is pending, so warn only if that bound is ever broken
+        client.pending_calls_threshold = self.config.max_inflight_messages + _PENDING_HEADROOM
+        return client
 
     async def maintain(self, closing: asyncio.Event) -> None:
         """Connect, announce (status online, meta), listen for commands; reconnect with backoff until closing."""
@@ -153,6 +169,7 @@ class MqttUplink:
         """One connection, from connect to goodbye (closing) or loss (raises)."""
         async with self._make_client() as client:
             await self._announce(client)
+            lost = self._lost = asyncio.Event()
             self._client = client
             self.connected.set()
             self._reconnect_delay = self.reconnect_min
@@ -172,7 +189,10 @@ class MqttUplink:
                     self.config.effective_port,
                     self.client_id,
                 )
-            await self._serve(client, closing)
+            try:
+                await self._serve(client, closing)
+            finally:
+                lost.set()  # first, before the client is closed: sends in flight give up now
             await self._say_goodbye(client)
 
     async def _announce(self, client: aiomqtt.Client) -> None:
@@ -231,8 +251,8 @@ class MqttUplink:
     # -- delivery -----------------------------------------------------------------------------------------------
 
     async def send(self, batch: UplinkBatch) -> None:
-        client = self._client
-        if client is None:
+        client, lost = self._client, self._lost
+        if client is None or lost.is_set():
             raise UplinkError(f"not connected to platform broker {self.config.host}", retryable=True)
         if batch.kind == "telemetry":
             messages: Iterable[tuple[str, bytes, bool]] = (
@@ -255,12 +275,19 @@ class MqttUplink:
             qos = 1  # events are never fire-and-forget
         try:
             async with asyncio.TaskGroup() as tg:
+                # the connection's end fails the batch at once: the group cancels every publish still waiting
+                watcher = tg.create_task(_fail_when_lost(lost), name="uplink[platform].send-watch")
+                publishes: list[asyncio.Task[None]] = []
                 for topic, payload, retain in messages:
                     await self._window.acquire()
                     task = tg.create_task(self._publish(client, topic, payload, qos, retain))
                     # released on completion, including a task cancelled before it ever ran (a sibling failed):
                     # a release in the coroutine's own `finally` would leak the slot then, and the window with it
                     task.add_done_callback(lambda _t: self._window.release())
+                    publishes.append(task)
+                if publishes:
+                    await asyncio.wait(publishes)
+                watcher.cancel()
         except BaseExceptionGroup as group:
             # a plain handler, not except*: an exception raised inside except* reaches the runner still wrapped in an
             # ExceptionGroup on Python before 3.11.4 (Debian 12's 3.11.2), and the runner would not see UplinkError
@@ -272,6 +299,11 @@ class MqttUplink:
     async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int, retain: bool) -> None:
         await client.publish(topic, payload, qos=qos, retain=retain)
         self.published += 1
+
+
+async def _fail_when_lost(lost: asyncio.Event) -> None:
+    await lost.wait()
+    raise aiomqtt.MqttError("connection lost with publishes in flight")
 
 
 def _now_ms() -> int:

@@ -97,6 +97,7 @@ def test_sigkill_during_an_outage_loses_nothing_committed(
         assert retained_status(broker)["state"] == "online"
         tsdb.stop()
         time.sleep(1.5)  # the outbox fills while the TSDB is down
+        killed_ms = time.time_ns() // 1_000_000
         gateway.send_signal(signal.SIGKILL)
         gateway.wait(10)
     finally:
@@ -105,6 +106,8 @@ def test_sigkill_during_an_outage_loses_nothing_committed(
             gateway.wait()
     will = retained_status(broker)  # the broker published the Last Will: the connection died without a goodbye
     assert (will["state"], will["reason"]) == ("offline", "lost")
+    # composed at connect time: it says when the connection began, not when it died
+    assert isinstance(will["since"], int) and will["since"] == will["ts"] and will["since"] < killed_ms - 1500
     missing = undelivered(data / "outbox.db")
     assert len(missing) > 100, "the outage should have left committed, undelivered samples"
 

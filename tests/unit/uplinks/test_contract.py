@@ -47,6 +47,10 @@ def test_every_schema_is_itself_valid() -> None:
 def test_status_and_meta() -> None:
     online = check("status", contract.status_payload("online", reason="connected", ts_ms=5, version="0.1.0"))
     assert online["state"] == "online"
+    assert "since" not in online
+    # the Last Will can only say when the connection began: `since`, and `ts` the same for contract v1
+    will = check("status", contract.will_payload(connected_ms=7, version="0.1.0"))
+    assert will == will | {"state": "offline", "reason": "lost", "since": 7, "ts": 7}
     registry = PointRegistry(
         [
             PointInfo("m1.energy_kwh", unit="kWh", measurement="energy_meter", tags={"device": "m1"}),
