@@ -24,19 +24,69 @@ exception raised in an ``except*`` clause is wrapped in a new ExceptionGroup (CP
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 
 class GatewayError(Exception):
     """Base of every error the gateway raises on purpose."""
 
 
+#: a key whose value is a secret, in an echoed line: ``password:``, ``api_token:``, ``"secret":`` (not ``*_file:``)
+_SECRET_KEY = re.compile(r"""["']?[\w-]*(?:password|token|secret|key)["']?\s*:[ \t]*""", re.IGNORECASE)
+#: the value after it: a quoted scalar, else a plain one (up to ``,}]`` inside a flow collection, a comment, or the end)
+_QUOTED = re.compile(r""""(?:[^"\\]|\\.)*"?|'(?:[^']|'')*'?""")
+_PLAIN_FLOW = re.compile(r"[^,}\]]*?(?=\s*(?:[,}\]]|\s#|$))")
+_PLAIN_BLOCK = re.compile(r".*?(?=\s+#|\s*$)")
+MASK = '"****"'
+#: an echoed line is cut to this many characters around the column (a hostile file can be one 1 MiB line)
+ECHO_WIDTH = 160
+
+
+def mask_secrets(line: str) -> tuple[str, list[tuple[int, int, int]]]:
+    """``line`` with the value of every secret-named key replaced by ``"****"``, literal or ``${ENV}`` alike, and the
+    replaced spans as (start, old end, new end) so a caret can be moved with the text."""
+    out: list[str] = []
+    spans: list[tuple[int, int, int]] = []
+    pos = 0
+    for match in _SECRET_KEY.finditer(line):
+        if match.start() < pos:
+            continue
+        start = match.end()
+        flow = "{" in line[: match.start()] or "[" in line[: match.start()]
+        value = _QUOTED.match(line, start) or (_PLAIN_FLOW if flow else _PLAIN_BLOCK).match(line, start)
+        end = value.end() if value is not None else start
+        if end == start or line[start] in "|>{[&*":
+            continue  # no value on this line (a block scalar or collection follows): nothing to hide here
+        out.append(line[pos:start])
+        out.append(MASK)
+        new_start = sum(len(part) for part in out) - len(MASK)
+        spans.append((start, end, new_start + len(MASK)))
+        pos = end
+    out.append(line[pos:])
+    return "".join(out), spans
+
+
+def _moved(col: int, spans: list[tuple[int, int, int]]) -> int:
+    """A 0-based column of the original line, in the masked line."""
+    shift = 0
+    for start, old_end, new_end in spans:
+        if col >= old_end:
+            shift = new_end - old_end
+        elif col >= start:
+            return start + shift
+    return col + shift
+
+
 @dataclass(frozen=True, slots=True)
 class Diagnostic:
     """One problem in one file, positioned for a human: ``file:line:col: message`` plus the offending line.
 
-    ``line`` and ``col`` are 1-based; 0 means "the whole file".
+    ``line`` and ``col`` are 1-based; 0 means "the whole file". ``format`` is the one place a config line is
+    echoed: the values of secret-named keys are masked there, and a long line is cut around the column.
+    A ``warning`` is printed as such and does not fail a check (except ``check --strict``).
     """
 
     file: str
@@ -44,13 +94,20 @@ class Diagnostic:
     col: int
     message: str
     source_line: str | None = None
+    severity: Literal["error", "warning"] = "error"
 
     def format(self) -> str:
-        head = f"{self.file}:{self.line}:{self.col}: {self.message}"
+        kind = "warning: " if self.severity == "warning" else ""
+        head = f"{self.file}:{self.line}:{self.col}: {kind}{self.message}"
         if self.source_line is None or self.line == 0:
             return head
-        caret = " " * max(self.col - 1, 0) + "^"
-        return f"{head}\n    {self.source_line.rstrip()}\n    {caret}"
+        text, spans = mask_secrets(self.source_line.rstrip())
+        caret = _moved(max(self.col - 1, 0), spans)
+        if len(text) > ECHO_WIDTH:
+            first = max(0, min(caret - ECHO_WIDTH // 2, len(text) - ECHO_WIDTH))
+            text = ("..." if first else "") + text[first : first + ECHO_WIDTH] + "..."
+            caret = caret - first + (3 if first else 0)
+        return f"{head}\n    {text}\n    {' ' * caret}^"
 
 
 class ConfigError(GatewayError):
