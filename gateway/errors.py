@@ -34,12 +34,12 @@ class GatewayError(Exception):
     """Base of every error the gateway raises on purpose."""
 
 
-#: a key whose value is a secret, in an echoed line: ``password:``, ``api_token:``, ``"secret":`` (not ``*_file:``)
-_SECRET_KEY = re.compile(r"""["']?[\w-]*(?:password|token|secret|key)["']?\s*:[ \t]*""", re.IGNORECASE)
-#: the value after it: a quoted scalar, else a plain one (up to ``,}]`` inside a flow collection, a comment, or the end)
+#: a key whose value is a secret, in an echoed line: ``password:``, ``api_token:``, ``"secret":`` (not ``*_file:``).
+#: Anchored at the start of a word so a hostile one-line file is scanned in linear time (no backtracking per column).
+_SECRET_KEY = re.compile(r"""(?<![\w"'-])["']?[\w-]*?(?:password|token|secret|key)["']?[ \t]*:[ \t]*""", re.IGNORECASE)
+#: a quoted value after it (unterminated on this line: to the end of the line)
 _QUOTED = re.compile(r""""(?:[^"\\]|\\.)*"?|'(?:[^']|'')*'?""")
-_PLAIN_FLOW = re.compile(r"[^,}\]]*?(?=\s*(?:[,}\]]|\s#|$))")
-_PLAIN_BLOCK = re.compile(r".*?(?=\s+#|\s*$)")
+_FLOW_END = re.compile(r"[,}\]]| #")
 MASK = '"****"'
 #: an echoed line is cut to this many characters around the column (a hostile file can be one 1 MiB line)
 ECHO_WIDTH = 160
@@ -47,23 +47,37 @@ ECHO_WIDTH = 160
 
 def mask_secrets(line: str) -> tuple[str, list[tuple[int, int, int]]]:
     """``line`` with the value of every secret-named key replaced by ``"****"``, literal or ``${ENV}`` alike, and the
-    replaced spans as (start, old end, new end) so a caret can be moved with the text."""
+    replaced spans as (start, old end, new end) so a caret can be moved with the text. Linear in the line's length."""
     out: list[str] = []
+    length = 0
     spans: list[tuple[int, int, int]] = []
     pos = 0
+    brackets = [i for i in (line.find("{"), line.find("[")) if i >= 0]
+    flow_from = min(brackets) if brackets else len(line)
     for match in _SECRET_KEY.finditer(line):
-        if match.start() < pos:
-            continue
         start = match.end()
-        flow = "{" in line[: match.start()] or "[" in line[: match.start()]
-        value = _QUOTED.match(line, start) or (_PLAIN_FLOW if flow else _PLAIN_BLOCK).match(line, start)
-        end = value.end() if value is not None else start
-        if end == start or line[start] in "|>{[&*":
+        if match.start() < pos or start >= len(line) or line[start] in "|>{[&*#":
             continue  # no value on this line (a block scalar or collection follows): nothing to hide here
+        quoted = _QUOTED.match(line, start)
+        if quoted is not None:
+            end = quoted.end()
+        else:
+            # a plain scalar ends at a comment, and inside a flow collection also at , } or ]
+            if match.start() > flow_from:
+                stop = _FLOW_END.search(line, start)
+                end = stop.start() if stop is not None else len(line)
+            else:
+                comment = line.find(" #", start)  # a block value runs to the end: this key is the line's last
+                end = comment if comment >= 0 else len(line)
+            while end > start and line[end - 1] in " \t":
+                end -= 1
+        if end == start:
+            continue
         out.append(line[pos:start])
+        length += start - pos
+        spans.append((start, end, length + len(MASK)))
         out.append(MASK)
-        new_start = sum(len(part) for part in out) - len(MASK)
-        spans.append((start, end, new_start + len(MASK)))
+        length += len(MASK)
         pos = end
     out.append(line[pos:])
     return "".join(out), spans

@@ -9,8 +9,9 @@ The loader differs from ``yaml.safe_load`` on purpose:
   ``site.yaml:17:11: ...`` with the offending line.
 * Hostile files are refused in bounded time and memory, before anything is built from them: a file over
   ``MAX_FILE_BYTES`` is refused unread, an anchor or alias (``&a`` / ``*a``, the billion-laughs expansion) is refused
-  at its line, and so is a collection nested deeper than ``MAX_DEPTH``. Site files, device profiles and rule files
-  (also on hot reload) all come through ``load_yaml``, so these bounds hold for every YAML the gateway reads.
+  at its line, and so is a collection nested deeper than ``MAX_DEPTH`` or a value past the first ``MAX_NODES``.
+  Site files, device profiles and rule files (also on hot reload) all come through ``load_yaml``, so these bounds
+  hold for every YAML the gateway reads.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ MAX_FILE_BYTES = 1024 * 1024
 #: deepest nesting of mappings and sequences (shipped files use under 10); also keeps the recursive composer and
 #: ``_build`` far from Python's recursion limit
 MAX_DEPTH = 64
+#: most values (scalars, mappings, sequences) in one file; the largest shipped file has a few hundred. PyYAML's
+#: pure-Python parser needs about 1 KiB and 25 µs per value, so this bounds memory where the byte size cannot
+MAX_NODES = 50_000
 NO_ALIASES = "YAML anchors and aliases are not allowed (they can expand without limit)"
 
 
@@ -46,6 +50,7 @@ class _StrictLoader(yaml.SafeLoader):
     """SafeLoader with YAML 1.2-style booleans, no anchors or aliases, and at most ``MAX_DEPTH`` levels."""
 
     _depth = 0
+    _nodes = 0
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         # Checked on the event stream, before the composer builds (or shares) a node: an alias never reaches _build,
@@ -54,6 +59,9 @@ class _StrictLoader(yaml.SafeLoader):
         mark = event.start_mark if isinstance(event.start_mark, yaml.Mark) else None
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
             raise _Refused(problem=NO_ALIASES, problem_mark=mark)
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _Refused(problem=f"more than {MAX_NODES} values in one file", problem_mark=mark)
         if not isinstance(event, yaml.SequenceStartEvent | yaml.MappingStartEvent):
             return super().compose_node(parent, index)
         if self._depth >= MAX_DEPTH:
@@ -83,6 +91,13 @@ class SourceMap:
         self.lines = text.splitlines()
         self.values: dict[Loc, tuple[int, int]] = {}
         self.keys: dict[Loc, tuple[int, int]] = {}
+        self._containers: frozenset[Loc] | None = None
+
+    def containers(self) -> frozenset[Loc]:
+        """Paths that have a value below them (a set, not a scan per lookup: a file can bring thousands of errors)."""
+        if self._containers is None:
+            self._containers = frozenset(loc[:-1] for loc in self.values if loc)
+        return self._containers
 
     def diagnostic(self, loc: Loc, message: str, *, key: bool = False) -> Diagnostic:
         """Position ``message`` at the deepest known part of ``loc`` (the key itself when ``key``)."""
@@ -231,8 +246,7 @@ def _data_loc(loc: Iterable[str | int], smap: SourceMap) -> Loc:
 
 def _known_prefix(loc: Loc, smap: SourceMap) -> bool:
     """True when some value below ``loc[:-1]`` exists, i.e. ``loc[-1]`` would have to be a real key to be kept."""
-    parent = loc[:-1]
-    return any(k[: len(parent)] == parent and len(k) > len(parent) for k in smap.values)
+    return loc[:-1] in smap.containers()
 
 
 def validate(model: type[M], data: Any, smap: SourceMap, *, prefix: Loc = (), context: Any = None) -> M:

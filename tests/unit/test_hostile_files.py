@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.config.source import MAX_DEPTH, MAX_FILE_BYTES, load_yaml
+from gateway.config.source import MAX_DEPTH, MAX_FILE_BYTES, MAX_NODES, load_yaml
 from gateway.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -154,10 +154,37 @@ def test_an_anchor_inside_a_profile_is_refused_through_the_site(tmp_path: Path) 
 
 def test_a_one_line_file_is_echoed_cut_around_the_column(tmp_path: Path) -> None:
     path = tmp_path / "x.yaml"
-    path.write_text("a: [" + "1, " * 50_000 + "&x 2]\n")
+    path.write_text("a: [" + "1, " * 30_000 + "&x 2]\n")
     with pytest.raises(ConfigError) as caught:
         load_yaml(path)
     head, echo, caret = str(caught.value).splitlines()
-    assert head == f"{path}:1:150005: YAML anchors and aliases are not allowed (they can expand without limit)"
+    assert head == f"{path}:1:90005: YAML anchors and aliases are not allowed (they can expand without limit)"
     assert len(echo) < 200
     assert echo[caret.index("^") :].startswith("&x 2]")
+
+
+def test_a_file_of_too_many_values_is_refused_at_the_first_one_over(tmp_path: Path) -> None:
+    path = tmp_path / "x.yaml"
+    path.write_text("x:\n" + "- 1\n" * MAX_NODES)  # the mapping, its key and the sequence count too
+    with pytest.raises(ConfigError) as caught:
+        load_yaml(path)
+    [diagnostic] = caught.value.diagnostics
+    assert (diagnostic.line, diagnostic.message) == (MAX_NODES - 1, f"more than {MAX_NODES} values in one file")
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "a" * 1_000_000,  # one word: no backtracking per column in the secret-key pattern
+        "{" + "password: x," * 80_000,  # many secrets in one flow mapping
+        "password: " + " " * 1_000_000 + "x",
+    ],
+)
+def test_echoing_a_hostile_line_takes_linear_time(line: str) -> None:
+    from gateway.errors import Diagnostic
+
+    started = time.monotonic()
+    text = Diagnostic("x.yaml", 1, 500_000, "problem", line).format()
+    assert time.monotonic() - started < 2.0
+    assert len(text) < 500
+    assert "password: x" not in text
