@@ -201,10 +201,19 @@ class Secret(str):
         return str.__str__(self)
 
 
+class LiteralSecret(Secret):
+    """A secret written out in the config file itself (no ``${ENV}``): accepted, and reported by ``check`` as a
+    warning (an error with ``--strict``), since the file then holds a password anyone who reads it can use."""
+
+    __slots__ = ()
+
+
 def _secret(value: Any, info: ValidationInfo) -> Secret:
     expanded = _expand_secret(value, info)
     if not isinstance(expanded, str):
         raise ValueError("a secret must be a string (use ${ENV_NAME} or a *_file key)")
+    if isinstance(value, str) and value and not _ENV_RE.search(value):
+        return LiteralSecret(expanded)
     return Secret(expanded)
 
 
