@@ -150,6 +150,8 @@ def test_secret_file_is_read_and_never_printed(tmp_path: Path) -> None:
     assert isinstance(secret, Secret)
     with pytest.raises(ValueError, match="cannot read secret file"):
         read_secret_file(tmp_path / "missing")
+    with pytest.raises(ValueError, match="larger than 64 KiB"):
+        read_secret_file(Path("/dev/zero"))
 
 
 def test_env_secret_is_expanded_from_the_environment(tmp_path: Path) -> None:
