@@ -47,7 +47,8 @@ class _Refused(yaml.MarkedYAMLError):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2-style booleans, no anchors or aliases, and at most ``MAX_DEPTH`` levels."""
+    """SafeLoader with YAML 1.2-style booleans, no anchors or aliases, at most ``MAX_DEPTH`` levels and ``MAX_NODES``
+    values."""
 
     _depth = 0
     _nodes = 0
