@@ -50,11 +50,14 @@ def run_async(main: Coroutine[Any, Any, int]) -> int:
 
 def _load_or_report(path: Path) -> Site | None:
     try:
-        return load_site(path)
+        site = load_site(path)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         print(f"{path}: {len(exc.diagnostics)} error(s); not started", file=sys.stderr)
         return None
+    for warning in site.warnings:
+        log.warning("%s", warning.format())
+    return site
 
 
 async def serve_site(
@@ -127,6 +130,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 0 when every site is valid (warnings are printed, on stderr, and do not fail it), 1 otherwise; with
+    ``--strict`` a warning (a literal secret in a site file) fails the check too."""
     from gateway.supervisor import check_site
 
     failed = 0
@@ -139,9 +144,16 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"{path}: {len(exc.diagnostics)} error(s)", file=sys.stderr)
             failed += 1
             continue
+        for warning in site.warnings:
+            print(warning.format(), file=sys.stderr)
+        if args.strict and site.warnings:
+            print(f"{path}: {len(site.warnings)} warning(s), errors with --strict", file=sys.stderr)
+            failed += 1
+            continue
+        warned = f", {len(site.warnings)} warning(s)" if site.warnings else ""
         print(
             f"{path}: ok ({len(site.config.devices)} devices, {len(site.registry)} points, "
-            f"{len(site.rule_files)} rule files)"
+            f"{len(site.rule_files)} rule files{warned})"
         )
     return 1 if failed else 0
 
@@ -294,6 +306,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     check = sub.add_parser("check", help="validate site files, their device profiles and rule files")
     check.add_argument("sites", nargs="+", type=Path, metavar="SITE")
+    check.add_argument("--strict", action="store_true", help="treat warnings (a literal secret in a file) as errors")
     check.set_defaults(handler=cmd_check)
 
     tail = sub.add_parser("tail", help="print live samples of a running gateway (or of the demo)")

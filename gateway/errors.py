@@ -24,19 +24,83 @@ exception raised in an ``except*`` clause is wrapped in a new ExceptionGroup (CP
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal
 
 
 class GatewayError(Exception):
     """Base of every error the gateway raises on purpose."""
 
 
+#: a key whose value is a secret, in an echoed line: ``password:``, ``api_token:``, ``"secret":`` (not ``*_file:``).
+#: Anchored at the start of a word so a hostile one-line file is scanned in linear time (no backtracking per column).
+_SECRET_KEY = re.compile(r"""(?<![\w"'-])["']?[\w-]*?(?:password|token|secret|key)["']?[ \t]*:[ \t]*""", re.IGNORECASE)
+#: a quoted value after it (unterminated on this line: to the end of the line)
+_QUOTED = re.compile(r""""(?:[^"\\]|\\.)*"?|'(?:[^']|'')*'?""")
+_FLOW_END = re.compile(r"[,}\]]| #")
+MASK = '"****"'
+#: an echoed line is cut to this many characters around the column (a hostile file can be one 1 MiB line)
+ECHO_WIDTH = 160
+
+
+def mask_secrets(line: str) -> tuple[str, list[tuple[int, int, int]]]:
+    """``line`` with the value of every secret-named key replaced by ``"****"``, literal or ``${ENV}`` alike, and the
+    replaced spans as (start, old end, new end) so a caret can be moved with the text. Linear in the line's length."""
+    out: list[str] = []
+    length = 0
+    spans: list[tuple[int, int, int]] = []
+    pos = 0
+    brackets = [i for i in (line.find("{"), line.find("[")) if i >= 0]
+    flow_from = min(brackets) if brackets else len(line)
+    for match in _SECRET_KEY.finditer(line):
+        start = match.end()
+        if match.start() < pos or start >= len(line) or line[start] in "|>{[&*#":
+            continue  # no value on this line (a block scalar or collection follows): nothing to hide here
+        quoted = _QUOTED.match(line, start)
+        if quoted is not None:
+            end = quoted.end()
+        else:
+            # a plain scalar ends at a comment, and inside a flow collection also at , } or ]
+            if match.start() > flow_from:
+                stop = _FLOW_END.search(line, start)
+                end = stop.start() if stop is not None else len(line)
+            else:
+                comment = line.find(" #", start)  # a block value runs to the end: this key is the line's last
+                end = comment if comment >= 0 else len(line)
+            while end > start and line[end - 1] in " \t":
+                end -= 1
+        if end == start:
+            continue
+        out.append(line[pos:start])
+        length += start - pos
+        spans.append((start, end, length + len(MASK)))
+        out.append(MASK)
+        length += len(MASK)
+        pos = end
+    out.append(line[pos:])
+    return "".join(out), spans
+
+
+def _moved(col: int, spans: list[tuple[int, int, int]]) -> int:
+    """A 0-based column of the original line, in the masked line."""
+    shift = 0
+    for start, old_end, new_end in spans:
+        if col >= old_end:
+            shift = new_end - old_end
+        elif col >= start:
+            return start + shift
+    return col + shift
+
+
 @dataclass(frozen=True, slots=True)
 class Diagnostic:
     """One problem in one file, positioned for a human: ``file:line:col: message`` plus the offending line.
 
-    ``line`` and ``col`` are 1-based; 0 means "the whole file".
+    ``line`` and ``col`` are 1-based; 0 means "the whole file". ``format`` is the one place a config line is
+    echoed: the values of secret-named keys are masked there, and a long line is cut around the column.
+    A ``warning`` is printed as such and does not fail a check (except ``check --strict``).
     """
 
     file: str
@@ -44,13 +108,20 @@ class Diagnostic:
     col: int
     message: str
     source_line: str | None = None
+    severity: Literal["error", "warning"] = "error"
 
     def format(self) -> str:
-        head = f"{self.file}:{self.line}:{self.col}: {self.message}"
+        kind = "warning: " if self.severity == "warning" else ""
+        head = f"{self.file}:{self.line}:{self.col}: {kind}{self.message}"
         if self.source_line is None or self.line == 0:
             return head
-        caret = " " * max(self.col - 1, 0) + "^"
-        return f"{head}\n    {self.source_line.rstrip()}\n    {caret}"
+        text, spans = mask_secrets(self.source_line.rstrip())
+        caret = _moved(max(self.col - 1, 0), spans)
+        if len(text) > ECHO_WIDTH:
+            first = max(0, min(caret - ECHO_WIDTH // 2, len(text) - ECHO_WIDTH))
+            text = ("..." if first else "") + text[first : first + ECHO_WIDTH] + "..."
+            caret = caret - first + (3 if first else 0)
+        return f"{head}\n    {text}\n    {' ' * caret}^"
 
 
 class ConfigError(GatewayError):

@@ -19,7 +19,7 @@ from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig
 from drivers.mqtt.config import MqttDeviceConfig, MqttSourceConfig
 from drivers.simulator.config import SimulatorDeviceConfig
 from gateway.config.source import Loc, SourceMap, load_yaml, validate
-from gateway.config.types import Ident, PointId, PositiveDuration, Size, StrictModel, parse_size
+from gateway.config.types import Ident, LiteralSecret, PointId, PositiveDuration, Size, StrictModel, parse_size
 from gateway.errors import ConfigError, Diagnostic
 from gateway.incentives.config import IncentivesConfig
 from gateway.registry import DuplicatePoint, PointInfo, PointRegistry
@@ -144,6 +144,8 @@ class Site:
     registry: PointRegistry
     rule_files: tuple[Path, ...]
     source_map: SourceMap
+    #: problems that do not stop the gateway (a literal secret); ``check --strict`` treats them as errors
+    warnings: tuple[Diagnostic, ...] = ()
 
     def diagnostic(self, loc: Loc, message: str) -> Diagnostic:
         """Position a problem found after loading (e.g. an incentive meter that names no point)."""
@@ -240,6 +242,37 @@ def _unpersonalised(device: DeviceConfig, meter: str, smap: SourceMap, loc: Loc)
         )
         for where in found
     ]
+
+
+def literal_secrets(config: StrictModel, smap: SourceMap) -> list[Diagnostic]:
+    """A warning at every secret written out in the file (``password: hunter2``) instead of ``${ENV}`` or a
+    ``*_file`` key. Found by type (``SecretStr`` fields), not by key name: ``tls.key`` is a path and an MQTT
+    command's ``key`` a JSON field, neither a secret."""
+    found: list[Diagnostic] = []
+
+    def walk(value: object, loc: Loc) -> None:
+        if isinstance(value, LiteralSecret):
+            key = str(loc[-1])
+            where = ".".join(str(part) for part in loc)
+            message = (
+                f"{where} is a literal secret in the file: use {key}: ${{ENV_NAME}} (an environment variable) or "
+                f"{key}_file: PATH"
+            )
+            diagnostic = smap.diagnostic(loc, message)
+            found.append(replace(diagnostic, severity="warning"))
+        elif isinstance(value, StrictModel):
+            for name, field in type(value).model_fields.items():
+                if name in value.model_fields_set:
+                    walk(getattr(value, name), (*loc, field.alias or name))
+        elif isinstance(value, list | tuple):
+            for index, item in enumerate(value):
+                walk(item, (*loc, index))
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, (*loc, key))
+
+    walk(config, ())
+    return found
 
 
 def aggregate_meters(config: SiteConfig) -> list[str]:
@@ -373,4 +406,4 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
 
     if errors:
         raise ConfigError(errors)
-    return Site(path, config, profiles, registry, tuple(rule_files), smap)
+    return Site(path, config, profiles, registry, tuple(rule_files), smap, tuple(literal_secrets(config, smap)))

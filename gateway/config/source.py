@@ -7,10 +7,16 @@ The loader differs from ``yaml.safe_load`` on purpose:
 * Duplicate mapping keys are errors (PyYAML keeps the last one silently).
 * Every mapping key and value gets a position, so a pydantic error at ``("devices", 3, "poll")`` is printed as
   ``site.yaml:17:11: ...`` with the offending line.
+* Hostile files are refused in bounded time and memory, before anything is built from them: a file over
+  ``MAX_FILE_BYTES`` is refused unread, an anchor or alias (``&a`` / ``*a``, the billion-laughs expansion) is refused
+  at its line, and so is a collection nested deeper than ``MAX_DEPTH`` or a value past the first ``MAX_NODES``.
+  Site files, device profiles and rule files (also on hot reload) all come through ``load_yaml``, so these bounds
+  hold for every YAML the gateway reads.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,9 +31,47 @@ from gateway.errors import ConfigError, Diagnostic
 Loc = tuple[str | int, ...]
 M = TypeVar("M", bound=BaseModel)
 
+#: no config, profile or rule file comes near this; a bigger one is refused before it is read
+MAX_FILE_BYTES = 1024 * 1024
+#: deepest nesting of mappings and sequences (shipped files use under 10); also keeps the recursive composer and
+#: ``_build`` far from Python's recursion limit
+MAX_DEPTH = 64
+#: most values (scalars, mappings, sequences) in one file; the largest shipped file has a few hundred. PyYAML's
+#: pure-Python parser needs about 1 KiB and 25 µs per value, so this bounds memory where the byte size cannot
+MAX_NODES = 50_000
+NO_ALIASES = "YAML anchors and aliases are not allowed (they can expand without limit)"
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """A well-formed YAML construct our config files do not allow; ``problem`` is the whole message."""
+
 
 class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2-style booleans."""
+    """SafeLoader with YAML 1.2-style booleans, no anchors or aliases, at most ``MAX_DEPTH`` levels and ``MAX_NODES``
+    values."""
+
+    _depth = 0
+    _nodes = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        # Checked on the event stream, before the composer builds (or shares) a node: an alias never reaches _build,
+        # where a shared node would be expanded once per reference.
+        event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
+        mark = event.start_mark if isinstance(event.start_mark, yaml.Mark) else None
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise _Refused(problem=NO_ALIASES, problem_mark=mark)
+        self._nodes += 1
+        if self._nodes > MAX_NODES:
+            raise _Refused(problem=f"more than {MAX_NODES} values in one file", problem_mark=mark)
+        if not isinstance(event, yaml.SequenceStartEvent | yaml.MappingStartEvent):
+            return super().compose_node(parent, index)
+        if self._depth >= MAX_DEPTH:
+            raise _Refused(problem=f"nested more than {MAX_DEPTH} levels deep", problem_mark=mark)
+        self._depth += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 # Drop the YAML 1.1 bool resolver (yes/no/on/off) and put back one that only knows true/false.
@@ -48,6 +92,13 @@ class SourceMap:
         self.lines = text.splitlines()
         self.values: dict[Loc, tuple[int, int]] = {}
         self.keys: dict[Loc, tuple[int, int]] = {}
+        self._containers: frozenset[Loc] | None = None
+
+    def containers(self) -> frozenset[Loc]:
+        """Paths that have a value below them (a set, not a scan per lookup: a file can bring thousands of errors)."""
+        if self._containers is None:
+            self._containers = frozenset(loc[:-1] for loc in self.values if loc)
+        return self._containers
 
     def diagnostic(self, loc: Loc, message: str, *, key: bool = False) -> Diagnostic:
         """Position ``message`` at the deepest known part of ``loc`` (the key itself when ``key``)."""
@@ -95,18 +146,19 @@ def load_yaml(path: Path, *, text: str | None = None) -> tuple[Any, SourceMap]:
     """Load one YAML document strictly; return the plain data and its source map, or raise ConfigError."""
     name = str(path)
     if text is None:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise ConfigError([Diagnostic(name, 0, 0, "file not found")]) from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise ConfigError([Diagnostic(name, 0, 0, f"cannot read file: {exc}")]) from exc
+        text = _read_bounded(path)
+    elif len(text) > MAX_FILE_BYTES or len(text.encode("utf-8")) > MAX_FILE_BYTES:
+        raise ConfigError([_too_big(name, len(text.encode("utf-8")))])
     smap = SourceMap(name, text)
     loader = _StrictLoader(text)
     errors: list[Diagnostic] = []
     try:
         node = loader.get_single_node()
         data = {} if node is None else _build(node, (), smap, loader, errors)
+    except _Refused as exc:
+        mark = exc.problem_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        raise ConfigError([smap.at(line, col, exc.problem or NO_ALIASES)]) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
@@ -123,6 +175,37 @@ def load_yaml(path: Path, *, text: str | None = None) -> tuple[Any, SourceMap]:
     if errors:
         raise ConfigError(errors)
     return data, smap
+
+
+def _too_big(name: str, size: int) -> Diagnostic:
+    limit = _mib(MAX_FILE_BYTES)
+    return Diagnostic(name, 0, 0, f"file is {_mib(size)} ({size} bytes); config files are limited to {limit}")
+
+
+def _mib(size: int) -> str:
+    return f"{size / 1024**2:.1f} MiB" if size % 1024**2 else f"{size // 1024**2} MiB"
+
+
+def _read_bounded(path: Path) -> str:
+    """The file's text, refusing a file over ``MAX_FILE_BYTES`` from its size, before reading it. At most one byte
+    more is read, so a file that grows meanwhile (or a device such as /dev/zero) is refused too."""
+    name = str(path)
+    try:
+        with path.open("rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise ConfigError([_too_big(name, size)])
+            raw = handle.read(MAX_FILE_BYTES + 1)
+    except FileNotFoundError:
+        raise ConfigError([Diagnostic(name, 0, 0, "file not found")]) from None
+    except OSError as exc:
+        raise ConfigError([Diagnostic(name, 0, 0, f"cannot read file: {exc}")]) from exc
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError([_too_big(name, max(size, len(raw)))])
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError([Diagnostic(name, 0, 0, f"cannot read file: {exc}")]) from exc
 
 
 def pydantic_diagnostics(exc: ValidationError, smap: SourceMap, prefix: Loc = ()) -> list[Diagnostic]:
@@ -164,8 +247,7 @@ def _data_loc(loc: Iterable[str | int], smap: SourceMap) -> Loc:
 
 def _known_prefix(loc: Loc, smap: SourceMap) -> bool:
     """True when some value below ``loc[:-1]`` exists, i.e. ``loc[-1]`` would have to be a real key to be kept."""
-    parent = loc[:-1]
-    return any(k[: len(parent)] == parent and len(k) > len(parent) for k in smap.values)
+    return loc[:-1] in smap.containers()
 
 
 def validate(model: type[M], data: Any, smap: SourceMap, *, prefix: Loc = (), context: Any = None) -> M:

@@ -201,10 +201,19 @@ class Secret(str):
         return str.__str__(self)
 
 
+class LiteralSecret(Secret):
+    """A secret written out in the config file itself (no ``${ENV}``): accepted, and reported by ``check`` as a
+    warning (an error with ``--strict``), since the file then holds a password anyone who reads it can use."""
+
+    __slots__ = ()
+
+
 def _secret(value: Any, info: ValidationInfo) -> Secret:
     expanded = _expand_secret(value, info)
     if not isinstance(expanded, str):
         raise ValueError("a secret must be a string (use ${ENV_NAME} or a *_file key)")
+    if isinstance(value, str) and value and not _ENV_RE.search(value):
+        return LiteralSecret(expanded)
     return Secret(expanded)
 
 
@@ -214,11 +223,22 @@ SecretStr = Annotated[Secret, PlainValidator(_secret), PlainSerializer(lambda s:
 EnvStr = Annotated[str, BeforeValidator(_expand_secret)]
 
 
+#: a token or password file holds one line; anything bigger is not one
+MAX_SECRET_FILE_BYTES = 64 * 1024
+
+
 def read_secret_file(path: Path) -> Secret:
     """Read a ``*_file:`` secret (first line, stripped), as systemd credentials and Docker secrets store them."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_SECRET_FILE_BYTES + 1)  # bounded: a secret file pointed at /dev/zero is refused
     except OSError as exc:
         raise ValueError(f"cannot read secret file {path}: {exc.strerror or exc}") from exc
+    if len(raw) > MAX_SECRET_FILE_BYTES:
+        raise ValueError(f"secret file {path} is larger than {MAX_SECRET_FILE_BYTES // 1024} KiB")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"cannot read secret file {path}: not UTF-8 text") from None
     lines = text.splitlines()
     return Secret(lines[0].strip() if lines else "")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,6 +36,11 @@ def test_broken_site_reports_exact_position(case: str, monkeypatch: pytest.Monke
     with pytest.raises(ConfigError) as info:
         load_site(case_dir / "site.yaml")
     assert _first_lines(info.value, case_dir) == expected
+    echo = case_dir / "expected.echo"
+    if echo.exists():  # the whole printed text: the offending lines as echoed (secret values masked)
+        printed = str(info.value).replace(str(case_dir) + os.sep, "").replace(str(REPO), "<repo>")
+        assert printed.splitlines() == echo.read_text().splitlines()
+        assert "hunter" not in printed
 
 
 def test_golden_cases_cover_the_required_kinds() -> None:
@@ -143,6 +150,8 @@ def test_secret_file_is_read_and_never_printed(tmp_path: Path) -> None:
     assert isinstance(secret, Secret)
     with pytest.raises(ValueError, match="cannot read secret file"):
         read_secret_file(tmp_path / "missing")
+    with pytest.raises(ValueError, match="larger than 64 KiB"):
+        read_secret_file(Path("/dev/zero"))
 
 
 def test_env_secret_is_expanded_from_the_environment(tmp_path: Path) -> None:
@@ -171,3 +180,83 @@ def test_scalars_are_not_coerced_but_parsed_fields_still_parse() -> None:
     for bad in ({"port": "1883"}, {"enabled": "yes"}, {"enabled": 1}, {"port": True}):
         with pytest.raises(ValueError, match="expected"):
             Example.model_validate(bad)
+
+
+LITERAL_SECRETS = """version: 1
+gateway: {id: gw1, site: tower}
+mqtt_sources:
+  - id: broker
+    host: 127.0.0.1
+    subscriptions: [{id: z2m, topic: "zigbee2mqtt/+", decoder: {type: zigbee2mqtt}}]
+    username: gw
+    password: hunter2
+uplinks:
+  influx: {url: "http://127.0.0.1:8086", org: city, bucket: b, token: s3cr3t}
+"""
+
+
+def test_a_literal_secret_is_a_warning_pointing_to_env_or_file(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text(LITERAL_SECRETS)
+    site = load_site(path)
+    printed = [w.format() for w in site.warnings]
+    assert [text.splitlines()[0] for text in printed] == [
+        f"{path}:8:15: warning: mqtt_sources.0.password is a literal secret in the file: use password: ${{ENV_NAME}} "
+        "(an environment variable) or password_file: PATH",
+        f"{path}:10:71: warning: uplinks.influx.token is a literal secret in the file: use token: ${{ENV_NAME}} "
+        "(an environment variable) or token_file: PATH",
+    ]
+    assert all(w.severity == "warning" for w in site.warnings)
+    assert "hunter2" not in "".join(printed)
+    assert "s3cr3t" not in "".join(printed)
+    assert 'password: "****"' in printed[0]
+
+
+def test_secrets_from_the_environment_or_a_file_are_not_warned_about(tmp_path: Path) -> None:
+    (tmp_path / "token").write_text("s3cr3t\n")
+    path = tmp_path / "site.yaml"
+    path.write_text(
+        LITERAL_SECRETS.replace("password: hunter2", "password: ${MQTT_PASSWORD}").replace(
+            "token: s3cr3t", "token_file: token"
+        )
+    )
+    site = load_site(path, env={"MQTT_PASSWORD": "hunter2"})
+    assert site.warnings == ()
+
+
+def test_key_names_alone_do_not_make_a_secret(tmp_path: Path) -> None:
+    """``tls.key`` is a path, an MQTT command's ``key`` a JSON field: only secret fields are checked."""
+    path = tmp_path / "site.yaml"
+    path.write_text(
+        "version: 1\ngateway: {id: gw1, site: tower}\n"
+        "uplinks:\n  influx: {url: 'http://127.0.0.1:8086', org: city, bucket: b, token: '${T}'}\n"
+    )
+    assert load_site(path, env={"T": "x"}).warnings == ()
+
+
+def _check(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", "check", *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+
+
+def test_check_prints_the_warning_and_passes_and_strict_fails(tmp_path: Path) -> None:
+    path = tmp_path / "site.yaml"
+    path.write_text(LITERAL_SECRETS)
+    relaxed = _check(path)
+    assert relaxed.returncode == 0, relaxed.stderr
+    assert relaxed.stdout.startswith(f"{path}: ok (0 devices")
+    assert "2 warning(s)" in relaxed.stdout
+    assert f"{path}:8:15: warning: mqtt_sources.0.password is a literal secret" in relaxed.stderr
+    strict = _check("--strict", path)
+    assert strict.returncode == 1
+    assert strict.stderr.count(": warning: ") == 2
+    assert strict.stderr.splitlines()[-1] == f"{path}: 2 warning(s), errors with --strict"
+    for output in (relaxed.stdout + relaxed.stderr, strict.stdout + strict.stderr):
+        assert "hunter2" not in output
+        assert "s3cr3t" not in output

@@ -98,3 +98,38 @@ def test_no_new_exception_is_raised_from_inside_except_star() -> None:
     # use `except BaseExceptionGroup` and task_group_error instead (see gateway/errors.py); a bare `raise` is fine
     unexpected = _raises_in_except_star() - KNOWN_RAISES_IN_EXCEPT_STAR
     assert not unexpected, f"raise inside except* (wrapped in an ExceptionGroup before Python 3.11.4): {unexpected}"
+
+
+@pytest.mark.parametrize(
+    ("line", "echoed"),
+    [
+        ("    password: hunter2", '    password: "****"'),
+        ('    password: "hu#nt,er2"  # old one', '    password: "****"  # old one'),
+        ("  - {host: a, password: x y, port: '1883'}", "  - {host: a, password: \"****\", port: '1883'}"),
+        ("    token: ${INFLUX_TOKEN}", '    token: "****"'),  # not literal, still not echoed
+        ("    api_key: abc", '    api_key: "****"'),
+        ("  'secret': 'it''s'", "  'secret': \"****\""),
+        ('{"password":"x","a":1}', '{"password":"****","a":1}'),
+        ("    token_file: /etc/edge-gateway/token", "    token_file: /etc/edge-gateway/token"),  # a path
+        ("    password:", "    password:"),  # the value is on the next lines
+        ("    password: |", "    password: |"),
+        ("    passwords_seen: 3", "    passwords_seen: 3"),
+    ],
+)
+def test_an_echoed_line_masks_secret_values(line: str, echoed: str) -> None:
+    printed = Diagnostic("site.yaml", 1, 1, "problem", line).format().splitlines()
+    assert printed[1] == "    " + echoed
+
+
+def test_the_caret_moves_with_the_masked_text() -> None:
+    line = "  - {id: b, password: a-very-long-password, port: '1883'}"
+    printed = Diagnostic("site.yaml", 1, line.index("'1883'") + 1, "port: expected int", line).format().splitlines()
+    assert printed[1][printed[2].index("^") :].startswith("'1883'")
+    # inside the masked value: at its start
+    printed = Diagnostic("site.yaml", 1, line.index("very") + 1, "problem", line).format().splitlines()
+    assert printed[1][printed[2].index("^") :].startswith('"****"')
+
+
+def test_a_warning_says_so() -> None:
+    warning = Diagnostic("site.yaml", 3, 5, "literal secret", None, severity="warning")
+    assert warning.format() == "site.yaml:3:5: warning: literal secret"

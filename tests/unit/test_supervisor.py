@@ -168,6 +168,46 @@ async def test_rule_outputs_reach_the_outbox_and_the_driver(tmp_path: Path) -> N
     assert published[0].body == {"value": 1.0}
 
 
+async def test_a_hostile_rule_file_on_reload_is_refused_and_the_running_rules_stay(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An alias bomb dropped in over a running gateway's rule file: the reload (the watcher's, or SIGHUP's) is refused
+    in bounded time with the error logged, and the rules that were running keep running."""
+    rules = tmp_path / "probe-rules.yaml"
+    good = "version: 1\nrules:\n  - id: probe-high\n    when: probe.value > 0.5\n    then:\n" + (
+        "      - publish: {topic: alerts/probe, payload: {value: '=probe.value'}}\n"
+    )
+    rules.write_text(good)
+    site_path = tmp_path / "site.yaml"
+    site_path.write_text(
+        "version: 1\ngateway: {id: gw1, site: lab}\nhttp: {enabled: false}\nrules: [probe-rules.yaml]\n"
+    )
+    site = load_site(site_path)
+    site.registry.add(PointInfo("probe.value"))
+    gateway = Gateway(site, data_dir=tmp_path / "data", sources=[ScriptedSource([])])
+    stop = asyncio.Event()
+    runner = asyncio.ensure_future(gateway.run(stop))
+    await asyncio.wait_for(gateway.started.wait(), 5)
+    running = gateway.rules
+    rules.write_text(
+        "version: 1\n" + "".join(f"l{i}: &a{i} [{', '.join([f'*a{i - 1}' if i else 'lol'] * 10)}]\n" for i in range(10))
+    )
+    with caplog.at_level(logging.ERROR, logger="gateway.supervisor"):
+        gateway.request_reload()
+        for _ in range(300):  # the reload runs at the next tick (1 s)
+            if any("rule reload refused" in r.getMessage() for r in caplog.records):
+                break
+            await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(runner, 3)
+    # the watcher may see the change too: each reload is refused the same way
+    refused = [r.getMessage() for r in caplog.records if "rule reload refused" in r.getMessage()]
+    assert refused
+    assert all(f"{rules}:2:5: YAML anchors and aliases are not allowed" in message for message in refused)
+    assert gateway.rules is running
+    assert [s.id for s in gateway.rules.status()] == ["probe-high"]
+
+
 class CountingSource(ScriptedSource):
     """Publishes 1, 2, 3, ... every 5 ms until stopped."""
 

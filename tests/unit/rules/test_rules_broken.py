@@ -20,11 +20,13 @@ BROKEN = ROOT / "tests" / "cases" / "rules" / "broken"
 #: file -> (line, column, part of the message) of the first diagnostic
 EXPECTED: dict[str, tuple[int, int, str]] = {
     "alarm_personal_derived": (8, 67, "this alarm data reads the personal point apt101.kwh_1h"),
+    "alias_bomb": (5, 11, "YAML anchors and aliases are not allowed (they can expand without limit)"),
     "allow_not_writable": (5, 15, "zone3.co2 is not writable"),
     "and_needs_bool": (4, 35, "'and' needs true/false, got a number"),
     "bad_duration": (5, 10, "invalid duration '5 minutes'"),
     "block_scalar_second_line": (6, 25, "unknown point 'zone3.occupants' (did you mean 'zone3.occupancy'?)"),
     "derived_cycle": (3, 25, "cycle: building.a_kw -> building.b_kw -> building.a_kw"),
+    "deep_nesting": (66, 131, "nested more than 64 levels deep"),
     "derived_personal_false": (3, 77, "computed from the personal point apt101.power_kw, so it is personal itself"),
     "dunder_attribute": (4, 12, "attribute '__class__' not allowed"),
     "duplicate_rule_id": (7, 9, "rule id 'co2-high' used twice"),

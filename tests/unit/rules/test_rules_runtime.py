@@ -166,6 +166,37 @@ def test_a_broken_reload_raises_and_leaves_the_old_runtime_running(tmp_path: Pat
     assert [now for now, out in run_until(old, T0, T0 + 5 * MIN) if out.commands] == [T0 + 5 * MIN]
 
 
+#: hostile rule files (issue 12): each must be refused by the reload in bounded time, the old rules untouched
+HOSTILE = {
+    "alias bomb": "version: 1\n"
+    + "".join(f"l{i}: &a{i} [{', '.join([f'*a{i - 1}' if i else 'lol'] * 10)}]\n" for i in range(10)),
+    "deep nesting": "version: 1\npoints: " + "[" * 100_000 + "]" * 100_000 + "\n",
+    "too big": CO2_RULE + "#" * (1024 * 1024) + "\n",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(HOSTILE))
+def test_a_hostile_reload_is_refused_and_leaves_the_old_runtime_running(
+    kind: str, tmp_path: Path, registry: PointRegistry
+) -> None:
+    import time
+
+    rules = write(tmp_path, CO2_RULE)
+    old = RuleRuntime.load([rules], registry, timezone="UTC", state=None)
+    old.process([co2(1200, T0)], T0)
+    write(tmp_path, HOSTILE[kind])
+    started = time.monotonic()
+    with pytest.raises(ConfigError) as caught:
+        reload(old, [rules], registry, timezone="UTC", state=None)
+    assert time.monotonic() - started < 2.0
+    [diagnostic] = caught.value.diagnostics
+    assert diagnostic.file == str(rules)
+    assert any(
+        words in diagnostic.message for words in ("anchors and aliases", "nested more than 64", "limited to 1 MiB")
+    )
+    assert [now for now, out in run_until(old, T0, T0 + 5 * MIN) if out.commands] == [T0 + 5 * MIN]
+
+
 def test_reload_does_not_accept_a_derived_point_the_new_files_removed(tmp_path: Path, registry: PointRegistry) -> None:
     rules = write(tmp_path, "version: 1\npoints:\n  zone3.double: {expr: 'zone3.co2 * 2'}\n")
     old = RuleRuntime.load([rules], registry, timezone="UTC", state=None)
