@@ -13,8 +13,12 @@ Writes go through one thread (``outbox-writer``) that commits everything queued 
 their batch's commit, so an ``await append(...)`` that returned is on disk (and survives ``kill -9``; with
 ``durability="power"`` it also survives a power cut, at the cost of an fsync per commit).
 
-Budgets: telemetry over its byte budget drops the oldest batches first and counts them (in total and per uplink
-cursor that had not yet delivered them). Events are never dropped: over their budget, ``event_store_full`` is raised
+Budgets: telemetry over its byte budget drops the oldest batches first. ``dropped_samples`` counts only what some
+uplink had not delivered yet (in total and per uplink cursor); rows every cursor had already passed are counted as
+``compacted_samples``, like those ordinary compaction removes. Logging is once per pressure episode: the first drop
+logs one WARNING (the budget and what was dropped); the episode ends when delivery (compaction) brings the store
+back below three quarters of its budget, and one INFO line then sums it up (samples and batches dropped, how
+long). Events are never dropped: over their budget, ``event_store_full`` is raised
 as an alarm flag, ``append_events`` keeps writing (an incentive record must not be lost because the link was down
 for a week) and the overflow is taken from the telemetry budget instead, so back-pressure lands on the class that
 may lose data and the disk use stays bounded by the sum of both budgets.
@@ -104,6 +108,15 @@ def decode_event(payload: bytes) -> Event:
     return Event(raw["id"], raw["type"], raw["subject"], raw["ts"], raw["body"])
 
 
+def _format_duration(ns: int) -> str:
+    seconds = ns // 10**9
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 @dataclass(frozen=True, slots=True)
 class TelemetryBatch:
     seq: int
@@ -152,8 +165,12 @@ class OutboxStats:
     telemetry_bytes: int = 0
     event_count: int = 0
     event_bytes: int = 0
+    #: removed by the budget before at least one uplink had delivered them (data lost to that uplink)
     dropped_samples: int = 0
     dropped_batches: int = 0
+    #: removed after every uplink had delivered them (by compaction, or by the budget before compaction got there)
+    compacted_samples: int = 0
+    compacted_batches: int = 0
     #: samples dropped by the budget before this uplink cursor had delivered them
     dropped_by_cursor: dict[str, int] = field(default_factory=dict)
     appended_samples: int = 0
@@ -162,6 +179,18 @@ class OutboxStats:
     oldest_telemetry_ns: int | None = None
     last_error: str | None = None
     cursors: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: when the current budget-pressure episode began (its first drop), None when there is none
+    pressure_since_ns: int | None = None
+
+
+@dataclass(slots=True)
+class _PressureEpisode:
+    """Telemetry over its budget, from the first drop of undelivered data until delivery brings the store back
+    below its low-water mark: logged once at the start and once at the end, not once per drop."""
+
+    started_ns: int
+    dropped_samples: int = 0
+    dropped_batches: int = 0
 
 
 @dataclass(slots=True)
@@ -204,6 +233,7 @@ class Outbox:
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open outbox {self.path}: {exc}") from exc
         self.stats = OutboxStats()
+        self._pressure: _PressureEpisode | None = None
         self._load_stats()
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
@@ -232,6 +262,8 @@ class Outbox:
         counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
         self.stats.dropped_samples = counters.get("dropped_samples", 0)
         self.stats.dropped_batches = counters.get("dropped_batches", 0)
+        self.stats.compacted_samples = counters.get("compacted_samples", 0)
+        self.stats.compacted_batches = counters.get("compacted_batches", 0)
         self.stats.dropped_by_cursor = {
             name.removeprefix("dropped_samples:"): value
             for name, value in counters.items()
@@ -240,6 +272,7 @@ class Outbox:
         for name, kind, seq in db.execute("SELECT name, kind, seq FROM cursors"):
             self.stats.cursors.setdefault(name, {})[kind] = seq
         self.stats.event_store_full = self.stats.event_bytes > self.event_budget
+        self.stats.pressure_since_ns = self._pressure.started_ns if self._pressure else None
 
     # -- writer thread ------------------------------------------------------------------------------------------
 
@@ -393,10 +426,10 @@ class Outbox:
         transaction, so the drop and its counters commit together."""
         db = self._db
         excess = self.stats.telemetry_bytes - self._effective_telemetry_budget()
-        dropped_batches = dropped_samples = freed = 0
+        removed_batches = removed_samples = freed = 0
         last_seq = 0
         newest = db.execute("SELECT coalesce(max(seq), 0) FROM telemetry").fetchone()[0]
-        dropped_rows: list[tuple[int, int]] = []
+        removed_rows: list[tuple[int, int]] = []
         # Walk from the oldest in pages: the table may hold millions of rows, a full scan per append would not do.
         while freed < excess:
             page = db.execute(
@@ -409,33 +442,82 @@ class Outbox:
                 if freed >= excess:
                     break
                 freed += size
-                dropped_batches += 1
-                dropped_samples += n
+                removed_batches += 1
+                removed_samples += n
                 last_seq = seq
-                dropped_rows.append((seq, n))
-        if not dropped_batches:
+                removed_rows.append((seq, n))
+        if not removed_batches:
             return
         db.execute("DELETE FROM telemetry WHERE seq <= ?", (last_seq,))
-        self.stats.telemetry_batches -= dropped_batches
-        self.stats.telemetry_samples -= dropped_samples
+        self.stats.telemetry_batches -= removed_batches
+        self.stats.telemetry_samples -= removed_samples
         self.stats.telemetry_bytes -= freed
-        self.stats.dropped_batches += dropped_batches
-        self.stats.dropped_samples += dropped_samples
-        counters = {"dropped_samples": self.stats.dropped_samples, "dropped_batches": self.stats.dropped_batches}
-        for name, positions in self.stats.cursors.items():
-            if "telemetry" not in positions:
-                continue  # an events-only cursor loses no telemetry
-            lost = sum(n for seq, n in dropped_rows if not UplinkCursor.from_positions(positions).delivered(seq))
-            if lost:
-                self.stats.dropped_by_cursor[name] = self.stats.dropped_by_cursor.get(name, 0) + lost
+        cursors = {
+            name: UplinkCursor.from_positions(positions)
+            for name, positions in self.stats.cursors.items()
+            if "telemetry" in positions  # an events-only cursor loses no telemetry
+        }
+        # A row every uplink has delivered is only compacted early; with no uplink at all, nothing was delivered.
+        lost = [
+            (seq, n) for seq, n in removed_rows if not cursors or not all(c.delivered(seq) for c in cursors.values())
+        ]
+        lost_samples = sum(n for _, n in lost)
+        self.stats.dropped_batches += len(lost)
+        self.stats.dropped_samples += lost_samples
+        self.stats.compacted_batches += removed_batches - len(lost)
+        self.stats.compacted_samples += removed_samples - lost_samples
+        counters = {
+            "dropped_samples": self.stats.dropped_samples,
+            "dropped_batches": self.stats.dropped_batches,
+            "compacted_samples": self.stats.compacted_samples,
+            "compacted_batches": self.stats.compacted_batches,
+        }
+        for name, cursor in cursors.items():
+            missed = sum(n for seq, n in lost if not cursor.delivered(seq))
+            if missed:
+                self.stats.dropped_by_cursor[name] = self.stats.dropped_by_cursor.get(name, 0) + missed
                 counters[f"dropped_samples:{name}"] = self.stats.dropped_by_cursor[name]
         db.executemany("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", counters.items())
         oldest = db.execute("SELECT min(created_ns) FROM telemetry").fetchone()[0]
         self.stats.oldest_telemetry_ns = oldest
-        log.warning(
-            "telemetry store over budget: dropped %d oldest samples (%d total since install)",
-            dropped_samples,
-            self.stats.dropped_samples,
+        if lost:
+            self._note_drop(lost_samples, len(lost))
+
+    def _note_drop(self, samples: int, batches: int) -> None:
+        """Count a drop into the current pressure episode; the first one of an episode is the one WARNING."""
+        episode = self._pressure
+        if episode is None:
+            episode = self._pressure = _PressureEpisode(self.time_ns())
+            self.stats.pressure_since_ns = episode.started_ns
+            log.warning(
+                "telemetry store over its budget (%d bytes): dropped the oldest undelivered telemetry, %d samples in"
+                " %d batch(es); further drops are counted, and summed up once the store is back below %d bytes",
+                self._effective_telemetry_budget(),
+                samples,
+                batches,
+                self._low_water(),
+            )
+        episode.dropped_samples += samples
+        episode.dropped_batches += batches
+
+    def _low_water(self) -> int:
+        """The episode ends below this: a drop only frees room down to the budget, so only delivery gets here, and
+        a store hovering at its budget is one episode, not one per append."""
+        return self._effective_telemetry_budget() * 3 // 4
+
+    def _end_pressure(self, *, closing: bool = False) -> None:
+        episode = self._pressure
+        if episode is None or (not closing and self.stats.telemetry_bytes > self._low_water()):
+            return
+        self._pressure = None
+        self.stats.pressure_since_ns = None
+        lasted = _format_duration(max(0, self.time_ns() - episode.started_ns))
+        log.info(
+            "telemetry store %s: %d samples (%d batches) dropped over budget in %s",
+            "still over its budget at close" if closing else "back under its budget",
+            episode.dropped_samples,
+            episode.dropped_batches,
+            lasted,
         )
 
     def _compact(self) -> dict[str, int]:
@@ -457,6 +539,16 @@ class Outbox:
                 self.stats.telemetry_samples -= n
                 self.stats.telemetry_bytes -= size
                 self.stats.oldest_telemetry_ns = db.execute("SELECT min(created_ns) FROM telemetry").fetchone()[0]
+                if cur.rowcount:
+                    self.stats.compacted_batches += cur.rowcount
+                    self.stats.compacted_samples += n
+                    db.executemany(
+                        "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
+                        (
+                            ("compacted_samples", self.stats.compacted_samples),
+                            ("compacted_batches", self.stats.compacted_batches),
+                        ),
+                    )
             else:
                 size = db.execute("SELECT coalesce(sum(size), 0) FROM events WHERE seq <= ?", (low,)).fetchone()[0]
                 cur = db.execute("DELETE FROM events WHERE seq <= ?", (low,))
@@ -464,6 +556,7 @@ class Outbox:
                 self.stats.event_bytes -= size
                 self.stats.event_store_full = self.stats.event_bytes > self.event_budget
             removed[kind] = cur.rowcount
+        self._end_pressure()  # after events too: their compaction gives telemetry its borrowed room back
         return removed
 
     # -- public API ---------------------------------------------------------------------------------------------
@@ -611,5 +704,6 @@ class Outbox:
         self._closed = True
         self._jobs.put(_STOP)
         await asyncio.to_thread(self._thread.join)
+        self._end_pressure(closing=True)
         self._db.close()
         self._reader.close()
