@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -58,6 +59,16 @@ from gateway.model import Event, Quality, Sample
 log = logging.getLogger(__name__)
 
 Kind = Literal["telemetry", "events"]
+#: the WAL is checkpointed and truncated once it reaches an eighth of the telemetry budget, within these bounds (the
+#: upper one is about SQLite's own default checkpoint point, 1,000 pages)
+WAL_LIMIT_MIN = 64 * 1024
+WAL_LIMIT_MAX = 4 * 1024**2
+#: fixed part of the disk margin: the -shm index (32 KiB while the WAL stays under 4,096 pages), the schema's pages
+#: and a batch in flight
+DISK_OVERHEAD = 160 * 1024
+#: what a telemetry row costs on disk beside its payload (key, the other columns, record and cell headers): counted
+#: in ``size`` and so in the budget, or a stream of one-sample batches would fill half as much again as its budget
+ROW_OVERHEAD = 24
 _QUALITIES = tuple(Quality)
 
 _SCHEMA = """
@@ -222,6 +233,8 @@ class Outbox:
         self.durability = durability
         self.telemetry_budget = telemetry_budget
         self.event_budget = event_budget
+        self.wal_limit = min(max(telemetry_budget // 8, WAL_LIMIT_MIN), WAL_LIMIT_MAX)
+        self._wal_path = self.path.with_name(self.path.name + "-wal")
         #: stamps ``created_ns`` (the age uplinks judge backfill by); a test passes its fake clock
         self.time_ns = time_ns
         try:
@@ -249,6 +262,11 @@ class Outbox:
         # NORMAL in WAL mode: a committed transaction survives a process crash; FULL adds an fsync per commit so it
         # also survives a power cut.
         db.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'power' else 'NORMAL'}")
+        # SQLite's defaults let the WAL grow to 4 MB and never shrink it, whatever the budget: checkpoint it at our
+        # limit, and truncate it to that limit whenever it is reset (see also ``_bound_wal``).
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        db.execute(f"PRAGMA wal_autocheckpoint={max(1, self.wal_limit // page_size)}")
+        db.execute(f"PRAGMA journal_size_limit={self.wal_limit}")
         return db
 
     def _load_stats(self) -> None:
@@ -312,6 +330,7 @@ class Outbox:
             results.extend(self._apply(job) for job in jobs)
             self._db.execute("COMMIT")
             self.stats.last_error = None
+            self._bound_wal()
         except (sqlite3.Error, OSError) as exc:
             try:
                 self._db.execute("ROLLBACK")
@@ -327,6 +346,21 @@ class Outbox:
             return
         for job, result in zip(jobs, results, strict=True):
             self._resolve(job, result)
+
+    def _bound_wal(self) -> None:
+        """After a commit: a WAL at its limit (a large transaction, or a checkpoint a reader held back) is copied
+        into the database and truncated to zero now, so the files on disk stay within the budget plus the margin."""
+        try:
+            if os.stat(self._wal_path).st_size < self.wal_limit:
+                return
+            # A short wait only: a reader's snapshot must not stall the writer; the next commit tries again.
+            self._db.execute("PRAGMA busy_timeout=100")
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                self._db.execute("PRAGMA busy_timeout=30000")
+        except (sqlite3.Error, OSError):
+            pass  # the data is committed; a checkpoint that failed now is retried after the next commit
 
     @staticmethod
     def _resolve(job: _Job, result: Any) -> None:
@@ -352,13 +386,14 @@ class Outbox:
         now = self.time_ns()
         if job.kind == "samples":
             blob, count = job.payload
+            size = len(blob) + ROW_OVERHEAD
             db.execute(
                 "INSERT INTO telemetry (created_ns, n, size, payload) VALUES (?, ?, ?, ?)",
-                (now, count, len(blob), blob),
+                (now, count, size, blob),
             )
             self.stats.telemetry_batches += 1
             self.stats.telemetry_samples += count
-            self.stats.telemetry_bytes += len(blob)
+            self.stats.telemetry_bytes += size
             self.stats.appended_samples += count
             if self.stats.oldest_telemetry_ns is None:
                 self.stats.oldest_telemetry_ns = now
@@ -687,6 +722,22 @@ class Outbox:
     def last_seq(self, kind: Kind) -> int:
         table = "telemetry" if kind == "telemetry" else "events"
         return int(self._reader.execute(f"SELECT coalesce(max(seq), 0) FROM {table}").fetchone()[0])  # noqa: S608
+
+    def disk_usage(self) -> dict[str, int]:
+        """Bytes of the store's files as the filesystem reports them: ``db``, ``wal`` and ``shm`` (0 when absent)."""
+        usage = {}
+        for name, suffix in (("db", ""), ("wal", "-wal"), ("shm", "-shm")):
+            try:
+                usage[name] = os.stat(self.path.with_name(self.path.name + suffix)).st_size
+            except FileNotFoundError:
+                usage[name] = 0
+        return usage
+
+    @property
+    def disk_margin(self) -> int:
+        """What the files may hold beyond the budgets: the WAL up to its limit, the -shm index, the schema and the
+        b-trees' partly filled pages."""
+        return self.wal_limit + DISK_OVERHEAD + self.telemetry_budget // 8
 
     @property
     def writer_native_id(self) -> int | None:

@@ -113,3 +113,21 @@ async def test_delivered_rows_removed_by_the_budget_are_compacted_not_dropped(
     assert reopened.stats.compacted_samples == stats.compacted_samples
     assert reopened.stats.dropped_samples == stats.dropped_samples
     await reopened.close()
+
+
+async def test_the_files_on_disk_stay_within_the_budget_plus_the_margin_with_a_stalled_uplink(tmp_path: Path) -> None:
+    budget = 44 * 1024
+    outbox = Outbox(tmp_path / "o.db", telemetry_budget=budget)
+    await outbox.register_cursor("influx", "telemetry")  # never acks: everything stays until the budget drops it
+    assert outbox.wal_limit == 64 * 1024 and outbox.disk_margin == 64 * 1024 + 160 * 1024 + budget // 8
+    peak = 0
+    for i in range(800):
+        await outbox.append(batch(i * 10, 10 if i % 50 else 200))  # now and then a larger poll
+        usage = outbox.disk_usage()
+        files = {name: (tmp_path / name).stat().st_size for name in ("o.db", "o.db-wal", "o.db-shm")}
+        assert sorted(usage.values()) == sorted(files.values())  # measured from the files themselves
+        assert usage["wal"] < outbox.wal_limit  # checkpointed and truncated once it reached its limit
+        peak = max(peak, sum(usage.values()))
+    assert outbox.stats.dropped_samples > 0 and outbox.stats.telemetry_bytes <= budget
+    assert peak <= budget + outbox.disk_margin, (peak, budget + outbox.disk_margin)
+    await outbox.close()
