@@ -268,6 +268,7 @@ def _uplinks(data: JsonDict) -> str:
     outbox = queues["outbox"]
     if outbox is not None:
         state = "writable" if outbox["writable"] else f"NOT WRITABLE: {outbox['last_error']}"
+        state += f", {format_bytes(sum(outbox['disk_bytes'].values()))} on disk"
         qrows.append(
             f'<tr><td class="mono">outbox</td><td class="num">{outbox["telemetry_samples"]:,} samples, '
             f"{outbox['events']:,} events ({format_bytes(outbox['telemetry_bytes'] + outbox['event_bytes'])})</td>"
