@@ -23,6 +23,11 @@ as an alarm flag, ``append_events`` keeps writing (an incentive record must not 
 for a week) and the overflow is taken from the telemetry budget instead, so back-pressure lands on the class that
 may lose data and the disk use stays bounded by the sum of both budgets.
 
+Disk footprint: the WAL is checkpointed (``wal_autocheckpoint``) at ``wal_limit`` (an eighth of the telemetry
+budget, 64 KiB to 4 MiB; SQLite's default let a 44 KiB budget's WAL reach 4 MB) and, after a commit that left it
+that large, truncated (``wal_checkpoint(TRUNCATE)``). The database reuses the pages drops and compaction free, so
+the files (``disk_usage()``: db, wal, shm, from the filesystem) stay within both budgets plus ``disk_margin``.
+
 Cursors: an uplink's position is up to three rows in ``cursors`` (see ``UplinkCursor``): ``telemetry`` (everything
 at or below it was delivered; compaction deletes up to the lowest of these), and, while a backlog is being replayed
 behind live data, ``telemetry.gap`` (end of the backlog) and ``telemetry.live`` (how far live delivery got). They are
