@@ -137,7 +137,7 @@ def _summary(data: JsonDict) -> str:
     alarms = data["alarms"]
     outbox = data["queues"]["outbox"]
     backlog = "—" if outbox is None else f"{outbox['telemetry_samples']:,}"
-    backlog_note = "" if outbox is None else format_bytes(outbox["telemetry_bytes"]) + " on disk"
+    backlog_note = "" if outbox is None else format_bytes(sum(outbox["disk_bytes"].values())) + " on disk"
     uplinks = data["uplinks"]
     cards = [
         ("Devices online", f"{online}/{len(devices)}", "ok" if online == len(devices) and devices else "warn", ""),

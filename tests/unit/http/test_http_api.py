@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config.types import Secret
 from gateway.errors import StoreError
+from gateway.http.page import format_bytes
 from gateway.http.server import create_app
 from gateway.model import Quality, Sample
 from gateway.supervisor import Gateway
@@ -226,7 +227,8 @@ async def test_queues_show_bus_and_outbox(client: TestClient[Any, Any], gateway:
     assert queues["outbox"]["disk_bytes"]["db"] > 0 and set(queues["outbox"]["disk_bytes"]) == {"db", "wal", "shm"}
     assert queues["outbox"]["over_budget_s"] is None and queues["outbox"]["compacted_samples"] == 0
     html = await (await client.get("/")).text()
-    assert " on disk" in html
+    on_disk = format_bytes(sum(queues["outbox"]["disk_bytes"].values()))  # the files, not the payload bytes
+    assert f"writable, {on_disk} on disk" in html
 
 
 # -- health -------------------------------------------------------------------------------------------------------
