@@ -18,10 +18,11 @@ uplink had not delivered yet (in total and per uplink cursor); rows every cursor
 ``compacted_samples``, like those ordinary compaction removes. Logging is once per pressure episode: the first drop
 logs one WARNING (the budget and what was dropped); the episode ends when delivery (compaction) brings the store
 back below three quarters of its budget, and one INFO line then sums it up (samples and batches dropped, how
-long). Events are never dropped: over their budget, ``event_store_full`` is raised
-as an alarm flag, ``append_events`` keeps writing (an incentive record must not be lost because the link was down
-for a week) and the overflow is taken from the telemetry budget instead, so back-pressure lands on the class that
-may lose data and the disk use stays bounded by the sum of both budgets.
+long). Events are never dropped: over their budget, ``event_store_full`` is raised as an alarm flag,
+``append_events`` keeps writing (an incentive record must not be lost because the link was down for a week) and the
+overflow is taken from the telemetry budget instead, so back-pressure lands on the class that may lose data and the
+disk use stays bounded by the sum of both budgets. A batch's or event's ``size`` includes its row's overhead on
+disk, not only its payload.
 
 Disk footprint: the WAL is checkpointed (``wal_autocheckpoint``) at ``wal_limit`` (an eighth of the telemetry
 budget, 64 KiB to 4 MiB; SQLite's default let a 44 KiB budget's WAL reach 4 MB) and, after a commit that left it
@@ -71,8 +72,9 @@ WAL_LIMIT_MAX = 4 * 1024**2
 #: fixed part of the disk margin: the -shm index (32 KiB while the WAL stays under 4,096 pages), the schema's pages
 #: and a batch in flight
 DISK_OVERHEAD = 160 * 1024
-#: what a telemetry row costs on disk beside its payload (key, the other columns, record and cell headers): counted
-#: in ``size`` and so in the budget, or a stream of one-sample batches would fill half as much again as its budget
+#: what a row costs on disk beside its payload (key, the other columns, record and cell headers): counted in
+#: ``size`` and so in the budgets, or a stream of one-sample batches (or of small events, whose id is also indexed)
+#: would fill half as much again as its budget
 ROW_OVERHEAD = 24
 _QUALITIES = tuple(Quality)
 
@@ -408,14 +410,16 @@ class Outbox:
         if job.kind == "events":
             added = 0
             for event_id, event_type, blob in job.payload:
+                # the id is stored twice (the row and its unique index), each with a row's overhead
+                size = len(blob) + 2 * (len(event_id.encode()) + ROW_OVERHEAD) + len(event_type.encode())
                 cur = db.execute(
                     "INSERT OR IGNORE INTO events (id, type, created_ns, size, payload) VALUES (?, ?, ?, ?, ?)",
-                    (event_id, event_type, now, len(blob), blob),
+                    (event_id, event_type, now, size, blob),
                 )
                 if cur.rowcount:
                     added += 1
                     self.stats.event_count += 1
-                    self.stats.event_bytes += len(blob)
+                    self.stats.event_bytes += size
             self.stats.appended_events += added
             full = self.stats.event_bytes > self.event_budget
             if full and not self.stats.event_store_full:
@@ -742,7 +746,7 @@ class Outbox:
     def disk_margin(self) -> int:
         """What the files may hold beyond the budgets: the WAL up to its limit, the -shm index, the schema and the
         b-trees' partly filled pages."""
-        return self.wal_limit + DISK_OVERHEAD + self.telemetry_budget // 8
+        return self.wal_limit + DISK_OVERHEAD + (self.telemetry_budget + self.event_budget) // 8
 
     @property
     def writer_native_id(self) -> int | None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.model import Quality, Sample
+from gateway.model import Event, Quality, Sample
 from gateway.outbox import Outbox
 
 T0 = 1_800_000_000_000_000_000
@@ -117,9 +117,9 @@ async def test_delivered_rows_removed_by_the_budget_are_compacted_not_dropped(
 
 async def test_the_files_on_disk_stay_within_the_budget_plus_the_margin_with_a_stalled_uplink(tmp_path: Path) -> None:
     budget = 44 * 1024
-    outbox = Outbox(tmp_path / "o.db", telemetry_budget=budget)
+    outbox = Outbox(tmp_path / "o.db", telemetry_budget=budget, event_budget=4 * 1024)
     await outbox.register_cursor("influx", "telemetry")  # never acks: everything stays until the budget drops it
-    assert outbox.wal_limit == 64 * 1024 and outbox.disk_margin == 64 * 1024 + 160 * 1024 + budget // 8
+    assert outbox.wal_limit == 64 * 1024 and outbox.disk_margin == 64 * 1024 + 160 * 1024 + (budget + 4 * 1024) // 8
     peak = 0
     for i in range(800):
         await outbox.append(batch(i * 10, 10 if i % 50 else 200))  # now and then a larger poll
@@ -129,5 +129,22 @@ async def test_the_files_on_disk_stay_within_the_budget_plus_the_margin_with_a_s
         assert usage["wal"] < outbox.wal_limit  # checkpointed and truncated once it reached its limit
         peak = max(peak, sum(usage.values()))
     assert outbox.stats.dropped_samples > 0 and outbox.stats.telemetry_bytes <= budget
-    assert peak <= budget + outbox.disk_margin, (peak, budget + outbox.disk_margin)
+    assert peak <= budget + outbox.disk_margin, (peak, budget + outbox.disk_margin)  # no events: their budget unused
+    await outbox.close()
+
+
+async def test_small_events_count_their_rows_so_a_full_event_store_stays_within_its_budget_on_disk(
+    tmp_path: Path,
+) -> None:
+    budget = 64 * 1024
+    outbox = Outbox(tmp_path / "o.db", telemetry_budget=44 * 1024, event_budget=budget)
+    i = 0
+    while not outbox.stats.event_store_full:
+        await outbox.append_events(
+            [Event(f"rule-high-co2@{T0 + i + k}/then0", "alarm", "zone1", T0, {"v": k}) for k in range(20)]
+        )
+        await outbox.append(batch(i))
+        i += 20
+    usage = outbox.disk_usage()
+    assert sum(usage.values()) <= outbox.telemetry_budget + budget + outbox.disk_margin, usage
     await outbox.close()
