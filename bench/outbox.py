@@ -7,8 +7,10 @@ flowing, and the live data's latency during that replay.
 Append: one producer awaiting each committed batch of 100 samples (as the supervisor's store loop does), and
 4 producers at once (as several drivers do). Replay: the backlog is stored with creation times an hour old, so the
 runner treats all of it as backfill; a producer appends a live batch of 100 samples every 20 ms meanwhile, and a
-watcher records when the live cursor passes each live batch (latency = acked - committed). The last line printed
-is one JSON object.
+watcher records when the live cursor passes each live batch (latency = acked - committed). Pressure: a 44 KiB
+telemetry budget (``--pressure-budget``), an uplink that never acks and batches of 100 samples appended one after
+another: the append rate while every append drops, and the peak of the files' sizes (db + wal + shm, read after each
+append) against the budget plus the outbox's documented margin. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -66,6 +68,34 @@ async def bench_append(tmp: Path, total: int, durability: str) -> dict[str, floa
     concurrent = total / (time.perf_counter() - started)
     await outbox.close()
     return {"append_samples_per_s": sequential, "append_4_producers_samples_per_s": concurrent}
+
+
+async def bench_pressure(tmp: Path, budget: int, appends: int) -> dict[str, float]:
+    outbox = Outbox(tmp / "pressure.db", telemetry_budget=budget, event_budget=4 * 1024)  # no events here
+    await outbox.register_cursor("stalled", "telemetry")
+    batches = [poll(1_700_000_000_000_000_000 + k * 1_000_000, k) for k in range(appends)]
+    peak = {"db": 0, "wal": 0, "shm": 0, "total": 0}
+    elapsed = 0.0
+    for batch in batches:
+        started = time.perf_counter()
+        await outbox.append(batch)
+        elapsed += time.perf_counter() - started  # the footprint reads below are not the append's cost
+        usage = outbox.disk_usage()
+        for name, size in usage.items():
+            peak[name] = max(peak[name], size)
+        peak["total"] = max(peak["total"], sum(usage.values()))
+    result = {
+        "pressure_budget_bytes": budget,
+        "pressure_append_samples_per_s": appends * BATCH / elapsed,
+        "pressure_dropped_samples": outbox.stats.dropped_samples,
+        "pressure_peak_disk_bytes": peak["total"],
+        "pressure_peak_db_bytes": peak["db"],
+        "pressure_peak_wal_bytes": peak["wal"],
+        "pressure_peak_shm_bytes": peak["shm"],
+        "pressure_disk_limit_bytes": budget + outbox.event_budget + outbox.disk_margin,
+    }
+    await outbox.close()
+    return result
 
 
 def write_site(tmp: Path, url: str, *, gzip: bool) -> Path:
@@ -159,6 +189,9 @@ async def main() -> None:
         "--durability", choices=["process", "power"], default="process", help="outbox durability for the append test"
     )
     parser.add_argument("--append-only", action="store_true", help="skip the replay (no VictoriaMetrics needed)")
+    parser.add_argument(
+        "--pressure-budget", type=int, default=44 * 1024, help="telemetry budget in bytes of the pressure run"
+    )
     args = parser.parse_args()
     append_total = 200_000 if args.quick else 1_000_000
     backlog = 200_000 if args.quick else 1_000_000
@@ -176,6 +209,15 @@ async def main() -> None:
             f"{appended['append_4_producers_samples_per_s']:,.0f} samples/s (4 producers)"
         )
         result.update(appended)
+        pressure = await bench_pressure(tmp, args.pressure_budget, 2_000 if args.quick else 10_000)
+        print(
+            f"pressure: {pressure['pressure_append_samples_per_s']:,.0f} samples/s appended over a "
+            f"{args.pressure_budget:,}-byte budget with a stalled uplink; files on disk peaked at "
+            f"{pressure['pressure_peak_disk_bytes']:,} bytes (db {pressure['pressure_peak_db_bytes']:,}, "
+            f"wal {pressure['pressure_peak_wal_bytes']:,}, shm {pressure['pressure_peak_shm_bytes']:,}); "
+            f"limit {pressure['pressure_disk_limit_bytes']:,}"
+        )
+        result.update(pressure)
         if args.append_only:
             print(json.dumps({k: round(v, 1) if isinstance(v, float) else v for k, v in result.items()}))
             return

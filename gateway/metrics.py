@@ -16,7 +16,11 @@ Exposed families (labels in brackets):
     edge_gateway_queue_depth[queue]                      ``bus.<consumer>`` in batches; ``outbox`` in samples
     edge_gateway_queue_oldest_age_seconds[queue]         outbox only (the oldest undelivered batch)
     edge_gateway_queue_dropped_samples_total[queue]      drop_oldest viewers, and the outbox over its budget
+                                                         (only samples some uplink had not delivered)
     edge_gateway_outbox_bytes[class] / _events / _writable
+    edge_gateway_outbox_disk_bytes[file]                 db, wal, shm as the filesystem reports them
+    edge_gateway_outbox_disk_limit_bytes                 both budgets plus the outbox's disk margin
+    edge_gateway_outbox_compacted_samples_total          removed after every uplink had delivered them
     edge_gateway_uplink_{up, backlog_samples, backlog_events, oldest_age_seconds}[uplink]
     edge_gateway_uplink_{sent_samples, sent_events, replayed_samples, dropped_samples, requests_failed}_total[uplink]
     edge_gateway_rule_evaluations_total / _failures_total[rule]
@@ -143,6 +147,22 @@ class GatewayCollector(Collector):
             stored.add_metric(["events"], outbox.stats.event_bytes)
             yield stored
             yield GaugeMetricFamily("edge_gateway_outbox_events", "Events held", value=outbox.stats.event_count)
+            disk = GaugeMetricFamily(
+                "edge_gateway_outbox_disk_bytes", "Outbox files on disk (database, WAL, shared memory)", labels=["file"]
+            )
+            for file, size in outbox.disk_usage().items():
+                disk.add_metric([file], size)
+            yield disk
+            yield GaugeMetricFamily(
+                "edge_gateway_outbox_disk_limit_bytes",
+                "What the outbox files may reach: both budgets plus the documented margin",
+                value=outbox.telemetry_budget + outbox.event_budget + outbox.disk_margin,
+            )
+            yield CounterMetricFamily(
+                "edge_gateway_outbox_compacted_samples",
+                "Telemetry samples removed after every uplink had delivered them",
+                value=outbox.stats.compacted_samples,
+            )
             yield GaugeMetricFamily(
                 "edge_gateway_outbox_writable", "0 when the last outbox write failed", value=int(outbox.writable())
             )

@@ -13,11 +13,21 @@ Writes go through one thread (``outbox-writer``) that commits everything queued 
 their batch's commit, so an ``await append(...)`` that returned is on disk (and survives ``kill -9``; with
 ``durability="power"`` it also survives a power cut, at the cost of an fsync per commit).
 
-Budgets: telemetry over its byte budget drops the oldest batches first and counts them (in total and per uplink
-cursor that had not yet delivered them). Events are never dropped: over their budget, ``event_store_full`` is raised
-as an alarm flag, ``append_events`` keeps writing (an incentive record must not be lost because the link was down
-for a week) and the overflow is taken from the telemetry budget instead, so back-pressure lands on the class that
-may lose data and the disk use stays bounded by the sum of both budgets.
+Budgets: telemetry over its byte budget drops the oldest batches first. ``dropped_samples`` counts only what some
+uplink had not delivered yet (in total and per uplink cursor); rows every cursor had already passed are counted as
+``compacted_samples``, like those ordinary compaction removes. Logging is once per pressure episode: the first drop
+logs one WARNING (the budget and what was dropped); the episode ends when delivery (compaction) brings the store
+back below three quarters of its budget, and one INFO line then sums it up (samples and batches dropped, how
+long). Events are never dropped: over their budget, ``event_store_full`` is raised as an alarm flag,
+``append_events`` keeps writing (an incentive record must not be lost because the link was down for a week) and the
+overflow is taken from the telemetry budget instead, so back-pressure lands on the class that may lose data and the
+disk use stays bounded by the sum of both budgets. A batch's or event's ``size`` includes its row's overhead on
+disk, not only its payload.
+
+Disk footprint: the WAL is checkpointed (``wal_autocheckpoint``) at ``wal_limit`` (an eighth of the telemetry
+budget, 64 KiB to 4 MiB; SQLite's default let a 44 KiB budget's WAL reach 4 MB) and, after a commit that left it
+that large, truncated (``wal_checkpoint(TRUNCATE)``). The database reuses the pages drops and compaction free, so
+the files (``disk_usage()``: db, wal, shm, from the filesystem) stay within both budgets plus ``disk_margin``.
 
 Cursors: an uplink's position is up to three rows in ``cursors`` (see ``UplinkCursor``): ``telemetry`` (everything
 at or below it was delivered; compaction deletes up to the lowest of these), and, while a backlog is being replayed
@@ -36,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import sqlite3
 import threading
@@ -54,6 +65,17 @@ from gateway.model import Event, Quality, Sample
 log = logging.getLogger(__name__)
 
 Kind = Literal["telemetry", "events"]
+#: the WAL is checkpointed and truncated once it reaches an eighth of the telemetry budget, within these bounds (the
+#: upper one is about SQLite's own default checkpoint point, 1,000 pages)
+WAL_LIMIT_MIN = 64 * 1024
+WAL_LIMIT_MAX = 4 * 1024**2
+#: fixed part of the disk margin: the -shm index (32 KiB while the WAL stays under 4,096 pages), the schema's pages
+#: and a batch in flight
+DISK_OVERHEAD = 160 * 1024
+#: what a row costs on disk beside its payload (key, the other columns, record and cell headers): counted in
+#: ``size`` and so in the budgets, or a stream of one-sample batches (or of small events, whose id is also indexed)
+#: would fill half as much again as its budget
+ROW_OVERHEAD = 24
 _QUALITIES = tuple(Quality)
 
 _SCHEMA = """
@@ -104,6 +126,15 @@ def decode_event(payload: bytes) -> Event:
     return Event(raw["id"], raw["type"], raw["subject"], raw["ts"], raw["body"])
 
 
+def _format_duration(ns: int) -> str:
+    seconds = ns // 10**9
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
 @dataclass(frozen=True, slots=True)
 class TelemetryBatch:
     seq: int
@@ -152,8 +183,12 @@ class OutboxStats:
     telemetry_bytes: int = 0
     event_count: int = 0
     event_bytes: int = 0
+    #: removed by the budget before at least one uplink had delivered them (data lost to that uplink)
     dropped_samples: int = 0
     dropped_batches: int = 0
+    #: removed after every uplink had delivered them (by compaction, or by the budget before compaction got there)
+    compacted_samples: int = 0
+    compacted_batches: int = 0
     #: samples dropped by the budget before this uplink cursor had delivered them
     dropped_by_cursor: dict[str, int] = field(default_factory=dict)
     appended_samples: int = 0
@@ -162,6 +197,18 @@ class OutboxStats:
     oldest_telemetry_ns: int | None = None
     last_error: str | None = None
     cursors: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: when the current budget-pressure episode began (its first drop), None when there is none
+    pressure_since_ns: int | None = None
+
+
+@dataclass(slots=True)
+class _PressureEpisode:
+    """Telemetry over its budget, from the first drop of undelivered data until delivery brings the store back
+    below its low-water mark: logged once at the start and once at the end, not once per drop."""
+
+    started_ns: int
+    dropped_samples: int = 0
+    dropped_batches: int = 0
 
 
 @dataclass(slots=True)
@@ -193,6 +240,8 @@ class Outbox:
         self.durability = durability
         self.telemetry_budget = telemetry_budget
         self.event_budget = event_budget
+        self.wal_limit = min(max(telemetry_budget // 8, WAL_LIMIT_MIN), WAL_LIMIT_MAX)
+        self._wal_path = self.path.with_name(self.path.name + "-wal")
         #: stamps ``created_ns`` (the age uplinks judge backfill by); a test passes its fake clock
         self.time_ns = time_ns
         try:
@@ -204,6 +253,7 @@ class Outbox:
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open outbox {self.path}: {exc}") from exc
         self.stats = OutboxStats()
+        self._pressure: _PressureEpisode | None = None
         self._load_stats()
         self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._closed = False
@@ -219,6 +269,11 @@ class Outbox:
         # NORMAL in WAL mode: a committed transaction survives a process crash; FULL adds an fsync per commit so it
         # also survives a power cut.
         db.execute(f"PRAGMA synchronous={'FULL' if self.durability == 'power' else 'NORMAL'}")
+        # SQLite's defaults let the WAL grow to 4 MB and never shrink it, whatever the budget: checkpoint it at our
+        # limit, and truncate it to that limit whenever it is reset (see also ``_bound_wal``).
+        page_size = db.execute("PRAGMA page_size").fetchone()[0]
+        db.execute(f"PRAGMA wal_autocheckpoint={max(1, self.wal_limit // page_size)}")
+        db.execute(f"PRAGMA journal_size_limit={self.wal_limit}")
         return db
 
     def _load_stats(self) -> None:
@@ -232,6 +287,8 @@ class Outbox:
         counters = dict(db.execute("SELECT name, value FROM counters").fetchall())
         self.stats.dropped_samples = counters.get("dropped_samples", 0)
         self.stats.dropped_batches = counters.get("dropped_batches", 0)
+        self.stats.compacted_samples = counters.get("compacted_samples", 0)
+        self.stats.compacted_batches = counters.get("compacted_batches", 0)
         self.stats.dropped_by_cursor = {
             name.removeprefix("dropped_samples:"): value
             for name, value in counters.items()
@@ -240,6 +297,7 @@ class Outbox:
         for name, kind, seq in db.execute("SELECT name, kind, seq FROM cursors"):
             self.stats.cursors.setdefault(name, {})[kind] = seq
         self.stats.event_store_full = self.stats.event_bytes > self.event_budget
+        self.stats.pressure_since_ns = self._pressure.started_ns if self._pressure else None
 
     # -- writer thread ------------------------------------------------------------------------------------------
 
@@ -279,6 +337,7 @@ class Outbox:
             results.extend(self._apply(job) for job in jobs)
             self._db.execute("COMMIT")
             self.stats.last_error = None
+            self._bound_wal()
         except (sqlite3.Error, OSError) as exc:
             try:
                 self._db.execute("ROLLBACK")
@@ -294,6 +353,21 @@ class Outbox:
             return
         for job, result in zip(jobs, results, strict=True):
             self._resolve(job, result)
+
+    def _bound_wal(self) -> None:
+        """After a commit: a WAL at its limit (a large transaction, or a checkpoint a reader held back) is copied
+        into the database and truncated to zero now, so the files on disk stay within the budget plus the margin."""
+        try:
+            if os.stat(self._wal_path).st_size < self.wal_limit:
+                return
+            # A short wait only: a reader's snapshot must not stall the writer; the next commit tries again.
+            self._db.execute("PRAGMA busy_timeout=100")
+            try:
+                self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+            finally:
+                self._db.execute("PRAGMA busy_timeout=30000")
+        except (sqlite3.Error, OSError):
+            pass  # the data is committed; a checkpoint that failed now is retried after the next commit
 
     @staticmethod
     def _resolve(job: _Job, result: Any) -> None:
@@ -319,13 +393,14 @@ class Outbox:
         now = self.time_ns()
         if job.kind == "samples":
             blob, count = job.payload
+            size = len(blob) + ROW_OVERHEAD
             db.execute(
                 "INSERT INTO telemetry (created_ns, n, size, payload) VALUES (?, ?, ?, ?)",
-                (now, count, len(blob), blob),
+                (now, count, size, blob),
             )
             self.stats.telemetry_batches += 1
             self.stats.telemetry_samples += count
-            self.stats.telemetry_bytes += len(blob)
+            self.stats.telemetry_bytes += size
             self.stats.appended_samples += count
             if self.stats.oldest_telemetry_ns is None:
                 self.stats.oldest_telemetry_ns = now
@@ -335,14 +410,16 @@ class Outbox:
         if job.kind == "events":
             added = 0
             for event_id, event_type, blob in job.payload:
+                # the id is stored twice (the row and its unique index), each with a row's overhead
+                size = len(blob) + 2 * (len(event_id.encode()) + ROW_OVERHEAD) + len(event_type.encode())
                 cur = db.execute(
                     "INSERT OR IGNORE INTO events (id, type, created_ns, size, payload) VALUES (?, ?, ?, ?, ?)",
-                    (event_id, event_type, now, len(blob), blob),
+                    (event_id, event_type, now, size, blob),
                 )
                 if cur.rowcount:
                     added += 1
                     self.stats.event_count += 1
-                    self.stats.event_bytes += len(blob)
+                    self.stats.event_bytes += size
             self.stats.appended_events += added
             full = self.stats.event_bytes > self.event_budget
             if full and not self.stats.event_store_full:
@@ -393,10 +470,10 @@ class Outbox:
         transaction, so the drop and its counters commit together."""
         db = self._db
         excess = self.stats.telemetry_bytes - self._effective_telemetry_budget()
-        dropped_batches = dropped_samples = freed = 0
+        removed_batches = removed_samples = freed = 0
         last_seq = 0
         newest = db.execute("SELECT coalesce(max(seq), 0) FROM telemetry").fetchone()[0]
-        dropped_rows: list[tuple[int, int]] = []
+        removed_rows: list[tuple[int, int]] = []
         # Walk from the oldest in pages: the table may hold millions of rows, a full scan per append would not do.
         while freed < excess:
             page = db.execute(
@@ -409,33 +486,82 @@ class Outbox:
                 if freed >= excess:
                     break
                 freed += size
-                dropped_batches += 1
-                dropped_samples += n
+                removed_batches += 1
+                removed_samples += n
                 last_seq = seq
-                dropped_rows.append((seq, n))
-        if not dropped_batches:
+                removed_rows.append((seq, n))
+        if not removed_batches:
             return
         db.execute("DELETE FROM telemetry WHERE seq <= ?", (last_seq,))
-        self.stats.telemetry_batches -= dropped_batches
-        self.stats.telemetry_samples -= dropped_samples
+        self.stats.telemetry_batches -= removed_batches
+        self.stats.telemetry_samples -= removed_samples
         self.stats.telemetry_bytes -= freed
-        self.stats.dropped_batches += dropped_batches
-        self.stats.dropped_samples += dropped_samples
-        counters = {"dropped_samples": self.stats.dropped_samples, "dropped_batches": self.stats.dropped_batches}
-        for name, positions in self.stats.cursors.items():
-            if "telemetry" not in positions:
-                continue  # an events-only cursor loses no telemetry
-            lost = sum(n for seq, n in dropped_rows if not UplinkCursor.from_positions(positions).delivered(seq))
-            if lost:
-                self.stats.dropped_by_cursor[name] = self.stats.dropped_by_cursor.get(name, 0) + lost
+        cursors = {
+            name: UplinkCursor.from_positions(positions)
+            for name, positions in self.stats.cursors.items()
+            if "telemetry" in positions  # an events-only cursor loses no telemetry
+        }
+        # A row every uplink has delivered is only compacted early; with no uplink at all, nothing was delivered.
+        lost = [
+            (seq, n) for seq, n in removed_rows if not cursors or not all(c.delivered(seq) for c in cursors.values())
+        ]
+        lost_samples = sum(n for _, n in lost)
+        self.stats.dropped_batches += len(lost)
+        self.stats.dropped_samples += lost_samples
+        self.stats.compacted_batches += removed_batches - len(lost)
+        self.stats.compacted_samples += removed_samples - lost_samples
+        counters = {
+            "dropped_samples": self.stats.dropped_samples,
+            "dropped_batches": self.stats.dropped_batches,
+            "compacted_samples": self.stats.compacted_samples,
+            "compacted_batches": self.stats.compacted_batches,
+        }
+        for name, cursor in cursors.items():
+            missed = sum(n for seq, n in lost if not cursor.delivered(seq))
+            if missed:
+                self.stats.dropped_by_cursor[name] = self.stats.dropped_by_cursor.get(name, 0) + missed
                 counters[f"dropped_samples:{name}"] = self.stats.dropped_by_cursor[name]
         db.executemany("INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)", counters.items())
         oldest = db.execute("SELECT min(created_ns) FROM telemetry").fetchone()[0]
         self.stats.oldest_telemetry_ns = oldest
-        log.warning(
-            "telemetry store over budget: dropped %d oldest samples (%d total since install)",
-            dropped_samples,
-            self.stats.dropped_samples,
+        if lost:
+            self._note_drop(lost_samples, len(lost))
+
+    def _note_drop(self, samples: int, batches: int) -> None:
+        """Count a drop into the current pressure episode; the first one of an episode is the one WARNING."""
+        episode = self._pressure
+        if episode is None:
+            episode = self._pressure = _PressureEpisode(self.time_ns())
+            self.stats.pressure_since_ns = episode.started_ns
+            log.warning(
+                "telemetry store over its budget (%d bytes): dropped the oldest undelivered telemetry, %d samples in"
+                " %d batch(es); further drops are counted, and summed up once the store is back below %d bytes",
+                self._effective_telemetry_budget(),
+                samples,
+                batches,
+                self._low_water(),
+            )
+        episode.dropped_samples += samples
+        episode.dropped_batches += batches
+
+    def _low_water(self) -> int:
+        """The episode ends below this: a drop only frees room down to the budget, so only delivery gets here, and
+        a store hovering at its budget is one episode, not one per append."""
+        return self._effective_telemetry_budget() * 3 // 4
+
+    def _end_pressure(self, *, closing: bool = False) -> None:
+        episode = self._pressure
+        if episode is None or (not closing and self.stats.telemetry_bytes > self._low_water()):
+            return
+        self._pressure = None
+        self.stats.pressure_since_ns = None
+        lasted = _format_duration(max(0, self.time_ns() - episode.started_ns))
+        log.info(
+            "telemetry store %s: %d samples (%d batches) dropped over budget in %s",
+            "still over its budget at close" if closing else "back under its budget",
+            episode.dropped_samples,
+            episode.dropped_batches,
+            lasted,
         )
 
     def _compact(self) -> dict[str, int]:
@@ -457,6 +583,16 @@ class Outbox:
                 self.stats.telemetry_samples -= n
                 self.stats.telemetry_bytes -= size
                 self.stats.oldest_telemetry_ns = db.execute("SELECT min(created_ns) FROM telemetry").fetchone()[0]
+                if cur.rowcount:
+                    self.stats.compacted_batches += cur.rowcount
+                    self.stats.compacted_samples += n
+                    db.executemany(
+                        "INSERT OR REPLACE INTO counters (name, value) VALUES (?, ?)",
+                        (
+                            ("compacted_samples", self.stats.compacted_samples),
+                            ("compacted_batches", self.stats.compacted_batches),
+                        ),
+                    )
             else:
                 size = db.execute("SELECT coalesce(sum(size), 0) FROM events WHERE seq <= ?", (low,)).fetchone()[0]
                 cur = db.execute("DELETE FROM events WHERE seq <= ?", (low,))
@@ -464,6 +600,7 @@ class Outbox:
                 self.stats.event_bytes -= size
                 self.stats.event_store_full = self.stats.event_bytes > self.event_budget
             removed[kind] = cur.rowcount
+        self._end_pressure()  # after events too: their compaction gives telemetry its borrowed room back
         return removed
 
     # -- public API ---------------------------------------------------------------------------------------------
@@ -595,6 +732,22 @@ class Outbox:
         table = "telemetry" if kind == "telemetry" else "events"
         return int(self._reader.execute(f"SELECT coalesce(max(seq), 0) FROM {table}").fetchone()[0])  # noqa: S608
 
+    def disk_usage(self) -> dict[str, int]:
+        """Bytes of the store's files as the filesystem reports them: ``db``, ``wal`` and ``shm`` (0 when absent)."""
+        usage = {}
+        for name, suffix in (("db", ""), ("wal", "-wal"), ("shm", "-shm")):
+            try:
+                usage[name] = os.stat(self.path.with_name(self.path.name + suffix)).st_size
+            except FileNotFoundError:
+                usage[name] = 0
+        return usage
+
+    @property
+    def disk_margin(self) -> int:
+        """What the files may hold beyond the budgets: the WAL up to its limit, the -shm index, the schema and the
+        b-trees' partly filled pages."""
+        return self.wal_limit + DISK_OVERHEAD + (self.telemetry_budget + self.event_budget) // 8
+
     @property
     def writer_native_id(self) -> int | None:
         """The OS thread id of the writer thread (benchmarks read its CPU time from /proc)."""
@@ -611,5 +764,6 @@ class Outbox:
         self._closed = True
         self._jobs.put(_STOP)
         await asyncio.to_thread(self._thread.join)
+        self._end_pressure(closing=True)
         self._db.close()
         self._reader.close()

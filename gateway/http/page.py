@@ -154,7 +154,7 @@ def _summary(data: JsonDict) -> str:
     alarms = data["alarms"]
     outbox = data["queues"]["outbox"]
     backlog = "—" if outbox is None else f"{outbox['telemetry_samples']:,}"
-    backlog_note = "" if outbox is None else format_bytes(outbox["telemetry_bytes"]) + " on disk"
+    backlog_note = "" if outbox is None else format_bytes(sum(outbox["disk_bytes"].values())) + " on disk"
     uplinks = data["uplinks"]
     cards = [
         ("Devices online", f"{online}/{len(devices)}", "ok" if online == len(devices) and devices else "warn", ""),
@@ -285,6 +285,7 @@ def _uplinks(data: JsonDict) -> str:
     outbox = queues["outbox"]
     if outbox is not None:
         state = "writable" if outbox["writable"] else f"NOT WRITABLE: {outbox['last_error']}"
+        state += f", {format_bytes(sum(outbox['disk_bytes'].values()))} on disk"
         qrows.append(
             f'<tr><td class="mono">outbox</td><td class="num">{outbox["telemetry_samples"]:,} samples, '
             f"{outbox['events']:,} events ({format_bytes(outbox['telemetry_bytes'] + outbox['event_bytes'])})</td>"

@@ -226,6 +226,11 @@ def queues(gateway: Gateway, now_ns: int | None = None) -> JsonDict:
             "event_store_full": stats.event_store_full,
             "appended_samples": stats.appended_samples,
             "dropped_samples": stats.dropped_samples,
+            "dropped_batches": stats.dropped_batches,
+            "compacted_samples": stats.compacted_samples,
+            "over_budget_s": _seconds_since(stats.pressure_since_ns, now_ns),
+            "disk_bytes": outbox.disk_usage(),
+            "disk_limit_bytes": outbox.telemetry_budget + outbox.event_budget + outbox.disk_margin,
         },
     }
 

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.config.types import Secret
 from gateway.errors import StoreError
+from gateway.http.page import format_bytes
 from gateway.http.server import create_app
 from gateway.model import Quality, Sample
 from gateway.supervisor import Gateway
@@ -223,6 +224,11 @@ async def test_queues_show_bus_and_outbox(client: TestClient[Any, Any], gateway:
         }
     ]
     assert queues["outbox"]["telemetry_samples"] == 1 and queues["outbox"]["writable"] is True
+    assert queues["outbox"]["disk_bytes"]["db"] > 0 and set(queues["outbox"]["disk_bytes"]) == {"db", "wal", "shm"}
+    assert queues["outbox"]["over_budget_s"] is None and queues["outbox"]["compacted_samples"] == 0
+    html = await (await client.get("/")).text()
+    on_disk = format_bytes(sum(queues["outbox"]["disk_bytes"].values()))  # the files, not the payload bytes
+    assert f"writable, {on_disk} on disk" in html
 
 
 # -- health -------------------------------------------------------------------------------------------------------
@@ -324,6 +330,14 @@ async def test_metrics_parse_with_prometheus_clients_own_parser(
     assert value("edge_gateway_device_poll_latency_seconds_sum", device="zone1") == pytest.approx(0.02)
     assert value("edge_gateway_queue_depth", queue="bus.outbox") == 0
     assert value("edge_gateway_queue_depth", queue="outbox") == 0
+    assert gateway.outbox is not None
+    files = {f: gateway.outbox.disk_usage()[f] for f in ("db", "wal", "shm")}
+    assert value("edge_gateway_outbox_disk_bytes", file="db") == files["db"] > 0  # measured from the files
+    assert value("edge_gateway_outbox_disk_bytes", file="wal") == files["wal"]
+    assert value("edge_gateway_outbox_disk_limit_bytes") == (
+        gateway.outbox.telemetry_budget + gateway.outbox.event_budget + gateway.outbox.disk_margin
+    )
+    assert value("edge_gateway_outbox_compacted_samples_total") == 0
     assert value("edge_gateway_uplink_backlog_samples", uplink="uplink[influx]") == 12
     assert value("edge_gateway_uplink_backlog_events", uplink="uplink[influx]") == 1
     assert value("edge_gateway_uplink_oldest_age_seconds", uplink="uplink[influx]") == 0.8
