@@ -396,7 +396,7 @@ class Gateway:
                 await self.bus.publish(self.aggregate.tick(now))
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
-                self._reload_rules()
+                await self._reload_rules()
 
     # -- reload -----------------------------------------------------------------------------------------------
 
@@ -404,7 +404,7 @@ class Gateway:
         """SIGHUP or a rule file change: reload at the next tick, between batches."""
         self._reload_requested.set()
 
-    def _reload_rules(self) -> None:
+    async def _reload_rules(self) -> None:
         if self.rules is None or not self.site.rule_files:
             return
         from rules.runtime import reload as reload_rules
@@ -421,6 +421,7 @@ class Gateway:
             if info.id not in self.registry:
                 self.registry.add(info)
         log.info("rules reloaded from %d file(s)", len(self.site.rule_files))
+        await self._emit_derived(self.rules.initial_samples(time.time_ns()))  # virtual points the reload added
 
     # -- drivers ----------------------------------------------------------------------------------------------
 
@@ -508,6 +509,9 @@ class Gateway:
         store_sub = self.bus.subscribe("outbox", maxsize=1024)
         self._rules_sub = self.bus.subscribe("rules", maxsize=256) if self.rules is not None else None
         incentives_sub = self.bus.subscribe("incentives", maxsize=256) if self.incentives is not None else None
+        if self.rules is not None:
+            # virtual points start at their `initial:` value: stored and shown like a reading from the first second
+            await self._emit_derived(self.rules.initial_samples(time.time_ns()))
         if not self._sources_given:
             self.sources = build_sources(site)
         self.uplinks = self._build_uplinks(outbox)

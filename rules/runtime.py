@@ -179,9 +179,12 @@ class RuleRuntime:
         self._dirty: set[int] = set()
         self._schedule_cache: dict[str, tuple[int, bool]] = {}
         self._zone = ZoneInfo(rule_set.timezone)
+        #: virtual points holding their ``initial:`` value that no sample has announced yet (``initial_samples``)
+        self._unannounced: set[str] = set()
         for virtual in rule_set.virtual.values():
             if virtual.initial is not None:
                 self._values[virtual.id] = virtual.initial
+                self._unannounced.add(virtual.id)
         if state is not None:
             self._restore(state)
 
@@ -236,6 +239,7 @@ class RuleRuntime:
             if old_derived and new_derived and old_derived.definition != new_derived.definition:
                 continue
             self._values[point] = value
+            self._unannounced.discard(point)  # the old runtime's value (announced, or set by a rule) stands
         self._uncertain = set(other._uncertain)
         for point, window in self._windows.items():
             old_window = other._windows.get(point)
@@ -273,6 +277,14 @@ class RuleRuntime:
             )
             for rule, st in zip(self._rules, self._states, strict=True)
         ]
+
+    def initial_samples(self, now_ns: int) -> list[Sample]:
+        """GOOD samples of the virtual points that hold their ``initial:`` value, stamped ``now_ns``, once: the
+        supervisor publishes them at start (and after a reload that adds a virtual point), so such a point reads as
+        its initial value rather than as never read. A point the old runtime had (on reload) keeps its value."""
+        points = sorted(self._unannounced)
+        self._unannounced.clear()
+        return [Sample(point, self._values[point], now_ns, Quality.GOOD) for point in points if point in self._values]
 
     def value(self, point: str) -> Any:
         """The runtime's current value of ``point`` (None when missing); for tests and the CLI."""
@@ -640,6 +652,7 @@ class RuleRuntime:
                     assert action.value is not None and action.point is not None
                     value = action.value(values)
                     values[action.point] = value
+                    self._unannounced.discard(action.point)
                     out.samples.append(Sample(action.point, value, now_ns, Quality.GOOD))
                     fed_back.add(action.point)
                 elif kind == "publish":

@@ -315,3 +315,16 @@ def test_reload_keeps_the_store_and_zone_by_default(tmp_path: Path, registry: Po
     resumed = RuleRuntime.load([rules], registry, timezone="UTC", state=RuleStateStore(tmp_path / "state.db"))
     assert resumed.status()[0].state == "pending"
     resumed.close()
+
+
+def test_initial_values_of_virtual_points_are_announced_once(tmp_path: Path, registry: PointRegistry) -> None:
+    text = "version: 1\npoints:\n  building.shed: {kind: bool, initial: false}\n  building.mode: {kind: str}\n"
+    rules = write(tmp_path, text)
+    runtime = RuleRuntime.load([rules], registry, timezone="UTC", state=None)
+    assert runtime.initial_samples(T0) == [Sample("building.shed", False, T0, Quality.GOOD)]
+    assert runtime.initial_samples(T0 + S) == []  # once; a point without `initial:` has nothing to announce
+    # a reload keeps the value the old runtime had (announced already) and announces only the point it adds
+    write(tmp_path, text + "  building.alert: {kind: int, initial: 0}\n")
+    new = reload(runtime, [rules], registry, timezone="UTC", state=None)
+    assert new.initial_samples(T0 + 2 * S) == [Sample("building.alert", 0, T0 + 2 * S, Quality.GOOD)]
+    assert new.value("building.shed") is False
