@@ -70,11 +70,17 @@ FAILED = "failed"
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """Something an operator should see: a rule waiting for inputs, a failed rule, a refused write."""
+    """Something an operator should see: a rule waiting for inputs, a failed rule, a refused write.
+
+    ``ongoing``: a condition rather than a single happening. It lasts until the runtime reports the subject in
+    ``Outputs.resolved`` (a derived point computed again, a rule whose inputs all have values again) or, for a failed
+    rule, until the next reload. A refused write is not ongoing: it happened once.
+    """
 
     subject: str
     message: str
     ts: int
+    ongoing: bool = False
 
     def __str__(self) -> str:
         return f"{self.subject}: {self.message}"
@@ -99,10 +105,20 @@ class Outputs:
     #: (topic relative to the platform prefix, JSON payload)
     publishes: list[tuple[str, bytes]] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    #: ongoing problems that are over (same subject; the message says how it ended)
+    resolved: list[Problem] = field(default_factory=list)
     transitions: list[Transition] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.samples or self.commands or self.events or self.publishes or self.problems or self.transitions)
+        return bool(
+            self.samples
+            or self.commands
+            or self.events
+            or self.publishes
+            or self.problems
+            or self.resolved
+            or self.transitions
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -432,7 +448,9 @@ class RuleRuntime:
                 self._derived_missing(derived, why, now_ns, out)
                 return
         values[derived.id] = value
-        self._missing_derived.discard(derived.id)
+        if derived.id in self._missing_derived:
+            self._missing_derived.discard(derived.id)
+            out.resolved.append(Problem(derived.id, "computed again", now_ns))
         uncertain = self._uncertain
         quality = Quality.UNCERTAIN if uncertain and any(i in uncertain for i in derived.inputs) else Quality.GOOD
         if quality == Quality.UNCERTAIN:
@@ -446,7 +464,7 @@ class RuleRuntime:
         if derived.id in self._missing_derived:
             return
         self._missing_derived.add(derived.id)
-        out.problems.append(Problem(derived.id, why, now_ns))
+        out.problems.append(Problem(derived.id, why, now_ns, ongoing=True))
         if had_value:
             out.samples.append(Sample(derived.id, None, now_ns, Quality.BAD))
 
@@ -464,9 +482,13 @@ class RuleRuntime:
         values = self._values
         missing = tuple(name for name in rule.inputs if name not in values)
         if missing != st.missing:
+            was_missing = st.missing
             st.missing = missing
             if missing:
-                out.problems.append(Problem(rule.id, f"not evaluated: no value for {', '.join(missing)}", now_ns))
+                message = f"not evaluated: no value for {', '.join(missing)}"
+                out.problems.append(Problem(rule.id, message, now_ns, ongoing=True))
+            elif was_missing:
+                out.resolved.append(Problem(rule.id, "every input has a value again", now_ns))
         return not missing
 
     def _run_lets(self, rule: CompiledRule, values: dict[str, Any]) -> None:
@@ -617,7 +639,8 @@ class RuleRuntime:
         st.failures += 1
         st.holding = False
         self._move(rule, st, FAILED, now_ns, out, reason=message)
-        out.problems.append(Problem(rule.id, f"rule failed and is disabled until the next reload: {message}", now_ns))
+        failed = f"rule failed and is disabled until the next reload: {message}"
+        out.problems.append(Problem(rule.id, failed, now_ns, ongoing=True))
         raise _RuleFailed from exc
 
     # -- actions ------------------------------------------------------------------------------------------------
