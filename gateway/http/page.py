@@ -218,7 +218,8 @@ def _points(data: JsonDict) -> str:
                 f'<div class="pt q-{escape(quality)}" data-point="{escape(p["id"])}">'
                 f'<span class="qdot" title="quality: {escape(quality)}"></span>'
                 f'<span class="pname" title="{escape(p["id"])}">{escape(p["name"])}</span>'
-                f'<span class="pval" data-field="value">{escape(format_value(p["value"]))}</span>'
+                f'<span class="pval" data-field="value" title="{escape(format_value(p["value"]))}">'
+                f"{escape(format_value(p['value']))}</span>"
                 f'<span class="punit">{escape(format_unit(p["unit"]))}</span>'
                 '<svg class="spark" viewBox="0 0 100 24" preserveAspectRatio="none" aria-hidden="true">'
                 '<polyline points=""/></svg>'

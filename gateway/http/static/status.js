@@ -116,6 +116,7 @@
       const text = fmt(p.value, p.kind);
       if (valueCell.textContent !== text) {
         valueCell.textContent = text;
+        valueCell.title = text; // the whole value when the card is too narrow for it
         row.classList.remove("flash");
         void row.offsetWidth; // restart the highlight animation
         row.classList.add("flash");
