@@ -212,5 +212,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     status.add_argument("--token-file", help="file holding the access token (default: $EDGE_GATEWAY_TOKEN)")
     status.add_argument("--timeout", type=duration, default=5.0, help="how long to wait for an answer (5, 500ms, 1min)")
-    status.add_argument("--problems", action="store_true", help="list only points whose quality is not good")
+    status.add_argument(
+        "--problems",
+        action="store_true",
+        help="list only what needs attention (points not good, open rule problems, a refused rule reload)",
+    )
     status.set_defaults(handler=cmd_status)
