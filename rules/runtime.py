@@ -37,6 +37,7 @@ import orjson
 from gateway.errors import WriteRejected
 from gateway.model import Command, Event, Quality, Sample
 from gateway.registry import PointInfo
+from rules.expr import kind_of_value
 from rules.loader import (
     Allowlist,
     CompiledAction,
@@ -193,6 +194,8 @@ class RuleRuntime:
         self._states = [_RuleState() for _ in self._rules]
         #: indices of rules whose durable state changed since the last save
         self._dirty: set[int] = set()
+        #: virtual points a `set:` changed since the last save
+        self._dirty_values: set[str] = set()
         self._schedule_cache: dict[str, tuple[int, bool]] = {}
         self._zone = ZoneInfo(rule_set.timezone)
         #: virtual points holding their ``initial:`` value that no sample has announced yet (``initial_samples``)
@@ -243,6 +246,14 @@ class RuleRuntime:
             st.last_fired_ns = row.last_fired_ns
             st.next_due_ns = row.next_due_ns
         store.keep_only(rule.id for rule in self._rules)
+        # what rules last set resumes (a restored latch and its `set:` agree); `initial:` is for a first start
+        virtual = self.rule_set.virtual
+        for point, value in store.load_values().items():
+            known = virtual.get(point)
+            if known is not None and kind_of_value(value) == known.kind:
+                self._values[point] = value
+                self._unannounced.add(point)
+        store.keep_values(virtual)
 
     def replace(self, other: RuleRuntime) -> None:
         """Take over from ``other`` (the runtime this one replaces on reload): current values, windows of derived
@@ -295,9 +306,10 @@ class RuleRuntime:
         ]
 
     def initial_samples(self, now_ns: int) -> list[Sample]:
-        """GOOD samples of the virtual points that hold their ``initial:`` value, stamped ``now_ns``, once: the
-        supervisor publishes them at start (and after a reload that adds a virtual point), so such a point reads as
-        its initial value rather than as never read. A point the old runtime had (on reload) keeps its value."""
+        """GOOD samples of the virtual points that hold their ``initial:`` value (or, after a restart, the value a
+        rule last set), stamped ``now_ns``, once: the supervisor publishes them at start (and after a reload that
+        adds a virtual point), so such a point reads as that value rather than as never read. A point the old
+        runtime had (on reload) keeps its value and is not announced again."""
         points = sorted(self._unannounced)
         self._unannounced.clear()
         return [Sample(point, self._values[point], now_ns, Quality.GOOD) for point in points if point in self._values]
@@ -676,6 +688,7 @@ class RuleRuntime:
                     value = action.value(values)
                     values[action.point] = value
                     self._unannounced.discard(action.point)
+                    self._dirty_values.add(action.point)
                     out.samples.append(Sample(action.point, value, now_ns, Quality.GOOD))
                     fed_back.add(action.point)
                 elif kind == "publish":
@@ -724,6 +737,12 @@ class RuleRuntime:
     # -- durable state --------------------------------------------------------------------------------------
 
     def _save(self) -> None:
+        if self._dirty_values:
+            points = sorted(self._dirty_values)
+            self._dirty_values.clear()
+            if self._store is not None:
+                values = self._values
+                self._store.save_values((point, values[point]) for point in points if point in values)
         if not self._dirty:
             return
         dirty = sorted(self._dirty)
