@@ -92,20 +92,23 @@ def render(data: JsonDict, out: TextIO, *, all_points: bool = True) -> None:
     if not all_points:  # a point whose first value is not due yet (the building aggregate) is not a problem
         points = [p for p in points if p["quality"] != "good" and not p.get("awaiting")]
     print(f"\nPoints ({len(data['points'])}{'' if all_points else ', not good only'})", file=out)
-    _table(
-        [["point", "value", "unit", "quality", "age"]]
-        + [
-            [
-                p["id"],
-                format_value(p["value"]),
-                format_unit(p["unit"]),
-                p["quality"] or "-",
-                p["awaiting"] if p.get("awaiting") and p["age_s"] is None else format_age(p["age_s"]),
-            ]
-            for p in points
-        ],
-        out,
-    )
+    if not points:
+        print("  every point good" if data["points"] else "  none", file=out)
+    else:
+        _table(
+            [["point", "value", "unit", "quality", "age"]]
+            + [
+                [
+                    p["id"],
+                    format_value(p["value"]),
+                    format_unit(p["unit"]),
+                    p["quality"] or "-",
+                    p["awaiting"] if p.get("awaiting") and p["age_s"] is None else format_age(p["age_s"]),
+                ]
+                for p in points
+            ],
+            out,
+        )
 
     rules = data["rules"]
     print(f"\nRules ({len(rules['rules'])})", file=out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -18,6 +19,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from gateway.config.site import load_site
 from gateway.http import views
 from gateway.http.cli import cmd_status
+from gateway.http.cli import render as render_status
 from gateway.http.page import render
 from gateway.http.server import create_app
 from gateway.supervisor import Gateway
@@ -69,6 +71,9 @@ async def test_a_fresh_demo_is_all_green_once_the_first_readings_are_in(
     page = render(data)
     assert '<div class="card ok"><div class="label">Points good' in page
     assert "Recent rule problems" not in page
+    terminal = io.StringIO()
+    render_status(data, terminal, all_points=False)  # status --problems
+    assert "every point good" in terminal.getvalue() and "recent rule problems" not in terminal.getvalue()
     # ...and what it said at start is kept as information, each marked resolved
     assert all("(resolved " in line for line in data["rules"]["resolved_problems"])
 
