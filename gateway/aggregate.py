@@ -44,6 +44,11 @@ class BuildingAggregate:
         self.skipped = 0
         self._paused_by: str | None = None
 
+    @property
+    def next_ns(self) -> int | None:
+        """When the next sum is due (None before the first tick): the status page says when the first one comes."""
+        return self._next_ns
+
     def update(self, batch: Sequence[Sample]) -> None:
         """Bus tap: remember each meter's latest good reading (called for every batch, so it stays small)."""
         members = self._members

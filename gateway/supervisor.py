@@ -45,6 +45,7 @@ from gateway.files import DataDirLock
 from gateway.live import LiveCache
 from gateway.model import Command, Event, Sample
 from gateway.outbox import Outbox
+from gateway.rule_report import ReloadResult, RuleProblemLog
 
 if TYPE_CHECKING:
     from gateway.registry import PointRegistry
@@ -164,7 +165,9 @@ class Gateway:
         self.commands = CommandLog()
         self.started = asyncio.Event()
         self.started_ns = 0
-        self.rule_problems: list[str] = []
+        self.rule_problems = RuleProblemLog()
+        #: the outcome of the last rule reload (None before the first): a refusal stays until a reload succeeds
+        self.rule_reload: ReloadResult | None = None
         #: records given up because the store kept failing during shutdown (normally 0)
         self.store_lost = 0
         #: records dropped because they cannot be encoded (e.g. an integer beyond 64 bits computed by a rule)
@@ -297,14 +300,12 @@ class Gateway:
             except asyncio.QueueFull:
                 log.error("command queue full: dropping %s = %r from %s", command.point, command.value, command.origin)
                 self.commands.add(command, "dropped", "command queue full")
-        problems = getattr(outputs, "problems", None)
-        if problems:
-            # The engine reports a problem once, when it starts (not on every batch): keep them as a short,
-            # time-stamped log, newest last. The current state of each rule is in rules.status().
-            for problem in problems:
-                ts = getattr(problem, "ts", time.time_ns())
-                self.rule_problems.append(f"{time.strftime('%H:%M:%S', time.localtime(ts / 1e9))} {problem}")
-            del self.rule_problems[:-50]
+        # The engine reports a problem once, when it starts (not on every batch), and a condition once more when it
+        # is over: a short, time-stamped log, newest last. The current state of each rule is in rules.status().
+        for problem in outputs.problems:
+            self.rule_problems.add(problem)
+        for over in outputs.resolved:
+            self.rule_problems.resolve(over.subject, over.ts, over.message)
 
     def _stage_failed(self, stage: str, exc: Exception, what: str) -> None:
         """A stage's step failed and will be tried again with the next batch or tick.
@@ -396,7 +397,7 @@ class Gateway:
                 await self.bus.publish(self.aggregate.tick(now))
             if self._reload_requested.is_set():
                 self._reload_requested.clear()
-                self._reload_rules()
+                await self._reload_rules()
 
     # -- reload -----------------------------------------------------------------------------------------------
 
@@ -404,23 +405,32 @@ class Gateway:
         """SIGHUP or a rule file change: reload at the next tick, between batches."""
         self._reload_requested.set()
 
-    def _reload_rules(self) -> None:
+    async def _reload_rules(self) -> None:
         if self.rules is None or not self.site.rule_files:
             return
         from rules.runtime import reload as reload_rules
 
+        files = self.site.rule_files
         try:
-            self.rules = reload_rules(self.rules, self.site.rule_files, self.registry)
+            self.rules = reload_rules(self.rules, files, self.registry)
         except ConfigError as exc:
             log.error("rule reload refused, the previous rules keep running:\n%s", exc)
+            self.rule_reload = ReloadResult.refused(files, time.time_ns(), exc.diagnostics)
             return
-        except Exception:
+        except Exception as exc:
             log.exception("rule reload failed, the previous rules keep running")
+            reason = f"{type(exc).__name__}: {exc}"
+            self.rule_reload = ReloadResult.refused(files, time.time_ns(), (), reason=reason)
             return
         for info in self.rules.derived_points():
             if info.id not in self.registry:
                 self.registry.add(info)
-        log.info("rules reloaded from %d file(s)", len(self.site.rule_files))
+        now = time.time_ns()
+        self.rule_reload = ReloadResult.ok(files, now)
+        # failed rules run again and the new runtime reports afresh whatever is still missing
+        self.rule_problems.resolve_all(now, "rules reloaded")
+        log.info("rules reloaded from %d file(s)", len(files))
+        await self._emit_derived(self.rules.initial_samples(time.time_ns()))  # virtual points the reload added
 
     # -- drivers ----------------------------------------------------------------------------------------------
 
@@ -508,6 +518,9 @@ class Gateway:
         store_sub = self.bus.subscribe("outbox", maxsize=1024)
         self._rules_sub = self.bus.subscribe("rules", maxsize=256) if self.rules is not None else None
         incentives_sub = self.bus.subscribe("incentives", maxsize=256) if self.incentives is not None else None
+        if self.rules is not None:
+            # virtual points start at their `initial:` value: stored and shown like a reading from the first second
+            await self._emit_derived(self.rules.initial_samples(time.time_ns()))
         if not self._sources_given:
             self.sources = build_sources(site)
         self.uplinks = self._build_uplinks(outbox)

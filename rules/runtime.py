@@ -37,6 +37,7 @@ import orjson
 from gateway.errors import WriteRejected
 from gateway.model import Command, Event, Quality, Sample
 from gateway.registry import PointInfo
+from rules.expr import kind_of_value
 from rules.loader import (
     Allowlist,
     CompiledAction,
@@ -70,11 +71,17 @@ FAILED = "failed"
 
 @dataclass(frozen=True, slots=True)
 class Problem:
-    """Something an operator should see: a rule waiting for inputs, a failed rule, a refused write."""
+    """Something an operator should see: a rule waiting for inputs, a failed rule, a refused write.
+
+    ``ongoing``: a condition rather than a single happening. It lasts until the runtime reports the subject in
+    ``Outputs.resolved`` (a derived point computed again, a rule whose inputs all have values again) or, for a failed
+    rule, until the next reload. A refused write is not ongoing: it happened once.
+    """
 
     subject: str
     message: str
     ts: int
+    ongoing: bool = False
 
     def __str__(self) -> str:
         return f"{self.subject}: {self.message}"
@@ -99,10 +106,20 @@ class Outputs:
     #: (topic relative to the platform prefix, JSON payload)
     publishes: list[tuple[str, bytes]] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    #: ongoing problems that are over (same subject; the message says how it ended)
+    resolved: list[Problem] = field(default_factory=list)
     transitions: list[Transition] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.samples or self.commands or self.events or self.publishes or self.problems or self.transitions)
+        return bool(
+            self.samples
+            or self.commands
+            or self.events
+            or self.publishes
+            or self.problems
+            or self.resolved
+            or self.transitions
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,11 +194,16 @@ class RuleRuntime:
         self._states = [_RuleState() for _ in self._rules]
         #: indices of rules whose durable state changed since the last save
         self._dirty: set[int] = set()
+        #: virtual points a `set:` changed since the last save
+        self._dirty_values: set[str] = set()
         self._schedule_cache: dict[str, tuple[int, bool]] = {}
         self._zone = ZoneInfo(rule_set.timezone)
+        #: virtual points holding their ``initial:`` value that no sample has announced yet (``initial_samples``)
+        self._unannounced: set[str] = set()
         for virtual in rule_set.virtual.values():
             if virtual.initial is not None:
                 self._values[virtual.id] = virtual.initial
+                self._unannounced.add(virtual.id)
         if state is not None:
             self._restore(state)
 
@@ -224,6 +246,14 @@ class RuleRuntime:
             st.last_fired_ns = row.last_fired_ns
             st.next_due_ns = row.next_due_ns
         store.keep_only(rule.id for rule in self._rules)
+        # what rules last set resumes (a restored latch and its `set:` agree); `initial:` is for a first start
+        virtual = self.rule_set.virtual
+        for point, value in store.load_values().items():
+            known = virtual.get(point)
+            if known is not None and kind_of_value(value) == known.kind:
+                self._values[point] = value
+                self._unannounced.add(point)
+        store.keep_values(virtual)
 
     def replace(self, other: RuleRuntime) -> None:
         """Take over from ``other`` (the runtime this one replaces on reload): current values, windows of derived
@@ -236,6 +266,7 @@ class RuleRuntime:
             if old_derived and new_derived and old_derived.definition != new_derived.definition:
                 continue
             self._values[point] = value
+            self._unannounced.discard(point)  # the old runtime's value (announced, or set by a rule) stands
         self._uncertain = set(other._uncertain)
         for point, window in self._windows.items():
             old_window = other._windows.get(point)
@@ -273,6 +304,15 @@ class RuleRuntime:
             )
             for rule, st in zip(self._rules, self._states, strict=True)
         ]
+
+    def initial_samples(self, now_ns: int) -> list[Sample]:
+        """GOOD samples of the virtual points that hold their ``initial:`` value (or, after a restart, the value a
+        rule last set), stamped ``now_ns``, once: the supervisor publishes them at start (and after a reload that
+        adds a virtual point), so such a point reads as that value rather than as never read. A point the old
+        runtime had (on reload) keeps its value and is not announced again."""
+        points = sorted(self._unannounced)
+        self._unannounced.clear()
+        return [Sample(point, self._values[point], now_ns, Quality.GOOD) for point in points if point in self._values]
 
     def value(self, point: str) -> Any:
         """The runtime's current value of ``point`` (None when missing); for tests and the CLI."""
@@ -420,7 +460,9 @@ class RuleRuntime:
                 self._derived_missing(derived, why, now_ns, out)
                 return
         values[derived.id] = value
-        self._missing_derived.discard(derived.id)
+        if derived.id in self._missing_derived:
+            self._missing_derived.discard(derived.id)
+            out.resolved.append(Problem(derived.id, "computed again", now_ns))
         uncertain = self._uncertain
         quality = Quality.UNCERTAIN if uncertain and any(i in uncertain for i in derived.inputs) else Quality.GOOD
         if quality == Quality.UNCERTAIN:
@@ -434,7 +476,7 @@ class RuleRuntime:
         if derived.id in self._missing_derived:
             return
         self._missing_derived.add(derived.id)
-        out.problems.append(Problem(derived.id, why, now_ns))
+        out.problems.append(Problem(derived.id, why, now_ns, ongoing=True))
         if had_value:
             out.samples.append(Sample(derived.id, None, now_ns, Quality.BAD))
 
@@ -452,9 +494,13 @@ class RuleRuntime:
         values = self._values
         missing = tuple(name for name in rule.inputs if name not in values)
         if missing != st.missing:
+            was_missing = st.missing
             st.missing = missing
             if missing:
-                out.problems.append(Problem(rule.id, f"not evaluated: no value for {', '.join(missing)}", now_ns))
+                message = f"not evaluated: no value for {', '.join(missing)}"
+                out.problems.append(Problem(rule.id, message, now_ns, ongoing=True))
+            elif was_missing:
+                out.resolved.append(Problem(rule.id, "every input has a value again", now_ns))
         return not missing
 
     def _run_lets(self, rule: CompiledRule, values: dict[str, Any]) -> None:
@@ -605,7 +651,8 @@ class RuleRuntime:
         st.failures += 1
         st.holding = False
         self._move(rule, st, FAILED, now_ns, out, reason=message)
-        out.problems.append(Problem(rule.id, f"rule failed and is disabled until the next reload: {message}", now_ns))
+        failed = f"rule failed and is disabled until the next reload: {message}"
+        out.problems.append(Problem(rule.id, failed, now_ns, ongoing=True))
         raise _RuleFailed from exc
 
     # -- actions ------------------------------------------------------------------------------------------------
@@ -640,6 +687,8 @@ class RuleRuntime:
                     assert action.value is not None and action.point is not None
                     value = action.value(values)
                     values[action.point] = value
+                    self._unannounced.discard(action.point)
+                    self._dirty_values.add(action.point)
                     out.samples.append(Sample(action.point, value, now_ns, Quality.GOOD))
                     fed_back.add(action.point)
                 elif kind == "publish":
@@ -688,6 +737,12 @@ class RuleRuntime:
     # -- durable state --------------------------------------------------------------------------------------
 
     def _save(self) -> None:
+        if self._dirty_values:
+            points = sorted(self._dirty_values)
+            self._dirty_values.clear()
+            if self._store is not None:
+                values = self._values
+                self._store.save_values((point, values[point]) for point in points if point in values)
         if not self._dirty:
             return
         dirty = sorted(self._dirty)

@@ -1,4 +1,5 @@
-"""Durable rule state: pending ``for:`` timers, active latches, cooldowns and periodic deadlines.
+"""Durable rule state: pending ``for:`` timers, active latches, cooldowns and periodic deadlines, and the values rules
+gave virtual points with ``set:`` (a latch that set ``building.load_shed: true`` must not resume beside a ``false``).
 
 Owns ``RuleStateStore``, a small SQLite file of its own (``<data_dir>/rules-state.db``), separate from the outbox so
 a rule-state write never waits behind a telemetry batch. Rows change only when a rule changes state (a few times an
@@ -11,6 +12,9 @@ import sqlite3
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import orjson
 
 from gateway.errors import StoreError
 from gateway.files import create_private_sqlite, ensure_private_dir
@@ -25,6 +29,12 @@ CREATE TABLE IF NOT EXISTS rule_state (
     activated_ns  INTEGER,
     last_fired_ns INTEGER,
     next_due_ns   INTEGER
+)
+"""
+_VALUES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS virtual_value (
+    point TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 )
 """
 
@@ -55,6 +65,7 @@ class RuleStateStore:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(_SCHEMA)
+            self._db.execute(_VALUES_SCHEMA)
         except (sqlite3.Error, OSError) as exc:
             raise StoreError(f"cannot open rule state {path}: {exc}") from exc
 
@@ -88,6 +99,37 @@ class RuleStateStore:
             with self._db:
                 self._db.execute("BEGIN")
                 self._db.executemany("INSERT OR REPLACE INTO rule_state VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write rule state {self.path}: {exc}") from exc
+
+    def load_values(self) -> dict[str, Any]:
+        """Virtual point -> the value a rule last set (JSON: bool, number or string)."""
+        try:
+            rows = self._db.execute("SELECT point, value FROM virtual_value").fetchall()
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot read rule state {self.path}: {exc}") from exc
+        return {point: orjson.loads(value) for point, value in rows}
+
+    def save_values(self, values: Iterable[tuple[str, Any]]) -> None:
+        rows = [(point, orjson.dumps(value).decode()) for point, value in values]
+        if not rows:
+            return
+        try:
+            with self._db:
+                self._db.execute("BEGIN")
+                self._db.executemany("INSERT OR REPLACE INTO virtual_value VALUES (?, ?)", rows)
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write rule state {self.path}: {exc}") from exc
+
+    def keep_values(self, points: Iterable[str]) -> None:
+        """Delete saved values of points that are no longer virtual points."""
+        keep = set(points)
+        try:
+            stale = [(p,) for (p,) in self._db.execute("SELECT point FROM virtual_value") if p not in keep]
+            if stale:
+                with self._db:
+                    self._db.execute("BEGIN")
+                    self._db.executemany("DELETE FROM virtual_value WHERE point = ?", stale)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write rule state {self.path}: {exc}") from exc
 

@@ -20,6 +20,7 @@ import orjson
 
 from gateway.arguments import duration, gateway_url
 from gateway.http.page import format_age, format_bytes, format_latency, format_unit, format_value
+from gateway.rule_report import clock
 
 JsonDict = dict[str, Any]
 
@@ -87,16 +88,27 @@ def render(data: JsonDict, out: TextIO, *, all_points: bool = True) -> None:
         out,
     )
 
-    points = data["points"] if all_points else [p for p in data["points"] if p["quality"] != "good"]
+    points = data["points"]
+    if not all_points:  # a point whose first value is not due yet (the building aggregate) is not a problem
+        points = [p for p in points if p["quality"] != "good" and not p.get("awaiting")]
     print(f"\nPoints ({len(data['points'])}{'' if all_points else ', not good only'})", file=out)
-    _table(
-        [["point", "value", "unit", "quality", "age"]]
-        + [
-            [p["id"], format_value(p["value"]), format_unit(p["unit"]), p["quality"] or "-", format_age(p["age_s"])]
-            for p in points
-        ],
-        out,
-    )
+    if not points:
+        print("  every point good" if data["points"] else "  none", file=out)
+    else:
+        _table(
+            [["point", "value", "unit", "quality", "age"]]
+            + [
+                [
+                    p["id"],
+                    format_value(p["value"]),
+                    format_unit(p["unit"]),
+                    p["quality"] or "-",
+                    p["awaiting"] if p.get("awaiting") and p["age_s"] is None else format_age(p["age_s"]),
+                ]
+                for p in points
+            ],
+            out,
+        )
 
     rules = data["rules"]
     print(f"\nRules ({len(rules['rules'])})", file=out)
@@ -105,10 +117,20 @@ def render(data: JsonDict, out: TextIO, *, all_points: bool = True) -> None:
     _table([[str(r["id"]), r["state"], str(r.get("last_error") or r.get("error") or "")] for r in rules["rules"]], out)
     if rules.get("error"):
         print(f"  ! {rules['error']}", file=out)
+    reload = rules.get("reload")
+    if reload and (not reload["accepted"] or all_points):
+        # a refused reload is a problem until a reload succeeds; an accepted one is only news
+        mark = "" if reload["accepted"] else "! "
+        print(f"  {mark}{clock(reload['ts'])} {reload['message']}", file=out)
+        for diagnostic in reload["diagnostics"]:
+            print(f"    {diagnostic['position']}: {diagnostic['message']}", file=out)
     if rules["problems"]:
         print("  recent rule problems:", file=out)  # the page's heading
         for problem in rules["problems"][-10:]:
             print(f"    {problem}", file=out)
+    resolved = rules.get("resolved_problems") or []
+    if resolved and all_points:
+        print(f"  {len(resolved)} resolved since start (the last: {resolved[-1]})", file=out)
 
     print(f"\nUplinks ({len(data['uplinks'])})", file=out)
     if not data["uplinks"]:
@@ -193,5 +215,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     status.add_argument("--token-file", help="file holding the access token (default: $EDGE_GATEWAY_TOKEN)")
     status.add_argument("--timeout", type=duration, default=5.0, help="how long to wait for an answer (5, 500ms, 1min)")
-    status.add_argument("--problems", action="store_true", help="list only points whose quality is not good")
+    status.add_argument(
+        "--problems",
+        action="store_true",
+        help="list only what needs attention (points not good, open rule problems, a refused rule reload)",
+    )
     status.set_defaults(handler=cmd_status)

@@ -149,7 +149,9 @@ def _section(name: str, title: str, body: str, *, note: str = "") -> str:
 def _summary(data: JsonDict) -> str:
     devices = data["devices"]
     online = sum(1 for d in devices if d["state"] == "online")
-    points = data["points"]
+    # a point whose first value is not due yet (the building aggregate's first period) is neither good nor late
+    points = [p for p in data["points"] if not p.get("awaiting")]
+    not_due = len(data["points"]) - len(points)
     good = sum(1 for p in points if p["quality"] == "good")
     alarms = data["alarms"]
     outbox = data["queues"]["outbox"]
@@ -158,7 +160,12 @@ def _summary(data: JsonDict) -> str:
     uplinks = data["uplinks"]
     cards = [
         ("Devices online", f"{online}/{len(devices)}", "ok" if online == len(devices) and devices else "warn", ""),
-        ("Points good", f"{good}/{len(points)}", "ok" if good == len(points) and points else "warn", ""),
+        (
+            "Points good",
+            f"{good}/{len(points)}",
+            "ok" if good == len(points) and points else "warn",
+            f"{not_due} awaiting a first value" if not_due else "",
+        ),
         ("Active alarms", str(len(alarms)), "bad" if alarms else "ok", ""),
         ("Outbox backlog", backlog, "muted", backlog_note),
         ("Uplinks", str(len(uplinks)), "muted", ", ".join(str(u["name"]) for u in uplinks) or "none configured"),
@@ -211,11 +218,12 @@ def _points(data: JsonDict) -> str:
                 f'<div class="pt q-{escape(quality)}" data-point="{escape(p["id"])}">'
                 f'<span class="qdot" title="quality: {escape(quality)}"></span>'
                 f'<span class="pname" title="{escape(p["id"])}">{escape(p["name"])}</span>'
-                f'<span class="pval" data-field="value">{escape(format_value(p["value"]))}</span>'
+                f'<span class="pval" data-field="value" title="{escape(format_value(p["value"]))}">'
+                f"{escape(format_value(p['value']))}</span>"
                 f'<span class="punit">{escape(format_unit(p["unit"]))}</span>'
                 '<svg class="spark" viewBox="0 0 100 24" preserveAspectRatio="none" aria-hidden="true">'
                 '<polyline points=""/></svg>'
-                f'<span class="age" data-field="age">{escape(format_age(p["age_s"]))}</span></div>'
+                f'<span class="age" data-field="age"{_awaiting_title(p)}>{escape(_age_text(p))}</span></div>'
             )
         cards.append(
             f'<div class="device-card"><div class="device-head"><span class="mono">{escape(device)}</span>'
@@ -226,6 +234,15 @@ def _points(data: JsonDict) -> str:
         f'<section class="panel" id="points" data-points="{len(data["points"])}"><h2>Live values'
         f'<span class="note" id="live-note">updating every second</span></h2>{body}</section>'
     )
+
+
+def _age_text(point: JsonDict) -> str:
+    """A point's age, or ``pending`` when its first value is not due yet (the JS ``ageText`` mirrors it)."""
+    return "pending" if point.get("awaiting") and point["age_s"] is None else format_age(point["age_s"])
+
+
+def _awaiting_title(point: JsonDict) -> str:
+    return f' title="{escape(point["awaiting"])}"' if point.get("awaiting") else ""
 
 
 def _rules(data: JsonDict) -> str:
@@ -251,10 +268,36 @@ def _rules(data: JsonDict) -> str:
     body = _table(("Rule", "State", "For", "Evaluations", "Failures", "Error"), rows, empty)
     if view.get("error"):
         body += f'<p class="err">{escape(view["error"])}</p>'
+    body += _reload(view.get("reload"))
     if view["problems"]:
         items = "".join(f"<li>{escape(p)}</li>" for p in view["problems"][-10:])
         body += f'<h3>Recent rule problems</h3><ul class="problems">{items}</ul>'
+    resolved = view.get("resolved_problems") or []
+    if resolved:
+        # over by themselves (a rule waiting a second for its first inputs at start-up): information, not problems
+        items = "".join(f"<li>{escape(p)}</li>" for p in resolved[-10:])
+        body += (
+            f'<details class="resolved"><summary>{len(resolved)} resolved since start</summary>'
+            f'<ul class="resolved-list">{items}</ul></details>'
+        )
     return _section("rules", "Rules", body)
+
+
+def _reload(reload: JsonDict | None) -> str:
+    """The last reload: a line when accepted, every error with its ``file:line:col`` when refused."""
+    if not reload:
+        return ""
+    when = time.strftime("%H:%M:%S", time.localtime(reload["ts"] / 1e9))
+    if reload["accepted"]:
+        return f'<p class="reload-ok" id="rule-reload">{escape(when)} {escape(reload["message"])}</p>'
+    items = "".join(
+        f'<li><span class="mono">{escape(d["position"])}</span> {escape(d["message"])}</li>'
+        for d in reload["diagnostics"]
+    )
+    return (
+        f'<div class="reload-refused" id="rule-reload"><h3>{escape(when)} {escape(reload["message"])}</h3>'
+        f'<ul class="diagnostics">{items}</ul></div>'
+    )
 
 
 def _uplinks(data: JsonDict) -> str:

@@ -60,10 +60,23 @@ def _seconds_since(ts_ns: int | None, now_ns: int) -> float | None:
 # -- points ---------------------------------------------------------------------------------------------------------
 
 
+def awaiting(gateway: Gateway) -> dict[str, str]:
+    """Points with no value yet that are not late: the building aggregate before its first period has ended (it is
+    sent once per period, by design, docs/privacy.md). Point -> when its first value comes, for the page."""
+    aggregate = gateway.aggregate
+    if aggregate is None or aggregate.sent or aggregate.skipped:
+        return {}  # sent already, or skipped because a meter is missing: then "never" is the truth
+    due = aggregate.next_ns
+    when = time.strftime("%H:%M:%S", time.localtime(due / 1e9)) if due else "the end of the first period"
+    return {aggregate.point: f"first sum at {when}"}
+
+
 def points(gateway: Gateway, now_ns: int | None = None) -> list[JsonDict]:
-    """Every registered point with its latest sample; ``tail`` relies on id/value/ts/quality/unit."""
+    """Every registered point with its latest sample; ``tail`` relies on id/value/ts/quality/unit. ``awaiting``
+    says why a point without a value is not late (see ``awaiting``), else it is None."""
     now_ns = time.time_ns() if now_ns is None else now_ns
     latest = gateway.live.latest
+    not_due = awaiting(gateway)
     result: list[JsonDict] = []
     seen: set[str] = set()
     for point, info in gateway.registry.items():
@@ -84,6 +97,7 @@ def points(gateway: Gateway, now_ns: int | None = None) -> list[JsonDict]:
                 "derived": not info.physical,
                 # shown here (the page is local: loopback, or a token), withheld from the platform
                 "personal": info.personal,
+                "awaiting": not_due.get(point) if sample is None else None,
             }
         )
     # a sample for a point the registry does not know (a rule output added at run time) is still shown
@@ -104,6 +118,7 @@ def points(gateway: Gateway, now_ns: int | None = None) -> list[JsonDict]:
                     "writable": False,
                     "derived": True,
                     "personal": None,
+                    "awaiting": None,
                 }
             )
     return result
@@ -157,22 +172,33 @@ def _normalise_rule(raw: Any) -> JsonDict:
 
 
 def rules(gateway: Gateway) -> JsonDict:
-    """The rule runtime's per-rule states (idle/pending/active/failed) plus load-time problems."""
+    """The rule runtime's per-rule states (idle/pending/active/failed), the problems still current (``problems``),
+    the recent ones that are over (``resolved_problems``: a rule that waited for its first inputs at start-up) and
+    the outcome of the last reload (``reload``: accepted, or refused with each error's ``file:line:col``)."""
     runtime = gateway.rules
-    problems = [str(p) for p in getattr(gateway, "rule_problems", [])]
+    log_ = gateway.rule_problems
+    reload = gateway.rule_reload
+    view: JsonDict = {
+        "loaded": runtime is not None,
+        "rules": [],
+        "problems": [str(p) for p in log_.open()],
+        "resolved_problems": [p.resolved_text() for p in log_.resolved()],
+        "reload": None if reload is None else reload.as_json(),
+        "error": None,
+    }
     if runtime is None:
-        return {"loaded": False, "rules": [], "problems": problems, "error": None}
+        return view
     status_fn = getattr(runtime, "status", None)
     if not callable(status_fn):
-        return {"loaded": True, "rules": [], "problems": problems, "error": "rule runtime reports no status"}
+        return {**view, "error": "rule runtime reports no status"}
     try:
         raw = status_fn()
     except Exception as exc:
         log.debug("rule status failed", exc_info=True)
-        return {"loaded": True, "rules": [], "problems": problems, "error": f"rule status failed: {exc}"}
+        return {**view, "error": f"rule status failed: {exc}"}
     if isinstance(raw, Mapping):  # {rule_id: status} is accepted too
         raw = [{"id": key, **as_dict(value)} for key, value in raw.items()]
-    return {"loaded": True, "rules": [_normalise_rule(r) for r in raw], "problems": problems, "error": None}
+    return {**view, "rules": [_normalise_rule(r) for r in raw]}
 
 
 # -- uplinks and queues ---------------------------------------------------------------------------------------------
@@ -315,6 +341,12 @@ def alarms(
             found.append({"severity": "error", "source": f"rule {rule['id']}", "message": str(error)})
     if rule_view.get("error"):
         found.append({"severity": "error", "source": "rules", "message": rule_view["error"]})
+    reload = rule_view.get("reload")
+    if reload is not None and not reload["accepted"]:
+        # the files on disk are not what runs: someone edited them and should hear why they were refused
+        first = reload["diagnostics"][0] if reload["diagnostics"] else None
+        where = f": {first['position']}: {first['message']}" if first else ""
+        found.append({"severity": "warning", "source": "rules", "message": reload["message"] + where})
     found.extend(
         {
             "severity": "error",

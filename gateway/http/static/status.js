@@ -116,11 +116,16 @@
       const text = fmt(p.value, p.kind);
       if (valueCell.textContent !== text) {
         valueCell.textContent = text;
+        valueCell.title = text; // the whole value when the card is too narrow for it
         row.classList.remove("flash");
         void row.offsetWidth; // restart the highlight animation
         row.classList.add("flash");
       }
-      row.querySelector('[data-field="age"]').textContent = fmtAge(p.age_s);
+      const age = row.querySelector('[data-field="age"]');
+      // mirrors page._age_text: a point whose first value is not due yet is pending, not "never"
+      age.textContent = p.awaiting && p.age_s === null ? "pending" : fmtAge(p.age_s);
+      if (p.awaiting) age.title = p.awaiting;
+      else age.removeAttribute("title");
       row.className = row.className.replace(/\bq-\w+/, "q-" + (p.quality || "none"));
       if (p.ts !== null) append(p.id, p.ts, p.value);
       draw(row, series.get(p.id));

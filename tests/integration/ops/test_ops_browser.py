@@ -22,6 +22,15 @@ pytestmark = [
 ]
 
 VALUES_JS = "JSON.stringify([...document.querySelectorAll('.pt .pval')].map(e => e.textContent))"
+#: the parts of point rows that stick out of their device card (by more than half a pixel), as "point: class"
+SPILLS_JS = """[...document.querySelectorAll('.device-card')].flatMap(card => {
+  const box = card.getBoundingClientRect();
+  return [...card.querySelectorAll('.pt > *')].filter(el => {
+    const r = el.getBoundingClientRect();
+    return r.right > box.right + 0.5 || r.left < box.left - 0.5;
+  }).map(el => el.closest('.pt').dataset.point + ': ' + el.getAttribute('class'));
+})"""
+SUMMARY_JS = "document.querySelector('#summary .card:nth-child(2)')"
 
 
 async def test_status_page_shows_live_values_and_plots(demo_gateway: RunningGateway, tmp_path: Path) -> None:
@@ -70,6 +79,19 @@ async def test_status_page_shows_live_values_and_plots(demo_gateway: RunningGate
         # let the section refresh (every 5 s) run once, and check it kept the page whole
         await page.wait_for("document.querySelector('#devices') && window.performance.now() > 6000", timeout=15)
         assert await page.evaluate("document.querySelectorAll('.pt[data-plotted]').length") >= 36
+
+        # a fresh demo is healthy: every point good (the virtual point reads its initial value; the once-a-minute
+        # building aggregate is pending, not late), not amber, and no start-up rule message left as a problem
+        assert await page.evaluate(f"{SUMMARY_JS}.querySelector('.label').textContent") == "Points good"
+        assert await page.evaluate(f"{SUMMARY_JS}.className") == "card ok"
+        assert await page.evaluate("document.querySelectorAll('#rules .problems li').length") == 0
+        # values fit their cards, on a laptop and on a phone
+        assert await page.evaluate(SPILLS_JS) == []
+        await page.call("Emulation.setDeviceMetricsOverride", width=375, height=800, deviceScaleFactor=1, mobile=True)
+        assert await page.evaluate(SPILLS_JS) == []
+        await page.call(
+            "Emulation.setDeviceMetricsOverride", width=1440, height=1000, deviceScaleFactor=1, mobile=False
+        )
 
         # a reloaded page starts its plots from /api/history, not from scratch
         await page.call("Page.reload")

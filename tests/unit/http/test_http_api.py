@@ -20,7 +20,9 @@ from gateway.errors import StoreError
 from gateway.http.page import format_bytes
 from gateway.http.server import create_app
 from gateway.model import Quality, Sample
+from gateway.rule_report import clock
 from gateway.supervisor import Gateway
+from rules.runtime import Problem
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -139,7 +141,14 @@ async def test_devices_report_state_counters_and_last_error(client: TestClient[A
 
 
 async def test_rules_without_rule_files(client: TestClient[Any, Any]) -> None:
-    assert await get_json(client, "/api/rules") == {"loaded": False, "rules": [], "problems": [], "error": None}
+    assert await get_json(client, "/api/rules") == {
+        "loaded": False,
+        "rules": [],
+        "problems": [],
+        "resolved_problems": [],
+        "reload": None,
+        "error": None,
+    }
 
 
 async def test_rules_states_and_failures_become_alarms(
@@ -152,14 +161,14 @@ async def test_rules_states_and_failures_become_alarms(
             RuleStatus("bad-division", "failed", now, "ZeroDivisionError: division by zero", 120, 7),
         ]
     )
-    gateway.rule_problems.append("rules/demo.yaml: zone9.co2 has no value yet")
+    gateway.rule_problems.add(Problem("night-setback", "not evaluated: no value for zone9.co2", now, ongoing=True))
     view = await get_json(client, "/api/rules")
     assert [(r["id"], r["state"]) for r in view["rules"]] == [
         ("co2-high", "active"),
         ("night-setback", "pending"),
         ("bad-division", "failed"),
     ]
-    assert view["problems"] == ["rules/demo.yaml: zone9.co2 has no value yet"]
+    assert view["problems"] == [f"{clock(now)} night-setback: not evaluated: no value for zone9.co2"]
     alarms = await get_json(client, "/api/alarms")
     assert alarms[0] == {
         "severity": "error",

@@ -346,3 +346,55 @@ def test_reload_keeps_the_store_and_zone_by_default(tmp_path: Path, registry: Po
     resumed = RuleRuntime.load([rules], registry, timezone="UTC", state=RuleStateStore(tmp_path / "state.db"))
     assert resumed.status()[0].state == "pending"
     resumed.close()
+
+
+def test_initial_values_of_virtual_points_are_announced_once(tmp_path: Path, registry: PointRegistry) -> None:
+    text = "version: 1\npoints:\n  building.shed: {kind: bool, initial: false}\n  building.mode: {kind: str}\n"
+    rules = write(tmp_path, text)
+    runtime = RuleRuntime.load([rules], registry, timezone="UTC", state=None)
+    assert runtime.initial_samples(T0) == [Sample("building.shed", False, T0, Quality.GOOD)]
+    assert runtime.initial_samples(T0 + S) == []  # once; a point without `initial:` has nothing to announce
+    # a reload keeps the value the old runtime had (announced already) and announces only the point it adds
+    write(tmp_path, text + "  building.alert: {kind: int, initial: 0}\n")
+    new = reload(runtime, [rules], registry, timezone="UTC", state=None)
+    assert new.initial_samples(T0 + 2 * S) == [Sample("building.alert", 0, T0 + 2 * S, Quality.GOOD)]
+    assert new.value("building.shed") is False
+
+
+SHED_RULE = """
+version: 1
+points:
+  building.load_shed: {kind: bool, initial: false}
+rules:
+  - id: shed
+    when: main_meter.power_kw > 60
+    clear_when: main_meter.power_kw < 50
+    then: [{set: {point: building.load_shed, value: true}}]
+    on_clear: [{set: {point: building.load_shed, value: false}}]
+"""
+
+
+def test_a_restart_resumes_what_a_latch_set_not_the_initial_value(tmp_path: Path, registry: PointRegistry) -> None:
+    rules = write(tmp_path, SHED_RULE)
+    store = RuleStateStore(tmp_path / "state.db")
+    first = RuleRuntime.load([rules], registry, timezone="UTC", state=store)
+    assert first.initial_samples(T0) == [Sample("building.load_shed", False, T0, Quality.GOOD)]
+    first.process([Sample("main_meter.power_kw", 75.0, T0, Quality.GOOD)], T0)
+    assert first.value("building.load_shed") is True
+    store.close()
+    store = RuleStateStore(tmp_path / "state.db")
+    second = RuleRuntime.load([rules], registry, timezone="UTC", state=store)
+    assert second.status()[0].state == "active"
+    assert second.initial_samples(T0 + MIN) == [Sample("building.load_shed", True, T0 + MIN, Quality.GOOD)]
+    store.close()
+    # a saved value of the wrong kind (the point was redeclared) is ignored: `initial:` applies
+    write(
+        tmp_path,
+        SHED_RULE.replace("kind: bool, initial: false", "kind: int, initial: 0")
+        .replace("true}", "1}")
+        .replace("false}", "0}"),
+    )
+    store = RuleStateStore(tmp_path / "state.db")
+    third = RuleRuntime.load([rules], registry, timezone="UTC", state=store)
+    assert third.initial_samples(T0 + 2 * MIN) == [Sample("building.load_shed", 0, T0 + 2 * MIN, Quality.GOOD)]
+    store.close()
