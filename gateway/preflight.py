@@ -6,14 +6,15 @@ takes the data directory's lock, so a site that passes ``check`` starts:
 - rule files, loaded against the site's registry (as ``run`` loads them);
 - incentives: the cross-checks of ``gateway.incentives.config.validate_against`` and the key files (readable, owner
   only, well-formed), resolved against the data directory; a missing key is fine only with
-  ``generate_missing_keys: true`` (``run`` creates it, ``check`` does not);
+  ``generate_missing_keys: true`` (``run`` creates it, ``check`` does not) and a ledger holding no records yet;
+  an existing ledger (read-only) whose epoch in force has other money settings;
 - the status page's address and token rule (``gateway.http.access``, the function the server applies);
 - uplinks: the platform's command public key and its TLS files (loaded into an SSL context, never connected);
 - drivers: the bindings each driver checks when its sources are built (MQTT subscriptions);
 - the data directory: ``check`` only (``run`` reports it itself, as a runtime failure, exit 3).
 
 What it cannot know without running is left to ``run``: a port already taken, a lock held by another gateway, a
-device or broker that does not answer, a ledger whose programme changed. Must never import a protocol library at
+device or broker that does not answer, a ledger file that cannot be opened. Must never import a protocol library at
 module level (``check`` loads it).
 """
 
@@ -22,9 +23,13 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gateway.config.site import Site
-from gateway.errors import ConfigError, Diagnostic
+from gateway.errors import ConfigError, Diagnostic, GatewayError
+
+if TYPE_CHECKING:
+    from gateway.incentives.record import Pseudonymizer
 
 
 def preflight(
@@ -75,26 +80,72 @@ def _incentives(site: Site, data_dir: Path | None) -> list[Diagnostic]:
     if config is None:
         return []
     from gateway.incentives.config import validate_against
-    from gateway.incentives.record import KeyFileError, load_private_key, load_pseudonym_key
+    from gateway.incentives.record import KeyFileError, Pseudonymizer, load_private_key, load_pseudonym_key
 
     problems = validate_against(site)
-    keys: list[tuple[str, Path, Callable[[Path], object]]] = [
-        ("signing_key_file", config.signing_key_file, load_private_key),
-        ("pseudonym_key_file", config.pseudonym_key_file, load_pseudonym_key),
-    ]
-    for key, configured, load in keys:
+    missing: list[str] = []
+    pseudonym_key: bytes | None = None
+    for key, configured in (
+        ("signing_key_file", config.signing_key_file),
+        ("pseudonym_key_file", config.pseudonym_key_file),
+    ):
         path = configured
         if not path.is_absolute():
             if data_dir is None:
                 continue
             path = data_dir / path  # as the incentive stage resolves it: beside the ledger
         if not path.exists() and config.generate_missing_keys:
-            continue  # run creates it on first start (the stage refuses if the ledger already holds records)
+            missing.append(str(path))  # run creates it on first start, unless the ledger already holds records
+            continue
         try:
-            load(path)
+            if key == "signing_key_file":
+                load_private_key(path)
+            else:
+                pseudonym_key = load_pseudonym_key(path)
         except KeyFileError as exc:
             problems.append(site.diagnostic(("incentives", key), str(exc)))
-    return problems
+    if problems or data_dir is None:
+        return problems
+    pseudonyms = Pseudonymizer(pseudonym_key) if pseudonym_key is not None else None
+    return _ledger(site, data_dir, missing, pseudonyms)
+
+
+def _ledger(site: Site, data_dir: Path, missing_keys: list[str], pseudonyms: Pseudonymizer | None) -> list[Diagnostic]:
+    """What the incentive stage refuses about an existing ledger (read-only; a new data directory has none): keys to
+    be generated for a ledger that already holds records, and money settings changed since the epoch in force."""
+    import sqlite3
+
+    from gateway.incentives.ledger import LEDGER_FILE, Ledger
+    from gateway.incentives.programme import build_programme
+    from gateway.incentives.stage import settle_epoch
+
+    config = site.config.incentives
+    path = data_dir / LEDGER_FILE
+    if config is None or not path.is_file():
+        return []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    except sqlite3.Error:
+        return []  # run reports a ledger it cannot open itself (a runtime failure, exit 3)
+    try:
+        ledger = Ledger(db)
+        if missing_keys and ledger.has_records():
+            names = ", ".join(missing_keys)
+            message = (
+                f"key file(s) {names} missing but the ledger already holds records: restore them from "
+                "backup (new keys would break the chain's pseudonyms)"
+            )
+            return [site.diagnostic(("incentives", "generate_missing_keys"), message)]
+        if pseudonyms is not None:
+            zone_name = config.timezone or site.config.gateway.timezone
+            settle_epoch(site, ledger, build_programme(config, site.registry, pseudonyms, zone_name), None)
+    except ConfigError as exc:  # ProgrammeChanged: the operator must start a new epoch on purpose
+        return list(exc.diagnostics)
+    except (sqlite3.Error, GatewayError):
+        return []  # a ledger run will refuse as a store failure (exit 3), not as a config problem
+    finally:
+        db.close()
+    return []
 
 
 def _status_page(site: Site, http_listen: str | None) -> list[Diagnostic]:

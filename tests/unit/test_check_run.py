@@ -178,3 +178,18 @@ def test_check_reports_a_data_directory_it_cannot_create(
     finally:
         locked.chmod(stat.S_IRWXU)
 
+
+
+def test_changed_money_settings_are_refused_by_check_as_by_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The ledger binds the programme at its first start; ``check --data-dir`` reads it (read-only) as ``run`` does."""
+    site = _constructed(tmp_path)["incentive_keys"]
+    data_dir = tmp_path / "data"
+    assert _cli(["run", str(site), "--data-dir", str(data_dir), "--duration", "1"]) == 0
+    assert _cli(["check", str(site), "--data-dir", str(data_dir)]) == 0
+    site.write_text(site.read_text().replace("kg_per_kwh: 0.5", "kg_per_kwh: 0.6"))
+    capsys.readouterr()
+    assert not _assert_check_matches_run(site, data_dir, capsys)
+    assert _cli(["check", str(site), "--data-dir", str(data_dir)]) == 1
+    assert "differs from epoch 1" in capsys.readouterr().err
