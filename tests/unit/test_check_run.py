@@ -20,7 +20,10 @@ from gateway.errors import ConfigError
 from gateway.http.access import parse_listen
 
 REPO = Path(__file__).resolve().parents[2]
-SHIPPED = sorted((REPO / "firmware_configs" / "sites").glob("*.yaml"))
+#: the shipped sites: the demo and each driver's sample (real devices that are not there: their drivers log an outage)
+SHIPPED = sorted((REPO / "firmware_configs" / "sites").glob("*.yaml")) + sorted(
+    (REPO / "drivers").glob("*/sample-site.yaml")
+)
 GOLDEN = sorted((REPO / "tests" / "cases" / "config").glob("*/site.yaml"))
 
 _SIM_SITE = """\
@@ -135,14 +138,14 @@ def test_check_passes_exactly_the_sites_that_run_starts(
     site: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("EDGE_TEST_UNSET_INFLUX_TOKEN", raising=False)  # missing_env_secret's variable
+    monkeypatch.setenv("MQTT_HOST", "127.0.0.1")  # the MQTT sample's broker (none listens on its port: an outage)
+    monkeypatch.setenv("MQTT_PASSWORD", "sample-password")
     started = _assert_check_matches_run(site, tmp_path / "data", capsys)
     assert started == (site in SHIPPED)  # every shipped site starts; every golden case is broken
 
 
 @pytest.mark.parametrize("name", sorted(CONSTRUCTED_STARTS))
-def test_check_refuses_what_run_refuses_at_start(
-    name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_check_refuses_what_run_refuses_at_start(name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     site = _constructed(tmp_path)[name]
     assert _assert_check_matches_run(site, tmp_path / "data", capsys) == CONSTRUCTED_STARTS[name]
 
@@ -163,9 +166,7 @@ def test_check_creates_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert not data_dir.exists()
 
 
-def test_check_reports_a_data_directory_it_cannot_create(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_check_reports_a_data_directory_it_cannot_create(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     if os.geteuid() == 0:
         pytest.skip("root may write anywhere")
     locked = tmp_path / "locked"
@@ -177,7 +178,6 @@ def test_check_reports_a_data_directory_it_cannot_create(
         assert "cannot create it" in capsys.readouterr().err
     finally:
         locked.chmod(stat.S_IRWXU)
-
 
 
 def test_changed_money_settings_are_refused_by_check_as_by_run(
