@@ -10,7 +10,7 @@ takes the data directory's lock, so a site that passes ``check`` starts:
   an existing ledger (read-only) whose epoch in force has other money settings;
 - the status page's address and token rule (``gateway.http.access``, the function the server applies);
 - uplinks: the platform's command public key and its TLS files (loaded into an SSL context, never connected);
-- drivers: the bindings each driver checks when its sources are built (MQTT subscriptions);
+- drivers: the bindings each driver checks when its sources are built (MQTT subscriptions), MQTT brokers' TLS files;
 - the data directory: ``check`` only (``run`` reports it itself, as a runtime failure, exit 3).
 
 What it cannot know without running is left to ``run``: a port already taken, a lock held by another gateway, a
@@ -177,16 +177,34 @@ def _uplinks(site: Site) -> list[Diagnostic]:
         try:
             tls_context(platform)
         except (OSError, ssl.SSLError, ValueError) as exc:
-            message = f"cannot use the TLS files: {getattr(exc, 'strerror', None) or exc}"
-            problems.append(site.diagnostic(("uplinks", "platform", "tls"), message))
+            files = (platform.tls.ca, platform.tls.cert, platform.tls.key)
+            problems.append(site.diagnostic(("uplinks", "platform", "tls"), _tls_message(files, exc)))
     return problems
+
+
+def _tls_message(files: tuple[Path | None, ...], exc: Exception) -> str:
+    named = ", ".join(str(path) for path in files if path is not None) or "the system trust store"
+    return f"cannot load the TLS files ({named}): {getattr(exc, 'strerror', None) or exc}"
 
 
 def _drivers(site: Site) -> list[Diagnostic]:
     from gateway.supervisor import build_sources
 
     build_sources(site)  # builds objects only: nothing is opened until a source runs
-    return []
+    problems: list[Diagnostic] = []
+    for index, source in enumerate(site.config.mqtt_sources):
+        if source.tls is None:
+            continue
+        import ssl
+
+        from drivers.mqtt.client import tls_context
+
+        try:
+            tls_context(source)  # what each connection builds; a file it cannot load would crash the driver in a loop
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            files = (source.tls.ca_file, source.tls.cert_file, source.tls.key_file)
+            problems.append(site.diagnostic(("mqtt_sources", index, "tls"), _tls_message(files, exc)))
+    return problems
 
 
 def _data_dir(site: Site, data_dir: Path) -> list[Diagnostic]:
