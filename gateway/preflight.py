@@ -7,15 +7,15 @@ takes the data directory's lock, so a site that passes ``check`` starts:
 - incentives: the cross-checks of ``gateway.incentives.config.validate_against`` and the key files (readable, owner
   only, well-formed), resolved against the data directory; a missing key is fine only with
   ``generate_missing_keys: true`` (``run`` creates it, ``check`` does not) and a ledger holding no records yet;
-  an existing ledger (read-only) whose epoch in force has other money settings;
+  an existing ledger (read-only) of another version, or whose epoch in force has other money settings;
 - the status page's address and token rule (``gateway.http.access``, the function the server applies);
 - uplinks: the platform's command public key and its TLS files (loaded into an SSL context, never connected);
 - drivers: the bindings each driver checks when its sources are built (MQTT subscriptions), MQTT brokers' TLS files;
 - the data directory: ``check`` only (``run`` reports it itself, as a runtime failure, exit 3).
 
-What it cannot know without running is left to ``run``: a port already taken, a lock held by another gateway, a
-device or broker that does not answer, a ledger file that cannot be opened. Must never import a protocol library at
-module level (``check`` loads it).
+What it cannot know without running is left to ``run`` (exit 3, a runtime failure): a port already taken, a lock
+held by another gateway, an outbox or ledger file that cannot be opened, a device or broker that does not answer.
+Must never import a protocol library at module level (``check`` loads it).
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def _ledger(site: Site, data_dir: Path, missing_keys: list[str], pseudonyms: Pse
     be generated for a ledger that already holds records, and money settings changed since the epoch in force."""
     import sqlite3
 
-    from gateway.incentives.ledger import LEDGER_FILE, Ledger
+    from gateway.incentives.ledger import LEDGER_FILE, Ledger, version_problem
     from gateway.incentives.programme import build_programme
     from gateway.incentives.stage import settle_epoch
 
@@ -128,6 +128,8 @@ def _ledger(site: Site, data_dir: Path, missing_keys: list[str], pseudonyms: Pse
     except sqlite3.Error:
         return []  # run reports a ledger it cannot open itself (a runtime failure, exit 3)
     try:
+        if (problem := version_problem(db, path)) is not None:
+            return [Diagnostic(str(site.path), 0, 0, problem)]
         ledger = Ledger(db)
         if missing_keys and ledger.has_records():
             names = ", ".join(missing_keys)

@@ -197,3 +197,19 @@ def test_changed_money_settings_are_refused_by_check_as_by_run(
     assert not _assert_check_matches_run(site, data_dir, capsys)
     assert _cli(["check", str(site), "--data-dir", str(data_dir)]) == 1
     assert "differs from epoch 1" in capsys.readouterr().err
+
+
+def test_a_ledger_of_another_version_is_refused_by_check_as_by_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import sqlite3
+
+    site = _constructed(tmp_path)["incentive_keys"]
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    with sqlite3.connect(data_dir / "incentives.db") as db:
+        db.execute("CREATE TABLE records (seq INTEGER)")
+        db.execute("PRAGMA user_version = 1")
+    assert not _assert_check_matches_run(site, data_dir, capsys)
+    assert _cli(["check", str(site), "--data-dir", str(data_dir)]) == 1
+    assert "written by an older gateway" in capsys.readouterr().err
