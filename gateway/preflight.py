@@ -103,7 +103,10 @@ def _incentives(site: Site, data_dir: Path | None) -> list[Diagnostic]:
             else:
                 pseudonym_key = load_pseudonym_key(path)
         except KeyFileError as exc:
-            problems.append(site.diagnostic(("incentives", key), str(exc)))
+            hint = ""
+            if not configured.is_absolute() and not path.exists():
+                hint = f" (a relative key file is looked up in the data directory {data_dir}: see --data-dir)"
+            problems.append(site.diagnostic(("incentives", key), f"{exc}{hint}"))
     if problems or data_dir is None:
         return problems
     pseudonyms = Pseudonymizer(pseudonym_key) if pseudonym_key is not None else None
