@@ -131,7 +131,9 @@ if [ ! -f "$CONF_DIR/http-token" ]; then
 fi
 
 step "checking $CONF_DIR/site.yaml"
-if ! EDGE_GATEWAY_CONFIGS="$PREFIX/firmware_configs" "$VENV/bin/edge-gateway" check "$CONF_DIR/site.yaml"; then
+# with the service's data directory, so key files relative to it are checked where `run` will look for them
+if ! EDGE_GATEWAY_CONFIGS="$PREFIX/firmware_configs" "$VENV/bin/edge-gateway" check --data-dir "$STATE_DIR" \
+    "$CONF_DIR/site.yaml"; then
   die "the site file has errors (above); fix it and run this script again"
 fi
 

@@ -114,10 +114,19 @@ async def serve_site(
 
 
 def _cmd_run(args: argparse.Namespace, site_path: Path) -> int:
+    from gateway.preflight import raise_for
+
     site = _load_or_report(site_path)
     if site is None:
         return 1
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(site)
+    try:
+        # what `check` reports; the data directory is the supervisor's to refuse (a runtime failure, exit 3)
+        raise_for(site, data_dir=data_dir, http_listen=args.http, check_data_dir=False)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        print(f"{site_path}: {len(exc.diagnostics)} error(s); not started", file=sys.stderr)
+        return 1
     return run_async(serve_site(site, data_dir=data_dir, duration=args.duration, http=args.http))
 
 
@@ -130,15 +139,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Exit 0 when every site is valid (warnings are printed, on stderr, and do not fail it), 1 otherwise; with
-    ``--strict`` a warning (a literal secret in a site file) fails the check too."""
-    from gateway.supervisor import check_site
+    """Exit 0 when every site would start as `run` starts it (warnings are printed, on stderr, and do not fail it),
+    1 otherwise; with ``--strict`` a warning (a literal secret in a site file) fails the check too."""
+    from gateway.preflight import raise_for
 
     failed = 0
     for path in args.sites:
         try:
             site = load_site(path)
-            check_site(site)
+            # exactly what `run` refuses at start, with the same --data-dir and --http
+            data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(site)
+            raise_for(site, data_dir=data_dir, http_listen=args.http)
         except ConfigError as exc:
             print(exc, file=sys.stderr)
             print(f"{path}: {len(exc.diagnostics)} error(s)", file=sys.stderr)
@@ -307,6 +318,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     check = sub.add_parser("check", help="validate site files, their device profiles and rule files")
     check.add_argument("sites", nargs="+", type=Path, metavar="SITE")
     check.add_argument("--strict", action="store_true", help="treat warnings (a literal secret in a file) as errors")
+    check.add_argument("--data-dir", help="check as `run --data-dir DIR` would start (keys beside the ledger)")
+    check.add_argument("--http", help="check as `run --http HOST:PORT|off` would start")
     check.set_defaults(handler=cmd_check)
 
     tail = sub.add_parser("tail", help="print live samples of a running gateway (or of the demo)")

@@ -35,7 +35,6 @@ from gateway.driver_api import DeviceStatus, Source
 from gateway.errors import (
     ConfigError,
     DeviceError,
-    Diagnostic,
     GatewayError,
     StoreError,
     WriteRejected,
@@ -119,21 +118,6 @@ def load_rules(site: Site, registry: PointRegistry, state_path: Path | None) -> 
 
     state = RuleStateStore(state_path) if state_path is not None else None
     return RuleRuntime.load(site.rule_files, registry, timezone=site.config.gateway.timezone, state=state)
-
-
-def check_site(site: Site) -> None:
-    """Everything ``run`` would validate before touching a device: rules against the registry, incentives."""
-    diagnostics: list[Diagnostic] = []
-    try:
-        load_rules(site, site.registry, None)
-    except ConfigError as exc:
-        diagnostics.extend(exc.diagnostics)
-    if site.config.incentives is not None:
-        from gateway.incentives.config import validate_against
-
-        diagnostics.extend(validate_against(site))
-    if diagnostics:
-        raise ConfigError(diagnostics)
 
 
 class Gateway:

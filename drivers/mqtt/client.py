@@ -143,7 +143,7 @@ class Backoff:
         self.attempt = 0
 
 
-def _tls_context(config: MqttSourceConfig) -> ssl.SSLContext | None:
+def tls_context(config: MqttSourceConfig) -> ssl.SSLContext | None:
     tls = config.tls
     if tls is None:
         return None
@@ -182,7 +182,7 @@ class MqttConnection:
         if config.username is not None:
             password = config.resolved_password()
             self.client.username_pw_set(config.username, password.reveal() if password is not None else None)
-        context = _tls_context(config)
+        context = tls_context(config)
         if context is not None:
             self.client.tls_set_context(context)
         self.client.on_connect = self._on_connect

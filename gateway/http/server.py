@@ -31,7 +31,8 @@ page cannot read the page through DNS rebinding (a name of the attacker's resolv
 ``http.allowed_hosts``. The probes are exempt. Every response carries a CSP, ``nosniff`` and ``DENY`` for framing.
 
 Start-up checks run when ``serve(...)`` is *called*, before its coroutine is scheduled: a missing token or an
-address in use raises at once, with a clear message, instead of failing later inside a task.
+address in use raises at once, with a clear message, instead of failing later inside a task. The address and token
+rule lives in ``gateway.http.access``, which ``check`` applies too (``gateway.preflight``).
 """
 
 from __future__ import annotations
@@ -42,7 +43,6 @@ import binascii
 import contextlib
 import enum
 import hmac
-import ipaddress
 import logging
 import socket
 import time
@@ -55,9 +55,10 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from gateway import metrics
-from gateway.config.types import Secret, read_secret_file
-from gateway.errors import ConfigError, Diagnostic, GatewayError
+from gateway.config.types import Secret
+from gateway.errors import GatewayError
 from gateway.http import page, views
+from gateway.http.access import check_listen
 
 if TYPE_CHECKING:
     from gateway.supervisor import Gateway
@@ -80,62 +81,7 @@ class HttpServerError(GatewayError):
     """The status server cannot start (address in use, permission denied on a low port)."""
 
 
-# -- listen address and token ---------------------------------------------------------------------------------------
-
-
-def parse_listen(listen: str) -> tuple[str, int]:
-    """``"127.0.0.1:8080"``, ``"[::1]:8080"``, ``"0.0.0.0:80"`` -> (host, port). Raises ValueError."""
-    host, sep, port_text = listen.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"listen address {listen!r} must be HOST:PORT (e.g. 127.0.0.1:8080 or [::]:8080)")
-    host = host.removeprefix("[").removesuffix("]")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"listen address {listen!r}: port must be a number from 0 to 65535")
-    return host, int(port_text)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False  # a host name: it may resolve to a public address, so it counts as public
-
-
-def _diagnostic(gateway: Gateway, listen: str, message: str) -> Diagnostic:
-    site = gateway.site
-    if listen == site.config.http.listen:
-        return site.diagnostic(("http", "listen"), message)
-    return Diagnostic(str(site.path), 0, 0, f"--http {listen}: {message}")
-
-
-def load_token(gateway: Gateway, listen: str, host: str) -> Secret | None:
-    """The access token, or None for a loopback bind without one. Raises ConfigError (never logs the token)."""
-    token_file = gateway.site.config.http.token_file
-    if token_file is None:
-        if is_loopback(host):
-            return None
-        raise ConfigError(
-            [
-                _diagnostic(
-                    gateway,
-                    listen,
-                    f"the status page would listen on {host}, which is not loopback: set http.token_file "
-                    "(a file holding an access token) or listen on 127.0.0.1",
-                )
-            ]
-        )
-    path = token_file if token_file.is_absolute() else gateway.site.path.parent / token_file
-    try:
-        token = read_secret_file(path)
-    except ValueError as exc:
-        raise ConfigError([gateway.site.diagnostic(("http", "token_file"), str(exc))]) from None
-    if len(token.reveal()) < 16:
-        raise ConfigError(
-            [gateway.site.diagnostic(("http", "token_file"), f"the token in {path} is shorter than 16 characters")]
-        )
-    return token
+# -- binding (the address and token rule is gateway.http.access, shared with `check`) ----------------------------
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -419,11 +365,7 @@ def create_app(gateway: Gateway, *, token: Secret | None = None, allowed_hosts: 
 def serve(gateway: Gateway, listen: str, stopping: asyncio.Event) -> Coroutine[Any, Any, None]:
     """Check the address and token and bind now (raising ConfigError or HttpServerError); the returned coroutine
     serves until ``stopping`` is set, then closes within ``SHUTDOWN_GRACE_SECONDS``."""
-    try:
-        host, port = parse_listen(listen)
-    except ValueError as exc:
-        raise ConfigError([_diagnostic(gateway, listen, str(exc))]) from None
-    token = load_token(gateway, listen, host)
+    host, port, token = check_listen(gateway.site, listen)
     sock = _bind(host, port)
     return _serve(gateway, sock, token, stopping)
 

@@ -78,6 +78,19 @@ class StoredRecord:
     body: bytes
 
 
+def version_problem(db: sqlite3.Connection, path: Path) -> str | None:
+    """Why a ledger file of another version cannot be used (``Ledger.open`` and ``check`` refuse it), or None."""
+    version = db.execute("PRAGMA user_version").fetchone()[0]
+    has_tables = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'records'").fetchone() is not None
+    if has_tables and version != LEDGER_VERSION:
+        return (
+            f"{path} was written by an older gateway (ledger version {version}, records schema 1): keep it "
+            f"for audit (verify its records with the release that wrote them) and start this one in a "
+            f"fresh data directory, or move {path.name} aside"
+        )
+    return None
+
+
 class Ledger:
     """One SQLite connection; every method is a short statement or one transaction. Callers serialise access."""
 
@@ -91,15 +104,10 @@ class Ledger:
         try:
             ensure_private_dir(path.parent)
             db = create_private_sqlite(path, isolation_level=None, check_same_thread=False)
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            has_tables = db.execute("SELECT 1 FROM sqlite_master WHERE name = 'records'").fetchone() is not None
-            if has_tables and version != LEDGER_VERSION:
+            problem = version_problem(db, path)
+            if problem is not None:
                 db.close()
-                raise StoreError(
-                    f"{path} was written by an older gateway (ledger version {version}, records schema 1): keep it "
-                    f"for audit (verify its records with the release that wrote them) and start this one in a "
-                    f"fresh data directory, or move {path.name} aside"
-                )
+                raise StoreError(problem)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             db.executescript(_SCHEMA)

@@ -175,7 +175,7 @@ class IncentiveStage:
             signing_key, pseudonyms = _load_keys(site, config, Path(data_dir), ledger, key_files)
             zone_name = config.timezone or site.config.gateway.timezone
             programme = build_programme(config, site.registry, pseudonyms, zone_name)
-            epoch = _settle_epoch(site, ledger, programme, new_epoch_reason)
+            epoch = settle_epoch(site, ledger, programme, new_epoch_reason)
         except ConfigError:
             ledger.close()
             raise
@@ -730,7 +730,7 @@ def _baseline_body(baseline: BaselineValue | None) -> dict[str, Any] | None:
 # -- epochs -----------------------------------------------------------------------------------------------------------
 
 
-def _settle_epoch(site: Site, ledger: Ledger, programme: Programme, new_epoch_reason: str | None) -> int:
+def settle_epoch(site: Site, ledger: Ledger, programme: Programme, new_epoch_reason: str | None) -> int:
     """The epoch this stage issues under: 1 for a new ledger, the stored one when the programme is unchanged, the
     next one when an operator asked for it; else :class:`ProgrammeChanged`."""
     latest = ledger.latest_epoch()

@@ -13,7 +13,8 @@ import pytest
 
 from gateway.config.site import load_site
 from gateway.errors import ConfigError
-from gateway.http.server import HttpServerError, is_loopback, parse_listen, serve
+from gateway.http.access import is_loopback, parse_listen
+from gateway.http.server import HttpServerError, serve
 from gateway.supervisor import Gateway
 
 TOKEN = "0123456789abcdef-token"

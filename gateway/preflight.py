@@ -1,0 +1,227 @@
+"""Preflight: every refusal ``run`` makes at start, found without opening a connection or creating a file.
+
+Owns ``preflight(site, ...)``, the one list of start-time checks that ``check`` reports and ``run`` applies before it
+takes the data directory's lock, so a site that passes ``check`` starts:
+
+- rule files, loaded against the site's registry (as ``run`` loads them);
+- incentives: the cross-checks of ``gateway.incentives.config.validate_against`` and the key files (readable, owner
+  only, well-formed), resolved against the data directory; a missing key is fine only with
+  ``generate_missing_keys: true`` (``run`` creates it, ``check`` does not) and a ledger holding no records yet;
+  an existing ledger (read-only) of another version, or whose epoch in force has other money settings;
+- the status page's address and token rule (``gateway.http.access``, the function the server applies);
+- uplinks: the platform's command public key and its TLS files (loaded into an SSL context, never connected);
+- drivers: the bindings each driver checks when its sources are built (MQTT subscriptions), MQTT brokers' TLS files;
+- the data directory: ``check`` only (``run`` reports it itself, as a runtime failure, exit 3).
+
+What it cannot know without running is left to ``run`` (exit 3, a runtime failure): a port already taken, a lock
+held by another gateway, an outbox or ledger file that cannot be opened, a device or broker that does not answer.
+Must never import a protocol library at module level (``check`` loads it).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gateway.config.site import Site
+from gateway.errors import ConfigError, Diagnostic, GatewayError
+
+if TYPE_CHECKING:
+    from gateway.incentives.record import Pseudonymizer
+
+
+def preflight(
+    site: Site, *, data_dir: Path | None, http_listen: str | None, check_data_dir: bool = True
+) -> list[Diagnostic]:
+    """Every problem ``run SITE --data-dir DATA_DIR --http HTTP_LISTEN`` would refuse to start with.
+
+    ``data_dir`` None means keys relative to the data directory are not checked (and neither is the directory)."""
+    problems: list[Diagnostic] = []
+    for step in (
+        lambda: _rules(site),
+        lambda: _incentives(site, data_dir),
+        lambda: _status_page(site, http_listen),
+        lambda: _uplinks(site),
+        lambda: _drivers(site),
+    ):
+        problems.extend(_collect(step))
+    if check_data_dir and data_dir is not None:
+        problems.extend(_data_dir(site, data_dir))
+    return problems
+
+
+def raise_for(site: Site, *, data_dir: Path | None, http_listen: str | None, check_data_dir: bool = True) -> None:
+    """``preflight`` as an exception: ConfigError with every problem, or nothing."""
+    problems = preflight(site, data_dir=data_dir, http_listen=http_listen, check_data_dir=check_data_dir)
+    if problems:
+        raise ConfigError(problems)
+
+
+def _collect(step: Callable[[], list[Diagnostic]]) -> list[Diagnostic]:
+    try:
+        return step()
+    except ConfigError as exc:
+        return list(exc.diagnostics)
+
+
+def _rules(site: Site) -> list[Diagnostic]:
+    from gateway.supervisor import load_rules
+
+    runtime = load_rules(site, site.registry, None)
+    if runtime is not None and hasattr(runtime, "close"):
+        runtime.close()
+    return []
+
+
+def _incentives(site: Site, data_dir: Path | None) -> list[Diagnostic]:
+    config = site.config.incentives
+    if config is None:
+        return []
+    from gateway.incentives.config import validate_against
+    from gateway.incentives.record import KeyFileError, Pseudonymizer, load_private_key, load_pseudonym_key
+
+    problems = validate_against(site)
+    missing: list[str] = []
+    pseudonym_key: bytes | None = None
+    for key, configured in (
+        ("signing_key_file", config.signing_key_file),
+        ("pseudonym_key_file", config.pseudonym_key_file),
+    ):
+        path = configured
+        if not path.is_absolute():
+            if data_dir is None:
+                continue
+            path = data_dir / path  # as the incentive stage resolves it: beside the ledger
+        if not path.exists() and config.generate_missing_keys:
+            missing.append(str(path))  # run creates it on first start, unless the ledger already holds records
+            continue
+        try:
+            if key == "signing_key_file":
+                load_private_key(path)
+            else:
+                pseudonym_key = load_pseudonym_key(path)
+        except KeyFileError as exc:
+            hint = ""
+            if not configured.is_absolute() and not path.exists():
+                hint = f" (a relative key file is looked up in the data directory {data_dir}: see --data-dir)"
+            problems.append(site.diagnostic(("incentives", key), f"{exc}{hint}"))
+    if problems or data_dir is None:
+        return problems
+    pseudonyms = Pseudonymizer(pseudonym_key) if pseudonym_key is not None else None
+    return _ledger(site, data_dir, missing, pseudonyms)
+
+
+def _ledger(site: Site, data_dir: Path, missing_keys: list[str], pseudonyms: Pseudonymizer | None) -> list[Diagnostic]:
+    """What the incentive stage refuses about an existing ledger (read-only; a new data directory has none): keys to
+    be generated for a ledger that already holds records, and money settings changed since the epoch in force."""
+    import sqlite3
+
+    from gateway.incentives.ledger import LEDGER_FILE, Ledger, version_problem
+    from gateway.incentives.programme import build_programme
+    from gateway.incentives.stage import settle_epoch
+
+    config = site.config.incentives
+    path = data_dir / LEDGER_FILE
+    if config is None or not path.is_file():
+        return []
+    try:
+        db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    except sqlite3.Error:
+        return []  # run reports a ledger it cannot open itself (a runtime failure, exit 3)
+    try:
+        if (problem := version_problem(db, path)) is not None:
+            return [Diagnostic(str(site.path), 0, 0, problem)]
+        ledger = Ledger(db)
+        if missing_keys and ledger.has_records():
+            names = ", ".join(missing_keys)
+            message = (
+                f"key file(s) {names} missing but the ledger already holds records: restore them from "
+                "backup (new keys would break the chain's pseudonyms)"
+            )
+            return [site.diagnostic(("incentives", "generate_missing_keys"), message)]
+        if pseudonyms is not None:
+            zone_name = config.timezone or site.config.gateway.timezone
+            settle_epoch(site, ledger, build_programme(config, site.registry, pseudonyms, zone_name), None)
+    except ConfigError as exc:  # ProgrammeChanged: the operator must start a new epoch on purpose
+        return list(exc.diagnostics)
+    except (sqlite3.Error, GatewayError):
+        return []  # a ledger run will refuse as a store failure (exit 3), not as a config problem
+    finally:
+        db.close()
+    return []
+
+
+def _status_page(site: Site, http_listen: str | None) -> list[Diagnostic]:
+    from gateway.http.access import check_listen, effective_listen
+
+    listen = effective_listen(site, http_listen)
+    if listen is not None:
+        check_listen(site, listen)
+    return []
+
+
+def _uplinks(site: Site) -> list[Diagnostic]:
+    platform = site.config.uplinks.platform
+    if platform is None:
+        return []
+    problems: list[Diagnostic] = []
+    if platform.commands and platform.command_public_key_file is not None:
+        from gateway.incentives.record import KeyFileError, load_public_key
+
+        try:
+            load_public_key(platform.command_public_key_file)
+        except KeyFileError as exc:
+            problems.append(site.diagnostic(("uplinks", "platform", "command_public_key_file"), str(exc)))
+    if platform.tls is not None:
+        import ssl
+
+        from gateway.uplinks.mqtt import tls_context
+
+        try:
+            tls_context(platform)
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            files = (platform.tls.ca, platform.tls.cert, platform.tls.key)
+            problems.append(site.diagnostic(("uplinks", "platform", "tls"), _tls_message(files, exc)))
+    return problems
+
+
+def _tls_message(files: tuple[Path | None, ...], exc: Exception) -> str:
+    named = ", ".join(str(path) for path in files if path is not None) or "the system trust store"
+    return f"cannot load the TLS files ({named}): {getattr(exc, 'strerror', None) or exc}"
+
+
+def _drivers(site: Site) -> list[Diagnostic]:
+    from gateway.supervisor import build_sources
+
+    build_sources(site)  # builds objects only: nothing is opened until a source runs
+    problems: list[Diagnostic] = []
+    for index, source in enumerate(site.config.mqtt_sources):
+        if source.tls is None:
+            continue
+        import ssl
+
+        from drivers.mqtt.client import tls_context
+
+        try:
+            tls_context(source)  # what each connection builds; a file it cannot load would crash the driver in a loop
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            files = (source.tls.ca_file, source.tls.cert_file, source.tls.key_file)
+            problems.append(site.diagnostic(("mqtt_sources", index, "tls"), _tls_message(files, exc)))
+    return problems
+
+
+def _data_dir(site: Site, data_dir: Path) -> list[Diagnostic]:
+    """The directory ``run`` would lock, or create (0700) from its nearest existing parent."""
+    existing = data_dir
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        message = f"data directory {data_dir}: {existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        verb = "use" if existing == data_dir else "create"
+        message = f"data directory {data_dir}: cannot {verb} it ({existing} is not writable by this user)"
+    else:
+        return []
+    return [Diagnostic(str(site.path), 0, 0, message)]
