@@ -38,6 +38,7 @@ rule lives in ``gateway.http.access``, which ``check`` applies too (``gateway.pr
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import base64
 import binascii
 import contextlib
