@@ -38,12 +38,12 @@ rule lives in ``gateway.http.access``, which ``check`` applies too (``gateway.pr
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import base64
 import binascii
 import contextlib
 import enum
 import hmac
+import ipaddress
 import logging
 import socket
 import time
