@@ -535,8 +535,11 @@ class IncentiveStage:
         if self._clock_flagged(point, start, end):
             flags.add(CLOCK)
         expected = baseline.micro_kwh if baseline is not None else 0
-        if expected > 0 and GAP not in flags and (measured.micro_kwh == 0 or measured.frozen):
-            flags.add(STUCK)  # a meter that did not move while the baseline expects energy: frozen, never a saving
+        # a meter that did not move while the baseline expects energy: frozen, never a saving. An interval closed
+        # overdue while its last readings were still equal (the run undecided: the meter's data lag the clock) counts
+        # as frozen too, since a record cannot be taken back once the run turns out longer than an interval.
+        if expected > 0 and GAP not in flags and (measured.micro_kwh == 0 or measured.frozen or measured.open_run):
+            flags.add(STUCK)
         if baseline is not None:
             step = resolution_step(measured.readings, account.rules[point])
             if Decimal(step) > Decimal(expected) * self.config.resolution_share:

@@ -544,3 +544,14 @@ def test_a_meter_rated_in_its_device_profile_needs_no_other_limit_and_the_tighte
     programme = build_programme(site.config.incentives, site.registry, Pseudonymizer(b"0123456789abcdef" * 4), "UTC")
     limits = [plan.rules[plan.meters[0]].limit_w for plan in programme.accounts]
     assert limits == [10_400, 7_200]
+
+
+def test_an_interval_closed_overdue_on_equal_readings_pays_nothing(stage: IncentiveStage) -> None:
+    """Found by the property test: the meter's data lag the clock, its last readings are equal (a freeze may have
+    begun), and the interval is closed at max_delay before anyone can tell: it must not pay the frozen part."""
+    events = feed_minutes(stage, A1, range(10), 0.02)
+    events += feed_minutes(stage, A1, range(10, 17), 0.0, base=100.18)  # equal readings from 00:09 past the end
+    assert records(events) == []  # waiting: the run of equal readings is still undecided
+    events += stage.tick(T0 + 15 * MIN + 30 * MIN)  # overdue
+    first = records(events)[0]
+    assert first["flags"] == ["stuck"] and first["saving_kwh"] == "0.000000"
