@@ -98,8 +98,9 @@ def _moved(col: int, spans: list[tuple[int, int, int]]) -> int:
 class Diagnostic:
     """One problem in one file, positioned for a human: ``file:line:col: message`` plus the offending line.
 
-    ``line`` and ``col`` are 1-based; 0 means "the whole file". ``format`` is the one place a config line is
-    echoed: the values of secret-named keys are masked there, and a long line is cut around the column.
+    ``line`` and ``col`` are 1-based; 0 means "the whole file" (printed as ``file: message``, without a position).
+    ``format`` is the one place a config line is echoed: the values of secret-named keys are masked there, and a
+    long line is cut around the column.
     A ``warning`` is printed as such and does not fail a check (except ``check --strict``).
     """
 
@@ -112,7 +113,8 @@ class Diagnostic:
 
     def format(self) -> str:
         kind = "warning: " if self.severity == "warning" else ""
-        head = f"{self.file}:{self.line}:{self.col}: {kind}{self.message}"
+        where = f"{self.file}:{self.line}:{self.col}" if self.line else self.file  # 0: the whole file, no place
+        head = f"{where}: {kind}{self.message}"
         if self.source_line is None or self.line == 0:
             return head
         text, spans = mask_secrets(self.source_line.rstrip())

@@ -199,7 +199,8 @@ def _read_bounded(path: Path) -> str:
     except FileNotFoundError:
         raise ConfigError([Diagnostic(name, 0, 0, "file not found")]) from None
     except OSError as exc:
-        raise ConfigError([Diagnostic(name, 0, 0, f"cannot read file: {exc}")]) from exc
+        # strerror ("Permission denied", "Is a directory") without the path the diagnostic already starts with
+        raise ConfigError([Diagnostic(name, 0, 0, f"cannot read file: {exc.strerror or exc}")]) from exc
     if len(raw) > MAX_FILE_BYTES:
         raise ConfigError([_too_big(name, max(size, len(raw)))])
     try:
