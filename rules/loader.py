@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gateway.config.source import Loc, SourceMap, load_yaml, validate
+from gateway.config.source import Loc, SourceMap, did_you_mean, load_yaml, validate
 from gateway.errors import ConfigError, Diagnostic, WriteRejected
 from gateway.model import Command, Value, is_point_id
 from gateway.registry import PointInfo, ValueKind
@@ -409,10 +409,7 @@ class _Builder:
         return kind_word
 
     def suggest(self, name: str) -> str:
-        import difflib
-
-        close = difflib.get_close_matches(name, list(self.scope), n=1, cutoff=0.75)
-        return f" (did you mean {close[0]!r}?)" if close else ""
+        return did_you_mean(name, self.scope)
 
     def build_points(self) -> tuple[DerivedPoint, ...]:
         for point, source in self.point_configs.items():

@@ -16,11 +16,13 @@ The loader differs from ``yaml.safe_load`` on purpose:
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
+import types
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
@@ -209,8 +211,55 @@ def _read_bounded(path: Path) -> str:
         raise ConfigError([Diagnostic(name, 0, 0, f"cannot read file: {exc}")]) from exc
 
 
-def pydantic_diagnostics(exc: ValidationError, smap: SourceMap, prefix: Loc = ()) -> list[Diagnostic]:
-    """Turn every pydantic error into a positioned diagnostic (unknown keys point at the key)."""
+def did_you_mean(name: str, known: Iterable[str]) -> str:
+    """`` (did you mean 'poll'?)`` when ``name`` is close to one of ``known``, else ``""``: one rule for unknown keys
+    and unknown point names alike."""
+    # the name itself is no suggestion (a union's other member may have it, where this one does not)
+    close = difflib.get_close_matches(name, [k for k in known if k != name], n=1, cutoff=0.75)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The types an annotation stands for: ``Annotated`` and ``Optional``/unions unwrapped."""
+    if get_origin(annotation) is Annotated:
+        return _members(get_args(annotation)[0])
+    if get_origin(annotation) in (Union, types.UnionType):
+        return [t for arg in get_args(annotation) for t in _members(arg)]
+    return [annotation]
+
+
+def model_keys(model: type[BaseModel], loc: Iterable[str | int]) -> set[str]:
+    """The keys (field names and aliases) a mapping at ``loc`` inside ``model`` may have; empty when unknown.
+
+    Parts of ``loc`` that match no field (pydantic's union tags such as ``simulator``) are skipped."""
+    current: list[Any] = [model]
+    for part in loc:
+        found: list[Any] = []
+        for kind in current:
+            if isinstance(kind, type) and issubclass(kind, BaseModel) and isinstance(part, str):
+                for name, field in kind.model_fields.items():
+                    if part in (name, field.alias):
+                        found.extend(_members(field.annotation))
+            origin, args = get_origin(kind), get_args(kind)
+            if isinstance(part, int) and origin in (list, tuple) and args:
+                found.extend(_members(args[0]))
+            if isinstance(part, str) and origin is dict and len(args) == 2:
+                found.extend(_members(args[1]))
+        if found:
+            current = found
+    keys: set[str] = set()
+    for kind in current:
+        if isinstance(kind, type) and issubclass(kind, BaseModel):
+            for name, field in kind.model_fields.items():
+                keys.add(field.alias or name)
+    return keys
+
+
+def pydantic_diagnostics(
+    exc: ValidationError, smap: SourceMap, prefix: Loc = (), model: type[BaseModel] | None = None
+) -> list[Diagnostic]:
+    """Turn every pydantic error into a positioned diagnostic (unknown keys point at the key, with a "did you mean"
+    when ``model`` is given and has a close field)."""
     out: list[Diagnostic] = []
     for err in exc.errors(include_url=False):
         # Tagged unions add the tag to the path (("devices", 0, "modbus", "poll")); drop non-data parts.
@@ -222,6 +271,8 @@ def pydantic_diagnostics(exc: ValidationError, smap: SourceMap, prefix: Loc = ()
             loc = _data_loc(full, smap)
         if kind == "extra_forbidden":
             msg = f"unknown key {loc[-1]!r}" if loc else "unknown key"
+            if loc and model is not None:
+                msg += did_you_mean(str(loc[-1]), model_keys(model, err["loc"][:-1]))
             out.append(smap.diagnostic(loc, msg, key=True))
             continue
         if kind == "missing":
@@ -256,4 +307,4 @@ def validate(model: type[M], data: Any, smap: SourceMap, *, prefix: Loc = (), co
     try:
         return model.model_validate(data, context=context)
     except ValidationError as exc:
-        raise ConfigError(pydantic_diagnostics(exc, smap, prefix)) from None
+        raise ConfigError(pydantic_diagnostics(exc, smap, prefix, model)) from None
