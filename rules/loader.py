@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from gateway.config.source import Loc, SourceMap, did_you_mean, load_yaml, validate
 from gateway.errors import ConfigError, Diagnostic, WriteRejected
 from gateway.model import Command, Value, is_point_id
@@ -254,13 +256,21 @@ class _Builder:
 
     def add_file(self, path: Path) -> None:
         try:
-            data, smap = load_yaml(path)
+            # a duplicate key is reported and the first value kept, so the file's other problems are found too
+            data, smap = load_yaml(path, recovered=self.errors)
             if not isinstance(data, dict):
                 raise ConfigError([smap.diagnostic((), "a rule file is a mapping with version, points, rules...")])
-            config = validate(RuleFileConfig, data, smap)
         except ConfigError as exc:
             self.errors.extend(exc.diagnostics)
             return
+        try:
+            config = validate(RuleFileConfig, data, smap)
+        except ConfigError as exc:
+            self.errors.extend(exc.diagnostics)
+            salvaged = _without_broken_rule_keys(data)
+            if salvaged is None:
+                return
+            config = salvaged
         for point, point_config in config.points.items():
             if point in self.point_configs:
                 message = f"derived point {point!r} defined twice"
@@ -728,6 +738,36 @@ class _Builder:
             fingerprint=fingerprint,
             enabled=rule.enabled,
         )
+
+
+def _without_broken_rule_keys(data: dict[str, Any]) -> RuleFileConfig | None:
+    """The file again with the rule keys that failed validation left out, so the rest of those rules is still
+    checked (a bad ``for:`` must not hide an unknown point in ``when:``); None when that does not validate either.
+
+    Only keys of rules are left out: nothing refers to a rule, so no error follows from the omission (a point or
+    schedule left out would make every rule naming it report a second, misleading error). The file's errors are
+    already recorded; what is built from this is only checked, never run, because the load fails anyway."""
+    try:
+        RuleFileConfig.model_validate(data)
+    except ValidationError as exc:
+        broken: set[tuple[int, str]] = set()
+        for err in exc.errors(include_url=False):
+            loc = err["loc"]
+            if len(loc) < 3 or loc[0] != "rules" or not isinstance(loc[1], int) or not isinstance(loc[2], str):
+                return None
+            broken.add((loc[1], loc[2]))
+        rules = data.get("rules")
+        if not isinstance(rules, list):
+            return None
+        pruned = [dict(rule) if isinstance(rule, dict) else rule for rule in rules]
+        for index, key in broken:
+            if isinstance(pruned[index], dict):
+                pruned[index].pop(key, None)
+        try:
+            return RuleFileConfig.model_validate({**data, "rules": pruned})
+        except ValidationError:
+            return None
+    return None  # pragma: no cover - only called after the file failed validation
 
 
 def load_rule_set(files: Sequence[Path], registry: Mapping[str, PointInfo] | None, *, timezone: str) -> RuleSet:

@@ -165,8 +165,15 @@ def load_profile(name: str, model: type[StrictModel], search: list[Path]) -> Str
     for directory in search:
         candidate = directory / f"{name}.yaml"
         if candidate.is_file():
-            data, smap = load_yaml(candidate)
-            return validate(model, data, smap)
+            recovered: list[Diagnostic] = []
+            data, smap = load_yaml(candidate, recovered=recovered)
+            try:
+                profile = validate(model, data, smap)
+            except ConfigError as exc:
+                raise ConfigError([*recovered, *exc.diagnostics]) from None
+            if recovered:
+                raise ConfigError(recovered)
+            return profile
     raise FileNotFoundError(name)
 
 
@@ -328,11 +335,16 @@ def _building_aggregate(
 def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site:
     """Load, validate and resolve a site file. Raises ConfigError with every problem found."""
     path = Path(path)
-    data, smap = load_yaml(path)
+    # a duplicate key does not stop the load: validation goes on with the first value and reports the rest too
+    recovered: list[Diagnostic] = []
+    data, smap = load_yaml(path, recovered=recovered)
     context = {"env": env if env is not None else os.environ, "base_dir": path.parent}
-    config = validate(SiteConfig, data, smap, context=context)
+    try:
+        config = validate(SiteConfig, data, smap, context=context)
+    except ConfigError as exc:
+        raise ConfigError([*recovered, *exc.diagnostics]) from None
 
-    errors: list[Diagnostic] = _duplicate_ids(config, smap)
+    errors: list[Diagnostic] = [*recovered, *_duplicate_ids(config, smap)]
     bus_ids = {b.id for b in config.modbus_buses}
     source_ids = {s.id for s in config.mqtt_sources}
     search = _profile_paths(path, config)

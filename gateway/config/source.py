@@ -4,7 +4,8 @@ The loader differs from ``yaml.safe_load`` on purpose:
 
 * YAML 1.1 booleans (``on``/``off``/``yes``/``no``) stay strings: only ``true``/``false`` are booleans, so a
   device named ``no`` or a value ``off`` is never silently turned into ``False``.
-* Duplicate mapping keys are errors (PyYAML keeps the last one silently).
+* Duplicate mapping keys are errors (PyYAML keeps the last one silently); the first value is kept so validation
+  can go on and report the file's other problems with it.
 * Every mapping key and value gets a position, so a pydantic error at ``("devices", 3, "poll")`` is printed as
   ``site.yaml:17:11: ...`` with the offending line.
 * Hostile files are refused in bounded time and memory, before anything is built from them: a file over
@@ -134,7 +135,9 @@ def _build(node: yaml.Node, loc: Loc, smap: SourceMap, loader: _StrictLoader, er
                 errors.append(smap.at(*_mark(key_node), "mapping keys must be strings"))
                 continue
             if key in out:
-                errors.append(smap.at(*_mark(key_node), f"duplicate key {key!r}"))
+                first = smap.keys[(*loc, key)][0]
+                message = f"duplicate key {key!r}: the first one (line {first}) is kept, this one is ignored"
+                errors.append(smap.at(*_mark(key_node), message))
                 continue
             smap.keys[(*loc, key)] = _mark(key_node)
             out[key] = _build(value_node, (*loc, key), smap, loader, errors)
@@ -144,8 +147,14 @@ def _build(node: yaml.Node, loc: Loc, smap: SourceMap, loader: _StrictLoader, er
     return loader.construct_object(node, deep=True)
 
 
-def load_yaml(path: Path, *, text: str | None = None) -> tuple[Any, SourceMap]:
-    """Load one YAML document strictly; return the plain data and its source map, or raise ConfigError."""
+def load_yaml(
+    path: Path, *, text: str | None = None, recovered: list[Diagnostic] | None = None
+) -> tuple[Any, SourceMap]:
+    """Load one YAML document strictly; return the plain data and its source map, or raise ConfigError.
+
+    A duplicate or non-string key is an error the loader can step over (the first value is kept, the key skipped).
+    With a ``recovered`` list such errors are appended to it and the data is returned, so the caller can validate it
+    and report every problem of the file at once; without one they are raised like any other."""
     name = str(path)
     if text is None:
         text = _read_bounded(path)
@@ -174,8 +183,10 @@ def load_yaml(path: Path, *, text: str | None = None) -> tuple[Any, SourceMap]:
         raise ConfigError([smap.at(1, 1, f"YAML error: {exc}")]) from exc
     finally:
         loader.dispose()
-    if errors:
+    if errors and recovered is None:
         raise ConfigError(errors)
+    if recovered is not None:
+        recovered.extend(errors)
     return data, smap
 
 

@@ -29,7 +29,9 @@ EXPECTED: dict[str, tuple[int, int, str]] = {
     "deep_nesting": (66, 131, "nested more than 64 levels deep"),
     "derived_personal_false": (3, 77, "computed from the personal point apt101.power_kw, so it is personal itself"),
     "dunder_attribute": (4, 12, "attribute '__class__' not allowed"),
+    "duplicate_key": (5, 5, "duplicate key 'when': the first one (line 4) is kept, this one is ignored"),
     "duplicate_rule_id": (7, 9, "rule id 'co2-high' used twice"),
+    "duration_and_unknown_point": (5, 10, "invalid duration '5 minutes'"),
     "function_not_allowed": (9, 57, "function 'open' not allowed"),
     "huge_power": (4, 24, "huge power"),
     "payload_expression": (6, 75, "attribute access not allowed"),
@@ -90,6 +92,19 @@ def test_every_problem_of_a_file_is_reported_at_once(tmp_path: Path, registry: P
     with pytest.raises(ConfigError) as caught:
         load_rule_set([path], registry, timezone="UTC")
     assert [(d.line, d.col) for d in caught.value.diagnostics] == [(4, 11), (7, 11), (8, 18)]
+
+
+@pytest.mark.parametrize(
+    ("name", "positions"),
+    [
+        ("duration_and_unknown_point", [(5, 10), (4, 11)]),  # the bad duration does not hide the unknown point
+        ("duplicate_key", [(5, 5), (6, 18)]),  # nor does a duplicate key hide the unknown schedule
+    ],
+)
+def test_one_error_does_not_hide_another(name: str, positions: list[tuple[int, int]], registry: PointRegistry) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_rule_set([BROKEN / f"{name}.yaml"], registry, timezone="UTC")
+    assert [(d.line, d.col) for d in caught.value.diagnostics] == positions
 
 
 def test_names_are_unique_across_files(tmp_path: Path, registry: PointRegistry) -> None:
