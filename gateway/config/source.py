@@ -171,6 +171,9 @@ def load_yaml(
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise ConfigError([smap.at(line, col, exc.problem or NO_ALIASES)]) from None
     except yaml.MarkedYAMLError as exc:
+        plain = _layout_error(exc, smap)
+        if plain is not None:
+            raise ConfigError([plain]) from exc
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         problem = exc.problem or exc.context or "invalid YAML"
@@ -188,6 +191,71 @@ def load_yaml(
     if recovered is not None:
         recovered.extend(errors)
     return data, smap
+
+
+def _key_column(line: str) -> int:
+    """The 0-based column where a line's key starts (after list dashes: ``  - id: a`` has its key at 4)."""
+    column = len(line) - len(line.lstrip(" "))
+    while line.startswith("- ", column) or line.startswith("-\t", column):
+        column += 2
+        column += len(line[column:]) - len(line[column:].lstrip(" "))
+    return column
+
+
+def _content_lines(smap: SourceMap, before: int) -> list[int]:
+    """0-based indexes of the lines above ``before`` holding YAML (not blank, not only a comment), nearest first."""
+    return [i for i in range(before - 1, -1, -1) if smap.lines[i].strip() and not smap.lines[i].strip().startswith("#")]
+
+
+def _layout_error(exc: yaml.MarkedYAMLError, smap: SourceMap) -> Diagnostic | None:
+    """PyYAML's indentation and tab errors said in plain words, at the offending line; None for any other error.
+
+    PyYAML names its tokens (``expected <block end>, but found '<block mapping start>'``); what the writer did wrong
+    is visible from the line it points at and the line above it, so both are compared here."""
+    mark = exc.problem_mark
+    problem = exc.problem or ""
+    if mark is None or not 0 <= mark.line < len(smap.lines):
+        return None
+    line = smap.lines[mark.line]
+    if "character '\\t'" in problem:
+        if line[: mark.column].strip(" ") == "":
+            return smap.at(mark.line + 1, mark.column + 1, "a tab cannot indent YAML: use spaces")
+        return smap.at(mark.line + 1, mark.column + 1, "a tab cannot separate YAML here: use spaces")
+    wrong_value = problem == "mapping values are not allowed here"
+    if not (wrong_value or problem.startswith("expected <block end>")):
+        return None
+    above_lines = _content_lines(smap, mark.line)
+    if wrong_value and (not above_lines or line[: mark.column].count(": ") > 0):
+        message = "a second ': ' on this line: put the value in quotes if it contains ': '"
+        return smap.at(mark.line + 1, mark.column + 1, message)
+    if not above_lines:
+        return None
+    above = above_lines[0]
+    item = line.lstrip(" ").startswith("-")
+    if item:  # a list item lines up by its dash
+        here, there = len(line) - len(line.lstrip(" ")), len(smap.lines[above]) - len(smap.lines[above].lstrip(" "))
+    else:
+        here, there = _key_column(line), _key_column(smap.lines[above])
+    what = "item" if item else "key"
+    where = f"(at column {here + 1}; the {what} on line {above + 1} is at column {there + 1})"
+    if here > there:
+        message = f"this line is indented more than the {what} above it {where}: to go under that key, the key must "
+        message += "end with ':' and have no value on its line; beside it, indent it the same"
+        return smap.at(mark.line + 1, here + 1, message)
+    if wrong_value:
+        text = smap.lines[above].strip()
+        if ":" not in text:
+            message = "no ':' after this key, so the next line is read as part of it"
+            return smap.at(above + 1, there + 1, message)
+        return None
+    if item and any(_key_column(smap.lines[i]) == here for i in above_lines if smap.lines[i].lstrip(" ")[:1] != "-"):
+        message = "a list item ('- ') among keys: a list goes under a key that ends with ':', indented below it"
+        return smap.at(mark.line + 1, here + 1, message)
+    if here < there:
+        message = f"this line is indented less than the {what} above it {where} and lines up with nothing further up: "
+        message += "indent it like the keys it belongs with"
+        return smap.at(mark.line + 1, here + 1, message)
+    return None
 
 
 def _too_big(name: str, size: int) -> Diagnostic:

@@ -40,6 +40,7 @@ EXPECTED: dict[str, tuple[int, int, str]] = {
     "set_personal_virtual": (8, 47, "declare building.flat_kw with personal: true"),
     "set_undeclared": (6, 22, "set needs a virtual point declared under points:"),
     "syntax_error": (4, 22, "syntax error"),
+    "tab_indent": (4, 1, "a tab cannot indent YAML: use spaces"),
     "unknown_key": (5, 5, "unknown key 'clear_whn'"),
     "unknown_let": (6, 11, "unknown name 'ration'"),
     "unknown_point": (4, 32, "unknown point 'zone3.co3' (did you mean 'zone3.co2'?)"),
