@@ -360,10 +360,34 @@ def pydantic_diagnostics(
             continue
         where = ".".join(str(p) for p in loc)
         message = err["input"].message if isinstance(err.get("input"), Rejected) else err["msg"]
+        if kind in _SHAPES:
+            message = f"should be {_SHAPES[kind]}, not {_yaml_kind(err.get('input'))}"
         if message.startswith("Value error, "):
             message = message[len("Value error, ") :]
         out.append(smap.diagnostic(loc, f"{where}: {message}" if where else message))
     return out
+
+
+#: pydantic's "Input should be a valid dictionary" in the words of YAML's layout
+_SHAPES = {
+    "dict_type": "a mapping (key: value lines, or {key: value})",
+    "model_type": "a mapping (key: value lines, or {key: value})",
+    "list_type": "a list ('- ' items, or [a, b])",
+}
+
+
+def _yaml_kind(value: object) -> str:
+    if value is None:
+        return "empty"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, bool):
+        return f"{str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    return f"the text {str(value)!r}"
 
 
 def _data_loc(loc: Iterable[str | int], smap: SourceMap) -> Loc:
