@@ -248,6 +248,7 @@ class _Builder:
         self.broken_points = _Names()
         self.broken_schedules = _Names()
         self.broken_allow = _Names()
+        self.unchecked_devices: frozenset[str] = frozenset()
         self.kinds: dict[str, Kind] = {}
         self.visiting: list[str] = []
         self.derived: dict[str, tuple[DerivedPoint, frozenset[str]]] = {}
@@ -316,7 +317,8 @@ class _Builder:
             return self.kinds[name]
         source = self.point_configs.get(name)
         if source is None:
-            if (self.open_world or name in self.broken_points) and is_point_id(name):
+            unchecked = name in self.broken_points or name.partition(".")[0] in self.unchecked_devices
+            if (self.open_world or unchecked) and is_point_id(name):
                 return "any"
             info = self.registry[name]  # KeyError: unknown name, reported by the compiler
             return _REGISTRY_KINDS.get(info.kind, "any")
@@ -478,7 +480,7 @@ class _Builder:
         entries: dict[str, AllowedWrite] = {}
         for point, (entry, smap, loc) in self.allow_configs.items():
             info = self.registry.get(point)
-            if info is None and self.open_world:
+            if info is None and (self.open_world or point.partition(".")[0] in self.unchecked_devices):
                 info = PointInfo(id=point, writable=True)
             if info is None:
                 self.errors.append(smap.diagnostic((*loc, "point"), f"unknown point {point!r}{self.suggest(point)}"))
@@ -880,11 +882,20 @@ def _rule_without_broken_keys(rule: Any) -> RuleConfig | None:
     return None  # pragma: no cover - only reached after the rule failed validation
 
 
-def load_rule_set(files: Sequence[Path], registry: Mapping[str, PointInfo] | None, *, timezone: str) -> RuleSet:
+def load_rule_set(
+    files: Sequence[Path],
+    registry: Mapping[str, PointInfo] | None,
+    *,
+    timezone: str,
+    unchecked_devices: Iterable[str] = (),
+) -> RuleSet:
     """Read, check and compile rule files; raise ``ConfigError`` with every problem found.
 
-    ``registry`` None checks everything but point names and types (``rules check`` without a site)."""
+    ``registry`` None checks everything but point names and types (``rules check`` without a site).
+    ``unchecked_devices``: devices of a refused site file whose points are not in ``registry`` (the device is
+    broken, and reported); their points are accepted unchecked, as without a registry."""
     builder = _Builder(registry, timezone)
+    builder.unchecked_devices = frozenset(unchecked_devices)
     for path in files:
         builder.add_file(Path(path))
     derived = builder.build_points()

@@ -13,6 +13,7 @@ from gateway.config.site import load_site
 from gateway.config.source import load_yaml
 from gateway.config.types import Secret, parse_duration, parse_size, read_secret_file
 from gateway.errors import ConfigError
+from gateway.preflight import load_checked_site
 
 CASES = Path(__file__).resolve().parents[1] / "cases" / "config"
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +35,8 @@ def test_broken_site_reports_exact_position(case: str, monkeypatch: pytest.Monke
     monkeypatch.delenv("EDGE_TEST_UNSET_INFLUX_TOKEN", raising=False)
     expected = (case_dir / "expected.err").read_text().splitlines()
     with pytest.raises(ConfigError) as info:
-        load_site(case_dir / "site.yaml")
+        # as `check` and `run` load it: a refused site file still has its rule files checked
+        load_checked_site(case_dir / "site.yaml")
     assert _first_lines(info.value, case_dir) == expected
     echo = case_dir / "expected.echo"
     if echo.exists():  # the whole printed text: the offending lines as echoed (secret values masked)
@@ -260,3 +262,65 @@ def test_check_prints_the_warning_and_passes_and_strict_fails(tmp_path: Path) ->
     for output in (relaxed.stdout + relaxed.stderr, strict.stdout + strict.stderr):
         assert "hunter2" not in output
         assert "s3cr3t" not in output
+
+
+def test_check_reports_five_errors_in_five_sections_in_one_run(tmp_path: Path) -> None:
+    """One `check` run reports every error of a site file and its rule file: a bad time zone (gateway), a
+    misspelt key (storage), a bad baud rate (the second bus), a missing profile (the second device) and an unknown
+    point (the rule file), and nothing else: the device on the broken bus and the rule reading the device whose
+    profile is missing are not blamed for them. Exit 1, as for any refused site (docs/commands.md)."""
+    case = CASES / "five_errors"
+    for name in ("site.yaml", "rules.yaml"):
+        (tmp_path / name).write_text((case / name).read_text())
+    site = tmp_path / "site.yaml"
+    result = _check(site, "--data-dir", tmp_path / "data")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stdout == ""
+    located = [line for line in result.stderr.splitlines() if line.startswith(str(tmp_path))]
+    assert [line.split(": ", 1)[0] for line in located] == [
+        f"{site}:5:13",
+        f"{site}:7:3",
+        f"{site}:10:66",
+        f"{site}:13:60",
+        f"{tmp_path / 'rules.yaml'}:4:36",
+        str(site),  # the summary line
+    ]
+    assert "unknown time zone 'Mars/Olympus'" in located[0]
+    assert "unknown key 'durabilty' (did you mean 'durability'?)" in located[1]
+    assert "modbus_buses.1.baudrate" in located[2]
+    assert "device profile 'acme-unknown-meter' not found" in located[3]
+    assert "unknown point 'meter1.powr_w' (did you mean 'meter1.power_w'?)" in located[4]
+    assert located[5] == f"{site}: 5 error(s)"
+
+
+def test_check_reports_an_error_in_every_section_of_a_rule_file(tmp_path: Path) -> None:
+    """A rule file with a broken point, schedule, allow entry, rule (no id) and an unknown point in another rule:
+    all five in one `check` run of a site that is otherwise fine."""
+    (tmp_path / "site.yaml").write_text(
+        "version: 1\ngateway: {id: gw1, site: tower}\n"
+        "devices:\n  - {id: zone1, driver: simulator, profile: sim-zone}\n"
+        "rules: [rules.yaml]\n"
+    )
+    (tmp_path / "rules.yaml").write_text(
+        "version: 1\n"
+        "points:\n"
+        "  building.t2: {expr: 'zone1.temperature * 2', window: 5min}\n"
+        "schedules:\n"
+        "  day: {from: '07:00', to: '25:00'}\n"
+        "allow:\n"
+        "  simulator:\n"
+        "    - {point: zone1.temperature, min: 30, max: 10}\n"
+        "rules:\n"
+        "  - when: zone1.temperature > 30\n"
+        "    then: [{event: {type: hot, message: hot}}]\n"
+        "  - id: uses-them\n"
+        "    when: building.t2 > 50 and zone1.temperatur > 1\n"
+        "    only_during: day\n"
+        "    then: [{write: {point: zone1.temperature, value: 20}}]\n"
+    )
+    result = _check(tmp_path / "site.yaml", "--data-dir", tmp_path / "data")
+    assert result.returncode == 1, result.stdout + result.stderr
+    rules = str(tmp_path / "rules.yaml")
+    located = [line.split(": ", 1)[0] for line in result.stderr.splitlines() if line.startswith(rules)]
+    assert located == [f"{rules}:3:16", f"{rules}:5:28", f"{rules}:8:7", f"{rules}:10:5", f"{rules}:13:32"]
+    assert result.stderr.splitlines()[-1] == f"{tmp_path / 'site.yaml'}: 5 error(s)"
