@@ -55,8 +55,34 @@ def test_golden_cases_cover_the_required_kinds() -> None:
         "bad_point_id",
         "missing_env_secret",
         "bad_duration",
+        # every error at once: one broken part does not hide the others (site, profile, rule file)
+        "bad_device_next_device",
+        "bad_bus_device_checked",
+        "bad_profile_and_site_error",
+        "site_error_and_rule_file",
+        "wrong_type_top_level",
+        "five_errors",
+        # PyYAML's syntax errors in plain words
+        "unclosed_double_quote",
+        "unclosed_single_quote",
+        "quote_inside_quotes",
+        "quote_closed_next_line",
+        "unclosed_flow_sequence",
+        "flow_missing_comma",
+        "stray_bracket",
+        "stray_brace",
+        "mismatched_closer",
+        "undefined_alias",
+        "colon_in_value",
+        "tab_in_flow",
+        "two_documents",
+        "document_end_marker",
+        "control_character",
+        "not_utf8",
     }
     assert required <= {p.name for p in CASES.iterdir()}
+    for case in required:  # each says what happened in words, not in PyYAML's token names
+        assert "YAML syntax error" not in (CASES / case / "expected.err").read_text(), case
 
 
 def test_every_diagnostic_shows_the_offending_line() -> None:
@@ -93,9 +119,14 @@ def test_missing_and_unreadable_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="file not found"):
         load_site(tmp_path / "nope.yaml")
     bad = tmp_path / "latin1.yaml"
-    bad.write_bytes(b"name: caf\xe9\n")
-    with pytest.raises(ConfigError, match="cannot read file"):
+    bad.write_bytes(b"version: 1\nname: caf\xe9 \xe0 la carte\n")
+    with pytest.raises(ConfigError) as info:
         load_site(bad)
+    # at the byte (line 2, column 10), the line echoed with the byte replaced, saying what to do
+    [diagnostic] = info.value.diagnostics
+    assert (diagnostic.line, diagnostic.col) == (2, 10)
+    assert diagnostic.message.startswith("byte 0xe9 is not UTF-8: save the file as UTF-8")
+    assert diagnostic.format().splitlines()[1:] == ["    name: caf\ufffd \ufffd la carte", " " * 13 + "^"]
 
 
 def test_empty_site_file_says_what_is_missing(tmp_path: Path) -> None:
@@ -324,3 +355,38 @@ def test_check_reports_an_error_in_every_section_of_a_rule_file(tmp_path: Path) 
     located = [line.split(": ", 1)[0] for line in result.stderr.splitlines() if line.startswith(rules)]
     assert located == [f"{rules}:3:16", f"{rules}:5:28", f"{rules}:8:7", f"{rules}:10:5", f"{rules}:13:32"]
     assert result.stderr.splitlines()[-1] == f"{tmp_path / 'site.yaml'}: 5 error(s)"
+
+
+#: characters whose misplacement makes PyYAML's syntax errors: quotes, brackets, separators, tabs, markers
+_MISTAKES = ["'", '"', "[", "]", "{", "}", ":", ",", "\t", "*", "&", "-", "#", "\n", "---\n", "...\n", "\x07"]
+
+
+#: a small site with every YAML form the shipped files use: block mappings, a list, flow mappings and lists, quotes
+_COMPACT_SITE = """\
+version: 1
+gateway:
+  id: gw1
+  name: "Tower A"
+devices:
+  - {id: m1, driver: simulator, profile: 'sim-zone'}
+rules: [a.yaml]
+"""
+
+
+def test_any_one_misplaced_character_gives_a_positioned_error_or_loads(tmp_path: Path) -> None:
+    """Each character above inserted at every position of a site file: the loader either loads it or raises
+    ConfigError with every diagnostic inside the file (never another exception, never ``:0:0``)."""
+    path = tmp_path / "site.yaml"
+    refused = 0
+    for position in range(len(_COMPACT_SITE) + 1):
+        for mistake in _MISTAKES:
+            mutated = _COMPACT_SITE[:position] + mistake + _COMPACT_SITE[position:]
+            try:
+                load_yaml(path, text=mutated)
+            except ConfigError as exc:
+                refused += 1
+                lines = mutated.splitlines()
+                for diagnostic in exc.diagnostics:
+                    assert 1 <= diagnostic.line <= len(lines) + 1, (mutated, diagnostic.format())
+                    assert diagnostic.col >= 1, (mutated, diagnostic.format())
+    assert refused > len(_COMPACT_SITE)  # most of these mistakes break the file: the loop did test errors

@@ -46,6 +46,8 @@ EXPECTED: dict[str, tuple[int, int, str]] = {
     "set_undeclared": (6, 22, "set needs a virtual point declared under points:"),
     "syntax_error": (4, 22, "syntax error"),
     "tab_indent": (4, 1, "a tab cannot indent YAML: use spaces"),
+    "unclosed_flow_mapping": (6, 16, "the '{' opened at 6:16 is never closed: add '}' after its last item (line 6)"),
+    "unclosed_quote": (4, 11, 'the quote " opened at 4:11 is never closed: close it at the end of the value'),
     "unknown_key": (5, 5, "unknown key 'clear_whn'"),
     "unknown_let": (6, 11, "unknown name 'ration'"),
     "unknown_point": (4, 32, "unknown point 'zone3.co3' (did you mean 'zone3.co2'?)"),
