@@ -29,6 +29,7 @@ from gateway.errors import ConfigError, Diagnostic, WriteRejected
 from gateway.model import Command, Value, is_point_id
 from gateway.registry import PointInfo, ValueKind
 from rules.config import (
+    RULE_ID_RE,
     Action,
     AllowEntry,
     DerivedPointConfig,
@@ -304,7 +305,7 @@ class _Builder:
             self.allow_configs[entry.point] = (entry, smap, loc)
         seen = {r.config.id for r in self.rule_configs}
         for index, rule in parts.rules:
-            if rule.id in seen:
+            if rule.id and rule.id in seen:
                 self.errors.append(smap.diagnostic(("rules", index, "id"), f"rule id {rule.id!r} used twice"))
                 continue
             seen.add(rule.id)
@@ -875,10 +876,17 @@ def _rule_without_broken_keys(rule: Any) -> RuleConfig | None:
         for key, bad in actions.items():
             if bad and isinstance(pruned.get(key), list):
                 pruned[key] = [action for i, action in enumerate(pruned[key]) if i not in bad]
+        if not isinstance(rule.get("id"), str) or not RULE_ID_RE.match(rule["id"]):
+            # a rule without a (valid) id is still checked under a stand-in; the id "" it gets below marks it
+            # (never a duplicate of another rule, never run: the file's load fails)
+            pruned["id"] = "no-id"
         one = _section("rules", [pruned])
         if one is None and not pruned.get("then") and not pruned.get("on_clear"):
             one = _section("rules", [{**pruned, "then": [{"event": {"type": "placeholder"}}]}])
-        return one.rules[0] if one is not None else None
+        if one is None:
+            return None
+        checked = one.rules[0]
+        return checked.model_copy(update={"id": ""}) if pruned.get("id") != rule.get("id") else checked
     return None  # pragma: no cover - only reached after the rule failed validation
 
 

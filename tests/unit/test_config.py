@@ -390,3 +390,24 @@ def test_any_one_misplaced_character_gives_a_positioned_error_or_loads(tmp_path:
                     assert 1 <= diagnostic.line <= len(lines) + 1, (mutated, diagnostic.format())
                     assert diagnostic.col >= 1, (mutated, diagnostic.format())
     assert refused > len(_COMPACT_SITE)  # most of these mistakes break the file: the loop did test errors
+
+
+def test_run_reports_a_refused_sites_rule_file_errors_too(tmp_path: Path) -> None:
+    """`run` loads a site as `check` does: a broken device does not hide an unknown point in a rule file."""
+    case = CASES / "site_error_and_rule_file"
+    for name in ("site.yaml", "rules.yaml"):
+        (tmp_path / name).write_text((case / name).read_text())
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "run", str(tmp_path / "site.yaml"), "--data-dir", str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"{tmp_path / 'site.yaml'}:6:70: devices.0.seed" in result.stderr
+    assert f"{tmp_path / 'rules.yaml'}:4:54: unknown point 'meter2.powr_kw'" in result.stderr
+    assert "unknown point 'meter1" not in result.stderr  # the broken device's points are not blamed on the rule
+    assert result.stderr.splitlines()[-1] == f"{tmp_path / 'site.yaml'}: 2 error(s); not started"
+    assert not (tmp_path / "data").exists()

@@ -113,8 +113,8 @@ def test_every_problem_of_a_file_is_reported_at_once(tmp_path: Path, registry: P
         ("bad_schedule_definition", [(3, 52), (6, 11)]),
         ("bad_allow_entry", [(4, 7), (7, 11)]),
         ("bad_action_and_unknown_point", [(6, 9), (4, 11)]),
-        # a rule without its required id is reported, and the next rule is still checked
-        ("missing_required_key", [(3, 5), (7, 11)]),
+        # a rule without its required id, or with a bad one, is reported and still checked; so is the next rule
+        ("missing_required_key", [(3, 5), (6, 9), (3, 11), (7, 11), (11, 11)]),
         # a section of the wrong type, and another: both reported, the names they held spared, zone3.co3 not
         ("wrong_type_top_level", [(2, 9), (3, 12), (6, 38)]),
     ],
