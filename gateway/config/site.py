@@ -302,16 +302,26 @@ def aggregate_meters(config: SiteConfig) -> list[str]:
 
 
 def _building_aggregate(
-    config: SiteConfig, aggregate: BuildingAggregateConfig, registry: PointRegistry, smap: SourceMap
+    config: SiteConfig,
+    aggregate: BuildingAggregateConfig,
+    registry: PointRegistry,
+    smap: SourceMap,
+    unchecked: frozenset[str] = frozenset(),
 ) -> tuple[PointInfo | None, list[Diagnostic]]:
-    """The aggregate's point, or the reasons it cannot be built (positioned in ``privacy.building_aggregate``)."""
+    """The aggregate's point, or the reasons it cannot be built (positioned in ``privacy.building_aggregate``).
+
+    A meter of a device in ``unchecked`` (one that did not load, and is reported) is not blamed again."""
     loc: Loc = ("privacy", "building_aggregate")
     meters = aggregate_meters(config)
     problems: list[Diagnostic] = []
+    #: a meter of a device that did not load: the aggregate cannot be built, and the device's error says why
+    blocked = False
     for index, meter in enumerate(meters):
         info = registry.get(meter)
         where: Loc = (*loc, "meters", index) if aggregate.meters is not None else loc
-        if info is None:
+        if info is None and meter.partition(".")[0] in unchecked:
+            blocked = True
+        elif info is None:
             problems.append(smap.diagnostic(where, f"building aggregate meter {meter!r} is not a point of any device"))
         elif info.kind not in ("float", "int"):
             problems.append(smap.diagnostic(where, f"building aggregate meter {meter!r} is {info.kind}, not a number"))
@@ -326,7 +336,7 @@ def _building_aggregate(
         )
     if aggregate.point in registry:
         problems.append(smap.diagnostic((*loc, "point"), f"{aggregate.point!r} is already a device point"))
-    if problems:
+    if problems or blocked:
         return None, problems
     units = {registry[m].unit for m in meters}
     info = PointInfo(
@@ -517,8 +527,10 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
             errors.append(smap.diagnostic(loc, str(exc)))
 
     errors.extend(_mqtt_binding_errors(config, smap, place))
-    if config.privacy.building_aggregate is not None and not errors:
-        aggregate, problems = _building_aggregate(config, config.privacy.building_aggregate, registry, smap)
+    if config.privacy.building_aggregate is not None:
+        aggregate, problems = _building_aggregate(
+            config, config.privacy.building_aggregate, registry, smap, frozenset(unchecked)
+        )
         errors.extend(problems)
         if aggregate is not None:
             registry.add(aggregate)

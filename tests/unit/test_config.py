@@ -62,6 +62,7 @@ def test_golden_cases_cover_the_required_kinds() -> None:
         "site_error_and_rule_file",
         "wrong_type_top_level",
         "five_errors",
+        "aggregate_and_device_errors",
         # PyYAML's syntax errors in plain words
         "unclosed_double_quote",
         "unclosed_single_quote",
