@@ -385,7 +385,7 @@ class _Salvage:
     config: SiteConfig
     #: section -> the file index of each kept item (kept items keep their positions in messages)
     index: dict[str, list[int]]
-    #: section -> the ids (and any other text) the broken items held
+    #: section -> the ids (and any other text) the broken items held; a section is a key here when any of it broke
     broken: dict[str, set[str]]
 
 
@@ -421,6 +421,8 @@ def _salvage(data: object, context: object) -> _Salvage | None:
         if key in _ITEM_SECTIONS and isinstance(value, list):
             items = [(i, item) for i, item in enumerate(value) if _valid_alone({key: [item]}, context)]
             good = {i for i, _ in items}
+            if len(good) < len(value):
+                broken.setdefault(key, set())
             for i, item in enumerate(value):
                 if i not in good and isinstance(item, dict) and isinstance(item.get("id"), str):
                     broken.setdefault(key, set()).add(item["id"])
@@ -501,6 +503,8 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
                 try:
                     loaded[key] = load_profile(name, profile_model, search)
                 except FileNotFoundError:
+                    if "profile_dirs" in broken:
+                        continue  # looked up without the profile_dirs that are broken (and reported): not its fault
                     where = ", ".join(str(d) for d in search)
                     errors.append(
                         smap.diagnostic((*loc, "profile"), f"device profile {name!r} not found (looked in {where})")

@@ -63,6 +63,7 @@ def test_golden_cases_cover_the_required_kinds() -> None:
         "wrong_type_top_level",
         "five_errors",
         "aggregate_and_device_errors",
+        "bad_profile_dirs",
         # PyYAML's syntax errors in plain words
         "unclosed_double_quote",
         "unclosed_single_quote",
