@@ -36,11 +36,19 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self
 
 from drivers.modbus.codec import EncodeError, Value, encode
-from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig, ModbusPoint, ModbusProfile
-from drivers.modbus.planner import PlanInput, ReadRequest, device_points, plan_device
+from drivers.modbus.config import BIT_TABLES, ModbusBusConfig, ModbusDeviceConfig, ModbusPoint, ModbusProfile
+from drivers.modbus.planner import (
+    PlanInput,
+    ReadRequest,
+    configured_max_registers,
+    device_points,
+    plan_device,
+    split_request,
+)
 from gateway.driver_api import BatchSink, DeviceState, DeviceStatus
 from gateway.errors import DeviceError, DeviceRejected, DeviceUnavailable, WriteRejected
 from gateway.model import Command, Quality, Sample
+from gateway.reconnect import ReconnectPolicy, RetryTiming
 
 if TYPE_CHECKING:
     from gateway.config.site import Site
@@ -80,33 +88,6 @@ def _default_link(bus: ModbusBusConfig) -> Link:
     return ModbusLink(bus)
 
 
-class SlaveBreaker:
-    """Per-slave circuit breaker: after a failure the slave is skipped until ``open_until``, the wait doubling
-    from ``backoff_min`` to ``backoff_max`` while it keeps failing. Pure: time is passed in."""
-
-    __slots__ = ("backoff", "backoff_max", "backoff_min", "open_until")
-
-    def __init__(self, backoff_min: float, backoff_max: float) -> None:
-        self.backoff_min = backoff_min
-        self.backoff_max = backoff_max
-        self.backoff = backoff_min
-        self.open_until = 0.0
-
-    def allows(self, now: float) -> bool:
-        return now >= self.open_until
-
-    def trip(self, now: float) -> float:
-        """Record a failure at ``now``; return how long the slave is now skipped."""
-        wait = self.backoff
-        self.open_until = now + wait
-        self.backoff = min(self.backoff * 2, self.backoff_max)
-        return wait
-
-    def reset(self) -> None:
-        self.backoff = self.backoff_min
-        self.open_until = 0.0
-
-
 class PollClock:
     """Due times of one device's poll groups (one per interval), kept in phase: a late poll does not shift the
     following ones, and polls missed while busy are skipped, not bunched up. Pure: time is passed in."""
@@ -130,16 +111,39 @@ class PollClock:
         return min(self.due.values())
 
 
+#: exception codes after which a coalesced read is split and retried in smaller pieces: 3 (illegal data value:
+#: "too many registers" on many meters) and 2 (illegal data address: a hole read through)
+_SPLIT_CODES = frozenset({2, 3})
+
+
 @dataclass(eq=False)
 class _Device:
     config: ModbusDeviceConfig
     profile: ModbusProfile
     status: DeviceStatus
-    breaker: SlaveBreaker
+    breaker: ReconnectPolicy
     groups: dict[float, list[PlanInput]]
     clock: PollClock
-    #: due intervals -> reads, so a combination is planned once
+    #: due intervals -> reads, so a combination is planned once (cleared when the device teaches us a limit)
     plans: dict[tuple[float, ...], list[ReadRequest]] = field(default_factory=dict)
+    #: the most registers per read the device accepted after refusing more (exception 3), this session
+    learned_registers: int | None = None
+    #: the device refused a read through a hole (exception 2) that it accepted in pieces: plan without fill
+    learned_no_fill: bool = False
+
+    def due_points(self, due: tuple[float, ...]) -> list[str]:
+        return [point for interval in due for point, _spec in self.groups.get(interval, ())]
+
+
+@dataclass(slots=True)
+class _PollResult:
+    """What one poll of one device found: reads answered, the first refusal, the first silence."""
+
+    answered: int = 0
+    rejected: str | None = None
+    unavailable: str | None = None
+    #: the silence was the connection dying, not the slave: the bus reconnects, the slave is not backed off
+    link_lost: bool = False
 
 
 @dataclass(eq=False)
@@ -172,6 +176,7 @@ class ModbusBusSource:
         link_factory: LinkFactory = _default_link,
         clock: Callable[[], float] = time.monotonic,
         write_timeout: float = 5.0,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         if not devices:
             raise ValueError(f"bus {bus.id} has no devices")
@@ -181,20 +186,30 @@ class ModbusBusSource:
         self._clock = clock
         self._write_timeout = write_timeout
         now = clock()
+        #: the link's reconnect policy: reset by the first read answered after a reconnect, not by the connect
+        self._link_policy = ReconnectPolicy(
+            self.name,
+            RetryTiming(first=bus.reconnect_min, maximum=bus.reconnect_max),
+            clock=clock,
+            random=jitter,
+            logger=log,
+        )
         self._devices: list[_Device] = []
         self._points: dict[str, tuple[_Device, ModbusPoint]] = {}
         for config, profile in devices:
             if config.bus != bus.id:
                 raise ValueError(f"device {config.id} is on bus {config.bus}, not {bus.id}")
             groups = device_points(config, profile)
-            device = _Device(
-                config,
-                profile,
-                DeviceStatus(config.id, "modbus"),
-                SlaveBreaker(bus.backoff_min, bus.backoff_max),
-                groups,
-                PollClock(list(groups), now),
+            breaker = ReconnectPolicy(
+                f"{self.name} {config.id} (unit {config.unit})",
+                RetryTiming(first=bus.backoff_min, maximum=bus.backoff_max),
+                clock=clock,
+                random=jitter,
+                logger=log,
             )
+            status = DeviceStatus(config.id, "modbus")
+            status.info["max_registers"] = configured_max_registers(bus, config, profile)
+            device = _Device(config, profile, status, breaker, groups, PollClock(list(groups), now))
             self._devices.append(device)
             for name, spec in profile.points.items():
                 self._points[f"{config.id}.{name}"] = (device, spec)
@@ -202,6 +217,7 @@ class ModbusBusSource:
         self._writes: deque[_PendingWrite] = deque()
         self._wake: asyncio.Event | None = None
         self._running = False
+        self._link_up = False
         self._last_frame_end = 0.0
 
     @property
@@ -211,31 +227,31 @@ class ModbusBusSource:
     def status(self) -> list[DeviceStatus]:
         return [d.status for d in self._devices]
 
+    def learned_limits(self) -> dict[str, int]:
+        """Device id -> the read limit (registers) learned from its exception-3 refusals this session."""
+        return {d.config.id: d.learned_registers for d in self._devices if d.learned_registers is not None}
+
     # ------------------------------------------------------------------ run loop
 
     async def run(self, publish: BatchSink, stopping: asyncio.Event) -> None:
         self._wake = asyncio.Event()
         self._running = True
-        delay = self._bus.reconnect_min
-        outage_since: float | None = None
         try:
             while not stopping.is_set():
                 try:
                     async with self._link_factory(self._bus) as link:
-                        if outage_since is not None:
-                            log.info("%s: reconnected after %.1fs", self.name, self._clock() - outage_since)
-                            outage_since = None
-                        delay = self._bus.reconnect_min
-                        await self._poll_loop(link, publish, stopping)
+                        self._link_up = True
+                        try:
+                            await self._poll_loop(link, publish, stopping)
+                        finally:
+                            self._link_up = False
                 except (DeviceUnavailable, _LinkLost) as exc:
-                    if outage_since is None:
-                        outage_since = self._clock()
-                        log.warning("%s: connection lost (%s); reconnecting with backoff", self.name, exc)
-                        await self._publish_bus_down(publish, str(exc))
+                    reason = f"connection lost ({exc})"
+                    if not self._link_policy.down:
+                        self._mark_bus_down(reason)
+                    wait = self._link_policy.failed(reason)
                     self._fail_writes(DeviceUnavailable(f"{self.name} is not connected"))
-                    # jitter spreads reconnects of many gateways after a shared outage (a switch reboot)
-                    await self._sleep(delay * random.uniform(0.8, 1.2), stopping)
-                    delay = min(delay * 2, self._bus.reconnect_max)
+                    await self._wait_while_down(wait, publish, stopping)
         finally:
             self._running = False
             self._fail_writes(DeviceUnavailable(f"{self.name} stopped"))
@@ -259,39 +275,121 @@ class ModbusBusSource:
                 next_due = min(d.clock.next_due() for d in self._devices)
                 await self._sleep(next_due - self._clock(), stopping)
 
+    async def _wait_while_down(self, wait: float, publish: BatchSink, stopping: asyncio.Event) -> None:
+        """Wait ``wait`` seconds before the next connect, publishing one BAD sample per point at each of its poll
+        times meanwhile: an outage is explicit interval by interval downstream, not implied by missing samples."""
+        until = self._clock() + wait
+        while not stopping.is_set():
+            now = self._clock()
+            for device in self._devices:
+                due = device.clock.take_due(now)
+                if due:
+                    device.status.count_failure("link_down")
+                    await publish(_bad_points(device.due_points(due), time.time_ns()))
+            if now >= until:
+                return
+            self._fail_writes(DeviceUnavailable(f"{self.name} is not connected"))
+            next_due = min(d.clock.next_due() for d in self._devices)
+            await self._sleep(min(until, next_due) - now, stopping)
+
     async def _poll_device(
         self, link: Link, device: _Device, due: tuple[float, ...], publish: BatchSink
     ) -> None:
         now = self._clock()
         if not device.breaker.allows(now):
-            return  # backed off: its last (BAD) batch stands until it is tried again
+            # backed off (state disabled): not asked, but its points are still reported BAD for this interval
+            device.status.count_failure("backed_off")
+            await publish(_bad_points(device.due_points(due), time.time_ns()))
+            return
         requests = device.plans.get(due)
         if requests is None:
-            requests = device.plans[due] = plan_device(self._bus, device.config, device.profile, due)
+            requests = device.plans[due] = plan_device(
+                self._bus,
+                device.config,
+                device.profile,
+                due,
+                learned_registers=device.learned_registers,
+                learned_no_fill=device.learned_no_fill,
+            )
         samples: list[Sample] = []
-        unavailable: str | None = None
-        rejected: str | None = None
-        link_lost = False
+        result = _PollResult()
         started = now
         for request in requests:
-            if unavailable is not None:
+            if result.unavailable is not None:
                 _bad(request, samples, time.time_ns())  # the slave is silent: do not send the rest of its reads
                 continue
             if self._writes:
                 await self._drain_writes(link)
+            mark = len(samples)
             try:
-                await self._read_into(link, request, samples)
+                await self._read_adaptive(link, device, request, samples, result)
             except DeviceUnavailable as exc:
-                unavailable = str(exc)
-                link_lost = not link.connected
-                _bad(request, samples, time.time_ns())
-            except DeviceRejected as exc:
-                rejected = str(exc)
-                _bad(request, samples, time.time_ns())
+                result.unavailable = str(exc)
+                result.link_lost = not link.connected
+                device.status.count_failure("link_lost" if result.link_lost else "no_answer")
+                # pieces of a split read may have answered before the silence: keep them, BAD the rest
+                read = {s.point for s in samples[mark:]}
+                ts = time.time_ns()
+                samples.extend(Sample(p, None, ts, Quality.BAD) for p in request.point_ids if p not in read)
         await publish(samples)
-        self._record(device, unavailable, rejected, self._clock() - started)
-        if link_lost:
-            raise _LinkLost(unavailable or "link lost")
+        self._record(device, result, self._clock() - started)
+        if result.link_lost:
+            raise _LinkLost(result.unavailable or "link lost")
+
+    async def _read_adaptive(
+        self, link: Link, device: _Device, request: ReadRequest, samples: list[Sample], result: _PollResult
+    ) -> int:
+        """Read ``request`` into ``samples``; when the device refuses it with exception 3 or 2 and it carries more
+        than one point, read it in halves (recursively, down to single points) and learn from which sizes were
+        accepted. Returns the largest read (registers or bits) that was answered, 0 if none."""
+        try:
+            await self._read_into(link, request, samples)
+        except DeviceRejected as exc:
+            code = exc.code
+            if code not in _SPLIT_CODES or len(request.points) < 2:
+                result.rejected = result.rejected or str(exc)
+                device.status.count_failure(f"exception_{code}" if code is not None else "bad_answer")
+                _bad(request, samples, time.time_ns())
+                return 0
+        else:
+            result.answered += 1
+            return request.count
+        device.status.count_failure(f"exception_{code}")
+        first, second = split_request(request, device.profile.order)
+        answered = max(
+            await self._read_adaptive(link, device, first, samples, result),
+            await self._read_adaptive(link, device, second, samples, result),
+        )
+        if answered:
+            self._learn(device, request, code, answered)
+        return answered
+
+    def _learn(self, device: _Device, refused: ReadRequest, code: int | None, answered: int) -> None:
+        """A coalesced read was refused and its pieces (at most ``answered`` long) accepted: plan smaller."""
+        where = f"{self.name} {device.config.id} (unit {device.config.unit})"
+        if refused.table in BIT_TABLES:
+            return  # bit reads are not limited per device in the plan; the split pieces are read each cycle
+        if code == 3:
+            limit = min(answered, refused.count - 1)
+            if device.learned_registers is None or limit < device.learned_registers:
+                device.learned_registers = limit
+                device.status.info["max_registers"] = limit
+                device.status.info["max_registers_learned"] = True
+                device.plans.clear()
+                log.warning(
+                    "%s: refused a read of %d registers (exception 3) and accepted %d; reads are limited to %d "
+                    "for this session (set max_registers: %d on the device to start there)",
+                    where, refused.count, answered, limit, limit,
+                )
+        elif code == 2 and refused.fill and not device.learned_no_fill:
+            device.learned_no_fill = True
+            device.status.info["max_fill_learned"] = 0
+            device.plans.clear()
+            log.warning(
+                "%s: refused a read through %d unmapped registers (exception 2) and accepted the pieces; no longer "
+                "reading through holes (set max_fill: 0 in its profile to start there)",
+                where, refused.fill,
+            )
 
     async def _read_into(self, link: Link, request: ReadRequest, samples: list[Sample]) -> None:
         attempts = self._bus.retries + 1
@@ -330,30 +428,39 @@ class ModbusBusSource:
             if wait > 0:
                 await asyncio.sleep(wait)
 
-    def _record(self, device: _Device, unavailable: str | None, rejected: str | None, latency: float) -> None:
-        status, where = device.status, f"{self.name} {device.config.id} (unit {device.config.unit})"
-        if unavailable is not None:
-            wait = device.breaker.trip(self._clock())
-            if status.record_error(unavailable):
-                log.warning("%s: not answering (%s); skipping it, next try in %.0fs", where, unavailable, wait)
+    def _record(self, device: _Device, result: _PollResult, latency: float) -> None:
+        status = device.status
+        if result.unavailable is not None:
+            status.record_error(result.unavailable)
+            if result.link_lost:
+                return  # the bus reconnects (run): the slave itself is not to blame, so it is not backed off
+            # the policy logs the outage once (and its end once); the wait doubles while the slave stays silent
+            device.breaker.failed(f"not answering ({result.unavailable}); its points are BAD")
             status.state = DeviceState.DISABLED
             return
-        device.breaker.reset()
-        if rejected is not None:
-            if status.record_error(rejected):
-                log.warning("%s: refused a read (%s); its points are BAD until it answers", where, rejected)
+        # proven success: the first answer (a value or a refusal) resets the link's and the slave's backoff
+        self._link_policy.succeeded()
+        device.breaker.succeeded()
+        if result.rejected is None:
+            outage_start, before = status.since_ns, status.state
+            if status.record_ok(latency) or before is DeviceState.DEGRADED:
+                log.info(
+                    "%s %s: every read answered again after %.1fs",
+                    self.name, device.config.id, (status.since_ns - outage_start) / 1e9,
+                )
             return
-        outage_start = status.since_ns
-        if status.record_ok(latency):
-            log.info("%s: answering again after %.1fs", where, (status.since_ns - outage_start) / 1e9)
+        where = f"{self.name} {device.config.id} (unit {device.config.unit})"
+        if result.answered:
+            if status.record_partial(latency, result.rejected):
+                log.warning("%s: degraded, some reads refused (%s); those points are BAD", where, result.rejected)
+            return
+        if status.record_error(result.rejected):
+            log.warning("%s: refused every read (%s); its points are BAD until it answers", where, result.rejected)
 
-    async def _publish_bus_down(self, publish: BatchSink, reason: str) -> None:
-        ts = time.time_ns()
+    def _mark_bus_down(self, reason: str) -> None:
         for device in self._devices:
-            if device.status.record_error(reason):
-                device.status.state = DeviceState.OFFLINE
-            await publish([Sample(point, None, ts, Quality.BAD) for items in device.groups.values()
-                           for point, _spec in items])
+            device.status.record_error(reason)
+            device.status.state = DeviceState.OFFLINE
 
     async def _sleep(self, seconds: float, stopping: asyncio.Event) -> None:
         """Wait ``seconds``, or less when stopping is set or a write arrives."""
@@ -380,6 +487,8 @@ class ModbusBusSource:
         pending = self._prepare_write(command)
         if not self._running or self._wake is None:
             raise DeviceUnavailable(f"{self.name} is not running")
+        if not self._link_up:
+            raise DeviceUnavailable(f"{self.name} is not connected; write not sent")
         if not pending.device.breaker.allows(self._clock()):
             raise DeviceUnavailable(f"{pending.device.config.id} is not answering (backed off); write not sent")
         self._writes.append(pending)
@@ -480,6 +589,10 @@ def _extend_with_bad_floats(request: ReadRequest, values: list[Value], ts: int, 
 
 def _bad(request: ReadRequest, samples: list[Sample], ts: int) -> None:
     samples.extend(Sample(planned.point, None, ts, Quality.BAD) for planned in request.points)
+
+
+def _bad_points(points: Sequence[str], ts: int) -> list[Sample]:
+    return [Sample(point, None, ts, Quality.BAD) for point in points]
 
 
 def build_sources(site: Site) -> list[ModbusBusSource]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig, ModbusProfile
-from drivers.modbus.source import ModbusBusSource, PollClock, SlaveBreaker
+from drivers.modbus.source import ModbusBusSource, PollClock
 from gateway.errors import DeviceUnavailable, WriteRejected
 from gateway.model import Command
 
@@ -21,18 +21,6 @@ def test_poll_clock_keeps_phase_and_skips_missed_slots() -> None:
     assert clock.next_due() == 106.0
     assert clock.take_due(110.0) == (1.0, 10.0)
     assert clock.due == {1.0: 111.0, 10.0: 120.0}
-
-
-def test_breaker_backs_off_doubling_to_the_limit_and_resets() -> None:
-    breaker = SlaveBreaker(5.0, 20.0)
-    assert breaker.allows(0.0)
-    assert breaker.trip(0.0) == 5.0
-    assert not breaker.allows(4.9)
-    assert breaker.allows(5.0)
-    assert [breaker.trip(t) for t in (5.0, 15.0, 35.0)] == [10.0, 20.0, 20.0]
-    breaker.reset()
-    assert breaker.allows(35.1)
-    assert breaker.trip(36.0) == 5.0
 
 
 PROFILE = ModbusProfile.model_validate(
