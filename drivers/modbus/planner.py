@@ -14,7 +14,7 @@ of intervals (a read can always start at the first point not yet covered, so gre
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from drivers.modbus.codec import BlockDecoder, Decoder, compile_decoder
@@ -252,19 +252,47 @@ def format_interval(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def explain_bus(bus: ModbusBusConfig, devices: Sequence[tuple[ModbusDeviceConfig, ModbusProfile]]) -> str:
-    """The printable plan of one bus: per device, the reads when everything is due, then per poll interval."""
+def explain_bus(
+    bus: ModbusBusConfig,
+    devices: Sequence[tuple[ModbusDeviceConfig, ModbusProfile]],
+    *,
+    learned: Mapping[str, int] | None = None,
+) -> str:
+    """The printable plan of one bus: per device, its read limit and where it comes from, the reads when everything
+    is due, then per poll interval. ``learned`` (device id -> registers) are limits a device taught the scheduler
+    by refusing longer reads (exception 3); the plan is then the one the scheduler uses after learning."""
+    learned = learned or {}
     lines = [f"bus {bus.id} ({bus.describe()}, timeout {format_interval(bus.timeout)}, max fill {bus.max_fill})"]
     total = 0
     for device, profile in devices:
         groups = device_points(device, profile)
-        everything = plan_device(bus, device, profile)
+        taught = learned.get(device.id)
+        everything = plan_device(bus, device, profile, learned_registers=taught)
         total += len(everything)
         lines.append(f"  {device.id} unit {device.unit} ({profile.vendor} {profile.model}): {summarize(everything)}")
+        lines.append(f"    {describe_limit(bus, device, profile, taught)}")
         lines.extend(f"    {request.describe()}" for request in everything)
         if len(groups) > 1:
             for interval in groups:
-                alone = plan_device(bus, device, profile, [interval])
+                alone = plan_device(bus, device, profile, [interval], learned_registers=taught)
                 lines.append(f"    every {format_interval(interval)} alone: {summarize(alone)}")
     lines.append(f"  total when all due: {total} requests")
     return "\n".join(lines)
+
+
+def describe_limit(
+    bus: ModbusBusConfig, device: ModbusDeviceConfig, profile: ModbusProfile, learned: int | None = None
+) -> str:
+    """ "max 60 registers per read (device)": the limit in force and which setting (or refusal) set it."""
+    configured = configured_max_registers(bus, device, profile)
+    if learned is not None and learned < configured:
+        return f"max {learned} registers per read (learned: the device refused more; configured {configured})"
+    if device.max_registers == configured:
+        origin = "device"
+    elif bus.max_registers == configured:
+        origin = "bus"
+    elif profile.max_registers < MAX_READ_REGISTERS:
+        origin = "profile"
+    else:
+        origin = "protocol limit; refusals with exception 3 are learned at run time"
+    return f"max {configured} registers per read ({origin})"

@@ -1,0 +1,134 @@
+"""Devices that are not exactly as configured, against a real pymodbus server (issue 15, item 1).
+
+Shown here: a meter that refuses reads of more than N registers with exception 3 is read in pieces within the same
+poll (no point ever goes BAD), its limit is learned once and reported; a device whose only failing read is refused
+is ``degraded`` (its other points GOOD), not ``offline``; ``max_registers`` on the device entry is honoured from
+the first read. Timeouts are 0.2 s so the file runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig, ModbusProfile
+from drivers.modbus.planner import explain_bus
+from drivers.modbus.source import ModbusBusSource
+from gateway.driver_api import DeviceState
+from gateway.model import Quality
+from tests.integration.modbus.test_modbus_bus import Runner
+
+pytestmark = pytest.mark.integration
+
+#: 100 u16 registers in a row: one coalesced read of 100 registers when nothing limits it
+WIDE = ModbusProfile.model_validate(
+    {
+        "driver": "modbus",
+        "vendor": "Test",
+        "model": "Wide",
+        "doc": "tests/integration/modbus/modbus_server.py register layout",
+        "points": {f"r{i}": {"table": "holding", "address": i, "type": "u16"} for i in range(100)},
+    }
+)
+
+
+def source_for(port: int, unit: int, profile: ModbusProfile, **device: Any) -> ModbusBusSource:
+    bus = ModbusBusConfig.model_validate(
+        {"id": "test", "type": "tcp", "host": "127.0.0.1", "port": port, "timeout": "200ms", "retries": 0}
+    )
+    config = ModbusDeviceConfig.model_validate(
+        {"id": "meter", "driver": "modbus", "profile": "test", "bus": "test", "unit": unit, "poll": "100ms", **device}
+    )
+    return ModbusBusSource(bus, [(config, profile)])
+
+
+async def test_a_meter_refusing_long_reads_is_split_and_its_limit_learned(
+    tcp_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = tcp_server("--limit", "5:60")
+    source = source_for(server.port, 5, WIDE)
+    caplog.set_level(logging.WARNING, logger="drivers.modbus")
+    async with Runner(source) as run:
+        await run.wait_until(lambda: len(run.of("meter")) >= 4)
+    first = run.of("meter")[0]
+    # the refused 100-register read was re-read in halves inside the same poll: nothing went BAD, even once
+    assert {s.point.partition(".")[2]: s.value for s in first} == {f"r{i}": 5000 + i for i in range(100)}
+    assert all(s.quality is Quality.GOOD for batch in run.of("meter") for s in batch)
+    status = source.status()[0]
+    assert status.state is DeviceState.ONLINE
+    assert status.info["max_registers"] == 50 and status.info["max_registers_learned"] is True
+    assert status.failures == {"exception_3": 1}, "learned once: later polls are planned within the limit"
+    assert source.learned_limits() == {"meter": 50}
+    learned = [r.getMessage() for r in caplog.records if "limited to 50" in r.getMessage()]
+    assert len(learned) == 1, caplog.text
+
+
+async def test_the_split_goes_down_to_the_size_the_device_takes(tcp_server: Any) -> None:
+    server = tcp_server("--limit", "5:20")
+    source = source_for(server.port, 5, WIDE)
+    async with Runner(source) as run:
+        await run.wait_until(lambda: len(run.of("meter")) >= 3)
+    assert all(s.quality is Quality.GOOD for batch in run.of("meter") for s in batch)
+    # 100 -> 50 -> 25 (refused) -> 12/13: the largest piece accepted is the learned limit
+    assert source.status()[0].info["max_registers"] == 13
+    assert source.status()[0].failures["exception_3"] == 7  # 1 x 100, 2 x 50, 4 x 25, all in the first poll
+
+
+async def test_max_registers_on_the_device_entry_is_used_from_the_first_read(tcp_server: Any) -> None:
+    server = tcp_server("--limit", "5:60")
+    source = source_for(server.port, 5, WIDE, max_registers=60)
+    async with Runner(source) as run:
+        await run.wait_until(lambda: len(run.of("meter")) >= 3)
+    status = source.status()[0]
+    assert status.failures == {}, "nothing refused: the configured limit fits the device"
+    assert status.info == {"max_registers": 60}
+    assert all(s.quality is Quality.GOOD for batch in run.of("meter") for s in batch)
+
+
+async def test_one_refused_read_makes_the_device_degraded_not_offline(
+    tcp_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    # the server maps 200 holding registers: a point at 500 is refused (exception 2) on its own read
+    profile = ModbusProfile.model_validate(
+        {
+            "driver": "modbus",
+            "vendor": "Test",
+            "model": "Partial",
+            "doc": "tests/integration/modbus/modbus_server.py register layout",
+            "points": {
+                "first": {"table": "holding", "address": 0, "type": "u16"},
+                "second": {"table": "holding", "address": 1, "type": "u16"},
+                "missing": {"table": "holding", "address": 500, "type": "u16"},
+            },
+        }
+    )
+    server = tcp_server("--units", "1")
+    source = source_for(server.port, 1, profile)
+    caplog.set_level(logging.WARNING, logger="drivers.modbus")
+    async with Runner(source) as run:
+        await run.wait_until(lambda: len(run.of("meter")) >= 4)
+    last = run.last("meter")
+    assert last["first"].value == 1000 and last["first"].quality is Quality.GOOD
+    assert last["second"].value == 1001
+    assert last["missing"].quality is Quality.BAD and last["missing"].value is None
+    status = source.status()[0]
+    assert status.state is DeviceState.DEGRADED
+    assert status.last_ok_ns > 0, "it did read OK: never shown as 'never read OK'"
+    assert "exception 2" in (status.last_error or "")
+    assert status.failures["exception_2"] >= 4
+    assert sum("degraded" in r.getMessage() for r in caplog.records) == 1, "one log line, not one per poll"
+
+
+def test_plan_reports_device_and_bus_limits() -> None:
+    bus = ModbusBusConfig.model_validate({"id": "b", "type": "tcp", "host": "h", "max_registers": 80})
+    config = ModbusDeviceConfig.model_validate(
+        {"id": "meter", "driver": "modbus", "profile": "test", "bus": "b", "unit": 1, "max_registers": 60}
+    )
+    text = explain_bus(bus, [(config, WIDE)])
+    assert "max 60 registers per read (device)" in text
+    assert "2 requests touching 100 registers" in text
+    learned = explain_bus(bus, [(config, WIDE)], learned={"meter": 40})
+    assert "max 40 registers per read (learned: the device refused more; configured 60)" in learned
+    assert "3 requests touching 100 registers" in learned
