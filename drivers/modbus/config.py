@@ -176,6 +176,9 @@ class ModbusProfile(StrictModel):
     model: str
     #: the public document the map follows (title, revision): an engineer on site must be able to check it
     doc: str
+    #: what part of the device's register map the profile maps ("measurements 30001-30086 and the energy
+    #: counters; no setup registers"), so an engineer knows whether a missing value is unmapped or unavailable
+    coverage: str | None = None
     description: str | None = None
     #: default order of 32/64-bit values; points may override it
     order: OrderWide = "ABCD"
