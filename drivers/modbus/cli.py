@@ -23,6 +23,7 @@ from drivers.modbus.planner import explain_bus, plan_device, split_request
 from gateway.arguments import duration, host_port, int_range
 from gateway.errors import ConfigError, DeviceError, DeviceRejected
 from gateway.http.page import format_reading, format_unit
+from gateway.model import Sample
 
 _ORDERS = ("ABCD", "CDAB", "BADC", "DCBA")
 
@@ -61,6 +62,15 @@ def register(subparsers: Any) -> None:
 
     plan = sub.add_parser("plan", help="print the request plan of every Modbus bus of a site file")
     plan.add_argument("site", type=Path, help="site file (YAML)")
+    plan.add_argument(
+        "--probe",
+        action="store_true",
+        help="poll every device once first and print the plan with the read limits the devices taught "
+        "(a meter refusing long reads with exception 3), and each device's state and failed reads",
+    )
+    plan.add_argument(
+        "--seconds", type=duration, default=10.0, help="with --probe: how long to wait for every device (default 10s)"
+    )
     plan.set_defaults(handler=_plan)
 
 
@@ -290,5 +300,41 @@ def _plan(args: argparse.Namespace) -> int:
             for profile in [site.profiles[device.id]]
             if isinstance(profile, ModbusProfile)
         ]
-        print(explain_bus(bus, devices))
+        if not args.probe or not devices:
+            print(explain_bus(bus, devices))
+            continue
+        learned, report = asyncio.run(_probe_bus(bus, devices, args.seconds))
+        print(explain_bus(bus, devices, learned=learned))
+        print("\n".join(report))
     return 0
+
+
+async def _probe_bus(
+    bus: ModbusBusConfig, devices: list[tuple[ModbusDeviceConfig, ModbusProfile]], seconds: float
+) -> tuple[dict[str, int], list[str]]:
+    """Run the bus's real scheduler until every device has been polled once (or ``seconds`` pass): what the
+    devices taught it (read limits) and each one's state, as the gateway would see them."""
+    from drivers.modbus.source import ModbusBusSource
+
+    source = ModbusBusSource(bus, devices)
+    polled: set[str] = set()
+    everyone = {device.id for device, _profile in devices}
+    stopping = asyncio.Event()
+
+    async def publish(batch: list[Sample]) -> None:
+        polled.update(sample.point.partition(".")[0] for sample in batch)
+        if polled >= everyone:
+            stopping.set()
+
+    task = asyncio.create_task(source.run(publish, stopping))
+    try:
+        await asyncio.wait_for(stopping.wait(), timeout=seconds)
+    except TimeoutError:
+        stopping.set()
+    await task
+    report = [f"  probed: {len(polled)} of {len(everyone)} devices polled"]
+    for status in source.status():
+        failures = ", ".join(f"{reason} {count}" for reason, count in sorted(status.failures.items())) or "none"
+        line = f"    {status.device}: {status.state}; failed reads: {failures}"
+        report.append(line + (f"; last error: {status.last_error}" if status.last_error else ""))
+    return source.learned_limits(), report

@@ -92,3 +92,42 @@ def test_read_with_some_points_refused_says_so_and_exits_0(
     far = [line.split(None, 2) for line in captured.out.splitlines() if line.startswith("far ")]
     assert far == [["far", "BAD", "unit 1 refused read holding 99+1: exception 2 (illegal data address)"]]
     assert captured.err == "warning: 1 of 5 points not read (BAD above)\n"
+
+
+WIDE_PROFILE = "\n".join(
+    [
+        "driver: modbus",
+        "vendor: Test",
+        "model: Wide",
+        "doc: tests/integration/modbus/modbus_server.py register layout",
+        "points:",
+        *(f"  r{i}: {{table: holding, address: {i}, type: u16}}" for i in range(100)),
+    ]
+)
+
+
+def test_plan_probe_prints_the_limit_the_meter_taught(
+    tcp_server: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    server = tcp_server("--limit", "5:60")
+    (tmp_path / "test-wide.yaml").write_text(WIDE_PROFILE + "\n")
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "version: 1\n"
+        "gateway: {id: gw, site: lab}\n"
+        f'profile_dirs: ["{tmp_path}"]\n'
+        "modbus_buses:\n"
+        f"  - {{id: lab, type: tcp, host: 127.0.0.1, port: {server.port}, timeout: 300ms}}\n"
+        "devices:\n"
+        "  - {id: meter, driver: modbus, profile: test-wide, bus: lab, unit: 5}\n"
+    )
+    assert main(["modbus", "plan", str(site)]) == 0
+    offline = capsys.readouterr().out
+    assert "meter unit 5 (Test Wide): 1 request touching 100 registers" in offline
+    assert "max 125 registers per read (protocol limit; refusals with exception 3 are learned at run time)" in offline
+    assert main(["modbus", "plan", str(site), "--probe"]) == 0
+    probed = capsys.readouterr().out
+    assert "meter unit 5 (Test Wide): 2 requests touching 100 registers" in probed
+    assert "max 50 registers per read (learned: the device refused more; configured 125)" in probed
+    assert "probed: 1 of 1 devices polled" in probed
+    assert "meter: online; failed reads: exception_3 1" in probed
