@@ -1,6 +1,6 @@
 """One scheduler per physical Modbus bus: the ``Source`` the supervisor runs for each ``modbus_buses:`` entry.
 
-Owns ``ModbusBusSource`` (polling, writes, per-slave breakers, reconnect with backoff, device status) and
+Owns ``ModbusBusSource`` (polling, writes, per-slave breakers, reconnects, adaptive reads, device status) and
 ``build_sources(site)``. Talks to the wire only through a link (``drivers.modbus.client.ModbusLink`` by default,
 injected as ``link_factory=`` so tests can pass their own); never imports pymodbus itself.
 
@@ -13,11 +13,19 @@ Behaviour, in the order it matters on a real RS-485 line:
   decoded by its request's precompiled ``BlockDecoder`` and its Samples built in C (the hot path: no per-point
   Python call);
 * a failed read publishes BAD samples (value None) for exactly the points it carried, never a 0;
-* a slave that does not answer (after ``retries``) is skipped for the rest of the cycle and backed off
-  (``backoff_min`` doubling up to ``backoff_max``): it never stalls the others. While backed off its points are
-  not re-published: its last batch (BAD) stands and its status says ``disabled``;
-* a lost connection is re-opened with backoff (``reconnect_min`` .. ``reconnect_max``, with jitter); each outage
-  and each recovery is logged once, for the bus and for each device.
+* a coalesced read refused with exception 3 (too many registers) or 2 (a hole) is read again in halves, down to
+  single points, in the same poll; the largest read accepted becomes the device's limit for the session (reported
+  in its status ``info`` and by ``modbus plan --probe``), and a refused read through a hole stops hole filling;
+* device states: ``online``; ``degraded`` (some reads refused, others answered: the refused points BAD);
+  ``offline`` (every read refused, or the link is down); ``disabled`` (silent, skipped by its breaker until the
+  next try). One word each, the same in the API, the page and drivers/modbus/README.md;
+* a silent slave (after ``retries``) is skipped for the rest of the cycle and its breaker opens: tried again after
+  ``backoff_min`` doubling to ``backoff_max``, with jitter (``gateway.reconnect``); it never stalls the others;
+* a lost connection is re-opened fast (``reconnect_min``, doubling to ``reconnect_max``, with jitter) and, once
+  back, every device is polled at once; the first answered read (not the connect) resets the backoff;
+* while the link is down or a slave backed off, every poll cycle still publishes one BAD sample per due point, so
+  an outage is explicit interval by interval; failed reads and skipped cycles are counted by reason in the
+  device's status (``failures``); each outage and each recovery is logged once, for the bus and for each device.
 """
 
 from __future__ import annotations
@@ -109,6 +117,10 @@ class PollClock:
 
     def next_due(self) -> float:
         return min(self.due.values())
+
+    def restart(self, now: float) -> None:
+        """Make every interval due at ``now`` (after a reconnect: read at once, not at the next slot)."""
+        self.due = dict.fromkeys(self.due, now)
 
 
 #: exception codes after which a coalesced read is split and retried in smaller pieces: 3 (illegal data value:
@@ -227,6 +239,11 @@ class ModbusBusSource:
     def status(self) -> list[DeviceStatus]:
         return [d.status for d in self._devices]
 
+    @property
+    def link_policy(self) -> ReconnectPolicy:
+        """The bus link's reconnect policy (read it; the source drives it)."""
+        return self._link_policy
+
     def learned_limits(self) -> dict[str, int]:
         """Device id -> the read limit (registers) learned from its exception-3 refusals this session."""
         return {d.config.id: d.learned_registers for d in self._devices if d.learned_registers is not None}
@@ -241,6 +258,12 @@ class ModbusBusSource:
                 try:
                     async with self._link_factory(self._bus) as link:
                         self._link_up = True
+                        if self._link_policy.down:
+                            # back after an outage: poll every device now rather than at its next slot, so
+                            # readings return as soon as the device does (the phase shifts once per outage)
+                            now = self._clock()
+                            for device in self._devices:
+                                device.clock.restart(now)
                         try:
                             await self._poll_loop(link, publish, stopping)
                         finally:

@@ -165,6 +165,10 @@ async def test_tcp_server_restart_reconnects_and_logs_once(tcp_server: Any, capl
     messages = [r.getMessage() for r in caplog.records]
     assert sum("connection lost" in m for m in messages) == 1, messages
     assert sum("modbus[test]: back after" in m for m in messages) == 1, messages
+    # the first answered poll reset the backoff: the next outage starts again from the fast first retry
+    policy = source.link_policy
+    assert not policy.down and policy.attempts == 0
+    assert policy.next_delay_bounds() == pytest.approx((0.1 * 0.8, 0.1 * 1.2))
     status = source.status()[0]
     assert status.state is DeviceState.ONLINE
     # while the server was away, every poll cycle published one BAD sample per point, not just the first one

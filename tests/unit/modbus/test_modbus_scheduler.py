@@ -23,6 +23,14 @@ def test_poll_clock_keeps_phase_and_skips_missed_slots() -> None:
     assert clock.due == {1.0: 111.0, 10.0: 120.0}
 
 
+def test_poll_clock_restart_makes_everything_due_now() -> None:
+    clock = PollClock([1.0, 10.0], start=100.0)
+    clock.take_due(100.0)
+    clock.restart(104.5)
+    assert clock.take_due(104.5) == (1.0, 10.0)
+    assert clock.due == {1.0: 105.5, 10.0: 114.5}
+
+
 PROFILE = ModbusProfile.model_validate(
     {
         "driver": "modbus",
