@@ -250,7 +250,7 @@ def exposition(registry: CollectorRegistry) -> bytes:
 
 def device_failure_metric(statuses: Iterable[DeviceStatus]) -> Metric:
     """``edge_gateway_device_read_failures_total{device, driver, reason}``: failed reads, and poll cycles skipped
-    while the link was down or the device backed off, by reason (``exception_3``, ``no_answer``, ``link_down``...)."""
+    while the link was down or the device disabled, by reason (``exception_3``, ``no_answer``, ``link_down``...)."""
     failures = CounterMetricFamily(
         "edge_gateway_device_read_failures",
         "Failed reads (and poll cycles skipped while down) by reason",

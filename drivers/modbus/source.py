@@ -23,7 +23,7 @@ Behaviour, in the order it matters on a real RS-485 line:
   ``backoff_min`` doubling to ``backoff_max``, with jitter (``gateway.reconnect``); it never stalls the others;
 * a lost connection is re-opened fast (``reconnect_min``, doubling to ``reconnect_max``, with jitter) and, once
   back, every device is polled at once; the first answered read (not the connect) resets the backoff;
-* while the link is down or a slave backed off, every poll cycle still publishes one BAD sample per due point, so
+* while the link is down or a slave is disabled, every poll cycle still publishes one BAD sample per due point, so
   an outage is explicit interval by interval; failed reads and skipped cycles are counted by reason in the
   device's status (``failures``); each outage and each recovery is logged once, for the bus and for each device.
 """
@@ -154,7 +154,7 @@ class _PollResult:
     answered: int = 0
     rejected: str | None = None
     unavailable: str | None = None
-    #: the silence was the connection dying, not the slave: the bus reconnects, the slave is not backed off
+    #: the silence was the connection dying, not the slave: the bus reconnects, the slave is not disabled
     link_lost: bool = False
 
 
@@ -320,8 +320,8 @@ class ModbusBusSource:
     ) -> None:
         now = self._clock()
         if not device.breaker.allows(now):
-            # backed off (state disabled): not asked, but its points are still reported BAD for this interval
-            device.status.count_failure("backed_off")
+            # disabled (its breaker is open): not asked, but its points are still reported BAD for this interval
+            device.status.count_failure("disabled")
             await publish(_bad_points(device.due_points(due), time.time_ns()))
             return
         requests = device.plans.get(due)
@@ -456,7 +456,7 @@ class ModbusBusSource:
         if result.unavailable is not None:
             status.record_error(result.unavailable)
             if result.link_lost:
-                return  # the bus reconnects (run): the slave itself is not to blame, so it is not backed off
+                return  # the bus reconnects (run): the slave itself is not to blame, so it is not disabled
             # the policy logs the outage once (and its end once); the wait doubles while the slave stays silent
             device.breaker.failed(f"not answering ({result.unavailable}); its points are BAD")
             status.state = DeviceState.DISABLED
@@ -505,7 +505,7 @@ class ModbusBusSource:
 
     async def write(self, command: Command) -> None:
         """Check, encode and queue one write; it is sent ahead of the next read. Raises WriteRejected (never
-        sent), DeviceUnavailable (bus down, device backed off, or no answer) or DeviceRejected (the device
+        sent), DeviceUnavailable (bus down, device disabled, or no answer) or DeviceRejected (the device
         refused, or read back something else)."""
         pending = self._prepare_write(command)
         if not self._running or self._wake is None:
@@ -513,7 +513,8 @@ class ModbusBusSource:
         if not self._link_up:
             raise DeviceUnavailable(f"{self.name} is not connected; write not sent")
         if not pending.device.breaker.allows(self._clock()):
-            raise DeviceUnavailable(f"{pending.device.config.id} is not answering (backed off); write not sent")
+            device = pending.device.config.id
+            raise DeviceUnavailable(f"{device} is not answering (disabled until its next try); write not sent")
         self._writes.append(pending)
         self._wake.set()
         try:

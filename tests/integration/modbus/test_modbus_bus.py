@@ -126,17 +126,17 @@ async def test_tcp_several_slaves_one_dead_one_refusing(tcp_server: Any, caplog:
     for unit in (1, 2, 3):
         assert_good_values(run.last(f"dev{unit}"), unit)
         assert all(before <= s.ts <= time.time_ns() for s in run.last(f"dev{unit}").values())
-    # 9 polls at 250 ms take 2.0 s plus the first poll; the dead slave (0.2 s timeout, then backed off) must not
+    # 9 polls at 250 ms take 2.0 s plus the first poll; the dead slave (0.2 s timeout, then disabled) must not
     # push the others off their schedule
     assert window < 2.0 + 0.6, f"live slaves were stalled: 9 polls took {window:.2f}s"
     dead = run.of("dev9")
     assert dead, "the dead slave's failure is published"
     assert all(s.quality is Quality.BAD and s.value is None for batch in dead for s in batch)
-    assert len(dead) >= 5, "a backed-off slave still gets one BAD batch per poll cycle (the outage is explicit)"
+    assert len(dead) >= 5, "a disabled slave still gets one BAD batch per poll cycle (the outage is explicit)"
     assert all(len({s.point for s in batch}) == len(batch) == len(PROFILE.points) for batch in dead)
     failures = source.status()[2].failures
-    assert failures.get("no_answer", 0) <= 3, f"a dead slave is backed off, not asked every cycle: {failures}"
-    assert failures.get("backed_off", 0) >= 2, failures
+    assert failures.get("no_answer", 0) <= 3, f"a dead slave is disabled, not asked every cycle: {failures}"
+    assert failures.get("disabled", 0) >= 2, failures
     refused = run.last("dev7")
     assert all(s.quality is Quality.BAD and s.value is None for s in refused.values())
     status = {s.device: s for s in source.status()}
