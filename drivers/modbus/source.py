@@ -177,6 +177,37 @@ class _LinkLost(Exception):
 _new_tuple = tuple.__new__
 
 
+class _OutageReporter:
+    """While a bus is down: at each device's poll slots, one BAD sample per due point (value None), so an outage is
+    explicit interval by interval downstream rather than implied by missing samples. Runs as its own task so the
+    slots keep coming while the reconnect waits or a connect attempt hangs; ``stop()`` ends it between batches,
+    never in the middle of a publish."""
+
+    def __init__(self, devices: Sequence[_Device], publish: BatchSink, clock: Callable[[], float]) -> None:
+        self._devices = devices
+        self._publish = publish
+        self._clock = clock
+        self._done = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="modbus.outage")
+
+    async def _run(self) -> None:
+        while not self._done.is_set():
+            now = self._clock()
+            for device in self._devices:
+                due = device.clock.take_due(now)
+                if due:
+                    device.status.count_failure("link_down")
+                    await self._publish(_bad_points(device.due_points(due), time.time_ns()))
+            wait = min(d.clock.next_due() for d in self._devices) - self._clock()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._done.wait(), timeout=wait)
+
+    async def stop(self) -> None:
+        self._done.set()
+        await self._task
+
+
 class ModbusBusSource:
     """Reads and writes every device on one bus. See the module docstring for the behaviour."""
 
@@ -253,10 +284,14 @@ class ModbusBusSource:
     async def run(self, publish: BatchSink, stopping: asyncio.Event) -> None:
         self._wake = asyncio.Event()
         self._running = True
+        reporter: _OutageReporter | None = None
         try:
             while not stopping.is_set():
                 try:
                     async with self._link_factory(self._bus) as link:
+                        if reporter is not None:
+                            await reporter.stop()
+                            reporter = None
                         self._link_up = True
                         if self._link_policy.down:
                             # back after an outage: poll every device now rather than at its next slot, so
@@ -274,8 +309,14 @@ class ModbusBusSource:
                         self._mark_bus_down(reason)
                     wait = self._link_policy.failed(reason)
                     self._fail_writes(DeviceUnavailable(f"{self.name} is not connected"))
-                    await self._wait_while_down(wait, publish, stopping)
+                    if reporter is None:
+                        # one BAD sample per point per poll slot for as long as the link is down, including
+                        # while a connect attempt hangs (a cut cable costs a connect timeout per attempt)
+                        reporter = _OutageReporter(self._devices, publish, self._clock)
+                    await self._sleep(wait, stopping)
         finally:
+            if reporter is not None:
+                await reporter.stop()
             self._running = False
             self._fail_writes(DeviceUnavailable(f"{self.name} stopped"))
 
@@ -297,23 +338,6 @@ class ModbusBusSource:
             if not polled:
                 next_due = min(d.clock.next_due() for d in self._devices)
                 await self._sleep(next_due - self._clock(), stopping)
-
-    async def _wait_while_down(self, wait: float, publish: BatchSink, stopping: asyncio.Event) -> None:
-        """Wait ``wait`` seconds before the next connect, publishing one BAD sample per point at each of its poll
-        times meanwhile: an outage is explicit interval by interval downstream, not implied by missing samples."""
-        until = self._clock() + wait
-        while not stopping.is_set():
-            now = self._clock()
-            for device in self._devices:
-                due = device.clock.take_due(now)
-                if due:
-                    device.status.count_failure("link_down")
-                    await publish(_bad_points(device.due_points(due), time.time_ns()))
-            if now >= until:
-                return
-            self._fail_writes(DeviceUnavailable(f"{self.name} is not connected"))
-            next_due = min(d.clock.next_due() for d in self._devices)
-            await self._sleep(min(until, next_due) - now, stopping)
 
     async def _poll_device(
         self, link: Link, device: _Device, due: tuple[float, ...], publish: BatchSink

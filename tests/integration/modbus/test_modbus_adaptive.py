@@ -132,3 +132,36 @@ def test_plan_reports_device_and_bus_limits() -> None:
     learned = explain_bus(bus, [(config, WIDE)], learned={"meter": 40})
     assert "max 40 registers per read (learned: the device refused more; configured 60)" in learned
     assert "3 requests touching 100 registers" in learned
+
+
+async def test_a_hanging_connect_still_gives_one_bad_batch_per_poll_slot() -> None:
+    """A cut cable: connect attempts hang until their timeout. The outage is still explicit slot by slot."""
+    import socket
+
+    # a real listener whose accept queue is full: the kernel drops further SYNs, so a connect hangs
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)
+    port = listener.getsockname()[1]
+    fillers = []
+    for _ in range(3):
+        filler = socket.socket()
+        filler.setblocking(False)
+        filler.connect_ex(("127.0.0.1", port))
+        fillers.append(filler)
+    try:
+        source = source_for(port, 1, WIDE)  # timeout 200 ms: each connect attempt waits 1.2 s
+        async with Runner(source) as run:
+            await run.wait_until(lambda: len(run.of("meter")) >= 12, timeout=10)
+        batches = run.of("meter")
+        assert all(len(b) == 100 and all(s.quality is Quality.BAD and s.value is None for s in b) for b in batches)
+        status = source.status()[0]
+        assert status.failures["link_down"] == len(batches)
+        # far fewer connect attempts than BAD batches: the slots kept coming while the attempts hung
+        assert source.link_policy.attempts <= len(batches) / 3, (source.link_policy.attempts, len(batches))
+        assert status.state is DeviceState.OFFLINE
+        assert status.last_error is not None and "no connection within 1.2s" in status.last_error
+    finally:
+        for filler in fillers:
+            filler.close()
+        listener.close()
