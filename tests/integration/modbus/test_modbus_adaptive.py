@@ -165,3 +165,33 @@ async def test_a_hanging_connect_still_gives_one_bad_batch_per_poll_slot() -> No
         for filler in fillers:
             filler.close()
         listener.close()
+
+
+async def test_a_read_through_an_unmapped_hole_is_split_and_holes_are_no_longer_filled(
+    tcp_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    profile = ModbusProfile.model_validate(
+        {
+            "driver": "modbus",
+            "vendor": "Test",
+            "model": "Drive",
+            "doc": "tests/integration/modbus/modbus_server.py register layout",
+            "points": {
+                "a": {"table": "holding", "address": 0, "type": "u16"},
+                "b": {"table": "holding", "address": 2, "type": "u16"},
+                "c": {"table": "holding", "address": 6, "type": "u32"},
+            },
+        }
+    )
+    server = tcp_server("--hole", "4:3-5")  # registers 3..5 unmapped: the planned read 0..7 touches them
+    source = source_for(server.port, 4, profile)
+    caplog.set_level(logging.WARNING, logger="drivers.modbus")
+    async with Runner(source) as run:
+        await run.wait_until(lambda: len(run.of("meter")) >= 4)
+    assert all(s.quality is Quality.GOOD for batch in run.of("meter") for s in batch)
+    assert run.last("meter")["c"].value == (4006 << 16) | 4007
+    status = source.status()[0]
+    assert status.state is DeviceState.ONLINE
+    assert status.failures == {"exception_2": 1}, "learned once: later polls read around the hole"
+    assert status.info["max_fill_learned"] == 0
+    assert sum("no longer reading through holes" in r.getMessage() for r in caplog.records) == 1
