@@ -18,7 +18,22 @@ How it behaves, and why:
 
 It is pure: time comes from ``clock`` and randomness from ``random``, both injectable, and it never sleeps. The
 caller waits ``failed()``'s answer its own way (an ``asyncio.Event`` wait that a write or a stop can cut short), so
-tests drive it on a fake clock without real sleeps.
+tests drive it on a fake clock without real sleeps. A connection loop adopts it like this::
+
+    policy = ReconnectPolicy("uplink[influx]", RetryTiming(first=0.5, maximum=30))
+    while not stopping.is_set():
+        try:
+            async with connect() as conn:
+                async for batch in work(conn):
+                    await conn.send(batch)
+                    policy.succeeded()          # proven: the far side accepted something
+        except ConnectionError as exc:
+            wait = policy.failed(f"send failed ({exc})")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=wait)
+
+A per-peer breaker (skip a peer until its wait is over, without sleeping) uses ``allows(now)`` instead of sleeping,
+as the Modbus driver does for each slave on a shared bus.
 """
 
 from __future__ import annotations

@@ -534,7 +534,9 @@ class ModbusBusSource:
         pending = self._prepare_write(command)
         if not self._running or self._wake is None:
             raise DeviceUnavailable(f"{self.name} is not running")
-        if not self._link_up:
+        if self._link_policy.down and not self._link_up:
+            # in an outage a queued write could only wait for its timeout: say so now (at start-up, before the
+            # first connect, it is queued as usual)
             raise DeviceUnavailable(f"{self.name} is not connected; write not sent")
         if not pending.device.breaker.allows(self._clock()):
             device = pending.device.config.id

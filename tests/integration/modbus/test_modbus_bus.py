@@ -18,7 +18,7 @@ import pytest
 from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig, ModbusProfile
 from drivers.modbus.source import ModbusBusSource
 from gateway.driver_api import DeviceState
-from gateway.errors import WriteRejected
+from gateway.errors import DeviceUnavailable, WriteRejected
 from gateway.model import Command, Quality, Sample
 
 pytestmark = pytest.mark.integration
@@ -159,6 +159,8 @@ async def test_tcp_server_restart_reconnects_and_logs_once(tcp_server: Any, capl
         server.kill()
         await run.wait_until(lambda: any(s.quality is Quality.BAD for s in run.of("dev1")[-1]))
         await asyncio.sleep(0.6)  # several reconnect attempts fail while the device is off
+        with pytest.raises(DeviceUnavailable, match="not connected; write not sent"):
+            await source.write(Command("dev1.setpoint", 1.0, "test"))  # refused at once, not after a timeout
         server.start()
         await run.wait_until(lambda: run.last("dev1")["first"].quality is Quality.GOOD, timeout=5)
     assert_good_values(run.last("dev1"), 1)
