@@ -114,9 +114,7 @@ async def main() -> None:
             await asyncio.wait_for(good.wait(), timeout=30)
             first_good = next(t for t, b in batches[mark:] if b and all(s.quality is Quality.GOOD for s in b))
             gap = first_good - up
-            bad = [
-                b for t, b in batches if killed <= t < first_good and b and all(s.quality is Quality.BAD for s in b)
-            ]
+            bad = [b for t, b in batches if killed <= t < first_good and b and all(s.quality is Quality.BAD for s in b)]
             cycles = (first_good - killed) / args.poll
             per_point = len(bad)  # each BAD batch carries every point of the device once
             gaps.append(gap)

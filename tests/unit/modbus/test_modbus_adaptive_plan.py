@@ -92,8 +92,10 @@ def test_learned_no_fill_reads_around_holes() -> None:
             "vendor": "T",
             "model": "T",
             "doc": "test",
-            "points": {"a": {"table": "holding", "address": 0, "type": "u16"},
-                       "b": {"table": "holding", "address": 5, "type": "u16"}},
+            "points": {
+                "a": {"table": "holding", "address": 0, "type": "u16"},
+                "b": {"table": "holding", "address": 5, "type": "u16"},
+            },
         }
     )
     device = ModbusDeviceConfig(id="d", driver="modbus", profile="t", bus="b", unit=1)
