@@ -84,3 +84,22 @@ def test_source_refuses_devices_of_another_bus() -> None:
     device = ModbusDeviceConfig(id="vfd", driver="modbus", profile="t", bus="b", unit=1)
     with pytest.raises(ValueError, match="is on bus b"):
         ModbusBusSource(bus, [(device, PROFILE)])
+
+
+def test_defaults_reconnect_fast_and_back_off_with_the_shared_policy() -> None:
+    """The bus defaults give recovery in about a second: a first retry after 250 ms, never more than 2 s (+20 %)
+    between attempts; a silent slave is retried after 500 ms, at most every 10 s."""
+    bus = ModbusBusConfig.model_validate({"id": "b", "type": "tcp", "host": "h"})
+    device = ModbusDeviceConfig(id="vfd", driver="modbus", profile="t", bus="b", unit=1)
+    now = [0.0]
+    source = ModbusBusSource(bus, [(device, PROFILE)], clock=lambda: now[0], jitter=lambda: 1.0)
+    policy = source.link_policy
+    waits = []
+    for _ in range(8):
+        waits.append(policy.failed("refused"))
+        now[0] += waits[-1]
+    assert waits == pytest.approx([0.3, 0.6, 1.2, 2.4, 2.4, 2.4, 2.4, 2.4])  # jitter at its top: +20 %
+    assert policy.succeeded() == pytest.approx(sum(waits))
+    assert policy.next_delay_bounds() == pytest.approx((0.2, 0.3))
+    assert source.status()[0].info == {"max_registers": 125}
+    assert (bus.backoff_min, bus.backoff_max) == (0.5, 10.0)
