@@ -65,8 +65,8 @@ def register(subparsers: Any) -> None:
     plan.add_argument(
         "--probe",
         action="store_true",
-        help="poll every device once first and print the plan with the read limits the devices taught "
-        "(a meter refusing long reads with exception 3), and each device's state and failed reads",
+        help="poll every device first (until the read limits devices teach by refusing long reads with exception 3 "
+        "are exact) and print the plan with those limits, and each device's state and failed reads",
     )
     plan.add_argument(
         "--seconds", type=duration, default=10.0, help="with --probe: how long to wait for every device (default 10s)"
@@ -312,8 +312,8 @@ def _plan(args: argparse.Namespace) -> int:
 async def _probe_bus(
     bus: ModbusBusConfig, devices: list[tuple[ModbusDeviceConfig, ModbusProfile]], seconds: float
 ) -> tuple[dict[str, int], list[str]]:
-    """Run the bus's real scheduler until every device has been polled once (or ``seconds`` pass): what the
-    devices taught it (read limits) and each one's state, as the gateway would see them."""
+    """Run the bus's real scheduler until every device has been polled and every read limit a device taught is
+    exact (or ``seconds`` pass): what the devices taught it and each one's state, as the gateway would see them."""
     from drivers.modbus.source import ModbusBusSource
 
     source = ModbusBusSource(bus, devices)
@@ -323,8 +323,8 @@ async def _probe_bus(
 
     async def publish(batch: list[Sample]) -> None:
         polled.update(sample.point.partition(".")[0] for sample in batch)
-        if polled >= everyone:
-            stopping.set()
+        if polled >= everyone and not source.learning_limits():
+            stopping.set()  # every device polled, and every limit a device taught is exact
 
     task = asyncio.create_task(source.run(publish, stopping))
     try:

@@ -14,8 +14,10 @@ Behaviour, in the order it matters on a real RS-485 line:
   Python call);
 * a failed read publishes BAD samples (value None) for exactly the points it carried, never a 0;
 * a coalesced read refused with exception 3 (too many registers) or 2 (a hole) is read again in halves, down to
-  single points, in the same poll; the largest read accepted becomes the device's limit for the session (reported
-  in its status ``info`` and by ``modbus plan --probe``), and a refused read through a hole stops hole filling;
+  single points, in the same poll, so its points are not BAD; the sizes answered and refused bound the device's
+  limit, the next polls plan between the bounds until they meet (``ReadLimit``: exact within a few polls), and the
+  limit holds for the session (reported in its status ``info`` and by ``modbus plan --probe``); a refused read
+  through a hole stops hole filling;
 * device states: ``online``; ``degraded`` (some reads refused, others answered: the refused points BAD);
   ``offline`` (every read refused, or the link is down); ``disabled`` (silent, skipped by its breaker until the
   next try). One word each, the same in the API, the page and drivers/modbus/README.md;
@@ -128,6 +130,57 @@ class PollClock:
 _SPLIT_CODES = frozenset({2, 3})
 
 
+class ReadLimit:
+    """What a device's exception-3 refusals taught about its register limit this session: ``accepted`` (the
+    largest read it answered) and ``refused`` (the smallest it refused). While they are apart the plan uses the
+    size between them, so each poll halves the gap and the limit is exact within a few polls; once they meet, the
+    plan uses the proven size. Pure: the scheduler feeds it the sizes of its reads."""
+
+    __slots__ = ("accepted", "refused")
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.refused: int | None = None
+
+    @property
+    def learning(self) -> bool:
+        """True once the device refused a read it then answered in pieces: its limit is being learned."""
+        return self.refused is not None and self.accepted > 0
+
+    @property
+    def exact(self) -> bool:
+        return self.refused is not None and 0 < self.accepted >= self.refused - 1
+
+    @property
+    def proven(self) -> int:
+        """The largest read known to be answered and below every refusal (0 while nothing is learned)."""
+        if self.refused is None:
+            return 0
+        return min(self.accepted, self.refused - 1)
+
+    def plan_limit(self) -> int | None:
+        """The most registers the next plan may ask for in one read; None when nothing was learned."""
+        if self.refused is None or not self.accepted:
+            return None
+        high = self.refused - 1
+        low = min(self.accepted, high)
+        return high if low >= high else (low + high + 1) // 2
+
+    def saw_refusal(self, count: int) -> bool:
+        """A read of ``count`` registers refused with exception 3; True when that changes what is known."""
+        if self.refused is None or count < self.refused:
+            self.refused = count
+            return True
+        return False
+
+    def saw_answer(self, count: int) -> bool:
+        """A read of ``count`` registers answered; True when that changes what is known."""
+        if count > self.accepted and (self.refused is None or count < self.refused):
+            self.accepted = count
+            return self.refused is not None
+        return False
+
+
 @dataclass(eq=False)
 class _Device:
     config: ModbusDeviceConfig
@@ -138,8 +191,8 @@ class _Device:
     clock: PollClock
     #: due intervals -> reads, so a combination is planned once (cleared when the device teaches us a limit)
     plans: dict[tuple[float, ...], list[ReadRequest]] = field(default_factory=dict)
-    #: the most registers per read the device accepted after refusing more (exception 3), this session
-    learned_registers: int | None = None
+    #: the register limit learned from the device's exception-3 refusals, this session
+    limit: ReadLimit = field(default_factory=ReadLimit)
     #: the device refused a read through a hole (exception 2) that it accepted in pieces: plan without fill
     learned_no_fill: bool = False
 
@@ -277,7 +330,11 @@ class ModbusBusSource:
 
     def learned_limits(self) -> dict[str, int]:
         """Device id -> the read limit (registers) learned from its exception-3 refusals this session."""
-        return {d.config.id: d.learned_registers for d in self._devices if d.learned_registers is not None}
+        return {d.config.id: d.limit.proven for d in self._devices if d.limit.learning}
+
+    def learning_limits(self) -> bool:
+        """True while some device's register limit is known only as a range (each poll narrows it)."""
+        return any(d.limit.learning and not d.limit.exact for d in self._devices)
 
     # ------------------------------------------------------------------ run loop
 
@@ -355,7 +412,7 @@ class ModbusBusSource:
                 device.config,
                 device.profile,
                 due,
-                learned_registers=device.learned_registers,
+                learned_registers=device.limit.plan_limit(),
                 learned_no_fill=device.learned_no_fill,
             )
         samples: list[Sample] = []
@@ -400,43 +457,56 @@ class ModbusBusSource:
                 return 0
         else:
             result.answered += 1
+            limit = device.limit
+            if limit.refused is not None and request.table not in BIT_TABLES and limit.saw_answer(request.count):
+                self._limit_changed(device, request.count)
             return request.count
         device.status.count_failure(f"exception_{code}")
+        if code == 3 and request.table not in BIT_TABLES and device.limit.saw_refusal(request.count):
+            self._limit_changed(device, request.count)
         first, second = split_request(request, device.profile.order)
         answered = max(
             await self._read_adaptive(link, device, first, samples, result),
             await self._read_adaptive(link, device, second, samples, result),
         )
-        if answered:
-            self._learn(device, request, code, answered)
+        if answered and code == 2 and request.fill and not device.learned_no_fill:
+            self._learn_no_fill(device, request)
         return answered
 
-    def _learn(self, device: _Device, refused: ReadRequest, code: int | None, answered: int) -> None:
-        """A coalesced read was refused and its pieces (at most ``answered`` long) accepted: plan smaller."""
+    def _limit_changed(self, device: _Device, count: int) -> None:
+        """Re-plan within what the device taught, report it, and log the start and the end of the learning."""
+        limit = device.limit
+        device.plans.clear()
+        if not limit.learning:
+            return  # refused, but nothing answered yet: its pieces will tell
         where = f"{self.name} {device.config.id} (unit {device.config.unit})"
-        if refused.table in BIT_TABLES:
-            return  # bit reads are not limited per device in the plan; the split pieces are read each cycle
-        if code == 3:
-            limit = min(answered, refused.count - 1)
-            if device.learned_registers is None or limit < device.learned_registers:
-                device.learned_registers = limit
-                device.status.info["max_registers"] = limit
-                device.status.info["max_registers_learned"] = True
-                device.plans.clear()
-                log.warning(
-                    "%s: refused a read of %d registers (exception 3) and accepted %d; reads are limited to %d "
-                    "for this session (set max_registers: %d on the device to start there)",
-                    where, refused.count, answered, limit, limit,
-                )
-        elif code == 2 and refused.fill and not device.learned_no_fill:
-            device.learned_no_fill = True
-            device.status.info["max_fill_learned"] = 0
-            device.plans.clear()
+        info = device.status.info
+        first = "max_registers_learned" not in info
+        info["max_registers"] = limit.proven
+        info["max_registers_learned"] = "exact" if limit.exact else "learning"
+        if first:
             log.warning(
-                "%s: refused a read through %d unmapped registers (exception 2) and accepted the pieces; no longer "
-                "reading through holes (set max_fill: 0 in its profile to start there)",
-                where, refused.fill,
+                "%s: refused a read of %d registers (exception 3) and answered %d; reading in smaller pieces and "
+                "learning its limit",
+                where, limit.refused, limit.proven,
             )
+        if limit.exact:
+            log.warning(
+                "%s: answers at most %d registers per read (learned; set max_registers: %d on the device to start "
+                "there)",
+                where, limit.proven, limit.proven,
+            )
+
+    def _learn_no_fill(self, device: _Device, refused: ReadRequest) -> None:
+        """A read through a hole was refused (exception 2) and its pieces answered: plan without holes."""
+        device.learned_no_fill = True
+        device.status.info["max_fill_learned"] = 0
+        device.plans.clear()
+        log.warning(
+            "%s %s (unit %d): refused a read through %d unmapped registers (exception 2) and answered the pieces; "
+            "no longer reading through holes (set max_fill: 0 in its profile to start there)",
+            self.name, device.config.id, device.config.unit, refused.fill,
+        )
 
     async def _read_into(self, link: Link, request: ReadRequest, samples: list[Sample]) -> None:
         attempts = self._bus.retries + 1

@@ -51,29 +51,33 @@ async def test_a_meter_refusing_long_reads_is_split_and_its_limit_learned(
     source = source_for(server.port, 5, WIDE)
     caplog.set_level(logging.WARNING, logger="drivers.modbus")
     async with Runner(source) as run:
-        await run.wait_until(lambda: len(run.of("meter")) >= 4)
+        await run.wait_until(lambda: source.status()[0].info.get("max_registers_learned") == "exact")
+        polls = len(run.of("meter"))
+        await run.wait_until(lambda: len(run.of("meter")) >= polls + 3)  # and it stays learned
     first = run.of("meter")[0]
     # the refused 100-register read was re-read in halves inside the same poll: nothing went BAD, even once
     assert {s.point.partition(".")[2]: s.value for s in first} == {f"r{i}": 5000 + i for i in range(100)}
     assert all(s.quality is Quality.GOOD for batch in run.of("meter") for s in batch)
     status = source.status()[0]
     assert status.state is DeviceState.ONLINE
-    assert status.info["max_registers"] == 50 and status.info["max_registers_learned"] is True
-    assert status.failures == {"exception_3": 1}, "learned once: later polls are planned within the limit"
-    assert source.learned_limits() == {"meter": 50}
-    learned = [r.getMessage() for r in caplog.records if "limited to 50" in r.getMessage()]
-    assert len(learned) == 1, caplog.text
+    assert status.info["max_registers"] == 60, "the exact limit, not the half that first answered"
+    # refused: 100, then the sizes tried between the bounds (75, 62, 61); none once the limit is exact
+    assert status.failures == {"exception_3": 4}
+    assert source.learned_limits() == {"meter": 60} and not source.learning_limits()
+    messages = [r.getMessage() for r in caplog.records]
+    assert sum("learning its limit" in m for m in messages) == 1, messages
+    assert sum("answers at most 60 registers per read" in m for m in messages) == 1, messages
 
 
 async def test_the_split_goes_down_to_the_size_the_device_takes(tcp_server: Any) -> None:
     server = tcp_server("--limit", "5:20")
     source = source_for(server.port, 5, WIDE)
     async with Runner(source) as run:
-        await run.wait_until(lambda: len(run.of("meter")) >= 3)
+        await run.wait_until(lambda: source.status()[0].info.get("max_registers_learned") == "exact")
     assert all(s.quality is Quality.GOOD for batch in run.of("meter") for s in batch)
-    # 100 -> 50 -> 25 (refused) -> 12/13: the largest piece accepted is the learned limit
-    assert source.status()[0].info["max_registers"] == 13
-    assert source.status()[0].failures["exception_3"] == 7  # 1 x 100, 2 x 50, 4 x 25, all in the first poll
+    # first poll: 100 -> 50 -> 25 refused, 12 and 13 answered; later polls narrow 13..24 down to 20
+    assert source.status()[0].info["max_registers"] == 20
+    assert source.learned_limits() == {"meter": 20}
 
 
 async def test_max_registers_on_the_device_entry_is_used_from_the_first_read(tcp_server: Any) -> None:

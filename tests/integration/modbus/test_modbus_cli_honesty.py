@@ -119,7 +119,7 @@ def test_plan_probe_prints_the_limit_the_meter_taught(
         "modbus_buses:\n"
         f"  - {{id: lab, type: tcp, host: 127.0.0.1, port: {server.port}, timeout: 300ms}}\n"
         "devices:\n"
-        "  - {id: meter, driver: modbus, profile: test-wide, bus: lab, unit: 5}\n"
+        "  - {id: meter, driver: modbus, profile: test-wide, bus: lab, unit: 5, poll: 100ms}\n"
     )
     assert main(["modbus", "plan", str(site)]) == 0
     offline = capsys.readouterr().out
@@ -128,6 +128,7 @@ def test_plan_probe_prints_the_limit_the_meter_taught(
     assert main(["modbus", "plan", str(site), "--probe"]) == 0
     probed = capsys.readouterr().out
     assert "meter unit 5 (Test Wide): 2 requests touching 100 registers" in probed
-    assert "max 50 registers per read (learned: the device refused more; configured 125)" in probed
+    assert "max 60 registers per read (learned: the device refused more; configured 125)" in probed
+    assert "unit 5 holding 0..59 (60 registers) -> 60 points" in probed
     assert "probed: 1 of 1 devices polled" in probed
-    assert "meter: online; failed reads: exception_3 1" in probed
+    assert "meter: online; failed reads: exception_3 4" in probed

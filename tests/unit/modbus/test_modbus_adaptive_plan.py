@@ -8,6 +8,7 @@ import pytest
 from drivers.modbus.cli import format_at_precision, probe_header
 from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig, ModbusPoint, ModbusProfile
 from drivers.modbus.planner import plan_device, plan_reads, split_request
+from drivers.modbus.source import ReadLimit
 
 BUS = ModbusBusConfig.model_validate({"id": "b", "type": "tcp", "host": "h"})
 
@@ -126,3 +127,49 @@ def test_values_print_at_their_points_precision(spec: dict[str, object], value: 
 def test_probe_header_names_table_and_function_code() -> None:
     assert probe_header(7, "input", 30, 4) == "unit 7, input registers (function 04), addresses 30..33"
     assert probe_header(1, "holding", 0, 1) == "unit 1, holding registers (function 03), addresses 0..0"
+
+
+def converge(true_limit: int, first_read: int) -> tuple[ReadLimit, int, int]:
+    """Feed a ReadLimit what a device with ``true_limit`` answers, one planned read per poll, as the scheduler
+    does: the first read and each probe larger than the limit are refused, then read in halves."""
+    limit = ReadLimit()
+    refusals = polls = 0
+    size = first_read
+    while polls < 50:
+        polls += 1
+        while size > true_limit:  # refused: halved until answered (the split inside one poll)
+            refusals += 1
+            limit.saw_refusal(size)
+            size = size - size // 2
+        limit.saw_answer(size)
+        if limit.exact:
+            return limit, refusals, polls
+        planned = limit.plan_limit()
+        assert planned is not None
+        size = min(planned, first_read)
+    raise AssertionError("did not converge")
+
+
+@pytest.mark.parametrize("true_limit", [1, 2, 20, 59, 60, 61, 64, 80, 124])
+def test_read_limit_converges_to_the_exact_limit_in_a_few_polls(true_limit: int) -> None:
+    limit, refusals, polls = converge(true_limit, 125)
+    assert limit.proven == true_limit == limit.plan_limit()
+    assert polls <= 9 and refusals <= 9, (polls, refusals)  # about log2 of the gap, not one per register
+
+
+def test_read_limit_learns_nothing_until_something_is_answered() -> None:
+    limit = ReadLimit()
+    assert limit.plan_limit() is None and not limit.learning
+    assert limit.saw_refusal(100)
+    assert limit.plan_limit() is None, "refused with nothing answered: not a size problem yet"
+    assert not limit.saw_answer(100), "a size at or above a refusal proves nothing"
+    assert limit.saw_answer(50)
+    assert limit.learning and not limit.exact and limit.plan_limit() == 75
+
+
+def test_an_inconsistent_device_never_gets_a_plan_above_its_smallest_refusal() -> None:
+    limit = ReadLimit()
+    limit.saw_refusal(100)
+    limit.saw_answer(60)
+    limit.saw_refusal(40)  # exception 3 for some other reason on a smaller read
+    assert limit.plan_limit() == 39 and limit.proven == 39 and limit.exact
