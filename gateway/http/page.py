@@ -110,6 +110,7 @@ def _badge(text: str, tone: str) -> str:
 
 _STATE_TONES = {
     "online": "ok",
+    "degraded": "warn",
     "unknown": "muted",
     "offline": "bad",
     "disabled": "warn",

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from gateway import __version__
-from gateway.driver_api import DeviceState
+from gateway.driver_api import DeviceState, DeviceStatus
 
 if TYPE_CHECKING:
     from gateway.supervisor import Gateway
@@ -155,9 +155,15 @@ def devices(gateway: Gateway, now_ns: int | None = None) -> list[JsonDict]:
                 "last_latency_ms": round(status.last_latency_s * 1000, 3),
                 "mean_latency_ms": round(status.latency_sum_s / good_polls * 1000, 3) if good_polls > 0 else None,
                 "points": len(gateway.registry.points_of(status.device)),
+                **device_failures(status),
             }
         )
     return result
+
+
+def device_failures(status: DeviceStatus) -> JsonDict:
+    """Failed reads by reason and what the driver learned of the device (e.g. a Modbus meter's read limit)."""
+    return {"failures": dict(status.failures), "driver_info": dict(status.info)}
 
 
 # -- rules ----------------------------------------------------------------------------------------------------------
@@ -355,6 +361,11 @@ def alarms(
         }
         for device in device_view
         if device["state"] in ("offline", "disabled")
+    )
+    found.extend(
+        {"severity": "warning", "source": f"device {d['id']}", "message": f"degraded: {d['last_error']}"}
+        for d in device_view
+        if d["state"] == "degraded"
     )
     outbox = queue_view.get("outbox")
     if outbox is not None:
