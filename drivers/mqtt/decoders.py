@@ -503,7 +503,10 @@ class Decoder:
             del out[mark:]
             binding.refusals.clear()
             raise
-        if type(doc) is dict and not binding.declared.issuperset(doc):
+        # undeclared fields: every one of a device's first 16 messages, then one in 64 (a payload's shape rarely
+        # changes; scanning every message cost about 0.4 us of the 4-5 us a message takes)
+        count = binding.messages
+        if type(doc) is dict and (count < 16 or not count & 63) and not binding.declared.issuperset(doc):
             binding.note_fields(doc, self.meta_fields)
 
 
