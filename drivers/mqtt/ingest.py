@@ -116,13 +116,14 @@ class _AvailabilityRouter:
 
     __slots__ = ("config", "devices", "offline", "online", "template")
 
-    def __init__(self, config: MqttAvailability, devices: dict[str, DeviceCounters]) -> None:
+    def __init__(self, config: MqttAvailability, devices: dict[str, list[DeviceCounters]]) -> None:
         self.config = config
         self.template = config.topic_template()
         online, offline = config.payloads()
         self.online = frozenset(online)
         self.offline = frozenset(offline)
-        #: topic level -> the device's counters (which hold its availability)
+        #: topic level -> the counters (which hold the availability) of the devices with that topic name; usually
+        #: one, but two subscriptions may each have a device of the same name
         self.devices = devices
 
     def parse(self, payload: bytes) -> bool | None:
@@ -164,7 +165,9 @@ class Ingest:
         #: device id -> its counters, shared by its bindings on every subscription
         self.counters: dict[str, DeviceCounters] = {d.id: DeviceCounters(d.id) for d in mine}
         self._point_ids: dict[str, tuple[str, ...]] = {d.id: tuple(f"{d.id}.{p}" for p in d.points) for d in mine}
-        by_level = {d.topic_level: self.counters[d.id] for d in mine}
+        by_level: dict[str, list[DeviceCounters]] = {}
+        for d in mine:
+            by_level.setdefault(d.topic_level, []).append(self.counters[d.id])
         self._availability = [_AvailabilityRouter(entry, by_level) for entry in source.availability]
         #: availability payloads that matched no format (counted, logged rate-limited; never malformed data)
         self.availability_unrecognised = 0
@@ -270,9 +273,10 @@ class Ingest:
             binding.refusals.clear()
             self._malformed(stats, binding, topic, MalformedPayload("internal", repr(exc)))
             return
+        produced = len(out) > mark
         if binding.refusals:
-            self._refused(binding, topic, produced=len(out) > mark)
-        else:
+            self._refused(binding, topic, produced=produced)
+        if produced or not binding.refusals:
             counters.last_ok_ns = received_ns
 
     def _availability_message(
@@ -281,7 +285,6 @@ class Ingest:
         self.availability_messages += 1
         matched = route.template.match(topic)
         assert matched is not None  # the route was chosen by this match
-        counters = route.devices[matched[0]]
         online = route.parse(payload)
         if online is None:
             self.availability_unrecognised += 1
@@ -295,18 +298,21 @@ class Ingest:
                 payload[:60],
             )
             return
-        was = counters.available
-        counters.available = online
-        counters.availability_topic = topic
-        if online:
-            if was is False:
-                log.info("mqtt[%s]: %s is online again (%s)", self.source_id, counters.device, topic[:200])
-            return
-        counters.unavailable += 1
-        if was is not False:
-            log.warning("mqtt[%s]: %s went offline (%s)", self.source_id, counters.device, topic[:200])
-        # its points are BAD from now: downstream sees the outage, not a silently frozen last value
-        out.extend(Sample(point_id, None, received_ns, Quality.BAD) for point_id in self._point_ids[counters.device])
+        for counters in route.devices[matched[0]]:
+            was = counters.available
+            counters.available = online
+            counters.availability_topic = topic
+            if online:
+                if was is False:
+                    log.info("mqtt[%s]: %s is online again (%s)", self.source_id, counters.device, topic[:200])
+                continue
+            counters.unavailable += 1
+            if was is not False:
+                log.warning("mqtt[%s]: %s went offline (%s)", self.source_id, counters.device, topic[:200])
+            # its points are BAD from now: downstream sees the outage, not a silently frozen last value
+            out.extend(
+                Sample(point_id, None, received_ns, Quality.BAD) for point_id in self._point_ids[counters.device]
+            )
 
     def _refused(self, binding: DeviceBinding, topic: str, *, produced: bool) -> None:
         counters = binding.counters

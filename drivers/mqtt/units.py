@@ -30,6 +30,8 @@ UNITS: Final[dict[str, _Unit]] = {
     "°F": _Unit("temperature", 5.0 / 9.0, 459.67 * 5.0 / 9.0),
     "K": _Unit("temperature", 1.0),
     "Wh": _Unit("energy", 1.0),
+    # Shelly Gen1 reports relay energy in watt-minutes (shellies/<id>/relay/0/energy)
+    "Wmin": _Unit("energy", 1.0 / 60.0),
     "kWh": _Unit("energy", 1e3),
     "MWh": _Unit("energy", 1e6),
     "W": _Unit("power", 1.0),
@@ -56,6 +58,9 @@ _ALIASES: Final[dict[str, str]] = {
     "k": "K",
     "kelvin": "K",
     "wh": "Wh",
+    "wmin": "Wmin",
+    "w·min": "Wmin",
+    "w*min": "Wmin",
     "kwh": "kWh",
     "mwh": "MWh",
     "w": "W",

@@ -198,3 +198,38 @@ def test_unknown_device_is_logged_once_per_topic_per_interval(caplog: pytest.Log
     assert len(lines) == 2
     assert "'Kitchen'" in lines[0] and "'Hall'" in lines[1]
     assert ingest.stats["z2m"].unmapped == 6
+
+
+def test_availability_reaches_every_device_of_that_name() -> None:
+    """Two subscriptions may each have a device named Lamp (a Tasmota plug and a Zigbee bulb): an availability
+    topic naming Lamp marks both, and neither is lost because the other was configured later."""
+    subs = [*Z2M, {"id": "tas", "topic": "tele/+/SENSOR", "decoder": {"type": "tasmota"}}]
+    config = MqttSourceConfig.model_validate(
+        {"id": "src", "host": "h", "subscriptions": subs, "availability": [{"topic": "avail/+"}]}
+    )
+    devices = [
+        MqttDeviceConfig.model_validate(
+            {
+                "id": ident,
+                "driver": "mqtt",
+                "source": "src",
+                "subscription": sub,
+                "topic_name": "Lamp",
+                "points": {"t": {}},
+            }
+        )
+        for ident, sub in (("bulb", "z2m"), ("plug", "tas"))
+    ]
+    ingest = Ingest(config, devices)
+    assert [s.point for s in run(ingest, "avail/Lamp", b"offline")] == ["bulb.t", "plug.t"]
+    assert ingest.counters["bulb"].available is False
+    assert ingest.counters["plug"].available is False
+
+
+def test_a_message_with_some_refused_values_is_still_a_good_poll() -> None:
+    ingest = build(Z2M, [], topic_name="Lamp", points={"t": {"max": 85}, "h": {}})
+    run(ingest, "zigbee2mqtt/Lamp", b'{"t": 999, "h": 41}')
+    counters = ingest.counters["dev"]
+    assert (counters.messages, counters.rejected, counters.last_ok_ns) == (1, 0, RECEIVED_NS)
+    run(ingest, "zigbee2mqtt/Lamp", b'{"t": 999}')
+    assert counters.rejected == 1

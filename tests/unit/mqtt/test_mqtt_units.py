@@ -36,6 +36,7 @@ SPELLINGS = [*TABLE, "C", "F", "Cel", "degC", "kwh", "mbar", "lx", "%", "%RH", "
         (300.0, "K", "°C", 26.85),
         (1_523_417.0, "Wh", "kWh", 1523.417),
         (1.5, "MWh", "kWh", 1500.0),
+        (6000.0, "Wmin", "kWh", 0.1),  # Shelly Gen1 relay energy
         (2.0, "kWh", "Wh", 2000.0),
         (1500.0, "W", "kW", 1.5),
         (1013.25, "hPa", "kPa", 101.325),
