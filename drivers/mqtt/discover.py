@@ -106,6 +106,9 @@ class Discovery:
         self.messages = 0
         self.unrecognised: dict[str, int] = {}
         self._topics: set[str] = set()
+        #: the last unrecognised payload per topic: a Zigbee2MQTT state retained before ``bridge/devices`` arrives
+        #: is recognised once the bridge has said which base topic and devices it has (see ``finish``)
+        self._later: dict[str, bytes] = {}
 
     # --- feeding ---------------------------------------------------------------------------------------------
 
@@ -115,12 +118,24 @@ class Discovery:
             if len(self._topics) >= MAX_TOPICS:
                 return
             self._topics.add(topic)
+        if not self._recognise(topic, payload):
+            self._later[topic] = payload
+
+    def _recognise(self, topic: str, payload: bytes) -> bool:
         levels = topic.split("/")
-        for recognise in (self._zigbee2mqtt, self._tasmota, self._shelly, self._tts, self._senml):
-            if recognise(topic, levels, payload):
-                return
-        prefix = "/".join(levels[:1]) + ("/..." if len(levels) > 1 else "")
-        self.unrecognised[prefix] = self.unrecognised.get(prefix, 0) + 1
+        return any(
+            recognise(topic, levels, payload)
+            for recognise in (self._zigbee2mqtt, self._tasmota, self._shelly, self._tts, self._senml)
+        )
+
+    def finish(self) -> None:
+        """Look again at what was not recognised when it arrived; count what still is not, by first level."""
+        later, self._later = self._later, {}
+        for topic, payload in later.items():
+            if not self._recognise(topic, payload):
+                levels = topic.split("/")
+                prefix = levels[0] + ("/..." if len(levels) > 1 else "")
+                self.unrecognised[prefix] = self.unrecognised.get(prefix, 0) + 1
 
     def _device(self, family: str, topic_name: str) -> FoundDevice:
         key = (family, topic_name)
@@ -155,7 +170,7 @@ class Discovery:
                 found = self.devices.get(("z2m", rest))
                 if isinstance(state, dict) and found is not None and not found.points:
                     for key, value in state.items():  # no exposes known: infer from the state's values
-                        kind = _kind(value)
+                        kind = "bool" if value in ("ON", "OFF") else _kind(value)  # Zigbee2MQTT's switch states
                         if kind and key not in ("last_seen", "linkquality") and "." not in key:
                             found.add(key, FoundPoint(f"$.{key}", kind))
                 return found is not None
@@ -312,6 +327,7 @@ class Discovery:
 
     def site_yaml(self, *, host: str, port: int) -> str:
         """A complete site file (``edge-gateway check`` accepts it) with what was recognised."""
+        self.finish()
         lines = [
             f"# Written by `edge-gateway mqtt discover` from {self.messages} messages on {host}:{port}.",
             "# Edit the gateway id and site, device ids and point names; delete what this gateway should not read.",
@@ -365,7 +381,7 @@ class Discovery:
                     parts.append(f"subscription: {point.subscription}")
                 lines.append(f"      {name}: {{{', '.join(parts)}}}")
         for prefix, count in sorted(self.unrecognised.items()):
-            lines.append(f"# not recognised: {count} message(s) on {prefix}")
+            lines.append(f"# not recognised: {count} topic(s) under {prefix}")
         return "\n".join(lines) + "\n"
 
 

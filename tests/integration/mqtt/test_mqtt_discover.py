@@ -121,7 +121,7 @@ async def test_discover_prints_a_site_that_check_accepts_and_that_maps_the_devic
     assert (tts["door_open"].kind, tts["rssi"].path) == ("bool", "$.@rssi")
     [source] = config.mqtt_sources
     assert {a.format for a in source.availability} == {"zigbee2mqtt", "tasmota", "shelly"}
-    assert "# not recognised: 1 message(s) on some/..." in out
+    assert "# not recognised: 1 topic(s) under some/..." in out
 
 
 async def test_the_discovered_site_reads_the_devices_live(

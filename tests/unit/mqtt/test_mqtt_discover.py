@@ -67,6 +67,20 @@ def test_unrecognised_traffic_is_listed_and_topics_are_bounded() -> None:
     discovery = Discovery()
     for i in range(MAX_TOPICS + 5):
         discovery.feed(f"noise/{i}", b"hello")
-    assert discovery.unrecognised == {"noise/...": MAX_TOPICS}
     assert discovery.messages == MAX_TOPICS + 5
     assert "devices: []" in discovery.site_yaml(host="h", port=1)
+    assert discovery.unrecognised == {"noise/...": MAX_TOPICS}
+
+
+def test_a_zigbee2mqtt_state_seen_before_bridge_devices_is_recognised_at_the_end() -> None:
+    discovery = Discovery()
+    discovery.feed("zigbee2mqtt/Lamp", b'{"state": "ON", "brightness": 120, "linkquality": 80}')
+    discovery.feed("zigbee2mqtt/bridge/devices", b'[{"friendly_name": "Lamp", "type": "Router"}]')
+    text = discovery.site_yaml(host="h", port=1)
+    assert discovery.unrecognised == {}
+    points = discovery.devices[("z2m", "Lamp")].points
+    assert {name: (p.kind, p.path) for name, p in points.items()} == {
+        "state": ("bool", "$.state"),
+        "brightness": ("float", "$.brightness"),
+    }
+    assert 'topic_name: "Lamp"' in text
