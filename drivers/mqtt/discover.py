@@ -119,7 +119,8 @@ class Discovery:
                 return
             self._topics.add(topic)
         if not self._recognise(topic, payload):
-            self._later[topic] = payload
+            # kept for a second look only if small: MAX_TOPICS x 8 KiB bounds the memory at 80 MiB
+            self._later[topic] = payload if len(payload) <= 8192 else b""
 
     def _recognise(self, topic: str, payload: bytes) -> bool:
         levels = topic.split("/")
