@@ -70,6 +70,8 @@ _ALIASES: Final[dict[str, str]] = {
     "mbar": "hPa",
     "kpa": "kPa",
     "ppm": "ppm",
+    # SenML's relative humidity; a humidity point is written "%" in configs
+    "%rh": "%",
 }
 
 Conversion = Callable[[float], float]

@@ -43,6 +43,7 @@ SPELLINGS = [*TABLE, "C", "F", "Cel", "degC", "kwh", "mbar", "lx", "%", "%RH", "
         (1013.25, "mbar", "Pa", 101325.0),
         (415.0, "ppm", "ppm", 415.0),
         (3.0, "lx", "lx", 3.0),  # outside the table: converts to itself only
+        (48.0, "%RH", "%", 48.0),  # SenML's humidity unit on a point written "%"
     ],
 )
 def test_conversion_table(value: float, source: str, target: str, expected: float) -> None:
