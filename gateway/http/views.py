@@ -137,31 +137,6 @@ def history(gateway: Gateway, *, point: str | None = None, since_ns: int = 0) ->
 # -- devices --------------------------------------------------------------------------------------------------------
 
 
-def devices(gateway: Gateway, now_ns: int | None = None) -> list[JsonDict]:
-    now_ns = time.time_ns() if now_ns is None else now_ns
-    result: list[JsonDict] = []
-    message_counters = device_message_counters(gateway)
-    for status in gateway.device_status():
-        good_polls = status.polls - status.errors
-        result.append(
-            {
-                "id": status.device,
-                "driver": status.driver,
-                "state": str(status.state),
-                "since_s": _seconds_since(status.since_ns, now_ns),
-                "polls": status.polls,
-                "errors": status.errors,
-                "last_ok_age_s": _seconds_since(status.last_ok_ns, now_ns),
-                "last_error": status.last_error,
-                "last_latency_ms": round(status.last_latency_s * 1000, 3),
-                "mean_latency_ms": round(status.latency_sum_s / good_polls * 1000, 3) if good_polls > 0 else None,
-                "points": len(gateway.registry.points_of(status.device)),
-                "counters": message_counters.get(status.device),
-            }
-        )
-    return result
-
-
 def device_message_counters(gateway: Gateway) -> dict[str, JsonDict]:
     """Per device, what a message-driven source (MQTT) counted: messages, rejected, malformed and refused by
     reason, unavailable, undeclared fields. Read from sources offering ``device_counters()``; a source whose call
@@ -191,6 +166,31 @@ def source_message_counters(gateway: Gateway) -> dict[str, JsonDict]:
         except Exception:
             log.debug("source counters of %s failed", source.name, exc_info=True)
     return found
+
+
+def devices(gateway: Gateway, now_ns: int | None = None) -> list[JsonDict]:
+    now_ns = time.time_ns() if now_ns is None else now_ns
+    result: list[JsonDict] = []
+    message_counters = device_message_counters(gateway)
+    for status in gateway.device_status():
+        good_polls = status.polls - status.errors
+        result.append(
+            {
+                "id": status.device,
+                "driver": status.driver,
+                "counters": message_counters.get(status.device),
+                "state": str(status.state),
+                "since_s": _seconds_since(status.since_ns, now_ns),
+                "polls": status.polls,
+                "errors": status.errors,
+                "last_ok_age_s": _seconds_since(status.last_ok_ns, now_ns),
+                "last_error": status.last_error,
+                "last_latency_ms": round(status.last_latency_s * 1000, 3),
+                "mean_latency_ms": round(status.latency_sum_s / good_polls * 1000, 3) if good_polls > 0 else None,
+                "points": len(gateway.registry.points_of(status.device)),
+            }
+        )
+    return result
 
 
 # -- rules ----------------------------------------------------------------------------------------------------------
