@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from drivers.mqtt.discover import MAX_TOPICS, Discovery, ident
+from gateway.cli import main
 from gateway.model import is_ident
 
 
@@ -84,3 +85,19 @@ def test_a_zigbee2mqtt_state_seen_before_bridge_devices_is_recognised_at_the_end
         "brightness": ("float", "$.brightness"),
     }
     assert 'topic_name: "Lamp"' in text
+
+
+def test_discover_exits_3_when_the_broker_cannot_be_reached(capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.services import free_port
+
+    port = free_port()  # nothing listens there
+    assert main(["mqtt", "discover", "--broker", f"127.0.0.1:{port}", "--seconds", "1"]) == 3
+    assert f"cannot reach the broker at 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("bad", ["a/#/b", "a+/b", ""])
+def test_discover_refuses_a_bad_topic_filter_as_a_usage_error(bad: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as stopped:
+        main(["mqtt", "discover", "--broker", "127.0.0.1:1883", "--topic", bad])
+    assert stopped.value.code == 2
+    assert "--topic" in capsys.readouterr().err
