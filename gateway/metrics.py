@@ -83,6 +83,7 @@ class GatewayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._gateway_metrics()
         yield from self._device_metrics()
+        yield from self._message_metrics()
         yield from self._queue_metrics()
         yield from self._uplink_metrics()
         yield from self._rule_metrics()
@@ -124,6 +125,44 @@ class GatewayCollector(Collector):
             last.add_metric(key, status.last_latency_s)
         yield from (up, polls, errors, latency, last)
         yield device_failure_metric(self._gateway.device_status())
+
+    def _message_metrics(self) -> Iterator[Metric]:
+        """Message-driven sources (MQTT): per device and source, messages and why some were not used."""
+        labels = ["source", "device"]
+        messages = CounterMetricFamily(
+            "edge_gateway_device_messages", "Messages received for the device", labels=labels
+        )
+        rejected = CounterMetricFamily(
+            "edge_gateway_device_rejected_messages", "Messages dropped or yielding nothing usable", labels=labels
+        )
+        malformed = CounterMetricFamily(
+            "edge_gateway_device_malformed_messages", "Messages that could not be decoded", labels=[*labels, "reason"]
+        )
+        refused = CounterMetricFamily(
+            "edge_gateway_device_refused_values", "Values refused (unit, range, type)", labels=[*labels, "reason"]
+        )
+        unavailable = CounterMetricFamily(
+            "edge_gateway_device_unavailable", "Availability messages saying the device went offline", labels=labels
+        )
+        undeclared = GaugeMetricFamily(
+            "edge_gateway_device_undeclared_fields", "Distinct payload fields no point reads", labels=labels
+        )
+        unmapped = CounterMetricFamily(
+            "edge_gateway_source_unmapped_messages", "Messages naming no configured device", labels=["source"]
+        )
+        for device, c in views.device_message_counters(self._gateway).items():
+            key = [str(c["source"]), device]
+            messages.add_metric(key, c["messages"])
+            rejected.add_metric(key, c["rejected"])
+            for reason, count in c["malformed_by_reason"].items():
+                malformed.add_metric([*key, reason], count)
+            for reason, count in c["refused_by_reason"].items():
+                refused.add_metric([*key, reason], count)
+            unavailable.add_metric(key, c["unavailable"])
+            undeclared.add_metric(key, c["undeclared"])
+        for name, c in views.source_message_counters(self._gateway).items():
+            unmapped.add_metric([name], c.get("unmapped", 0))
+        yield from (messages, rejected, malformed, refused, unavailable, undeclared, unmapped)
 
     def _queue_metrics(self) -> Iterator[Metric]:
         gw = self._gateway
