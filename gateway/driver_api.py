@@ -19,8 +19,11 @@ from typing import Protocol, runtime_checkable
 
 from gateway.model import Command, Sample
 
-#: where a source delivers its batches; awaiting it is the back-pressure
-BatchSink = Callable[[list[Sample]], Awaitable[None]]
+#: where a source delivers its batches. The gateway's sink returns once the outbox has committed the batch (True),
+#: or has given it up while stopping with the disk refusing it (False, counted as lost): a source that acknowledges
+#: its own upstream (MQTT QoS 1/2) acknowledges only after True, so a crash can never lose an acknowledged message.
+#: Awaiting it is also the back-pressure. A sink that returns None (a test's) means "handed on".
+BatchSink = Callable[[list[Sample]], Awaitable[bool | None]]
 
 
 class DeviceState(StrEnum):

@@ -231,12 +231,20 @@ class MqttSource:
             batch, self._pending = self._pending, []
             acks, self._pending_acks = self._pending_acks, []
             generation = self._generation
+            stored: bool | None = True
             if batch:
-                await publish(batch)
+                stored = await publish(batch)  # returns once the outbox has committed it
                 self.samples_published += len(batch)
                 self.batches_published += 1
             connection = self._connection
-            if acks and connection is not None and connection.connected and generation == self._generation:
+            # never acknowledge what is not on disk: unacknowledged, the broker delivers it again after a restart
+            if (
+                acks
+                and stored is not False
+                and connection is not None
+                and connection.connected
+                and generation == self._generation
+            ):
                 for mid, qos in acks:
                     connection.ack(mid, qos)
             if connection is not None:
