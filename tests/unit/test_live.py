@@ -1,0 +1,56 @@
+"""The live cache: typed history rings, their wrap-around, and no history when nothing reads it."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.live import HistoryRing, LiveCache
+from gateway.model import Quality, Sample
+
+
+def test_ring_keeps_the_newest_values_oldest_first_across_the_wrap() -> None:
+    ring = HistoryRing(3)
+    assert list(ring) == []
+    for i in range(1, 8):
+        ring.append(i * 1000, i / 2)
+        # oldest first, at most 3, always ending with the newest
+        expected = [(k * 1000, k / 2) for k in range(max(1, i - 2), i + 1)]
+        assert list(ring) == expected
+    assert len(ring) == 3
+    assert ring.nbytes() >= 3 * 16
+
+
+def test_cache_history_matches_the_samples_and_skips_strings_and_bad() -> None:
+    cache = LiveCache(history=2)
+    cache.update(
+        [
+            Sample("a.x", 1.5, 10, Quality.GOOD),
+            Sample("a.flag", True, 10, Quality.GOOD),
+            Sample("a.name", "on", 10, Quality.GOOD),
+            Sample("a.dead", None, 10, Quality.BAD),
+        ]
+    )
+    cache.update([Sample("a.x", 2, 20, Quality.GOOD), Sample("a.x", 3.25, 30, Quality.UNCERTAIN)])
+    assert list(cache.history["a.x"]) == [(20, 2.0), (30, 3.25)]
+    assert list(cache.history["a.flag"]) == [(10, 1.0)]
+    assert set(cache.history) == {"a.x", "a.flag"}
+    assert cache.values() == {"a.x": 3.25, "a.flag": True, "a.name": "on", "a.dead": None}
+    latest = cache.get("a.x")
+    assert latest is not None and latest.quality is Quality.UNCERTAIN
+    assert cache.updates == 6
+
+
+def test_without_history_only_the_latest_values_are_kept() -> None:
+    cache = LiveCache(history=300)
+    cache.update([Sample("a.x", 1.0, 10, Quality.GOOD)])
+    assert len(cache.history["a.x"]) == 1
+    cache.stop_history()  # the supervisor does this when the status page is off
+    cache.update([Sample("a.x", 2.0, 20, Quality.GOOD), Sample("a.y", 5, 20, Quality.GOOD)])
+    assert cache.history == {} and cache.history_len == 0
+    assert cache.values() == {"a.x": 2.0, "a.y": 5}
+    assert LiveCache(history=0).history_len == 0
+
+
+def test_a_negative_depth_is_refused() -> None:
+    with pytest.raises(ValueError, match="history must be 0"):
+        LiveCache(history=-1)
