@@ -127,6 +127,10 @@ class PlatformConfig(StrictModel):
     #: unacknowledged QoS 1 messages at once (paho collapses with tens of thousands outstanding)
     max_inflight_messages: Annotated[int, Field(ge=1, le=10_000)] = 1000
     keepalive: PositiveDuration = 30.0
+    #: telemetry payload version (docs: gateway/uplinks/README.md). 1: one message per device and read time (a
+    #: device read in two requests sends two per poll). 2: one message per device and poll, its reads listed with
+    #: their own times; half the messages or fewer, for a platform that reads ``"v": 2``
+    telemetry_version: Literal[1, 2] = 1
     #: messages are published in order from one request; 2 requests let live data pass a replay. A shorter
     #: retry_max than InfluxDB's: the broker is back as soon as it reconnects, and backfill should follow quickly
     delivery: DeliveryConfig = DeliveryConfig(batch_size=2000, max_inflight=2, retry_max=10.0)

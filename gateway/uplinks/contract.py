@@ -8,7 +8,9 @@ Topics, under ``base = {prefix}/{site}/{gateway}``::
     base/status              retained, QoS 1: online on connect; offline by Last Will or on a clean stop
                              (a Last Will's ``since``/``ts`` is when the connection began, not its end)
     base/meta                retained, QoS 1: devices and points with units, kinds and tags
-    base/telemetry/{device}  QoS 1: one message per device and read (a poll batch), with the outbox seq
+    base/telemetry/{device}  QoS 1: telemetry v1 (the default): one message per device and read time, with the
+                             outbox seq; telemetry v2 (``telemetry_version: 2``): one message per device and
+                             stored batch (a poll), its reads in ``reads``, each with its own time
     base/events/{type}       QoS 1: alarms, rule notifications, incentive records, command results; stable ids
     base/{subject}           QoS 1: a rule's ``publish`` action (subject is the rule's topic, relative to base)
     base/cmd/{action}        subscribed: commands from the platform (see gateway.commands_platform)
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from gateway.registry import PointInfo, PointRegistry
 
 CONTRACT_VERSION = 1
+#: telemetry payload versions a gateway can send (``platform.telemetry_version``); every other message is v1
+TELEMETRY_VERSIONS = (1, 2)
 _QUALITY_NAMES = {Quality.UNCERTAIN: "uncertain", Quality.BAD: "bad"}
 #: what a rule's publish topic may not contain: MQTT wildcards, NUL, empty levels, and the gateway's own topics
 _RESERVED_FIRST_LEVELS = frozenset({"status", "meta", "telemetry", "events", "cmd"})
@@ -132,6 +136,47 @@ def telemetry_messages(
                 qualities[name] = _QUALITY_NAMES[quality]
         for key, group in groups.items():
             yield _telemetry(base, row.seq, key, group, historical)
+
+
+def telemetry_messages_v2(
+    base: str, rows: list[TelemetryBatch], *, historical: bool, shared: PlatformPoints
+) -> Iterator[tuple[str, bytes]]:
+    """Telemetry v2: one message per (stored batch, device), so a device read in two requests in one poll costs one
+    message, not two. Each read keeps its own time: ``reads`` is a list of v1 bodies without ``v`` and ``seq``
+    (``ts``, ``values``, ``quality``), in the order read. ``seq`` alone identifies a message on its device topic; a
+    resend repeats it. The same point twice at one time in one batch starts a second read, as v1 sent a second
+    message. Only points in ``shared`` are sent; a device whose batch held nothing else gets no message."""
+    for row in rows:
+        # device -> (its reads in order, ts -> the read still open for that time)
+        devices: dict[str, tuple[list[tuple[int, dict[str, Any], dict[str, str]]], dict[int, int]]] = {}
+        for point, value, ts, quality in row.samples:
+            if point not in shared:
+                continue
+            device, _, name = point.partition(".")
+            entry = devices.get(device)
+            if entry is None:
+                entry = devices[device] = ([], {})
+            reads, open_at = entry
+            index = open_at.get(ts)
+            if index is None or name in reads[index][1] or name in reads[index][2]:
+                index = open_at[ts] = len(reads)
+                reads.append((ts, {}, {}))
+            _ts, values, qualities = reads[index]
+            if quality is not Quality.BAD:
+                values[name] = value
+            if quality is not Quality.GOOD:
+                qualities[name] = _QUALITY_NAMES[quality]
+        for device, (reads, _open) in devices.items():
+            docs: list[dict[str, Any]] = []
+            for ts, values, qualities in reads:
+                read: dict[str, Any] = {"ts": ts // 1_000_000, "values": values}
+                if qualities:
+                    read["quality"] = qualities
+                docs.append(read)
+            doc: dict[str, Any] = {"v": 2, "seq": row.seq, "reads": docs}
+            if historical:
+                doc["historical"] = True
+            yield f"{base}/telemetry/{device}", orjson.dumps(doc)
 
 
 def _telemetry(

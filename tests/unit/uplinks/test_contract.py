@@ -36,10 +36,10 @@ def check(schema: str, payload: bytes) -> dict[str, Any]:
 
 def test_every_schema_is_itself_valid() -> None:
     names = sorted(p.name for p in SCHEMAS.glob("*.schema.json"))
-    assert names == [
+    assert names == sorted(
         f"{n}.schema.json"
-        for n in ("command-result", "command-write", "event", "meta", "publish", "status", "telemetry")
-    ]
+        for n in ("command-result", "command-write", "event", "meta", "publish", "status", "telemetry", "telemetry-v2")
+    )
     for path in SCHEMAS.glob("*.schema.json"):
         jsonschema.Draft202012Validator.check_schema(json.loads(path.read_text()))
 
@@ -89,6 +89,77 @@ def test_telemetry_one_message_per_device_and_read_with_quality_and_the_historic
     ]  # fmt: skip
     live = [orjson.loads(p) for _t, p in telemetry([row])]
     assert all("historical" not in m for m in live)
+
+
+def telemetry_v2(rows: list[TelemetryBatch], *, historical: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (t, check("telemetry-v2", p))
+        for t, p in contract.telemetry_messages_v2(BASE, rows, historical=historical, shared=SHARED)
+    ]
+
+
+def test_telemetry_v2_one_message_per_device_and_batch_each_read_with_its_own_time() -> None:
+    # m1 read in two requests (two times) in one poll: v1 sends two messages, v2 one with two reads
+    row = TelemetryBatch(
+        17,
+        0,
+        [
+            Sample("m1.power_kw", 3.5, TS, Quality.GOOD),
+            Sample("m1.energy_kwh", 1200.25, TS, Quality.GOOD),
+            Sample("m2.power_kw", None, TS, Quality.BAD),
+            Sample("m2.voltage", 250.0, TS, Quality.UNCERTAIN),
+            Sample("m1.voltage", 231.0, TS + 3_000_000, Quality.GOOD),
+            Sample("m1.secret", 1.0, TS, Quality.GOOD),  # unknown to the registry: withheld
+        ],
+    )
+    assert len(telemetry([row])) == 3
+    assert telemetry_v2([row], historical=True) == [
+        (f"{BASE}/telemetry/m1", {"v": 2, "seq": 17, "historical": True, "reads": [
+            {"ts": TS // 10**6, "values": {"power_kw": 3.5, "energy_kwh": 1200.25}},
+            {"ts": TS // 10**6 + 3, "values": {"voltage": 231.0}},
+        ]}),
+        (f"{BASE}/telemetry/m2", {"v": 2, "seq": 17, "historical": True, "reads": [
+            {"ts": TS // 10**6, "values": {"voltage": 250.0}, "quality": {"power_kw": "bad", "voltage": "uncertain"}},
+        ]}),
+    ]  # fmt: skip
+    assert all("historical" not in doc for _t, doc in telemetry_v2([row]))
+
+
+def test_telemetry_v2_carries_every_value_v1_carries() -> None:
+    """The same samples through both versions: the (device, ts, point, value, quality) facts are identical."""
+    rows = [
+        TelemetryBatch(
+            seq,
+            0,
+            [
+                Sample(f"m{d}.{n}", seq * 10 + k, TS + (k % 2) * 10**6, Quality.GOOD if k != 2 else Quality.BAD)
+                for d in (1, 2)
+                for k, n in enumerate(("power_kw", "energy_kwh", "voltage"))
+            ]
+            + [Sample("m1.power_kw", -1.0, TS, Quality.GOOD)],  # the same point twice at one time
+        )
+        for seq in (1, 2)
+    ]
+
+    def facts_v1() -> list[tuple[str, int, int, str, object]]:
+        out = []
+        for topic, payload in telemetry(rows):
+            doc = orjson.loads(payload)
+            out += [(topic, doc["seq"], doc["ts"], n, v) for n, v in doc["values"].items()]
+            out += [(topic, doc["seq"], doc["ts"], n, q) for n, q in doc.get("quality", {}).items()]
+        return sorted(out, key=repr)
+
+    def facts_v2() -> list[tuple[str, int, int, str, object]]:
+        out = []
+        for topic, doc in telemetry_v2(rows):
+            for read in doc["reads"]:
+                out += [(topic, doc["seq"], read["ts"], n, v) for n, v in read["values"].items()]
+                out += [(topic, doc["seq"], read["ts"], n, q) for n, q in read.get("quality", {}).items()]
+        return sorted(out, key=repr)
+
+    assert facts_v2() == facts_v1()
+    assert len(telemetry_v2(rows)) == 4  # two batches x two devices
+    assert len(telemetry(rows)) == 10  # two batches x two devices x two times, plus the repeated point, twice
 
 
 def test_the_same_point_twice_at_one_time_in_one_batch_keeps_both_values_in_order() -> None:
