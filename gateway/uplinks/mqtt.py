@@ -14,7 +14,8 @@ zero (``_PublishWindow``). aiomqtt's own ``publish`` awaited an event per messag
 them all on every call and logged ``There are N pending publish calls`` each time (issue 19: 13-17 lines a second).
 At most ``max_inflight_messages`` are unacknowledged at once (paho's delivery collapses with tens of thousands
 outstanding, FIELD-NOTES.md); a full window pauses ``send`` until the broker has acknowledged half of it, and the
-episode is logged once when it starts and once when the window is empty again.
+episode is logged once when it starts and once when it ends (the window empty and no pause for
+``CONGESTION_QUIET`` seconds, or the connection gone).
 
 A lost connection fails every publish in flight at once (``send`` raises a retryable ``UplinkError``): the messages
 were not acknowledged, so the runner sends them again from the outbox after the reconnection, with the same seq and
@@ -52,6 +53,9 @@ CommandCallback = Callable[[str, bytes], Awaitable[None]]
 
 #: calls outside the publish window (birth, meta, subscribe, goodbye) that may be pending besides it
 _PENDING_HEADROOM = 16
+#: a congestion episode ends when the window has stayed below its limit this long with nothing pending: a backlog
+#: drained request by request empties the window between requests, and that is still one episode
+CONGESTION_QUIET = 2.0
 
 
 class _BatchAck:
@@ -90,7 +94,9 @@ class _PublishWindow:
         self._room.set()
         self._lost: BaseException | None = None
         self._congested_since: float | None = None
+        self._last_pause = 0.0
         self._waits = 0
+        self._end_timer: asyncio.TimerHandle | None = None
         self.acked_total = 0
 
     def __len__(self) -> int:
@@ -114,21 +120,31 @@ class _PublishWindow:
         pending = len(self._pending)
         if not self._room.is_set() and pending <= self.limit // 2:
             self._room.set()  # half drained: publish in bursts, not one message per PUBACK
-        if pending == 0 and self._congested_since is not None:
-            log.info(
-                "%s: publish window drained after %.1fs (%d pauses); publishing at full speed again",
-                self.name,
-                time.monotonic() - self._congested_since,
-                self._waits,
-            )
-            self._congested_since = None
+        if pending == 0 and self._congested_since is not None and self._end_timer is None:
+            self._end_timer = asyncio.get_running_loop().call_later(CONGESTION_QUIET, self._end_episode)
+
+    def _end_episode(self) -> None:
+        self._end_timer = None
+        if self._congested_since is None:
+            return
+        log.info(
+            "%s: publish window drained: the broker kept up again after %.1fs of congestion (%d pauses)",
+            self.name,
+            self._last_pause - self._congested_since,
+            self._waits,
+        )
+        self._congested_since = None
 
     async def wait_for_room(self) -> None:
         """Return when another message may be published; raise the connection's loss if it ends meanwhile."""
         while len(self._pending) >= self.limit and self._lost is None:
+            now = time.monotonic()
+            if self._end_timer is not None:
+                self._end_timer.cancel()  # the episode goes on
+                self._end_timer = None
             if self._congested_since is None:
-                # once per episode (it ends when every message is acknowledged), not once per pause
-                self._congested_since = time.monotonic()
+                # once per episode, not once per pause: it ends after CONGESTION_QUIET without a pause
+                self._congested_since = now
                 self._waits = 0
                 log.warning(
                     "%s: %d messages unacknowledged by the broker (the window is full); publishing paused until "
@@ -136,6 +152,7 @@ class _PublishWindow:
                     self.name,
                     len(self._pending),
                 )
+            self._last_pause = now
             self._waits += 1
             self._room.clear()
             await self._room.wait()
@@ -150,8 +167,16 @@ class _PublishWindow:
                 ack.done.set_exception(error)
         self._pending.clear()
         self._room.set()
+        if self._end_timer is not None:
+            self._end_timer.cancel()
+            self._end_timer = None
         if self._congested_since is not None:
-            log.info("%s: publish window abandoned with the connection", self.name)
+            # the episode ends with its connection (whose loss the runner logs): its end is said, once
+            log.info(
+                "%s: publish window closed with its connection after %.1fs of congestion",
+                self.name,
+                time.monotonic() - self._congested_since,
+            )
             self._congested_since = None
 
 
