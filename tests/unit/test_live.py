@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
+
 import pytest
 
+from gateway.config.site import FIRMWARE_CONFIGS, load_site
 from gateway.live import HistoryRing, LiveCache
 from gateway.model import Quality, Sample
+from gateway.supervisor import Gateway
 
 
 def test_ring_keeps_the_newest_values_oldest_first_across_the_wrap() -> None:
@@ -54,3 +59,17 @@ def test_without_history_only_the_latest_values_are_kept() -> None:
 def test_a_negative_depth_is_refused() -> None:
     with pytest.raises(ValueError, match="history must be 0"):
         LiveCache(history=-1)
+
+
+async def test_a_gateway_without_its_status_page_keeps_no_history(tmp_path: Path) -> None:
+    """Nothing can read the sparklines' history when the HTTP server is off: the supervisor turns it off."""
+    gateway = Gateway(load_site(FIRMWARE_CONFIGS / "sites" / "demo.yaml"), data_dir=tmp_path, http_listen="off")
+    assert gateway.live.history_len > 0  # until it runs, a gateway may still be served by a test client
+    stop = asyncio.Event()
+    runner = asyncio.ensure_future(gateway.run(stop))
+    await asyncio.wait_for(gateway.started.wait(), 5)
+    await asyncio.sleep(1.2)  # a poll of every simulated device
+    stop.set()
+    await asyncio.wait_for(runner, 5)
+    assert gateway.live.history_len == 0 and gateway.live.history == {}
+    assert gateway.live.latest  # the latest values are still kept (`tail`, rules tests, /api/points)
