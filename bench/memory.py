@@ -7,10 +7,12 @@ K poll cycles of one batch per device, stamped with the real clock, then measure
 * ``deep`` bytes: every object reachable from the structure (sys.getsizeof, arrays with their buffers), counted
   once, in the order listed (what an earlier structure holds is not counted again by a later one);
 * tracemalloc's traced memory for the whole run, by the source file that allocated it (top files);
-* the process's RSS (includes SQLite's page cache and the interpreter, which tracemalloc does not see).
+* the process's RSS (includes SQLite's page cache and the interpreter, which tracemalloc does not see; tracemalloc's
+  own bookkeeping inflates it several times, so take RSS from a ``--no-trace`` run).
 
     .venv/bin/python bench/memory.py                    # 5,000 points, 310 cycles (the live rings fill at 300)
     .venv/bin/python bench/memory.py --points 1000 --cycles 50 --no-http
+    .venv/bin/python bench/memory.py --no-trace         # the process's RSS without tracemalloc's bookkeeping
     GATEWAY_SOURCE=/path/to/other/checkout .venv/bin/python bench/memory.py   # the same measurement of another tree
 
 ``--no-http`` runs without the status server (a gateway whose page is off keeps no sparkline history). The last
@@ -167,7 +169,7 @@ async def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     fed_s = time.monotonic() - started
     gc.collect()
     traced, peak = tracemalloc.get_traced_memory()
-    snapshot = tracemalloc.take_snapshot()
+    snapshot = tracemalloc.take_snapshot() if tracemalloc.is_tracing() else None
 
     seen: set[int] = {id(gateway), id(source)}
     # an object that belongs to the process rather than to one structure (the loop's machinery) stops the walk
@@ -183,7 +185,7 @@ async def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     ]
     sizes = {name: sum(deep_size(o, seen, not_owned) for o in roots if o is not None) for name, roots in structures}
     rss = rss_mib()
-    by_file = snapshot.statistics("filename")[:8]
+    by_file = snapshot.statistics("filename")[:8] if snapshot is not None else []
     stop.set()
     await runner
     points = devices * POINTS_PER_DEVICE
@@ -209,10 +211,14 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=100, help="rule points averaging a point over --window")
     parser.add_argument("--window", default="5min")
     parser.add_argument("--no-http", action="store_true", help="status server off (no sparkline history kept)")
+    parser.add_argument(
+        "--no-trace", action="store_true", help="without tracemalloc: an RSS not inflated by its bookkeeping"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
-    tracemalloc.start()
+    if not args.no_trace:
+        tracemalloc.start()
     with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
         result = asyncio.run(measure(args, Path(tmp)))
     points = result["points"]
@@ -229,12 +235,15 @@ def main() -> int:
     for name, size in result["sizes"].items():
         print(f"  {name:<10} {size / points:>12,.1f} {size / 2**20:>6.1f}")
     print(f"  {'total':<10} {total:>12,.1f} {sum(result['sizes'].values()) / 2**20:>6.1f}")
-    print(
-        f"tracemalloc: {result['traced'] / 2**20:.1f} MiB traced now, {result['peak'] / 2**20:.1f} MiB peak; by file:"
-    )
-    for filename, size in result["by_file"]:
-        print(f"  {size / 2**20:7.1f} MiB  {filename}")
-    print(f"RSS (with tracemalloc's own overhead): {result['rss']:.1f} MiB")
+    if not args.no_trace:
+        print(
+            f"tracemalloc: {result['traced'] / 2**20:.1f} MiB traced now, "
+            f"{result['peak'] / 2**20:.1f} MiB peak; by file:"
+        )
+        for filename, size in result["by_file"]:
+            print(f"  {size / 2**20:7.1f} MiB  {filename}")
+    overhead = "" if args.no_trace else " (with tracemalloc's own bookkeeping: use --no-trace for the real figure)"
+    print(f"RSS{overhead}: {result['rss']:.1f} MiB")
     print(
         json.dumps(
             {
@@ -244,7 +253,7 @@ def main() -> int:
                 "http": result["http"],
                 "bytes_per_point": per_point,
                 "total_bytes_per_point": total,
-                "traced_mib": round(result["traced"] / 2**20, 1),
+                "traced_mib": None if args.no_trace else round(result["traced"] / 2**20, 1),
                 "rss_mib": round(result["rss"], 1),
             }
         )
