@@ -7,19 +7,25 @@ Memory is the point of this module's shape. The history of a point is a ring of 
 for the nanosecond timestamps, ``array('d')`` for the values) and a write index: 16 bytes a value, where a
 ``deque`` of ``(int, float)`` tuples cost about 130 (about 189 MiB for 5,000 points x 300 values; bench/memory.py).
 The ring is only as deep as the status page's sparklines show (``history``, default 300: five minutes at a 1 s
-poll), and a gateway whose status page is off keeps no history at all (``history=0``, or ``stop_history()``, which
-the supervisor calls when it starts without the HTTP server).
+poll). History is kept only while someone watches: the views reading live values call ``watched()``, and after
+``unwatched_after`` seconds (default 10 minutes) without a reader the rings are dropped, to be rebuilt from the next
+reading on when someone looks again (the page draws its sparklines from live values until then). A gateway whose
+status page is off keeps no history at all (``history=0``, or ``stop_history()``, which the supervisor calls when
+it starts without the HTTP server).
 """
 
 from __future__ import annotations
 
+import time
 from array import array
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from gateway.model import Sample
 
 #: the status page's sparkline window (static/status.js WINDOW_MS) at a 1 s poll
 DEFAULT_HISTORY = 300
+#: seconds without a reader (status page, /api, ``tail``) after which the history is dropped until the next one
+UNWATCHED_AFTER = 600.0
 
 
 class HistoryRing:
@@ -65,24 +71,44 @@ class HistoryRing:
 class LiveCache:
     """``latest``: point -> newest Sample; ``history``: point -> ``HistoryRing`` (numbers only, booleans as 0/1).
 
-    ``history`` is the depth of each ring; 0 keeps no history (the status page is off, nobody can read it)."""
+    ``history`` is the depth of each ring; 0 keeps no history (the status page is off, nobody can read it).
+    ``unwatched_after``: seconds without a ``watched()`` call after which the history is dropped (``clock`` is
+    ``time.monotonic``; tests pass a fake one)."""
 
-    def __init__(self, *, history: int = DEFAULT_HISTORY) -> None:
+    def __init__(
+        self,
+        *,
+        history: int = DEFAULT_HISTORY,
+        unwatched_after: float = UNWATCHED_AFTER,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if history < 0:
             raise ValueError(f"history must be 0 (none) or a positive number of values, not {history}")
         self.history_len = history
         self.latest: dict[str, Sample] = {}
         self.history: dict[str, HistoryRing] = {}
         self.updates = 0
+        self.unwatched_after = unwatched_after
+        self._clock = clock
+        self._depth = history  # what history_len returns to when someone watches again
+        self._last_read = clock()  # a new cache counts as watched: its first reader is usually on the way
 
     def stop_history(self) -> None:
         """Keep no more history, and free what is kept: called when nothing can read it (status page off)."""
-        self.history_len = 0
+        self.history_len = self._depth = 0
         self.history = {}
+
+    def watched(self) -> None:
+        """A reader looked (status page, /api, ``tail``): keep, or start again, the history."""
+        self._last_read = self._clock()
+        self.history_len = self._depth
 
     def update(self, batch: Sequence[Sample]) -> None:
         latest = self.latest
         depth = self.history_len
+        if depth and self._clock() - self._last_read > self.unwatched_after:
+            depth = self.history_len = 0  # nobody looked for a while: free the rings until someone does
+            self.history = {}
         if depth == 0:
             for sample in batch:
                 latest[sample.point] = sample

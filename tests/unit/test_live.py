@@ -56,6 +56,44 @@ def test_without_history_only_the_latest_values_are_kept() -> None:
     assert LiveCache(history=0).history_len == 0
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_history_is_dropped_when_nobody_watches_and_rebuilt_when_someone_does() -> None:
+    clock = FakeClock()
+    cache = LiveCache(history=10, unwatched_after=600.0, clock=clock)
+    cache.update([Sample("a.x", 1.0, 1, Quality.GOOD)])
+    clock.now += 599.0
+    cache.update([Sample("a.x", 2.0, 2, Quality.GOOD)])
+    assert list(cache.history["a.x"]) == [(1, 1.0), (2, 2.0)]  # watched (or new) within the last 10 minutes
+    clock.now += 2.0
+    cache.update([Sample("a.x", 3.0, 3, Quality.GOOD)])
+    assert cache.history == {} and cache.history_len == 0  # 601 s without a reader: the rings are freed
+    assert cache.values() == {"a.x": 3.0}
+    cache.watched()  # the page is opened: history starts again from the next reading
+    assert cache.history_len == 10
+    cache.update([Sample("a.x", 4.0, 4, Quality.GOOD)])
+    assert list(cache.history["a.x"]) == [(4, 4.0)]
+    clock.now += 300.0
+    cache.watched()
+    clock.now += 300.0
+    cache.update([Sample("a.x", 5.0, 5, Quality.GOOD)])
+    assert list(cache.history["a.x"]) == [(4, 4.0), (5, 5.0)]  # read 300 s ago: kept
+
+
+def test_watching_does_not_restart_a_history_the_supervisor_stopped() -> None:
+    cache = LiveCache(history=10)
+    cache.stop_history()
+    cache.watched()
+    cache.update([Sample("a.x", 1.0, 1, Quality.GOOD)])
+    assert cache.history == {} and cache.history_len == 0
+
+
 def test_a_negative_depth_is_refused() -> None:
     with pytest.raises(ValueError, match="history must be 0"):
         LiveCache(history=-1)
