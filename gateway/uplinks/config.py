@@ -42,6 +42,10 @@ class DeliveryConfig(StrictModel):
     retry_max: PositiveDuration = 60.0
     #: one request taking longer than this counts as failed (retryable)
     timeout: PositiveDuration = 10.0
+    #: after new data wakes an idle runner, wait this long for the rest of the poll cycle before reading it, so the
+    #: polls of many devices leave in one request (one outbox read, one cursor write) rather than one request each;
+    #: 0 sends each stored batch as soon as it is committed. The most it adds to a reading's latency
+    linger: Annotated[Duration, Field(ge=0, le=10)] = 0.1
 
     @model_validator(mode="after")
     def _retry_order(self) -> DeliveryConfig:
