@@ -164,3 +164,27 @@ async def test_a_congestion_episode_is_logged_once_at_its_start_and_once_at_its_
     assert sorted({(m["ts"], m["seq"]) for m in seen.on("telemetry/m1")}) == sorted(
         (m["ts"], m["seq"]) for m in seen.on("telemetry/m1")
     )  # nothing twice
+
+
+async def test_qos0_telemetry_completes_when_written_and_events_stay_qos1(tmp_path: Path, broker: Mosquitto) -> None:
+    """QoS 0 has no PUBACK: paho reports a message done once written, and the request completes on that count."""
+    site = load(
+        tmp_path,
+        f"  platform: {{host: 127.0.0.1, port: {broker.port}, prefix: q0, qos: 0, telemetry_version: 2, "
+        f"delivery: {DELIVERY}}}\n",
+    )
+    outbox = Outbox(tmp_path / "outbox.db")
+    (runner,) = build_uplinks(site, outbox, commands=CommandRecorder())
+    async with platform(broker, "q0/tower/gw1") as seen:
+        stopping = asyncio.Event()
+        async with asyncio.TaskGroup() as tg:
+            tg.create_task(runner.run(stopping))
+            await wait_for(runner.uplink.connected.is_set)  # type: ignore[attr-defined]
+            for batch in polls(0, 50):
+                await outbox.append(batch)
+            await wait_for(lambda: outbox.uplink_cursor("platform").delivered_to == 100, what="every request done")
+            await wait_for(lambda: len(seen.on("telemetry/m2")) == 50, what="the messages")
+            stopping.set()
+    await outbox.close()
+    assert {(ts, n, v) for _seq, ts, n, v in received(seen.on("telemetry/m1"))} == expected(0, 50)
+    assert runner.status()["requests_failed"] == 0
