@@ -170,6 +170,7 @@ async def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     gc.collect()
     traced, peak = tracemalloc.get_traced_memory()
     snapshot = tracemalloc.take_snapshot() if tracemalloc.is_tracing() else None
+    rss = rss_mib()  # before the walk below, whose set of visited objects would count in it
 
     seen: set[int] = {id(gateway), id(source)}
     # an object that belongs to the process rather than to one structure (the loop's machinery) stops the walk
@@ -184,7 +185,6 @@ async def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
         ("uplinks", list(gateway.uplinks)),
     ]
     sizes = {name: sum(deep_size(o, seen, not_owned) for o in roots if o is not None) for name, roots in structures}
-    rss = rss_mib()
     by_file = snapshot.statistics("filename")[:8] if snapshot is not None else []
     stop.set()
     await runner
