@@ -53,18 +53,23 @@ class PlatformPoints:
 
     def __init__(self, registry: Mapping[str, PointInfo]) -> None:
         self._registry = registry
-        self._shared: dict[str, bool] = {}
+        #: point -> (device, name) when it may be sent, () when it is known and personal; unknown points are absent
+        self.names: dict[str, tuple[str, str] | tuple[()]] = {}
 
     def __contains__(self, point: object) -> bool:
-        if not isinstance(point, str):
-            return False
-        shared = self._shared.get(point)
-        if shared is None:
-            info = self._registry.get(point)
-            if info is None:
-                return False  # not cached: a rule reload may still register it
-            shared = self._shared[point] = not info.personal
-        return shared
+        return isinstance(point, str) and bool(self.names.get(point) or self.resolve(point))
+
+    def resolve(self, point: str) -> tuple[str, str] | tuple[()]:
+        """The slow path of ``names``: (device, name) of a point that may be sent, else ()."""
+        info = self._registry.get(point)
+        if info is None:
+            return ()  # not cached: a rule reload may still register it
+        if info.personal:
+            self.names[point] = ()
+            return ()
+        device, _, name = point.partition(".")
+        names = self.names[point] = (device, name)
+        return names
 
 
 def base_topic(prefix: str, site: str, gateway: str) -> str:
@@ -117,23 +122,34 @@ def telemetry_messages(
     """One message per (stored batch, device, read time): ``seq`` is the stored batch's, so a resend is
     recognisable; ``(seq, ts)`` identifies a message on its device topic. Only points in ``shared`` are sent (values
     and quality alike); a device whose read held nothing else gets no message."""
+    known = shared.names
+    good = Quality.GOOD
     for row in rows:
         groups: dict[tuple[str, int], tuple[dict[str, Any], dict[str, str]]] = {}
+        # the group the last sample went to (see telemetry_messages_v2): most samples skip the lookup
+        last_device, last_ts = "", -1
+        values: dict[str, Any] = {}
+        qualities: dict[str, str] = {}
         for point, value, ts, quality in row.samples:
-            if point not in shared:
+            names = known.get(point) or shared.resolve(point)
+            if not names:
                 continue
-            device, _, name = point.partition(".")
-            key = (device, ts)
-            group = groups.get(key)
-            if group is None or name in group[0] or name in group[1]:
-                if group is not None:  # the same point twice at one ts in one batch: keep both, in order
-                    yield _telemetry(base, row.seq, key, group, historical)
-                group = groups[key] = ({}, {})
-            values, qualities = group
+            device, name = names
+            if ts != last_ts or device != last_device or name in values or (qualities and name in qualities):
+                key = (device, ts)
+                group = groups.get(key)
+                if group is None or name in group[0] or name in group[1]:
+                    if group is not None:  # the same point twice at one ts in one batch: keep both, in order
+                        yield _telemetry(base, row.seq, key, group, historical)
+                    group = groups[key] = ({}, {})
+                values, qualities = group
+                last_device, last_ts = device, ts
+            if quality is good:
+                values[name] = value
+                continue
             if quality is not Quality.BAD:
                 values[name] = value
-            if quality is not Quality.GOOD:
-                qualities[name] = _QUALITY_NAMES[quality]
+            qualities[name] = _QUALITY_NAMES[quality]
         for key, group in groups.items():
             yield _telemetry(base, row.seq, key, group, historical)
 
@@ -146,26 +162,38 @@ def telemetry_messages_v2(
     (``ts``, ``values``, ``quality``), in the order read. ``seq`` alone identifies a message on its device topic; a
     resend repeats it. The same point twice at one time in one batch starts a second read, as v1 sent a second
     message. Only points in ``shared`` are sent; a device whose batch held nothing else gets no message."""
+    known = shared.names
+    good = Quality.GOOD
     for row in rows:
         # device -> (its reads in order, ts -> the read still open for that time)
         devices: dict[str, tuple[list[tuple[int, dict[str, Any], dict[str, str]]], dict[int, int]]] = {}
+        # the read the last sample went to: a poll batch is one device's reads, sample after sample of one time,
+        # so almost every sample takes this path (about half the cost of looking its read up)
+        last_device, last_ts = "", -1
+        values: dict[str, Any] = {}
+        qualities: dict[str, str] = {}
         for point, value, ts, quality in row.samples:
-            if point not in shared:
+            names = known.get(point) or shared.resolve(point)
+            if not names:
                 continue
-            device, _, name = point.partition(".")
-            entry = devices.get(device)
-            if entry is None:
-                entry = devices[device] = ([], {})
-            reads, open_at = entry
-            index = open_at.get(ts)
-            if index is None or name in reads[index][1] or name in reads[index][2]:
-                index = open_at[ts] = len(reads)
-                reads.append((ts, {}, {}))
-            _ts, values, qualities = reads[index]
+            device, name = names
+            if ts != last_ts or device != last_device or name in values or (qualities and name in qualities):
+                entry = devices.get(device)
+                if entry is None:
+                    entry = devices[device] = ([], {})
+                reads, open_at = entry
+                index = open_at.get(ts)
+                if index is None or name in reads[index][1] or name in reads[index][2]:
+                    index = open_at[ts] = len(reads)
+                    reads.append((ts, {}, {}))
+                _ts, values, qualities = reads[index]
+                last_device, last_ts = device, ts
+            if quality is good:
+                values[name] = value
+                continue
             if quality is not Quality.BAD:
                 values[name] = value
-            if quality is not Quality.GOOD:
-                qualities[name] = _QUALITY_NAMES[quality]
+            qualities[name] = _QUALITY_NAMES[quality]
         for device, (reads, _open) in devices.items():
             docs: list[dict[str, Any]] = []
             for ts, values, qualities in reads:
