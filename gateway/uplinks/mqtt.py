@@ -107,6 +107,9 @@ class _PublishWindow:
         return self._congested_since is not None
 
     def track(self, mid: int, ack: _BatchAck) -> None:
+        if self._lost is not None:
+            # never owed by a dead connection: its acknowledgement could not come, the batch would wait its timeout
+            raise aiomqtt.MqttError(str(self._lost))
         self._pending[mid] = ack
         ack.owed += 1
 

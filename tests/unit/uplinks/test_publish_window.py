@@ -72,6 +72,8 @@ async def test_a_lost_connection_fails_what_is_owed_and_wakes_a_publisher_waitin
     assert len(window) == 0 and not window.congested
     with pytest.raises(aiomqtt.MqttError):  # a window of a dead connection accepts nothing more
         await window.wait_for_room()
+    with pytest.raises(aiomqtt.MqttError):
+        window.track(2, new_ack())
 
 
 async def test_room_comes_back_when_half_the_window_is_acknowledged() -> None:
