@@ -105,12 +105,12 @@ async def running(source: MqttSource, sink: Collector) -> AsyncIterator[asyncio.
         await asyncio.wait_for(task, 10)
 
 
-def _publish_blocking(port: int, messages: Sequence[tuple[str, bytes]], qos: int) -> None:
+def _publish_blocking(port: int, messages: Sequence[tuple[str, bytes]], qos: int, retain: bool = False) -> None:
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-pub-{os.getpid()}-{time.monotonic_ns()}")
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
-        infos = [client.publish(topic, payload, qos=qos) for topic, payload in messages]
+        infos = [client.publish(topic, payload, qos=qos, retain=retain) for topic, payload in messages]
         for info in infos:
             info.wait_for_publish(timeout=10)
     finally:
@@ -118,9 +118,9 @@ def _publish_blocking(port: int, messages: Sequence[tuple[str, bytes]], qos: int
         client.loop_stop()
 
 
-async def publish(port: int, messages: Sequence[tuple[str, bytes]], qos: int = 1) -> None:
+async def publish(port: int, messages: Sequence[tuple[str, bytes]], qos: int = 1, *, retain: bool = False) -> None:
     """An independent publisher (plain paho on its own thread), not the code under test."""
-    await asyncio.to_thread(_publish_blocking, port, messages, qos)
+    await asyncio.to_thread(_publish_blocking, port, messages, qos, retain)
 
 
 def z2m(temp: float, hum: int = 40) -> bytes:
