@@ -546,6 +546,9 @@ class Gateway:
             ticker = tg.create_task(self._tick_loop(sources_stopping), name="ticker")
             uplink_tasks = [tg.create_task(u.run(uplinks_stopping), name=u.name) for u in self.uplinks]
             http_task = self._start_http(tg, http_stopping)
+            if http_task is None:
+                # nothing can read the sparklines' history: do not keep it (gateway/live.py, issue 19)
+                self.live.stop_history()
             extra = [tg.create_task(fn(http_stopping), name=name) for name, fn in self.extra_tasks]
             source_tasks = [
                 tg.create_task(self._run_source(s, sources_stopping), name=f"driver.{s.name}") for s in self.sources

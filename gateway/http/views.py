@@ -75,6 +75,7 @@ def points(gateway: Gateway, now_ns: int | None = None) -> list[JsonDict]:
     """Every registered point with its latest sample; ``tail`` relies on id/value/ts/quality/unit. ``awaiting``
     says why a point without a value is not late (see ``awaiting``), else it is None."""
     now_ns = time.time_ns() if now_ns is None else now_ns
+    gateway.live.watched()  # someone looks: the live cache keeps the sparklines' history (gateway/live.py)
     latest = gateway.live.latest
     not_due = awaiting(gateway)
     result: list[JsonDict] = []
@@ -129,6 +130,7 @@ def history(gateway: Gateway, *, point: str | None = None, since_ns: int = 0) ->
 
     Milliseconds keep the numbers exact in JavaScript (nanoseconds exceed 2**53).
     """
+    gateway.live.watched()
     rings = gateway.live.history
     selected = rings.items() if point is None else ([(point, rings[point])] if point in rings else [])
     return {name: [[ts // 1_000_000, value] for ts, value in ring if ts > since_ns] for name, ring in selected}
