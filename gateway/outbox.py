@@ -108,11 +108,20 @@ CREATE TABLE IF NOT EXISTS counters (
 
 
 def encode_samples(samples: Sequence[Sample]) -> bytes:
-    return orjson.dumps([tuple(s) for s in samples])
+    # a sample without a reason (nearly all) is stored as the four fields it had before reasons existed
+    return orjson.dumps([tuple(s) if s.reason is not None else s[:4] for s in samples])
 
 
 def decode_samples(payload: bytes) -> list[Sample]:
-    return [Sample(p, v, t, _QUALITIES[q]) for p, v, t, q in orjson.loads(payload)]
+    qualities = _QUALITIES
+    return [
+        Sample(row[0], row[1], row[2], qualities[row[3]]) if len(row) == 4 else _with_reason(row)
+        for row in orjson.loads(payload)
+    ]
+
+
+def _with_reason(row: list[Any]) -> Sample:
+    return Sample(row[0], row[1], row[2], _QUALITIES[row[3]], row[4])
 
 
 def encode_event(event: Event) -> bytes:
