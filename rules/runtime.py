@@ -28,6 +28,7 @@ Rules about data:
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -37,7 +38,7 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from gateway.errors import WriteRejected
+from gateway.errors import StoreError, WriteRejected
 from gateway.model import Command, Event, Quality, Sample
 from gateway.registry import PointInfo
 from rules.expr import kind_of_value
@@ -57,6 +58,8 @@ from rules.loader import (
 from rules.schedule import Schedule
 from rules.state import RuleStateStore, SavedRuleState
 from rules.window import Window
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Outputs",
@@ -232,12 +235,14 @@ class RuleRuntime:
 
     def close(self) -> None:
         """Write what is still unsaved and close the state store (at shutdown; a runtime replaced by a reload shares
-        its store with its successor, which carries its unsaved changes over). Raises ``StoreError`` when the last
-        write fails; the store is closed either way."""
+        its store with its successor, which carries its unsaved changes over). Never raises: it runs in the
+        supervisor's shutdown, which must still close the outbox; a last write that fails is logged."""
         if self._store is None:
             return
         try:
             self.flush_state()
+        except StoreError as exc:
+            log.error("rule state not saved at shutdown: %s", exc)
         finally:
             self._store.close()
 

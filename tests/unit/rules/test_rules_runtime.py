@@ -136,6 +136,20 @@ def test_a_failed_flush_keeps_the_changes_for_the_next_one_and_the_outputs_are_n
     runtime.close()
 
 
+def test_close_with_the_disk_failing_logs_and_still_closes(
+    tmp_path: Path, registry: PointRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FailingDiskStore(tmp_path / "state.db")
+    runtime = RuleRuntime.load([write(tmp_path, CO2_RULE)], registry, timezone="UTC", state=store)
+    runtime.process([co2(1200, T0)], T0)
+    store.failing = True
+    runtime.close()  # the supervisor's shutdown goes on to close the outbox: close must not raise
+    assert "rule state not saved at shutdown" in caplog.text
+    assert "disk I/O error" in caplog.text
+    with pytest.raises(StoreError):
+        store.load()  # closed
+
+
 def test_close_writes_what_is_still_unsaved(tmp_path: Path, registry: PointRegistry) -> None:
     rules = write(tmp_path, CO2_RULE)
     first = RuleRuntime.load([rules], registry, timezone="UTC", state=RuleStateStore(tmp_path / "state.db"))
