@@ -13,7 +13,7 @@ Topics, under ``base = {prefix}/{site}/{gateway}``::
                              stored batch (a poll), its reads in ``reads``, each with its own time
     base/events/{type}       QoS 1: alarms, rule notifications, incentive records, command results; stable ids
     base/{subject}           QoS 1: a rule's ``publish`` action (subject is the rule's topic, relative to base)
-    base/cmd/{action}        subscribed: commands from the platform (see gateway.commands_platform)
+    base/cmd/{action}        subscribed: commands from the platform (see gateway.platform_commands)
 
 Timestamps on the wire are Unix milliseconds (integers): nanoseconds do not survive a JavaScript number.
 
