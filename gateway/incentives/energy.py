@@ -265,7 +265,7 @@ def meter_interval(
     notes: set[str] = set()
     total = 0
     pairs = list(pairwise(chain))
-    for index, (before, after) in enumerate(pairs):
+    for before, after in pairs:
         advance, mark = pair_advance(before, after, rules)
         if mark == ROLLOVER:
             notes.add(mark)
@@ -273,12 +273,19 @@ def meter_interval(
             flags.add(mark)
         if after.ts_ns - before.ts_ns > max_gap_ns:
             flags.add(GAP)
-        total += portion(advance, before, after, end_ns) - (anchor.allocated if index == 0 else 0)
+        total += portion(advance, before, after, end_ns)
+    # What the interval before counted of the pair that starts at the anchor comes off. It counted it from its own
+    # view of that pair; when a reading it ended the pair with is an outlier here (readings stamped in between
+    # arrived after it closed: a clock step), the pair is another one and the allocation may exceed everything
+    # this interval holds. Then no more than that is given back: never a negative energy (the excess stays counted
+    # by the interval before, which can only lower a saving, and both intervals are flagged gap).
+    allocated = min(anchor.allocated, total)
+    total -= allocated
     last = chain[-1]
     if last.ts_ns < end_ns:
         flags.add(GAP)  # no reading at or after the end (closed overdue): the rest is counted by the next interval
     first_pair_at_start = portion(pair_advance(*pairs[0], rules)[0], *pairs[0], start_ns) if pairs else 0
-    if chain[0].ts_ns > start_ns or (pairs and anchor.allocated != first_pair_at_start):
+    if chain[0].ts_ns > start_ns or (pairs and allocated != first_pair_at_start):
         flags.add(GAP)  # energy from before the start lands here (the previous interval closed without a reading)
     if last.ts_ns >= end_ns and len(chain) >= 2:
         if last.ts_ns == end_ns:
@@ -307,7 +314,7 @@ def meter_interval(
     return MeterInterval(
         readings=tuple(chain),
         outliers=outliers_used,
-        allocated=anchor.allocated,
+        allocated=allocated,
         micro_kwh=total,
         flags=frozenset(flags),
         notes=frozenset(notes),
@@ -346,7 +353,12 @@ def _frozen(
     """
     frozen = False
     run_start = 0
-    since = readings[0].ts_ns if first_since is None else min(first_since, readings[0].ts_ns)
+    # the earlier start counts only while the run goes on past the first reading: that is where a verifier, seeing
+    # the record's readings begin with two equal ones, can accept a run it cannot see the start of. A run that ends
+    # at the first reading hands its catch-up to the pair after it, which can only make this interval's energy
+    # larger (never a saving nobody earned); the intervals it froze were flagged when they closed.
+    continues = len(readings) >= 2 and readings[1].micro_kwh == readings[0].micro_kwh
+    since = readings[0].ts_ns if first_since is None or not continues else min(first_since, readings[0].ts_ns)
     for index in range(1, len(readings)):
         if readings[index].micro_kwh == readings[run_start].micro_kwh:
             continue

@@ -170,6 +170,18 @@ def test_the_next_anchor_remembers_where_its_run_began() -> None:
     assert second.next_anchor.run_since_ns == 2 * MIN  # 4 min continues the run that began at 2 min
 
 
+def test_an_allocation_from_a_pair_this_interval_does_not_have_never_makes_its_energy_negative() -> None:
+    # The interval before ended its last pair with a x1000 reading at 5 s and allocated 63 kWh of it; here, with the
+    # readings that arrived since, that reading is an outlier. At most what this interval holds is given back.
+    anchor = Anchor(0, Reading(-60 * S, 29_000), 63_000_000)
+    later = [Reading(5 * S, 64_036_000), Reading(49 * S, 428_000), Reading(106 * S, 443_000)]
+    later += [Reading(169 * S, 447_000), Reading(310 * S, 560_000)]
+    result = meter_interval(anchor, later, 0, 5 * MIN, rules=RULES, max_gap_ns=5 * MIN)
+    assert result.outliers == (later[0],)
+    # everything it holds (0.029 kWh at the anchor to 0.551985 interpolated at the end) and no more
+    assert result.micro_kwh == 0 and result.allocated == 551_985 - 29_000 and GAP in result.flags
+
+
 def test_an_edge_is_not_interpolated_across_more_than_max_gap() -> None:
     readings = [Reading(0, 0), Reading(10 * MIN, 1_000_000)]
     energy, flags = _energy(readings, 0, 5 * MIN)
