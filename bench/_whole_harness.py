@@ -287,7 +287,12 @@ def parse_tb_telemetry(payload: bytes, tally: Tally) -> None:
 
 EDGE_TOPIC = "city/bench_site/bench_gw/#"
 TB_TELEMETRY = "v1/gateway/telemetry"
-TB_RPC_REQUEST = "v1/devices/me/rpc/request/+"
+TB_RPC_REQUEST = "v1/devices/me/rpc/request/"
+#: what a ThingsBoard CE server answers a gateway's ``getSessionLimits`` RPC with its default tenant profile (MQTT
+#: transport payload limit 64 KiB, 100 messages in flight, no rate limits). ThingsBoard's gateway sends nothing
+#: until it has this answer (tb-mqtt-client 1.13.13 waits for it without a timeout), so the subscriber plays the
+#: server's part here; ThingsBoard then uses 80 % of each figure, as against a real server.
+TB_SESSION_LIMITS = {"maxPayloadSize": 65536, "maxInflightMessages": 100, "rateLimits": {}, "gatewayRateLimits": {}}
 
 
 class Subscriber:
@@ -299,13 +304,14 @@ class Subscriber:
 
         self.tally = Tally()
         self.ignored = 0
+        self.tb_session_answers = 0
         self._client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="bench-subscriber")
         self._client.on_message = self._on_message
         self._subscribed = threading.Event()
         self._client.on_subscribe = lambda *_args: self._subscribed.set()
         self._client.connect("127.0.0.1", port, keepalive=60)
         self._client.loop_start()
-        self._client.subscribe([(EDGE_TOPIC, 1), (TB_TELEMETRY, 1)])
+        self._client.subscribe([(EDGE_TOPIC, 1), (TB_TELEMETRY, 1), (TB_RPC_REQUEST + "+", 1)])
         if not self._subscribed.wait(10):
             raise SystemExit("the subscriber could not subscribe to the broker")
 
@@ -318,8 +324,19 @@ class Subscriber:
         elif "/telemetry" in topic and topic.startswith("city/"):
             tally.messages += 1
             parse_edge_telemetry(topic, message.payload, tally)
+        elif topic.startswith(TB_RPC_REQUEST):
+            self._answer_tb_rpc(topic[len(TB_RPC_REQUEST) :], message.payload)
         else:
             self.ignored += 1  # status, meta, ThingsBoard's connect and attribute messages
+
+    def _answer_tb_rpc(self, request_id: str, payload: bytes) -> None:
+        try:
+            method = json.loads(payload).get("method")
+        except (ValueError, AttributeError):
+            return
+        if method == "getSessionLimits":
+            self.tb_session_answers += 1
+            self._client.publish(f"v1/devices/me/rpc/response/{request_id}", json.dumps(TB_SESSION_LIMITS), qos=1)
 
     def close(self) -> None:
         self._client.disconnect()
