@@ -249,11 +249,12 @@ class Tally:
 
 
 def parse_edge_telemetry(topic: str, payload: bytes, tally: Tally) -> None:
-    """Platform contract v1 (``telemetry/{device}``: ``{"ts", "values": {point: value}}``); also a list of such
-    documents, and point keys given as ``device.point``, so a batched payload is still counted and checked."""
+    """Platform telemetry v1 (``telemetry/{device}``: ``{"ts", "values": {point: value}}``) and v2 (``{"reads":
+    [{"ts", "values"}, ...]}``, one message per device and poll); also a list of v1 documents and point keys given
+    as ``device.point``, so another batched form is still counted and checked."""
     try:
         doc = json.loads(payload)
-        docs = doc if isinstance(doc, list) else [doc]
+        docs = doc if isinstance(doc, list) else doc.get("reads", [doc])
         topic_device = topic.rsplit("/", 1)[-1]
         for item in docs:
             ts_ms = int(item["ts"])
@@ -546,10 +547,13 @@ def machine_line() -> str:
 # --- edge-gateway -----------------------------------------------------------------------------------------------
 
 
-def write_edge_site(directory: Path, *, modbus_port: int, broker_port: int | None, devices: int, points: int) -> Path:
+def write_edge_site(
+    directory: Path, *, modbus_port: int, broker_port: int | None, devices: int, points: int, telemetry_version: int = 1
+) -> Path:
     """A site file as an operator would write one: a profile of ``points`` f32 points, one TCP bus (the
     simulator), ``devices`` devices polled every second, and the platform uplink at QoS 1 unless ``broker_port``
-    is None (then the outbox is the only consumer)."""
+    is None (then the outbox is the only consumer). ``telemetry_version`` 2 is written only when asked for (a
+    gateway without that setting refuses the key)."""
     profiles = directory / "profiles"
     profiles.mkdir(parents=True, exist_ok=True)
     lines = [
@@ -580,7 +584,8 @@ def write_edge_site(directory: Path, *, modbus_port: int, broker_port: int | Non
         for u in range(1, devices + 1)
     ]
     if broker_port is not None:
-        site += ["uplinks:", f"  platform: {{host: 127.0.0.1, port: {broker_port}, qos: 1}}"]
+        version = f", telemetry_version: {telemetry_version}" if telemetry_version != 1 else ""
+        site += ["uplinks:", f"  platform: {{host: 127.0.0.1, port: {broker_port}, qos: 1{version}}}"]
     path = directory / "site.yaml"
     path.write_text("\n".join(site) + "\n")
     return path
@@ -620,12 +625,20 @@ def run_edge(
     warmup: float,
     seconds: float,
     keep: Path | None = None,
+    telemetry_version: int = 1,
 ) -> Measurement:
     """Check the generated site with ``edge-gateway check``, run ``edge-gateway run`` on it (data dir in a temp
     dir), measure, and stop it with SIGTERM. With ``broker_port`` None the outbox is followed instead."""
     with tempfile.TemporaryDirectory(prefix="bench-whole-") as tmp:
         work = Path(tmp)
-        site = write_edge_site(work, modbus_port=modbus_port, broker_port=broker_port, devices=devices, points=points)
+        site = write_edge_site(
+            work,
+            modbus_port=modbus_port,
+            broker_port=broker_port,
+            devices=devices,
+            points=points,
+            telemetry_version=telemetry_version,
+        )
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         env.pop("NOTIFY_SOCKET", None)  # not under systemd here
         data_dir = work / "data"
@@ -704,6 +717,13 @@ def common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=float, default=30.0, help="seconds before measuring")
     parser.add_argument("--devices", type=int, default=50)
     parser.add_argument("--points", type=int, default=100, help="f32 points per device")
+    parser.add_argument(
+        "--telemetry-version",
+        type=int,
+        choices=(1, 2),
+        default=1,
+        help="edge-gateway's platform payload (2: one message per device and poll, where the gateway has it)",
+    )
 
 
 def window(args: argparse.Namespace) -> tuple[float, float]:

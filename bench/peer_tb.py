@@ -279,7 +279,7 @@ def main() -> int:
         tb = run_tb(python, **common)
         print(harness.machine_line(), flush=True)
         print("edge-gateway (this tree)", flush=True)
-        edge = harness.run_edge(**common)
+        edge = harness.run_edge(**common, telemetry_version=args.telemetry_version)
 
     print(harness.machine_line())
     for label, m in (("ThingsBoard", tb), ("edge-gateway", edge)):

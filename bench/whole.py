@@ -62,6 +62,7 @@ def main() -> int:
             warmup=warmup,
             seconds=seconds,
             keep=args.keep_log,
+            telemetry_version=args.telemetry_version,
         )
     for line in harness.describe("edge-gateway", result):
         print(line)

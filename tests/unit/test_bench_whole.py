@@ -78,6 +78,20 @@ def test_edge_contract_v1_is_counted_and_checked() -> None:
     assert (tally.delivered, tally.bad) == (2, 2)
 
 
+def test_edge_telemetry_v2_reads_are_counted_and_checked() -> None:
+    tally = h.Tally()
+    doc = {
+        "v": 2,
+        "seq": 9,
+        "reads": [
+            {"ts": TS_MS, "values": {"h000": _served(5, 0, 0), "h001": _served(5, 0, 1)}},
+            {"ts": TS_MS + 20, "values": {"i000": _served(5, 1, 0), "i001": _served(6, 1, 1)}},
+        ],
+    }
+    h.parse_edge_telemetry("city/bench_site/bench_gw/telemetry/d005", orjson.dumps(doc), tally)
+    assert (tally.delivered, tally.bad) == (3, 1)
+
+
 def test_a_batch_with_full_point_ids_is_read_too() -> None:
     tally = h.Tally()
     doc = [{"ts": TS_MS, "values": {"d001.h002": _served(1, 0, 2), "d009.i000": _served(9, 1, 0)}}]
