@@ -42,7 +42,7 @@ TB_VERSION = "3.8.5"
 # the version its Modbus connector demands at import; anything else and it pip-installs this one while starting
 TB_PYMODBUS = "3.9.2"
 TB_PACKAGES = [f"thingsboard-gateway=={TB_VERSION}", f"pymodbus=={TB_PYMODBUS}", "pyserial", "pyserial-asyncio"]
-MAX_REGISTERS = 124  # an even number (floats never split across chunks) within Modbus's 125
+MAX_REGISTERS = 124  # its best: an even number (floats never split across chunks) within Modbus's 125
 
 # Runs inside ThingsBoard's venv. Its updater posts to the vendor's update service once an hour from a thread; no
 # network here, and that is no work a site would measure: stubbed. Everything else is its own service as shipped.
@@ -102,7 +102,16 @@ def ensure_tb(cache: Path) -> Path:
     return python
 
 
-def tb_config(python: Path, directory: Path, *, modbus_port: int, broker_port: int, devices: int, points: int) -> Path:
+def tb_config(
+    python: Path,
+    directory: Path,
+    *,
+    modbus_port: int,
+    broker_port: int,
+    devices: int,
+    points: int,
+    max_registers: int = MAX_REGISTERS,
+) -> Path:
     """A config dir made from the package's own defaults (logs.json and the rest), pointed at the local broker."""
     located = subprocess.run(
         [str(python), "-c", "import thingsboard_gateway, os; print(os.path.dirname(thingsboard_gateway.__file__))"],
@@ -135,7 +144,7 @@ def tb_config(python: Path, directory: Path, *, modbus_port: int, broker_port: i
                 "functionCode": (3, 4)[table],
                 "objectsCount": 2,
                 "address": f"0-{2 * counts[table] - 1}",
-                "maxRegistersPerRequest": MAX_REGISTERS,
+                "maxRegistersPerRequest": max_registers,
             }
             for table in (0, 1)
             if counts[table]
@@ -196,10 +205,19 @@ def run_tb(
     points: int,
     warmup: float,
     seconds: float,
+    max_registers: int = MAX_REGISTERS,
 ) -> harness.Measurement:
     with tempfile.TemporaryDirectory(prefix="bench-tb-") as tmp:
         work = Path(tmp)
-        main = tb_config(python, work, modbus_port=modbus_port, broker_port=broker_port, devices=devices, points=points)
+        main = tb_config(
+            python,
+            work,
+            modbus_port=modbus_port,
+            broker_port=broker_port,
+            devices=devices,
+            points=points,
+            max_registers=max_registers,
+        )
         tally = harness.Tally()
         subscriber.tally = tally
         log_path = work / "tb-output.log"
@@ -249,7 +267,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     harness.common_arguments(parser)
     parser.add_argument("--cache-dir", type=Path, default=default_cache(), help="where ThingsBoard's venv lives")
+    parser.add_argument(
+        "--tb-max-registers",
+        type=int,
+        default=MAX_REGISTERS,
+        help="ThingsBoard's maxRegistersPerRequest for the ranges (even, 2..124; its own default is 16)",
+    )
     args = parser.parse_args()
+    if not (2 <= args.tb_max_registers <= MAX_REGISTERS and args.tb_max_registers % 2 == 0):
+        raise SystemExit("--tb-max-registers must be even and 2..124 (a float must not straddle two reads)")
     warmup, seconds = harness.window(args)
     harness.check_limits(args.devices, args.points)
     python = ensure_tb(args.cache_dir)
@@ -275,8 +301,12 @@ def main() -> int:
             "warmup": warmup,
             "seconds": seconds,
         }
-        print(f"ThingsBoard IoT Gateway {TB_VERSION} (pymodbus {TB_PYMODBUS}, {python.parent.parent})", flush=True)
-        tb = run_tb(python, **common)
+        print(
+            f"ThingsBoard IoT Gateway {TB_VERSION} (pymodbus {TB_PYMODBUS}, {python.parent.parent}), ranges read "
+            f"{args.tb_max_registers} registers at a time",
+            flush=True,
+        )
+        tb = run_tb(python, **common, max_registers=args.tb_max_registers)
         print(harness.machine_line(), flush=True)
         print("edge-gateway (this tree)", flush=True)
         edge = harness.run_edge(**common, telemetry_version=args.telemetry_version)
@@ -291,7 +321,7 @@ def main() -> int:
             "NOT equal delivery (one side delivered under 99 % of what was served, or a bad value): the CPU "
             "ratio compares unequal work"
         )
-    print(f"{'':24} {'ThingsBoard':>12} {'edge-gateway':>13} {'TB / edge':>10}")
+    print(f"{'figure':24} {'ThingsBoard':>12} {'edge-gateway':>13} {'TB / edge':>10}")
     for key, unit in (("cpu_us_per_point", "us"), ("rss_mib", "MiB"), ("delivered_per_s", "/s")):
         a, b = getattr(tb, key), getattr(edge, key)
         print(f"{key + ' (' + unit + ')':24} {a!s:>12} {b!s:>13} {ratio(a, b)!s:>10}")
