@@ -315,11 +315,13 @@ def main() -> int:
     for label, m in (("ThingsBoard", tb), ("edge-gateway", edge)):
         for line in harness.describe(label, m):
             print(line)
-    equal = all(m.delivered_per_s >= 0.99 * m.expected_per_s and m.bad_values == 0 for m in (tb, edge))
+    # a window of W seconds holds W or W - 1 whole polls depending on where it starts, so "all of it" means at least
+    # (W - 1.5) seconds' worth: a gateway that falls behind (a growing backlog) or drops values is under that
+    equal = all(m.delivered >= m.expected_per_s * (m.window_s - 1.5) and m.bad_values == 0 for m in (tb, edge))
     if not equal:
         print(
-            "NOT equal delivery (one side delivered under 99 % of what was served, or a bad value): the CPU "
-            "ratio compares unequal work"
+            "NOT equal delivery (one side delivered less than was served, short of one poll's rounding, or a bad "
+            "value): the CPU ratio compares unequal work"
         )
     print(f"{'figure':24} {'ThingsBoard':>12} {'edge-gateway':>13} {'TB / edge':>10}")
     for key, unit in (("cpu_us_per_point", "us"), ("rss_mib", "MiB"), ("delivered_per_s", "/s")):
