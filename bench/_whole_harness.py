@@ -702,6 +702,8 @@ def interrupts_as_exit() -> Iterator[None]:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)
+    # a shell starting this in the background sets SIGINT to ignored, and Python keeps that: take it back
+    previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     except KeyboardInterrupt:
@@ -709,6 +711,7 @@ def interrupts_as_exit() -> Iterator[None]:
         raise SystemExit(130) from None
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
 
 
 def common_arguments(parser: argparse.ArgumentParser) -> None:
