@@ -21,6 +21,7 @@ from gateway import __version__
 _COMMAND_GROUPS = (
     "gateway.commands",  # run, demo, check, tail
     "drivers.modbus.cli",  # modbus probe/read/plan
+    "drivers.mqtt.cli",  # mqtt discover
     "rules.cli",  # rules check/test
     "gateway.incentives.cli",  # incentives verify, keys generate
     "gateway.http.cli",  # status

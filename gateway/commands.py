@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import arguments
-from gateway.config.site import FIRMWARE_CONFIGS, Site, load_site
+from gateway.config.site import FIRMWARE_CONFIGS, Site
 from gateway.errors import ConfigError, GatewayError
 from gateway.model import Sample
 
@@ -49,8 +49,10 @@ def run_async(main: Coroutine[Any, Any, int]) -> int:
 
 
 def _load_or_report(path: Path) -> Site | None:
+    from gateway.preflight import load_checked_site
+
     try:
-        site = load_site(path)
+        site = load_checked_site(path)  # a refused site file still has its rule files checked, as by `check`
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         print(f"{path}: {len(exc.diagnostics)} error(s); not started", file=sys.stderr)
@@ -141,12 +143,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0 when every site would start as `run` starts it (warnings are printed, on stderr, and do not fail it),
     1 otherwise; with ``--strict`` a warning (a literal secret in a site file) fails the check too."""
-    from gateway.preflight import raise_for
+    from gateway.preflight import load_checked_site, raise_for
 
     failed = 0
     for path in args.sites:
         try:
-            site = load_site(path)
+            site = load_checked_site(path)  # a refused site file still has its rule files checked
             # exactly what `run` refuses at start, with the same --data-dir and --http
             data_dir = Path(args.data_dir) if args.data_dir else default_data_dir(site)
             raise_for(site, data_dir=data_dir, http_listen=args.http)

@@ -19,13 +19,17 @@ from typing import Protocol, runtime_checkable
 
 from gateway.model import Command, Sample
 
-#: where a source delivers its batches; awaiting it is the back-pressure
-BatchSink = Callable[[list[Sample]], Awaitable[None]]
+#: where a source delivers its batches. The gateway's sink returns once the outbox has committed the batch (True),
+#: or has given it up while stopping with the disk refusing it (False, counted as lost): a source that acknowledges
+#: its own upstream (MQTT QoS 1/2) acknowledges only after True, so a crash can never lose an acknowledged message.
+#: Awaiting it is also the back-pressure. A sink that returns None (a test's) means "handed on".
+BatchSink = Callable[[list[Sample]], Awaitable[bool | None]]
 
 
 class DeviceState(StrEnum):
     UNKNOWN = "unknown"  # not yet polled
     ONLINE = "online"
+    DEGRADED = "degraded"  # answering, but some of its reads fail: those points are BAD, the others GOOD
     OFFLINE = "offline"  # failing; its points are BAD
     DISABLED = "disabled"  # backed off by the breaker, waiting to retry
 
@@ -44,6 +48,10 @@ class DeviceStatus:
     last_latency_s: float = 0.0
     latency_sum_s: float = 0.0
     since_ns: int = field(default_factory=time.time_ns)
+    #: failed reads (or skipped poll cycles) by reason, e.g. ``{"exception_3": 2, "no_answer": 5}``
+    failures: dict[str, int] = field(default_factory=dict)
+    #: driver facts worth showing an operator, e.g. ``{"max_registers": 60}`` learned from a Modbus device
+    info: dict[str, int | float | str | None] = field(default_factory=dict)
 
     def record_ok(self, latency_s: float) -> bool:
         """Count a good poll; True when this ends an outage (the caller logs the recovery once)."""
@@ -57,6 +65,21 @@ class DeviceStatus:
             self.since_ns = self.last_ok_ns
         self.last_error = None
         return recovered
+
+    def count_failure(self, reason: str, count: int = 1) -> None:
+        self.failures[reason] = self.failures.get(reason, 0) + count
+
+    def record_partial(self, latency_s: float, message: str) -> bool:
+        """Count a poll that was answered in part (some reads failed); True when this starts the degraded state.
+        It counts as answered: the device is not offline, and its good reads' latency is kept."""
+        previous = self.state
+        self.record_ok(latency_s)
+        self.last_error = message
+        self.state = DeviceState.DEGRADED
+        if previous is DeviceState.DEGRADED:
+            return False
+        self.since_ns = self.last_ok_ns
+        return True
 
     def record_error(self, message: str) -> bool:
         """Count a failed poll; True when this starts an outage (the caller logs it once)."""

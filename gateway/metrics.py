@@ -10,6 +10,7 @@ Exposed families (labels in brackets):
     edge_gateway_up / _ready / _uptime_seconds           liveness, readiness, time since start
     edge_gateway_device_up[device, driver]               1 online, 0 otherwise
     edge_gateway_device_polls_total / _errors_total      per device
+    edge_gateway_device_read_failures_total              per device and reason
     edge_gateway_device_poll_latency_seconds             summary (sum/count over good polls) per device
     edge_gateway_device_last_poll_latency_seconds        per device
     edge_gateway_bus_published_samples_total
@@ -39,7 +40,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from gateway import __version__
-from gateway.driver_api import DeviceState
+from gateway.driver_api import DeviceState, DeviceStatus
 from gateway.http import views
 
 if TYPE_CHECKING:
@@ -60,6 +61,8 @@ _UPLINK_COUNTERS = {
     "requests_failed": ("requests_failed",),
 }
 _UPLINK_UP_STATES = frozenset({"connected", "ok", "up", "idle", "running", "sending", "online"})
+#: a degraded device answered its last poll (some of its reads were refused): it is up
+_ANSWERING = frozenset({DeviceState.ONLINE, DeviceState.DEGRADED})
 _RULE_STATES = ("idle", "pending", "active", "failed", "disabled")
 
 
@@ -80,6 +83,7 @@ class GatewayCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         yield from self._gateway_metrics()
         yield from self._device_metrics()
+        yield from self._message_metrics()
         yield from self._queue_metrics()
         yield from self._uplink_metrics()
         yield from self._rule_metrics()
@@ -114,12 +118,51 @@ class GatewayCollector(Collector):
         )
         for status in self._gateway.device_status():
             key = [status.device, status.driver]
-            up.add_metric(key, int(status.state is DeviceState.ONLINE))
+            up.add_metric(key, int(status.state in _ANSWERING))
             polls.add_metric(key, status.polls)
             errors.add_metric(key, status.errors)
             latency.add_metric(key, count_value=status.polls - status.errors, sum_value=status.latency_sum_s)
             last.add_metric(key, status.last_latency_s)
         yield from (up, polls, errors, latency, last)
+        yield device_failure_metric(self._gateway.device_status())
+
+    def _message_metrics(self) -> Iterator[Metric]:
+        """Message-driven sources (MQTT): per device and source, messages and why some were not used."""
+        labels = ["source", "device"]
+        messages = CounterMetricFamily(
+            "edge_gateway_device_messages", "Messages received for the device", labels=labels
+        )
+        rejected = CounterMetricFamily(
+            "edge_gateway_device_rejected_messages", "Messages dropped or yielding nothing usable", labels=labels
+        )
+        malformed = CounterMetricFamily(
+            "edge_gateway_device_malformed_messages", "Messages that could not be decoded", labels=[*labels, "reason"]
+        )
+        refused = CounterMetricFamily(
+            "edge_gateway_device_refused_values", "Values refused (unit, range, type)", labels=[*labels, "reason"]
+        )
+        unavailable = CounterMetricFamily(
+            "edge_gateway_device_unavailable", "Availability messages saying the device went offline", labels=labels
+        )
+        undeclared = GaugeMetricFamily(
+            "edge_gateway_device_undeclared_fields", "Distinct payload fields no point reads", labels=labels
+        )
+        unmapped = CounterMetricFamily(
+            "edge_gateway_source_unmapped_messages", "Messages naming no configured device", labels=["source"]
+        )
+        for device, c in views.device_message_counters(self._gateway).items():
+            key = [str(c["source"]), device]
+            messages.add_metric(key, c["messages"])
+            rejected.add_metric(key, c["rejected"])
+            for reason, count in c["malformed_by_reason"].items():
+                malformed.add_metric([*key, reason], count)
+            for reason, count in c["refused_by_reason"].items():
+                refused.add_metric([*key, reason], count)
+            unavailable.add_metric(key, c["unavailable"])
+            undeclared.add_metric(key, c["undeclared"])
+        for name, c in views.source_message_counters(self._gateway).items():
+            unmapped.add_metric([name], c.get("unmapped", 0))
+        yield from (messages, rejected, malformed, refused, unavailable, undeclared, unmapped)
 
     def _queue_metrics(self) -> Iterator[Metric]:
         gw = self._gateway
@@ -242,3 +285,17 @@ def build_registry(gateway: Gateway) -> CollectorRegistry:
 def exposition(registry: CollectorRegistry) -> bytes:
     """The Prometheus text exposition format (``prometheus_client.CONTENT_TYPE_LATEST``)."""
     return generate_latest(registry)
+
+
+def device_failure_metric(statuses: Iterable[DeviceStatus]) -> Metric:
+    """``edge_gateway_device_read_failures_total{device, driver, reason}``: failed reads, and poll cycles skipped
+    while the link was down or the device disabled, by reason (``exception_3``, ``no_answer``, ``link_down``...)."""
+    failures = CounterMetricFamily(
+        "edge_gateway_device_read_failures",
+        "Failed reads (and poll cycles skipped while down) by reason",
+        labels=["device", "driver", "reason"],
+    )
+    for status in statuses:
+        for reason, count in sorted(status.failures.items()):
+            failures.add_metric([status.device, status.driver, reason], count)
+    return failures

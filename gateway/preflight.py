@@ -1,6 +1,7 @@
 """Preflight: every refusal ``run`` makes at start, found without opening a connection or creating a file.
 
-Owns ``preflight(site, ...)``, the one list of start-time checks that ``check`` reports and ``run`` applies before it
+Owns ``load_checked_site(path)`` (a refused site file still has its rule files checked) and
+``preflight(site, ...)``, the one list of start-time checks that ``check`` reports and ``run`` applies before it
 takes the data directory's lock, so a site that passes ``check`` starts:
 
 - rule files, loaded against the site's registry (as ``run`` loads them);
@@ -25,11 +26,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from gateway.config.site import Site
+from gateway.config.site import Site, SiteError, load_site
 from gateway.errors import ConfigError, Diagnostic, GatewayError
 
 if TYPE_CHECKING:
     from gateway.incentives.record import Pseudonymizer
+
+
+def load_checked_site(path: Path | str) -> Site:
+    """``load_site``; when the site file is refused, its rule files are still checked, against the points of the
+    devices that did load, and every problem of both is raised at once (a broken device must not hide an unknown
+    point in a rule file until the next run). Points of devices that did not load are not checked: the device's
+    own error stands for them."""
+    try:
+        return load_site(path)
+    except SiteError as exc:
+        partial = exc.partial
+        problems = list(exc.diagnostics)
+    if partial.rule_files:
+        from rules.loader import load_rule_set
+
+        try:
+            load_rule_set(
+                partial.rule_files,
+                partial.registry,
+                timezone=partial.timezone,
+                unchecked_devices=partial.unchecked_devices,
+            )
+        except ConfigError as rule_errors:
+            problems.extend(rule_errors.diagnostics)
+    raise ConfigError(problems)
 
 
 def preflight(

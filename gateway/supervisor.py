@@ -162,6 +162,8 @@ class Gateway:
         #: so an outage is logged once when it starts and once when it is over
         self._stage_faults: dict[str, tuple[str, float]] = {}
         self._rules_sub: Subscription | None = None
+        #: batches published by sources, waiting for the outbox to commit them: id(batch) -> stored?
+        self._awaiting_store: dict[int, asyncio.Future[bool]] = {}
         self._command_queue: asyncio.Queue[Command | None] = asyncio.Queue(maxsize=1000)
         self._reload_requested = asyncio.Event()
         #: callbacks run once the gateway is up (systemd READY=1, tests)
@@ -221,9 +223,30 @@ class Gateway:
 
     async def _store_loop(self, sub: Subscription, outbox: Outbox) -> None:
         async for batch in sub:
-            await self._store(outbox.append, batch)
+            stored = await self._store(outbox.append, batch)
+            waiter = self._awaiting_store.pop(id(batch), None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(stored)
 
-    async def _store(self, append: Callable[[Any], Coroutine[Any, Any, Any]], items: Sequence[Any]) -> None:
+    async def _publish_stored(self, batch: list[Sample]) -> bool:
+        """The sink every source gets: publish on the bus, then wait until the outbox has committed the batch.
+
+        True once it is on disk; False when it was given up while stopping (the disk refusing past the grace, counted
+        in ``store_lost``). Returning at the bus, before the commit, let the MQTT driver acknowledge a QoS 1 message
+        that a crash could still lose. The outbox subscription gets the very list published, so the list's id keys
+        its waiter (the list stays alive, held by this frame, until the waiter is done).
+        """
+        if not batch:
+            return True
+        waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._awaiting_store[id(batch)] = waiter
+        try:
+            await self.bus.publish(batch)
+            return await waiter
+        finally:
+            self._awaiting_store.pop(id(batch), None)
+
+    async def _store(self, append: Callable[[Any], Coroutine[Any, Any, Any]], items: Sequence[Any]) -> bool:
         """Append to the outbox, retrying while the disk refuses (full, read-only, I/O error).
 
         While this retries, the bus queue fills and the drivers wait: back-pressure rather than silent loss. The
@@ -237,19 +260,20 @@ class Gateway:
         while True:
             try:
                 await append(items)
-                return
+                return True
             except (TypeError, ValueError) as exc:
                 # not encodable (e.g. an integer beyond 64 bits computed by a rule): retrying cannot help, and
-                # letting it escape would stop the gateway; drop this batch, counted and logged
+                # letting it escape would stop the gateway; drop this batch, counted and logged. True: a redelivery
+                # of the same message would be refused the same way.
                 self.unencodable += len(items)
                 log.error("%d records cannot be stored and were dropped: %s", len(items), exc)
-                return
+                return True
             except StoreError as exc:
                 stop_at = self._stop_requested_at
                 if stop_at is not None and time.monotonic() - stop_at >= STOP_STORE_GRACE_SECONDS:
                     self.store_lost += len(items)
                     self._last_store_error = str(exc)
-                    return
+                    return False
             # while stopping, retry often enough to give up soon after the grace ends
             await asyncio.sleep(delay if self._stop_requested_at is None else min(delay, 0.25))
             delay = min(delay * 2, 5.0)
@@ -423,7 +447,7 @@ class Gateway:
         backoff = 1.0
         while not stopping.is_set():
             try:
-                await source.run(self.bus.publish, stopping)
+                await source.run(self._publish_stored, stopping)
                 return
             except Exception:
                 log.exception("%s crashed; restarting in %.0f s", source.name, backoff)
@@ -522,6 +546,9 @@ class Gateway:
             ticker = tg.create_task(self._tick_loop(sources_stopping), name="ticker")
             uplink_tasks = [tg.create_task(u.run(uplinks_stopping), name=u.name) for u in self.uplinks]
             http_task = self._start_http(tg, http_stopping)
+            if http_task is None:
+                # nothing can read the sparklines' history: do not keep it (gateway/live.py, issue 19)
+                self.live.stop_history()
             extra = [tg.create_task(fn(http_stopping), name=name) for name, fn in self.extra_tasks]
             source_tasks = [
                 tg.create_task(self._run_source(s, sources_stopping), name=f"driver.{s.name}") for s in self.sources

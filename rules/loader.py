@@ -29,6 +29,7 @@ from gateway.errors import ConfigError, Diagnostic, WriteRejected
 from gateway.model import Command, Value, is_point_id
 from gateway.registry import PointInfo, ValueKind
 from rules.config import (
+    RULE_ID_RE,
     Action,
     AllowEntry,
     DerivedPointConfig,
@@ -244,6 +245,11 @@ class _Builder:
         self.schedule_configs: dict[str, tuple[ScheduleConfig, SourceMap, Loc]] = {}
         self.allow_configs: dict[str, tuple[AllowEntry, SourceMap, Loc]] = {}
         self.rule_configs: list[_RuleSource] = []
+        #: names whose definition failed validation (already reported): using them is not a second error
+        self.broken_points = _Names()
+        self.broken_schedules = _Names()
+        self.broken_allow = _Names()
+        self.unchecked_devices: frozenset[str] = frozenset()
         self.kinds: dict[str, Kind] = {}
         self.visiting: list[str] = []
         self.derived: dict[str, tuple[DerivedPoint, frozenset[str]]] = {}
@@ -264,14 +270,16 @@ class _Builder:
             self.errors.extend(exc.diagnostics)
             return
         try:
-            config = validate(RuleFileConfig, data, smap)
+            parts = _FileParts.of(validate(RuleFileConfig, data, smap))
         except ConfigError as exc:
+            # every problem pydantic found is reported; what did validate is still checked (names, expressions,
+            # bounds), with the names of what did not kept as placeholders so nothing else is blamed for them
             self.errors.extend(exc.diagnostics)
-            salvaged = _without_broken_rule_keys(data)
-            if salvaged is None:
-                return
-            config = salvaged
-        for point, point_config in config.points.items():
+            parts = _salvage(data)
+        self.broken_points.update(parts.broken_points)
+        self.broken_schedules.update(parts.broken_schedules)
+        self.broken_allow.update(parts.broken_allow)
+        for point, point_config in parts.points:
             if point in self.point_configs:
                 message = f"derived point {point!r} defined twice"
                 self.errors.append(smap.diagnostic(("points", point), message, key=True))
@@ -284,21 +292,20 @@ class _Builder:
                 )
                 continue
             self.point_configs[point] = _PointSource(point_config, smap, ("points", point))
-        for name, schedule in config.schedules.items():
+        for name, schedule in parts.schedules:
             if name in self.schedule_configs:
                 self.errors.append(smap.diagnostic(("schedules", name), f"schedule {name!r} defined twice", key=True))
                 continue
             self.schedule_configs[name] = (schedule, smap, ("schedules", name))
-        for group, entries in config.allow.items():
-            for index, entry in enumerate(entries):
-                loc: Loc = ("allow", group, index)
-                if entry.point in self.allow_configs:
-                    self.errors.append(smap.diagnostic((*loc, "point"), f"{entry.point} is allowed twice"))
-                    continue
-                self.allow_configs[entry.point] = (entry, smap, loc)
+        for group, index, entry in parts.allow:
+            loc: Loc = ("allow", group, index)
+            if entry.point in self.allow_configs:
+                self.errors.append(smap.diagnostic((*loc, "point"), f"{entry.point} is allowed twice"))
+                continue
+            self.allow_configs[entry.point] = (entry, smap, loc)
         seen = {r.config.id for r in self.rule_configs}
-        for index, rule in enumerate(config.rules):
-            if rule.id in seen:
+        for index, rule in parts.rules:
+            if rule.id and rule.id in seen:
                 self.errors.append(smap.diagnostic(("rules", index, "id"), f"rule id {rule.id!r} used twice"))
                 continue
             seen.add(rule.id)
@@ -311,7 +318,8 @@ class _Builder:
             return self.kinds[name]
         source = self.point_configs.get(name)
         if source is None:
-            if self.open_world and is_point_id(name):
+            unchecked = name in self.broken_points or name.partition(".")[0] in self.unchecked_devices
+            if (self.open_world or unchecked) and is_point_id(name):
                 return "any"
             info = self.registry[name]  # KeyError: unknown name, reported by the compiler
             return _REGISTRY_KINDS.get(info.kind, "any")
@@ -473,7 +481,7 @@ class _Builder:
         entries: dict[str, AllowedWrite] = {}
         for point, (entry, smap, loc) in self.allow_configs.items():
             info = self.registry.get(point)
-            if info is None and self.open_world:
+            if info is None and (self.open_world or point.partition(".")[0] in self.unchecked_devices):
                 info = PointInfo(id=point, writable=True)
             if info is None:
                 self.errors.append(smap.diagnostic((*loc, "point"), f"unknown point {point!r}{self.suggest(point)}"))
@@ -594,6 +602,8 @@ class _Builder:
         if action.write is not None:
             point = action.write.point
             if point not in allowlist:
+                if point in self.broken_allow:
+                    return None  # its allow entry is broken, and reported: a refusal here would blame the rule
                 known = self.registry.get(point)
                 why = "unknown point" if known is None else "not in the allow list of any rule file"
                 self.errors.append(smap.diagnostic((*aloc, "point"), f"write to {point} refused at load: {why}"))
@@ -703,7 +713,7 @@ class _Builder:
         schedule = None
         if rule.only_during is not None:
             schedule = schedules.get(rule.only_during)
-            if schedule is None:
+            if schedule is None and rule.only_during not in self.broken_schedules:
                 known = ", ".join(sorted(schedules)) or "none defined"
                 message = f"unknown schedule {rule.only_during!r} (schedules: {known})"
                 self.errors.append(smap.diagnostic((*loc, "only_during"), message))
@@ -740,41 +750,160 @@ class _Builder:
         )
 
 
-def _without_broken_rule_keys(data: dict[str, Any]) -> RuleFileConfig | None:
-    """The file again with the rule keys that failed validation left out, so the rest of those rules is still
-    checked (a bad ``for:`` must not hide an unknown point in ``when:``); None when that does not validate either.
+class _Names:
+    """Names of definitions that failed validation (already reported): using one is not a second error."""
 
-    Only keys of rules are left out: nothing refers to a rule, so no error follows from the omission (a point or
-    schedule left out would make every rule naming it report a second, misleading error). The file's errors are
-    already recorded; what is built from this is only checked, never run, because the load fails anyway."""
+    def __init__(self) -> None:
+        self.names: set[str] = set()
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.names
+
+    def add_from(self, value: Any) -> None:
+        """Every name a broken part may have defined: the text of its keys and values, however it is nested
+        (``points: [building.x]`` is a list where a mapping belongs, yet it names ``building.x``). Only these are
+        spared: any other unknown name is still reported."""
+        if isinstance(value, str):
+            self.names.add(value)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                self.add_from(key)
+                self.add_from(item)
+        elif isinstance(value, list):
+            for item in value:
+                self.add_from(item)
+
+    def update(self, other: _Names) -> None:
+        self.names |= other.names
+
+
+@dataclass
+class _FileParts:
+    """What of one rule file can be checked: its valid definitions with their places in the file (a rule keeps
+    its index when one before it is dropped, so positions stay right), and the names of the broken ones."""
+
+    points: list[tuple[str, DerivedPointConfig]] = field(default_factory=list)
+    schedules: list[tuple[str, ScheduleConfig]] = field(default_factory=list)
+    allow: list[tuple[str, int, AllowEntry]] = field(default_factory=list)
+    rules: list[tuple[int, RuleConfig]] = field(default_factory=list)
+    broken_points: _Names = field(default_factory=_Names)
+    broken_schedules: _Names = field(default_factory=_Names)
+    broken_allow: _Names = field(default_factory=_Names)
+
+    @classmethod
+    def of(cls, config: RuleFileConfig) -> _FileParts:
+        return cls(
+            points=list(config.points.items()),
+            schedules=list(config.schedules.items()),
+            allow=[(group, i, entry) for group, entries in config.allow.items() for i, entry in enumerate(entries)],
+            rules=list(enumerate(config.rules)),
+        )
+
+
+def _section(key: str, value: Any) -> RuleFileConfig | None:
+    """A rule file holding only ``key: value``, validated; None when that part is invalid."""
     try:
-        RuleFileConfig.model_validate(data)
+        return RuleFileConfig.model_validate({"version": 1, key: value})
+    except ValidationError:
+        return None
+
+
+def _salvage(data: dict[str, Any]) -> _FileParts:
+    """The parts of a file that failed validation which are valid on their own, so the rest of the file is still
+    checked (a bad schedule must not hide an unknown point in a rule). Only called after the file's errors are
+    recorded: what is built from this is checked, never run, because the load fails anyway.
+
+    A broken point, schedule or allow entry is left out and its name remembered (the loader then accepts the name
+    without a second, misleading "unknown" error); a rule key that fails (a bad ``for:``) is left out of its rule
+    and the rest of the rule is checked; a rule that fails as a whole (no ``id``, no ``then``) is left out."""
+    parts = _FileParts()
+    for key, names in (("points", parts.broken_points), ("schedules", parts.broken_schedules)):
+        section = data.get(key, {})
+        if not isinstance(section, dict):
+            names.add_from(section)
+            continue
+        for name, spec in section.items():
+            one = _section(key, {name: spec})
+            if one is None:
+                names.add_from(name)
+            elif key == "points":
+                parts.points.extend(one.points.items())
+            else:
+                parts.schedules.extend(one.schedules.items())
+    allow = data.get("allow", {})
+    for group, entries in allow.items() if isinstance(allow, dict) else []:
+        for index, entry in enumerate(entries if isinstance(entries, list) else []):
+            one = _section("allow", {group: [entry]})
+            if one is not None and isinstance(group, str):
+                parts.allow.append((group, index, one.allow[group][0]))
+            else:
+                parts.broken_allow.add_from(entry)
+        if not isinstance(entries, list):
+            parts.broken_allow.add_from(entries)
+    if not isinstance(allow, dict):
+        parts.broken_allow.add_from(allow)
+    rules = data.get("rules", [])
+    for index, rule in enumerate(rules if isinstance(rules, list) else []):
+        checked = _rule_without_broken_keys(rule)
+        if checked is not None:
+            parts.rules.append((index, checked))
+    return parts
+
+
+def _rule_without_broken_keys(rule: Any) -> RuleConfig | None:
+    """The rule with the keys (and actions) that failed validation left out, so the rest of it is still checked (a
+    bad ``for:`` must not hide an unknown point in ``when:``); None when it does not validate even so.
+
+    Nothing refers to a rule key or an action, so no error follows from the omission. A rule left with no action
+    gets a silent placeholder one, only so its condition is still checked (its own "needs then:" error, if it never
+    had an action, is already reported)."""
+    one = _section("rules", [rule])
+    if one is not None:
+        return one.rules[0]
+    if not isinstance(rule, dict):
+        return None
+    try:
+        RuleFileConfig.model_validate({"version": 1, "rules": [rule]})
     except ValidationError as exc:
-        broken: set[tuple[int, str]] = set()
+        pruned = dict(rule)
+        actions: dict[str, set[int]] = {"then": set(), "on_clear": set()}
         for err in exc.errors(include_url=False):
             loc = err["loc"]
-            if len(loc) < 3 or loc[0] != "rules" or not isinstance(loc[1], int) or not isinstance(loc[2], str):
-                return None
-            broken.add((loc[1], loc[2]))
-        rules = data.get("rules")
-        if not isinstance(rules, list):
+            if len(loc) > 3 and loc[2] in actions and isinstance(loc[3], int):
+                actions[str(loc[2])].add(loc[3])
+            elif len(loc) > 2:
+                pruned.pop(str(loc[2]), None)
+        for key, bad in actions.items():
+            if bad and isinstance(pruned.get(key), list):
+                pruned[key] = [action for i, action in enumerate(pruned[key]) if i not in bad]
+        if not isinstance(rule.get("id"), str) or not RULE_ID_RE.match(rule["id"]):
+            # a rule without a (valid) id is still checked under a stand-in; the id "" it gets below marks it
+            # (never a duplicate of another rule, never run: the file's load fails)
+            pruned["id"] = "no-id"
+        one = _section("rules", [pruned])
+        if one is None and not pruned.get("then") and not pruned.get("on_clear"):
+            one = _section("rules", [{**pruned, "then": [{"event": {"type": "placeholder"}}]}])
+        if one is None:
             return None
-        pruned = [dict(rule) if isinstance(rule, dict) else rule for rule in rules]
-        for index, key in broken:
-            if isinstance(pruned[index], dict):
-                pruned[index].pop(key, None)
-        try:
-            return RuleFileConfig.model_validate({**data, "rules": pruned})
-        except ValidationError:
-            return None
-    return None  # pragma: no cover - only called after the file failed validation
+        checked = one.rules[0]
+        return checked.model_copy(update={"id": ""}) if pruned.get("id") != rule.get("id") else checked
+    return None  # pragma: no cover - only reached after the rule failed validation
 
 
-def load_rule_set(files: Sequence[Path], registry: Mapping[str, PointInfo] | None, *, timezone: str) -> RuleSet:
+def load_rule_set(
+    files: Sequence[Path],
+    registry: Mapping[str, PointInfo] | None,
+    *,
+    timezone: str,
+    unchecked_devices: Iterable[str] = (),
+) -> RuleSet:
     """Read, check and compile rule files; raise ``ConfigError`` with every problem found.
 
-    ``registry`` None checks everything but point names and types (``rules check`` without a site)."""
+    ``registry`` None checks everything but point names and types (``rules check`` without a site).
+    ``unchecked_devices``: devices of a refused site file whose points are not in ``registry`` (the device is
+    broken, and reported); their points are accepted unchecked, as without a registry."""
     builder = _Builder(registry, timezone)
+    builder.unchecked_devices = frozenset(unchecked_devices)
     for path in files:
         builder.add_file(Path(path))
     derived = builder.build_points()

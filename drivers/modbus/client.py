@@ -267,7 +267,9 @@ class ModbusLink:
             )
         except (OSError, TimeoutError) as exc:
             session.close()
-            raise DeviceUnavailable(f"cannot connect to {self.name}: {exc}") from exc
+            # a TimeoutError has no text: say what timed out rather than end the line with ": "
+            detail = str(exc) or f"no connection within {self._timeout + 1.0:g}s"
+            raise DeviceUnavailable(f"cannot connect to {self.name}: {detail}") from exc
         self._client = session
 
     async def __aexit__(

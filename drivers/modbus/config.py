@@ -176,6 +176,9 @@ class ModbusProfile(StrictModel):
     model: str
     #: the public document the map follows (title, revision): an engineer on site must be able to check it
     doc: str
+    #: what part of the device's register map the profile maps ("measurements 30001-30086 and the energy
+    #: counters; no setup registers"), so an engineer knows whether a missing value is unmapped or unavailable
+    coverage: str | None = None
     description: str | None = None
     #: default order of 32/64-bit values; points may override it
     order: OrderWide = "ABCD"
@@ -261,12 +264,18 @@ class ModbusBusConfig(StrictModel):
     max_fill: Annotated[int, Field(ge=0, le=MAX_READ_REGISTERS)] = 8
     #: bit holes the planner may read through (coils, discrete inputs)
     max_fill_bits: Annotated[int, Field(ge=0, le=MAX_READ_BITS)] = 64
-    #: first and longest wait before reconnecting a lost bus (doubling in between)
-    reconnect_min: PositiveDuration = 1.0
-    reconnect_max: PositiveDuration = 60.0
-    #: first and longest time a failed device is skipped before it is tried again (doubling in between)
-    backoff_min: PositiveDuration = 5.0
-    backoff_max: PositiveDuration = 300.0
+    #: first and longest wait before reconnecting a lost bus (doubling in between, +/-20% jitter). Short on
+    #: purpose: readings come back within about ``reconnect_max`` of the device, and a refused TCP connect costs
+    #: nothing (gateway/reconnect.py)
+    reconnect_min: PositiveDuration = 0.25
+    reconnect_max: PositiveDuration = 2.0
+    #: first and longest time a silent device is skipped before it is tried again (doubling in between, with
+    #: jitter). Each try of a silent slave costs ``timeout`` of bus time, so this is longer than the reconnect wait
+    backoff_min: PositiveDuration = 0.5
+    backoff_max: PositiveDuration = 10.0
+    #: most registers one read may ask of any device on this bus (some TCP-to-RTU converters and many meters
+    #: refuse more with exception 3); a device entry or its profile may set a smaller one. None: 125.
+    max_registers: Annotated[int, Field(ge=1, le=MAX_READ_REGISTERS)] | None = None
 
     @model_validator(mode="after")
     def _transport(self) -> Self:
@@ -318,6 +327,9 @@ class ModbusDeviceConfig(StrictModel):
     tags: dict[str, str] = Field(default_factory=dict)
     #: every point of this device is personal data (an apartment's meter), whatever the shared profile says
     personal: bool = False
+    #: most registers one read may ask of this device, when it refuses more (exception 3) than its profile says;
+    #: the smallest of device, bus and profile wins. Unset, the scheduler also learns it from the refusals.
+    max_registers: Annotated[int, Field(ge=1, le=MAX_READ_REGISTERS)] | None = None
 
     def point_infos(self, profile: StrictModel) -> list[PointInfo]:
         assert isinstance(profile, ModbusProfile)

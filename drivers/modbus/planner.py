@@ -14,7 +14,7 @@ of intervals (a read can always start at the first point not yet covered, so gre
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from drivers.modbus.codec import BlockDecoder, Decoder, compile_decoder
@@ -136,6 +136,31 @@ def _request(
     )
 
 
+def split_request(request: ReadRequest, profile_order: str) -> tuple[ReadRequest, ReadRequest]:
+    """``request`` (of two points or more) as two reads, cut at the middle of its address span (or, when all its
+    points sit on one side of it, between its points): what the scheduler tries when a device refuses a
+    coalesced read with exception 3 (too many registers) or 2 (a hole it will not read)."""
+    if len(request.points) < 2:
+        raise ValueError("a read of one point cannot be split")
+    middle = request.address + request.count // 2
+    items = [(p.point, p.spec) for p in request.points]
+    first = [item for item in items if item[1].address < middle]
+    if not first or len(first) == len(items):
+        first = items[: len(items) // 2]
+    rest = items[len(first) :]
+    return (
+        _request_for(request.unit, request.table, first, profile_order),
+        _request_for(request.unit, request.table, rest, profile_order),
+    )
+
+
+def _request_for(unit: int, table: str, items: Sequence[PlanInput], profile_order: str) -> ReadRequest:
+    ordered = sorted(items, key=lambda item: (item[1].address, item[0]))
+    start = ordered[0][1].address
+    end = max(spec.address + spec.width for _point, spec in ordered)
+    return _request(unit, table, start, end, ordered, profile_order=profile_order)
+
+
 def minimum_requests(unit_points: Iterable[tuple[int, Iterable[ModbusPoint]]]) -> int:
     """The theoretical floor: per unit and table, the distinct registers (bits) used divided by the read limit,
     as if every hole could be read through. A plan can only match it when holes are small."""
@@ -180,19 +205,43 @@ def plan_device(
     device: ModbusDeviceConfig,
     profile: ModbusProfile,
     intervals: Iterable[float] | None = None,
+    *,
+    learned_registers: int | None = None,
+    learned_no_fill: bool = False,
 ) -> list[ReadRequest]:
-    """The reads of ``device`` when the points of ``intervals`` (default: all) are due together."""
+    """The reads of ``device`` when the points of ``intervals`` (default: all) are due together.
+
+    ``learned_registers`` and ``learned_no_fill`` are what the scheduler learned from the device's refusals in this
+    session (exception 3: a smaller read limit; exception 2: no reading through holes); they only ever tighten the
+    configured limits."""
     groups = device_points(device, profile)
     wanted = set(groups) if intervals is None else set(intervals)
     points = [item for interval, items in groups.items() if interval in wanted for item in items]
+    max_fill = bus.max_fill if profile.max_fill is None else profile.max_fill
+    max_fill_bits = bus.max_fill_bits if profile.max_fill is None else min(profile.max_fill * 16, bus.max_fill_bits)
+    if learned_no_fill:
+        max_fill = max_fill_bits = 0
+    limit = configured_max_registers(bus, device, profile)
+    if learned_registers is not None:
+        limit = min(limit, learned_registers)
     return plan_reads(
         device.unit,
         points,
-        max_fill=bus.max_fill if profile.max_fill is None else profile.max_fill,
-        max_fill_bits=bus.max_fill_bits if profile.max_fill is None else min(profile.max_fill * 16, bus.max_fill_bits),
-        max_registers=profile.max_registers,
+        max_fill=max_fill,
+        max_fill_bits=max_fill_bits,
+        max_registers=limit,
         profile_order=profile.order,
     )
+
+
+def configured_max_registers(bus: ModbusBusConfig, device: ModbusDeviceConfig, profile: ModbusProfile) -> int:
+    """The smallest of the limits the site and the profile set: device entry, bus entry, profile (default 125)."""
+    limits = [profile.max_registers]
+    if bus.max_registers is not None:
+        limits.append(bus.max_registers)
+    if device.max_registers is not None:
+        limits.append(device.max_registers)
+    return min(limits)
 
 
 def format_interval(seconds: float) -> str:
@@ -203,19 +252,47 @@ def format_interval(seconds: float) -> str:
     return f"{seconds:g}s"
 
 
-def explain_bus(bus: ModbusBusConfig, devices: Sequence[tuple[ModbusDeviceConfig, ModbusProfile]]) -> str:
-    """The printable plan of one bus: per device, the reads when everything is due, then per poll interval."""
+def explain_bus(
+    bus: ModbusBusConfig,
+    devices: Sequence[tuple[ModbusDeviceConfig, ModbusProfile]],
+    *,
+    learned: Mapping[str, int] | None = None,
+) -> str:
+    """The printable plan of one bus: per device, its read limit and where it comes from, the reads when everything
+    is due, then per poll interval. ``learned`` (device id -> registers) are limits a device taught the scheduler
+    by refusing longer reads (exception 3); the plan is then the one the scheduler uses after learning."""
+    learned = learned or {}
     lines = [f"bus {bus.id} ({bus.describe()}, timeout {format_interval(bus.timeout)}, max fill {bus.max_fill})"]
     total = 0
     for device, profile in devices:
         groups = device_points(device, profile)
-        everything = plan_device(bus, device, profile)
+        taught = learned.get(device.id)
+        everything = plan_device(bus, device, profile, learned_registers=taught)
         total += len(everything)
         lines.append(f"  {device.id} unit {device.unit} ({profile.vendor} {profile.model}): {summarize(everything)}")
+        lines.append(f"    {describe_limit(bus, device, profile, taught)}")
         lines.extend(f"    {request.describe()}" for request in everything)
         if len(groups) > 1:
             for interval in groups:
-                alone = plan_device(bus, device, profile, [interval])
+                alone = plan_device(bus, device, profile, [interval], learned_registers=taught)
                 lines.append(f"    every {format_interval(interval)} alone: {summarize(alone)}")
     lines.append(f"  total when all due: {total} requests")
     return "\n".join(lines)
+
+
+def describe_limit(
+    bus: ModbusBusConfig, device: ModbusDeviceConfig, profile: ModbusProfile, learned: int | None = None
+) -> str:
+    """ "max 60 registers per read (device)": the limit in force and which setting (or refusal) set it."""
+    configured = configured_max_registers(bus, device, profile)
+    if learned is not None and learned < configured:
+        return f"max {learned} registers per read (learned: the device refused more; configured {configured})"
+    if device.max_registers == configured:
+        origin = "device"
+    elif bus.max_registers == configured:
+        origin = "bus"
+    elif profile.max_registers < MAX_READ_REGISTERS:
+        origin = "profile"
+    else:
+        origin = "protocol limit; refusals with exception 3 are learned at run time"
+    return f"max {configured} registers per read ({origin})"

@@ -1,6 +1,6 @@
 """One scheduler per physical Modbus bus: the ``Source`` the supervisor runs for each ``modbus_buses:`` entry.
 
-Owns ``ModbusBusSource`` (polling, writes, per-slave breakers, reconnect with backoff, device status) and
+Owns ``ModbusBusSource`` (polling, writes, per-slave breakers, reconnects, adaptive reads, device status) and
 ``build_sources(site)``. Talks to the wire only through a link (``drivers.modbus.client.ModbusLink`` by default,
 injected as ``link_factory=`` so tests can pass their own); never imports pymodbus itself.
 
@@ -13,11 +13,21 @@ Behaviour, in the order it matters on a real RS-485 line:
   decoded by its request's precompiled ``BlockDecoder`` and its Samples built in C (the hot path: no per-point
   Python call);
 * a failed read publishes BAD samples (value None) for exactly the points it carried, never a 0;
-* a slave that does not answer (after ``retries``) is skipped for the rest of the cycle and backed off
-  (``backoff_min`` doubling up to ``backoff_max``): it never stalls the others. While backed off its points are
-  not re-published: its last batch (BAD) stands and its status says ``disabled``;
-* a lost connection is re-opened with backoff (``reconnect_min`` .. ``reconnect_max``, with jitter); each outage
-  and each recovery is logged once, for the bus and for each device.
+* a coalesced read refused with exception 3 (too many registers) or 2 (a hole) is read again in halves, down to
+  single points, in the same poll, so its points are not BAD; the sizes answered and refused bound the device's
+  limit, the next polls plan between the bounds until they meet (``ReadLimit``: exact within a few polls), and the
+  limit holds for the session (reported in its status ``info`` and by ``modbus plan --probe``); a refused read
+  through a hole stops hole filling;
+* device states: ``online``; ``degraded`` (some reads refused, others answered: the refused points BAD);
+  ``offline`` (every read refused, or the link is down); ``disabled`` (silent, skipped by its breaker until the
+  next try). One word each, the same in the API, the page and drivers/modbus/README.md;
+* a silent slave (after ``retries``) is skipped for the rest of the cycle and its breaker opens: tried again after
+  ``backoff_min`` doubling to ``backoff_max``, with jitter (``gateway.reconnect``); it never stalls the others;
+* a lost connection is re-opened fast (``reconnect_min``, doubling to ``reconnect_max``, with jitter) and, once
+  back, every device is polled at once; the first answered read (not the connect) resets the backoff;
+* while the link is down or a slave is disabled, every poll cycle still publishes one BAD sample per due point, so
+  an outage is explicit interval by interval; failed reads and skipped cycles are counted by reason in the
+  device's status (``failures``); each outage and each recovery is logged once, for the bus and for each device.
 """
 
 from __future__ import annotations
@@ -36,11 +46,19 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self
 
 from drivers.modbus.codec import EncodeError, Value, encode
-from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig, ModbusPoint, ModbusProfile
-from drivers.modbus.planner import PlanInput, ReadRequest, device_points, plan_device
+from drivers.modbus.config import BIT_TABLES, ModbusBusConfig, ModbusDeviceConfig, ModbusPoint, ModbusProfile
+from drivers.modbus.planner import (
+    PlanInput,
+    ReadRequest,
+    configured_max_registers,
+    device_points,
+    plan_device,
+    split_request,
+)
 from gateway.driver_api import BatchSink, DeviceState, DeviceStatus
 from gateway.errors import DeviceError, DeviceRejected, DeviceUnavailable, WriteRejected
 from gateway.model import Command, Quality, Sample
+from gateway.reconnect import ReconnectPolicy, RetryTiming
 
 if TYPE_CHECKING:
     from gateway.config.site import Site
@@ -80,33 +98,6 @@ def _default_link(bus: ModbusBusConfig) -> Link:
     return ModbusLink(bus)
 
 
-class SlaveBreaker:
-    """Per-slave circuit breaker: after a failure the slave is skipped until ``open_until``, the wait doubling
-    from ``backoff_min`` to ``backoff_max`` while it keeps failing. Pure: time is passed in."""
-
-    __slots__ = ("backoff", "backoff_max", "backoff_min", "open_until")
-
-    def __init__(self, backoff_min: float, backoff_max: float) -> None:
-        self.backoff_min = backoff_min
-        self.backoff_max = backoff_max
-        self.backoff = backoff_min
-        self.open_until = 0.0
-
-    def allows(self, now: float) -> bool:
-        return now >= self.open_until
-
-    def trip(self, now: float) -> float:
-        """Record a failure at ``now``; return how long the slave is now skipped."""
-        wait = self.backoff
-        self.open_until = now + wait
-        self.backoff = min(self.backoff * 2, self.backoff_max)
-        return wait
-
-    def reset(self) -> None:
-        self.backoff = self.backoff_min
-        self.open_until = 0.0
-
-
 class PollClock:
     """Due times of one device's poll groups (one per interval), kept in phase: a late poll does not shift the
     following ones, and polls missed while busy are skipped, not bunched up. Pure: time is passed in."""
@@ -129,17 +120,95 @@ class PollClock:
     def next_due(self) -> float:
         return min(self.due.values())
 
+    def restart(self, now: float) -> None:
+        """Make every interval due at ``now`` (after a reconnect: read at once, not at the next slot)."""
+        self.due = dict.fromkeys(self.due, now)
+
+
+#: exception codes after which a coalesced read is split and retried in smaller pieces: 3 (illegal data value:
+#: "too many registers" on many meters) and 2 (illegal data address: a hole read through)
+_SPLIT_CODES = frozenset({2, 3})
+
+
+class ReadLimit:
+    """What a device's exception-3 refusals taught about its register limit this session: ``accepted`` (the
+    largest read it answered) and ``refused`` (the smallest it refused). While they are apart the plan uses the
+    size between them, so each poll halves the gap and the limit is exact within a few polls; once they meet, the
+    plan uses the proven size. Pure: the scheduler feeds it the sizes of its reads."""
+
+    __slots__ = ("accepted", "refused")
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.refused: int | None = None
+
+    @property
+    def learning(self) -> bool:
+        """True once the device refused a read it then answered in pieces: its limit is being learned."""
+        return self.refused is not None and self.accepted > 0
+
+    @property
+    def exact(self) -> bool:
+        return self.refused is not None and 0 < self.accepted >= self.refused - 1
+
+    @property
+    def proven(self) -> int:
+        """The largest read known to be answered and below every refusal (0 while nothing is learned)."""
+        if self.refused is None:
+            return 0
+        return min(self.accepted, self.refused - 1)
+
+    def plan_limit(self) -> int | None:
+        """The most registers the next plan may ask for in one read; None when nothing was learned."""
+        if self.refused is None or not self.accepted:
+            return None
+        high = self.refused - 1
+        low = min(self.accepted, high)
+        return high if low >= high else (low + high + 1) // 2
+
+    def saw_refusal(self, count: int) -> bool:
+        """A read of ``count`` registers refused with exception 3; True when that changes what is known."""
+        if self.refused is None or count < self.refused:
+            self.refused = count
+            return True
+        return False
+
+    def saw_answer(self, count: int) -> bool:
+        """A read of ``count`` registers answered; True when that changes what is known."""
+        if count > self.accepted and (self.refused is None or count < self.refused):
+            self.accepted = count
+            return self.refused is not None
+        return False
+
 
 @dataclass(eq=False)
 class _Device:
     config: ModbusDeviceConfig
     profile: ModbusProfile
     status: DeviceStatus
-    breaker: SlaveBreaker
+    breaker: ReconnectPolicy
     groups: dict[float, list[PlanInput]]
     clock: PollClock
-    #: due intervals -> reads, so a combination is planned once
+    #: due intervals -> reads, so a combination is planned once (cleared when the device teaches us a limit)
     plans: dict[tuple[float, ...], list[ReadRequest]] = field(default_factory=dict)
+    #: the register limit learned from the device's exception-3 refusals, this session
+    limit: ReadLimit = field(default_factory=ReadLimit)
+    #: the device refused a read through a hole (exception 2) that it accepted in pieces: plan without fill
+    learned_no_fill: bool = False
+
+    def due_points(self, due: tuple[float, ...]) -> list[str]:
+        return [point for interval in due for point, _spec in self.groups.get(interval, ())]
+
+
+@dataclass(slots=True)
+class _PollResult:
+    """What one poll of one device found: reads answered, the first refusal, the first silence."""
+
+    answered: int = 0
+    rejected: str | None = None
+    unavailable: str | None = None
+    #: the silence was the connection dying, not the slave: the bus reconnects, the slave is not disabled
+    link_lost: bool = False
 
 
 @dataclass(eq=False)
@@ -161,6 +230,37 @@ class _LinkLost(Exception):
 _new_tuple = tuple.__new__
 
 
+class _OutageReporter:
+    """While a bus is down: at each device's poll slots, one BAD sample per due point (value None), so an outage is
+    explicit interval by interval downstream rather than implied by missing samples. Runs as its own task so the
+    slots keep coming while the reconnect waits or a connect attempt hangs; ``stop()`` ends it between batches,
+    never in the middle of a publish."""
+
+    def __init__(self, devices: Sequence[_Device], publish: BatchSink, clock: Callable[[], float]) -> None:
+        self._devices = devices
+        self._publish = publish
+        self._clock = clock
+        self._done = asyncio.Event()
+        self._task = asyncio.create_task(self._run(), name="modbus.outage")
+
+    async def _run(self) -> None:
+        while not self._done.is_set():
+            now = self._clock()
+            for device in self._devices:
+                due = device.clock.take_due(now)
+                if due:
+                    device.status.count_failure("link_down")
+                    await self._publish(_bad_points(device.due_points(due), time.time_ns()))
+            wait = min(d.clock.next_due() for d in self._devices) - self._clock()
+            if wait > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._done.wait(), timeout=wait)
+
+    async def stop(self) -> None:
+        self._done.set()
+        await self._task
+
+
 class ModbusBusSource:
     """Reads and writes every device on one bus. See the module docstring for the behaviour."""
 
@@ -172,6 +272,7 @@ class ModbusBusSource:
         link_factory: LinkFactory = _default_link,
         clock: Callable[[], float] = time.monotonic,
         write_timeout: float = 5.0,
+        jitter: Callable[[], float] = random.random,
     ) -> None:
         if not devices:
             raise ValueError(f"bus {bus.id} has no devices")
@@ -181,20 +282,30 @@ class ModbusBusSource:
         self._clock = clock
         self._write_timeout = write_timeout
         now = clock()
+        #: the link's reconnect policy: reset by the first read answered after a reconnect, not by the connect
+        self._link_policy = ReconnectPolicy(
+            self.name,
+            RetryTiming(first=bus.reconnect_min, maximum=bus.reconnect_max),
+            clock=clock,
+            random=jitter,
+            logger=log,
+        )
         self._devices: list[_Device] = []
         self._points: dict[str, tuple[_Device, ModbusPoint]] = {}
         for config, profile in devices:
             if config.bus != bus.id:
                 raise ValueError(f"device {config.id} is on bus {config.bus}, not {bus.id}")
             groups = device_points(config, profile)
-            device = _Device(
-                config,
-                profile,
-                DeviceStatus(config.id, "modbus"),
-                SlaveBreaker(bus.backoff_min, bus.backoff_max),
-                groups,
-                PollClock(list(groups), now),
+            breaker = ReconnectPolicy(
+                f"{self.name} {config.id} (unit {config.unit})",
+                RetryTiming(first=bus.backoff_min, maximum=bus.backoff_max),
+                clock=clock,
+                random=jitter,
+                logger=log,
             )
+            status = DeviceStatus(config.id, "modbus")
+            status.info["max_registers"] = configured_max_registers(bus, config, profile)
+            device = _Device(config, profile, status, breaker, groups, PollClock(list(groups), now))
             self._devices.append(device)
             for name, spec in profile.points.items():
                 self._points[f"{config.id}.{name}"] = (device, spec)
@@ -202,6 +313,7 @@ class ModbusBusSource:
         self._writes: deque[_PendingWrite] = deque()
         self._wake: asyncio.Event | None = None
         self._running = False
+        self._link_up = False
         self._last_frame_end = 0.0
 
     @property
@@ -211,32 +323,57 @@ class ModbusBusSource:
     def status(self) -> list[DeviceStatus]:
         return [d.status for d in self._devices]
 
+    @property
+    def link_policy(self) -> ReconnectPolicy:
+        """The bus link's reconnect policy (read it; the source drives it)."""
+        return self._link_policy
+
+    def learned_limits(self) -> dict[str, int]:
+        """Device id -> the read limit (registers) learned from its exception-3 refusals this session."""
+        return {d.config.id: d.limit.proven for d in self._devices if d.limit.learning}
+
+    def learning_limits(self) -> bool:
+        """True while some device's register limit is known only as a range (each poll narrows it)."""
+        return any(d.limit.learning and not d.limit.exact for d in self._devices)
+
     # ------------------------------------------------------------------ run loop
 
     async def run(self, publish: BatchSink, stopping: asyncio.Event) -> None:
         self._wake = asyncio.Event()
         self._running = True
-        delay = self._bus.reconnect_min
-        outage_since: float | None = None
+        reporter: _OutageReporter | None = None
         try:
             while not stopping.is_set():
                 try:
                     async with self._link_factory(self._bus) as link:
-                        if outage_since is not None:
-                            log.info("%s: reconnected after %.1fs", self.name, self._clock() - outage_since)
-                            outage_since = None
-                        delay = self._bus.reconnect_min
-                        await self._poll_loop(link, publish, stopping)
+                        if reporter is not None:
+                            await reporter.stop()
+                            reporter = None
+                        self._link_up = True
+                        if self._link_policy.down:
+                            # back after an outage: poll every device now rather than at its next slot, so
+                            # readings return as soon as the device does (the phase shifts once per outage)
+                            now = self._clock()
+                            for device in self._devices:
+                                device.clock.restart(now)
+                        try:
+                            await self._poll_loop(link, publish, stopping)
+                        finally:
+                            self._link_up = False
                 except (DeviceUnavailable, _LinkLost) as exc:
-                    if outage_since is None:
-                        outage_since = self._clock()
-                        log.warning("%s: connection lost (%s); reconnecting with backoff", self.name, exc)
-                        await self._publish_bus_down(publish, str(exc))
+                    reason = f"connection lost ({exc})"
+                    if not self._link_policy.down:
+                        self._mark_bus_down(reason)
+                    wait = self._link_policy.failed(reason)
                     self._fail_writes(DeviceUnavailable(f"{self.name} is not connected"))
-                    # jitter spreads reconnects of many gateways after a shared outage (a switch reboot)
-                    await self._sleep(delay * random.uniform(0.8, 1.2), stopping)
-                    delay = min(delay * 2, self._bus.reconnect_max)
+                    if reporter is None:
+                        # one BAD sample per point per poll slot for as long as the link is down, including
+                        # while a connect attempt hangs (a cut cable costs a connect timeout per attempt)
+                        reporter = _OutageReporter(self._devices, publish, self._clock)
+                    await self._sleep(wait, stopping)
         finally:
+            if reporter is not None:
+                await reporter.stop()
             self._running = False
             self._fail_writes(DeviceUnavailable(f"{self.name} stopped"))
 
@@ -264,34 +401,112 @@ class ModbusBusSource:
     ) -> None:
         now = self._clock()
         if not device.breaker.allows(now):
-            return  # backed off: its last (BAD) batch stands until it is tried again
+            # disabled (its breaker is open): not asked, but its points are still reported BAD for this interval
+            device.status.count_failure("disabled")
+            await publish(_bad_points(device.due_points(due), time.time_ns()))
+            return
         requests = device.plans.get(due)
         if requests is None:
-            requests = device.plans[due] = plan_device(self._bus, device.config, device.profile, due)
+            requests = device.plans[due] = plan_device(
+                self._bus,
+                device.config,
+                device.profile,
+                due,
+                learned_registers=device.limit.plan_limit(),
+                learned_no_fill=device.learned_no_fill,
+            )
         samples: list[Sample] = []
-        unavailable: str | None = None
-        rejected: str | None = None
-        link_lost = False
+        result = _PollResult()
         started = now
         for request in requests:
-            if unavailable is not None:
+            if result.unavailable is not None:
                 _bad(request, samples, time.time_ns())  # the slave is silent: do not send the rest of its reads
                 continue
             if self._writes:
                 await self._drain_writes(link)
+            mark = len(samples)
             try:
-                await self._read_into(link, request, samples)
+                await self._read_adaptive(link, device, request, samples, result)
             except DeviceUnavailable as exc:
-                unavailable = str(exc)
-                link_lost = not link.connected
-                _bad(request, samples, time.time_ns())
-            except DeviceRejected as exc:
-                rejected = str(exc)
-                _bad(request, samples, time.time_ns())
+                result.unavailable = str(exc)
+                result.link_lost = not link.connected
+                device.status.count_failure("link_lost" if result.link_lost else "no_answer")
+                # pieces of a split read may have answered before the silence: keep them, BAD the rest
+                read = {s.point for s in samples[mark:]}
+                ts = time.time_ns()
+                samples.extend(Sample(p, None, ts, Quality.BAD) for p in request.point_ids if p not in read)
         await publish(samples)
-        self._record(device, unavailable, rejected, self._clock() - started)
-        if link_lost:
-            raise _LinkLost(unavailable or "link lost")
+        self._record(device, result, self._clock() - started)
+        if result.link_lost:
+            raise _LinkLost(result.unavailable or "link lost")
+
+    async def _read_adaptive(
+        self, link: Link, device: _Device, request: ReadRequest, samples: list[Sample], result: _PollResult
+    ) -> int:
+        """Read ``request`` into ``samples``; when the device refuses it with exception 3 or 2 and it carries more
+        than one point, read it in halves (recursively, down to single points) and learn from which sizes were
+        accepted. Returns the largest read (registers or bits) that was answered, 0 if none."""
+        try:
+            await self._read_into(link, request, samples)
+        except DeviceRejected as exc:
+            code = exc.code
+            if code not in _SPLIT_CODES or len(request.points) < 2:
+                result.rejected = result.rejected or str(exc)
+                device.status.count_failure(f"exception_{code}" if code is not None else "bad_answer")
+                _bad(request, samples, time.time_ns())
+                return 0
+        else:
+            result.answered += 1
+            limit = device.limit
+            if limit.refused is not None and request.table not in BIT_TABLES and limit.saw_answer(request.count):
+                self._limit_changed(device, request.count)
+            return request.count
+        device.status.count_failure(f"exception_{code}")
+        if code == 3 and request.table not in BIT_TABLES and device.limit.saw_refusal(request.count):
+            self._limit_changed(device, request.count)
+        first, second = split_request(request, device.profile.order)
+        answered = max(
+            await self._read_adaptive(link, device, first, samples, result),
+            await self._read_adaptive(link, device, second, samples, result),
+        )
+        if answered and code == 2 and request.fill and not device.learned_no_fill:
+            self._learn_no_fill(device, request)
+        return answered
+
+    def _limit_changed(self, device: _Device, count: int) -> None:
+        """Re-plan within what the device taught, report it, and log the start and the end of the learning."""
+        limit = device.limit
+        device.plans.clear()
+        if not limit.learning:
+            return  # refused, but nothing answered yet: its pieces will tell
+        where = f"{self.name} {device.config.id} (unit {device.config.unit})"
+        info = device.status.info
+        first = "max_registers_learned" not in info
+        info["max_registers"] = limit.proven
+        info["max_registers_learned"] = "exact" if limit.exact else "learning"
+        if first:
+            log.warning(
+                "%s: refused a read of %d registers (exception 3) and answered %d; reading in smaller pieces and "
+                "learning its limit",
+                where, limit.refused, limit.proven,
+            )
+        if limit.exact:
+            log.warning(
+                "%s: answers at most %d registers per read (learned; set max_registers: %d on the device to start "
+                "there)",
+                where, limit.proven, limit.proven,
+            )
+
+    def _learn_no_fill(self, device: _Device, refused: ReadRequest) -> None:
+        """A read through a hole was refused (exception 2) and its pieces answered: plan without holes."""
+        device.learned_no_fill = True
+        device.status.info["max_fill_learned"] = 0
+        device.plans.clear()
+        log.warning(
+            "%s %s (unit %d): refused a read through %d unmapped registers (exception 2) and answered the pieces; "
+            "no longer reading through holes (set max_fill: 0 in its profile to start there)",
+            self.name, device.config.id, device.config.unit, refused.fill,
+        )
 
     async def _read_into(self, link: Link, request: ReadRequest, samples: list[Sample]) -> None:
         attempts = self._bus.retries + 1
@@ -330,30 +545,39 @@ class ModbusBusSource:
             if wait > 0:
                 await asyncio.sleep(wait)
 
-    def _record(self, device: _Device, unavailable: str | None, rejected: str | None, latency: float) -> None:
-        status, where = device.status, f"{self.name} {device.config.id} (unit {device.config.unit})"
-        if unavailable is not None:
-            wait = device.breaker.trip(self._clock())
-            if status.record_error(unavailable):
-                log.warning("%s: not answering (%s); skipping it, next try in %.0fs", where, unavailable, wait)
+    def _record(self, device: _Device, result: _PollResult, latency: float) -> None:
+        status = device.status
+        if result.unavailable is not None:
+            status.record_error(result.unavailable)
+            if result.link_lost:
+                return  # the bus reconnects (run): the slave itself is not to blame, so it is not disabled
+            # the policy logs the outage once (and its end once); the wait doubles while the slave stays silent
+            device.breaker.failed(f"not answering ({result.unavailable}); its points are BAD")
             status.state = DeviceState.DISABLED
             return
-        device.breaker.reset()
-        if rejected is not None:
-            if status.record_error(rejected):
-                log.warning("%s: refused a read (%s); its points are BAD until it answers", where, rejected)
+        # proven success: the first answer (a value or a refusal) resets the link's and the slave's backoff
+        self._link_policy.succeeded()
+        device.breaker.succeeded()
+        if result.rejected is None:
+            outage_start, before = status.since_ns, status.state
+            if status.record_ok(latency) or before is DeviceState.DEGRADED:
+                log.info(
+                    "%s %s: every read answered again after %.1fs",
+                    self.name, device.config.id, (status.since_ns - outage_start) / 1e9,
+                )
             return
-        outage_start = status.since_ns
-        if status.record_ok(latency):
-            log.info("%s: answering again after %.1fs", where, (status.since_ns - outage_start) / 1e9)
+        where = f"{self.name} {device.config.id} (unit {device.config.unit})"
+        if result.answered:
+            if status.record_partial(latency, result.rejected):
+                log.warning("%s: degraded, some reads refused (%s); those points are BAD", where, result.rejected)
+            return
+        if status.record_error(result.rejected):
+            log.warning("%s: refused every read (%s); its points are BAD until it answers", where, result.rejected)
 
-    async def _publish_bus_down(self, publish: BatchSink, reason: str) -> None:
-        ts = time.time_ns()
+    def _mark_bus_down(self, reason: str) -> None:
         for device in self._devices:
-            if device.status.record_error(reason):
-                device.status.state = DeviceState.OFFLINE
-            await publish([Sample(point, None, ts, Quality.BAD) for items in device.groups.values()
-                           for point, _spec in items])
+            device.status.record_error(reason)
+            device.status.state = DeviceState.OFFLINE
 
     async def _sleep(self, seconds: float, stopping: asyncio.Event) -> None:
         """Wait ``seconds``, or less when stopping is set or a write arrives."""
@@ -375,13 +599,18 @@ class ModbusBusSource:
 
     async def write(self, command: Command) -> None:
         """Check, encode and queue one write; it is sent ahead of the next read. Raises WriteRejected (never
-        sent), DeviceUnavailable (bus down, device backed off, or no answer) or DeviceRejected (the device
+        sent), DeviceUnavailable (bus down, device disabled, or no answer) or DeviceRejected (the device
         refused, or read back something else)."""
         pending = self._prepare_write(command)
         if not self._running or self._wake is None:
             raise DeviceUnavailable(f"{self.name} is not running")
+        if self._link_policy.down and not self._link_up:
+            # in an outage a queued write could only wait for its timeout: say so now (at start-up, before the
+            # first connect, it is queued as usual)
+            raise DeviceUnavailable(f"{self.name} is not connected; write not sent")
         if not pending.device.breaker.allows(self._clock()):
-            raise DeviceUnavailable(f"{pending.device.config.id} is not answering (backed off); write not sent")
+            device = pending.device.config.id
+            raise DeviceUnavailable(f"{device} is not answering (disabled until its next try); write not sent")
         self._writes.append(pending)
         self._wake.set()
         try:
@@ -480,6 +709,10 @@ def _extend_with_bad_floats(request: ReadRequest, values: list[Value], ts: int, 
 
 def _bad(request: ReadRequest, samples: list[Sample], ts: int) -> None:
     samples.extend(Sample(planned.point, None, ts, Quality.BAD) for planned in request.points)
+
+
+def _bad_points(points: Sequence[str], ts: int) -> list[Sample]:
+    return [Sample(point, None, ts, Quality.BAD) for point in points]
 
 
 def build_sources(site: Site) -> list[ModbusBusSource]:

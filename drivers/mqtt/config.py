@@ -126,17 +126,25 @@ class SenmlDecoderConfig(StrictModel):
     type: Literal["senml"]
 
 
+class TtsV3DecoderConfig(StrictModel):
+    """The Things Stack v3 uplinks (``v3/<app>@<tenant>/devices/+/up``): paths relative to ``decoded_payload``,
+    ``$.@rssi``/``$.@snr`` for the best radio figures among the receiving gateways; time from ``received_at``."""
+
+    type: Literal["tts_v3"]
+
+
 DecoderConfig = Annotated[
     PlainDecoderConfig
     | JsonDecoderConfig
     | Zigbee2MqttDecoderConfig
     | TasmotaDecoderConfig
     | ShellyGen2DecoderConfig
-    | SenmlDecoderConfig,
+    | SenmlDecoderConfig
+    | TtsV3DecoderConfig,
     Field(discriminator="type"),
 ]
 #: decoders whose point paths are JSON paths (``$.a.b``); the others name a record or a topic ``{field}``
-JSON_PATH_DECODERS = frozenset({"json", "zigbee2mqtt", "tasmota", "shelly_gen2"})
+JSON_PATH_DECODERS = frozenset({"json", "zigbee2mqtt", "tasmota", "shelly_gen2", "tts_v3"})
 
 
 # --- the broker connection --------------------------------------------------------------------------------------
@@ -168,6 +176,57 @@ class MqttSubscription(StrictModel):
         if self.template is None:
             return TopicTemplate.default_for(self.topic)
         return TopicTemplate(self.template, self.topic)
+
+
+#: what each availability format sends (compared after stripping whitespace; Zigbee2MQTT also sends JSON)
+AVAILABILITY_PAYLOADS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    # https://www.zigbee2mqtt.io/guide/usage/mqtt_topics_and_messages.html#zigbee2mqtt-friendly-name-availability
+    "zigbee2mqtt": (("online",), ("offline",)),
+    # https://tasmota.github.io/docs/MQTT/ : tele/<topic>/LWT, "Online" on connect, "Offline" as last will
+    "tasmota": (("Online",), ("Offline",)),
+    # https://shelly-api-docs.shelly.cloud/gen2/General/RPCChannels#mqtt : <id>/online true/false (also Gen1)
+    "shelly": (("true",), ("false",)),
+}
+
+
+class MqttAvailability(StrictModel):
+    """Where devices say whether they are reachable: ``{topic: zigbee2mqtt/+/availability, format: zigbee2mqtt}``,
+    ``{topic: tele/+/LWT, format: tasmota}``, ``{topic: +/online, format: shelly}``, or the generic form
+    ``{topic: devices/+/status, online: up, offline: down}``. ``{device}`` is found as in a subscription."""
+
+    topic: str
+    template: str | None = None
+    format: Literal["zigbee2mqtt", "tasmota", "shelly", "generic"] = "generic"
+    #: generic format only: the payloads meaning online and offline (default ``online``/``offline``)
+    online: str | None = None
+    offline: str | None = None
+    #: availability messages are retained and rare: QoS 1 so a change is not lost
+    qos: Literal[0, 1, 2] = 1
+
+    @field_validator("topic")
+    @classmethod
+    def _filter(cls, value: str) -> str:
+        return check_topic_filter(value)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        self.topic_template()
+        if self.format != "generic" and (self.online is not None or self.offline is not None):
+            raise ValueError(f"online/offline are fixed by the {self.format} format; give them only for generic")
+        online, offline = self.payloads()
+        if set(online) & set(offline):
+            raise ValueError("online and offline payloads must differ")
+        return self
+
+    def topic_template(self) -> TopicTemplate:
+        if self.template is None:
+            return TopicTemplate.default_for(self.topic)
+        return TopicTemplate(self.template, self.topic)
+
+    def payloads(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        if self.format == "generic":
+            return (self.online or "online",), (self.offline or "offline",)
+        return AVAILABILITY_PAYLOADS[self.format]
 
 
 class MqttTlsConfig(StrictModel):
@@ -215,6 +274,8 @@ class MqttSourceConfig(StrictModel):
     #: QoS 1/2 messages are acknowledged only after their samples were handed on (end-to-end at-least-once)
     ack_after_publish: bool = True
     subscriptions: Annotated[list[MqttSubscription], Field(min_length=1)]
+    #: availability topics: they set the device state and make its points BAD while it is offline
+    availability: list[MqttAvailability] = Field(default_factory=list)
 
     @field_validator("password_file")
     @classmethod
@@ -285,7 +346,10 @@ class MqttPointSpec(StrictModel):
 
     #: JSON path (``$.temperature``), SenML record name, or the ``{field}`` topic level; defaults from the name
     path: str | None = None
+    #: the unit samples are published in; a payload stating another unit is converted to it, or refused
     unit: str | None = None
+    #: the unit the payload sends this value in when the format does not say (a decoder that sends Wh)
+    payload_unit: str | None = None
     kind: ValueKind = "float"
     scale: float = 1.0
     offset: float = 0.0
@@ -339,8 +403,10 @@ class MqttDeviceConfig(StrictModel):
     @field_validator("topic_name")
     @classmethod
     def _topic_level(cls, value: str | None) -> str | None:
-        if value is not None and (not value or any(c in value for c in "/+#\0")):
-            raise ValueError(f"topic_name {value!r} must be one non-empty topic level (no /, +, # or NUL)")
+        # a Zigbee2MQTT friendly name may hold '/' (``floor1/kitchen/lamp``): it then spans topic levels, which a
+        # subscription whose filter ends in '#' maps (see TopicTemplate)
+        if value is not None and (not value or any(c in value for c in "+#\0") or "" in value.split("/")):
+            raise ValueError(f"topic_name {value!r} must be non-empty topic levels (no +, #, NUL or empty level)")
         return value
 
     @property
@@ -390,6 +456,12 @@ def check_bindings(sources: Sequence[MqttSourceConfig], devices: Sequence[MqttDe
             )
             continue
         subs = [s for s in source.subscriptions if device.subscription in (None, s.id)]
+        if "/" in device.topic_level and not any(s.topic_template().spans_levels for s in subs):
+            problems.append(
+                f"device {device.id!r}: topic_name {device.topic_level!r} spans topic levels, so its subscription "
+                "needs a filter ending in # and a template with {device} under it (topic: zigbee2mqtt/#, "
+                "template: zigbee2mqtt/{device})"
+            )
         for sub in subs:
             key = (source.id, sub.id, device.topic_level)
             if key in claimed:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, Final
 from zoneinfo import ZoneInfo
@@ -35,9 +36,11 @@ from drivers.mqtt.config import (
     ShellyGen2DecoderConfig,
     TasmotaDecoderConfig,
     TimestampSpec,
+    TtsV3DecoderConfig,
     Zigbee2MqttDecoderConfig,
     default_path,
 )
+from drivers.mqtt.units import UNITS, Conversion, UnitMismatch, canonical_unit, conversion
 from gateway.model import Quality, Sample, Value
 
 log = logging.getLogger("drivers.mqtt")
@@ -158,15 +161,71 @@ def make_text_parser(spec: MqttPointSpec) -> Converter:
 
 # --- bindings -----------------------------------------------------------------------------------------------------
 
+#: units a format documents for a field without saying them in the payload, by the field's last path keys. Only
+#: dimensions of the conversion table are listed, so a point written in another spelling (``volt``) is not refused.
+_IMPLIED_UNITS: Final[dict[str, dict[tuple[str | int, ...], str]]] = {
+    # https://tasmota.github.io/docs/Power-Monitoring-Calibration/ : ENERGY totals in kWh, powers in W
+    "tasmota": {
+        ("ENERGY", "Total"): "kWh",
+        ("ENERGY", "Today"): "kWh",
+        ("ENERGY", "Yesterday"): "kWh",
+        ("ENERGY", "Power"): "W",
+    },
+    # https://shelly-api-docs.shelly.cloud/gen2/ComponentsAndServices/Switch#status : apower W, aenergy.total Wh,
+    # temperature.tC/tF; EM/EMData (act_power W, total_act_energy Wh)
+    "shelly_gen2": {
+        ("apower",): "W",
+        ("aenergy", "total"): "Wh",
+        ("ret_aenergy", "total"): "Wh",
+        ("act_power",): "W",
+        ("total_act_power",): "W",
+        ("total_act_energy",): "Wh",
+        ("total_act_ret_energy",): "Wh",
+        ("tC",): "°C",
+        ("tF",): "°F",
+    },
+}
+#: Tasmota states the unit of its temperature and pressure readings once per message
+_TASMOTA_UNIT_KEYS: Final = {"temperature": "TempUnit", "pressure": "PressureUnit"}
+#: distinct undeclared fields remembered per binding (each counted once); past this, no more are counted
+_UNDECLARED_LIMIT: Final = 64
+_REFUSED: Final = object()
+#: The Things Stack radio figures a point may read (``$.@rssi``): computed from ``rx_metadata``, optional
+RADIO_FIELDS: Final = ("@rssi", "@snr")
+
+
+def _implied_unit(decoder_type: str, keys: tuple[str | int, ...]) -> str | None:
+    for suffix, unit in _IMPLIED_UNITS.get(decoder_type, {}).items():
+        if keys[-len(suffix) :] == suffix:
+            return unit
+    return None
+
 
 class BoundPoint:
     """One point compiled for one subscription's decoder."""
 
-    __slots__ = ("convert", "keys", "name", "parse_text", "point_id", "record")
+    __slots__ = (
+        "_conversions",
+        "checked",
+        "convert",
+        "dimension",
+        "keys",
+        "kind",
+        "max",
+        "min",
+        "name",
+        "parse_text",
+        "payload_unit",
+        "point_id",
+        "record",
+        "unit",
+        "unit_aware",
+    )
 
     def __init__(self, device: str, name: str, spec: MqttPointSpec, decoder_type: str) -> None:
         self.point_id = f"{device}.{name}"
         self.name = name
+        self.kind = spec.kind
         path = spec.path or default_path(decoder_type, name)
         #: JSON path keys: ``$.ENERGY.Total`` -> ("ENERGY", "Total"); ``$.rxInfo.0.rssi`` -> ("rxInfo", 0, "rssi")
         self.keys = split_path(path) if path.startswith("$") else ()
@@ -174,14 +233,118 @@ class BoundPoint:
         self.record = path
         self.convert = make_converter(spec)
         self.parse_text = make_text_parser(spec)
+        self.unit = canonical_unit(spec.unit) if spec.unit else None
+        known = UNITS.get(self.unit) if self.unit is not None else None
+        self.dimension = known.dimension if known is not None else None
+        # scale/offset are the operator's own conversion of the raw value: a payload unit is not applied on top
+        self.unit_aware = self.unit is not None and spec.scale == 1.0 and spec.offset == 0.0
+        #: the unit the format sends this field in without saying so (configured, or documented by the format)
+        implied = spec.payload_unit or (_implied_unit(decoder_type, self.keys) if self.dimension else None)
+        self.payload_unit = canonical_unit(implied) if implied else None
+        numeric = spec.kind in ("float", "int")
+        self.min = spec.min if numeric else None
+        self.max = spec.max if numeric else None
+        #: whether ``finish`` has anything to do (kept False on the common path: one attribute test per value)
+        self.checked = self.unit_aware or self.min is not None or self.max is not None
+        self._conversions: dict[str, Conversion] = {}
+
+    def in_unit(self, value: Value, payload_unit: object) -> Value:
+        """``value`` (in ``payload_unit``) in the point's unit; raises UnitMismatch when it cannot be."""
+        if type(payload_unit) is not str:
+            raise UnitMismatch(f"the payload's unit is {_kind_of(payload_unit)}, not text")
+        convert = self._conversions.get(payload_unit)
+        if convert is None:
+            assert self.unit is not None  # only called for unit-aware points
+            convert = conversion(canonical_unit(payload_unit), self.unit)
+            if len(self._conversions) < 16:  # a payload cycling through unit spellings cannot grow memory
+                self._conversions[payload_unit] = convert
+        if self.kind == "float":
+            return convert(float(value))
+        if canonical_unit(payload_unit) == self.unit:
+            return value
+        raise UnitMismatch(f"{payload_unit!r} would need converting to {self.unit!r} but the point is {self.kind}")
+
+    def finish(self, value: Value, payload_unit: object, binding: DeviceBinding) -> Any:
+        """The value to publish, after unit conversion and range check, or ``_REFUSED`` (noted on the binding)."""
+        if self.unit_aware:
+            # an empty unit (SenML ``"u": ""``) states nothing, like an absent one
+            stated = payload_unit is not None and not (type(payload_unit) is str and not payload_unit.strip())
+            unit = payload_unit if stated else self.payload_unit
+            if unit is not None:
+                try:
+                    value = self.in_unit(value, unit)
+                except UnitMismatch as exc:
+                    binding.refusals.append((self.point_id, "unit", str(exc)))
+                    return _REFUSED
+        if not isinstance(value, str) and (
+            (self.min is not None and value < self.min) or (self.max is not None and value > self.max)
+        ):
+            binding.refusals.append((self.point_id, "range", f"{value!r} is outside [{self.min}, {self.max}]"))
+            return _REFUSED
+        return value
+
+
+@dataclass(slots=True)
+class DeviceCounters:
+    """What happened to one device's messages, over all its subscriptions: read by status(), /metrics, /api."""
+
+    device: str
+    #: messages routed to the device (data messages, not availability)
+    messages: int = 0
+    #: messages dropped whole or yielding nothing but refusals: not a successful poll
+    rejected: int = 0
+    last_ok_ns: int = 0
+    #: messages that could not be decoded, by reason (json, encoding, shape, timestamp, oversize, internal)
+    malformed: dict[str, int] = field(default_factory=dict)
+    #: values refused: ``unit`` and ``range`` count samples, ``type`` counts messages (a wrong type drops all of it)
+    refused: dict[str, int] = field(default_factory=dict)
+    #: availability messages saying the device went offline
+    unavailable: int = 0
+    #: distinct payload fields no point declares (each counted once, then ignored)
+    undeclared: int = 0
+    #: what the last availability message said (None: no availability configured or nothing heard yet)
+    available: bool | None = None
+    availability_topic: str | None = None
+
+    @property
+    def accepted(self) -> int:
+        return self.messages - self.rejected
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "messages": self.messages,
+            "rejected": self.rejected,
+            "malformed": sum(self.malformed.values()),
+            "malformed_by_reason": dict(self.malformed),
+            "refused": sum(self.refused.values()),
+            "refused_by_reason": dict(self.refused),
+            "unavailable": self.unavailable,
+            "undeclared": self.undeclared,
+        }
 
 
 class DeviceBinding:
     """A device as one subscription sees it: its compiled points, and what has been reported about it."""
 
-    __slots__ = ("absent", "by_record", "device", "last_message_ns", "messages", "points", "root", "subscription")
+    __slots__ = (
+        "absent",
+        "by_record",
+        "counters",
+        "declared",
+        "device",
+        "last_message_ns",
+        "messages",
+        "points",
+        "radio",
+        "refusals",
+        "root",
+        "subscription",
+        "undeclared",
+    )
 
-    def __init__(self, device: MqttDeviceConfig, subscription: MqttSubscription) -> None:
+    def __init__(
+        self, device: MqttDeviceConfig, subscription: MqttSubscription, counters: DeviceCounters | None = None
+    ) -> None:
         self.device = device.id
         self.subscription = subscription.id
         self.points = tuple(
@@ -195,6 +358,17 @@ class DeviceBinding:
         self.absent: set[str] = set()
         self.messages = 0
         self.last_message_ns = 0
+        self.counters = counters if counters is not None else DeviceCounters(device.id)
+        #: (point id, reason, detail) of the values refused in the message being decoded; the router counts them
+        self.refusals: list[tuple[str, str, str]] = []
+        #: top-level fields (or SenML record names) the points read; the rest of a payload is undeclared
+        self.declared: frozenset[str] = frozenset(
+            {str(p.keys[0]) for p in self.points if p.keys} | {p.record for p in self.points if not p.keys}
+        )
+        self.undeclared: set[str] = set()
+        #: points reading The Things Stack's best RSSI/SNR: optional, so never reported absent
+        self.radio = frozenset(p.name for p in self.points if p.keys and p.keys[0] in RADIO_FIELDS)
+        self.absent.update(self.radio)
 
     def note_absent(self, point: BoundPoint) -> None:
         if point.name not in self.absent:
@@ -205,6 +379,22 @@ class DeviceBinding:
                 point.record,
                 self.subscription,
             )
+
+    def note_fields(self, fields: Iterable[str], ignore: frozenset[str]) -> None:
+        """Count (once each) the fields of a payload that no point declares; they are ignored, never an error."""
+        if len(self.undeclared) >= _UNDECLARED_LIMIT:
+            return
+        for name in fields:
+            if name not in self.declared and name not in ignore and name not in self.undeclared:
+                self.undeclared.add(name)
+                self.counters.undeclared += 1
+                log.info(
+                    "mqtt: %s sends field %r that no point declares (ignored; reported once)",
+                    self.device,
+                    name[:80],
+                )
+                if len(self.undeclared) >= _UNDECLARED_LIMIT:
+                    return
 
 
 # --- timestamps ---------------------------------------------------------------------------------------------------
@@ -274,6 +464,8 @@ class Decoder:
     name = "json"
     #: partial-update formats (Shelly notifications) omit unchanged fields by design: no absent report
     report_absent = True
+    #: top-level fields that are the format's own, not values (never counted as undeclared)
+    meta_fields: frozenset[str] = frozenset()
 
     def decode(
         self, payload: bytes, binding: DeviceBinding, field: str | None, received_ns: int, out: list[Sample]
@@ -286,6 +478,10 @@ class Decoder:
     def timestamp(self, doc: dict[str, Any], received_ns: int) -> int:
         return received_ns
 
+    def unit_of(self, doc: Any, point: BoundPoint) -> object:
+        """The unit the payload states for ``point``'s value, or None when it says nothing."""
+        return None
+
     def emit(self, doc: Any, binding: DeviceBinding, ts: int, out: list[Sample]) -> None:
         mark = len(out)
         try:
@@ -297,10 +493,21 @@ class Decoder:
                     continue
                 if raw is None:  # Zigbee2MQTT and others send null for "not known yet": not an error
                     continue
-                out.append(_new_tuple(Sample, (point.point_id, point.convert(raw), ts, _GOOD)))
+                value = point.convert(raw)
+                if point.checked:
+                    value = point.finish(value, self.unit_of(doc, point), binding)
+                    if value is _REFUSED:
+                        continue
+                out.append(_new_tuple(Sample, (point.point_id, value, ts, _GOOD)))
         except MalformedPayload:
             del out[mark:]
+            binding.refusals.clear()
             raise
+        # undeclared fields: every one of a device's first 16 messages, then one in 64 (a payload's shape rarely
+        # changes; scanning every message cost about 0.4 us of the 4-5 us a message takes)
+        count = binding.messages
+        if type(doc) is dict and (count < 16 or not count & 63) and not binding.declared.issuperset(doc):
+            binding.note_fields(doc, self.meta_fields)
 
 
 class JsonDecoder(Decoder):
@@ -310,6 +517,7 @@ class JsonDecoder(Decoder):
             self._ts_keys = split_path(config.timestamp.path)
             self._zone = ZoneInfo(config.timestamp.timezone)
             self._unit = {"unix_s": 10**9, "unix_ms": 10**6, "unix_ns": 1}.get(config.timestamp.format, 0)
+            self.meta_fields = frozenset({str(self._ts_keys[0])})
 
     def decode(
         self, payload: bytes, binding: DeviceBinding, field: str | None, received_ns: int, out: list[Sample]
@@ -340,6 +548,7 @@ class Zigbee2MqttDecoder(Decoder):
     """
 
     name = "zigbee2mqtt"
+    meta_fields = frozenset({"last_seen"})
 
     def timestamp(self, doc: dict[str, Any], received_ns: int) -> int:
         raw = doc.get("last_seen")
@@ -351,9 +560,13 @@ class Zigbee2MqttDecoder(Decoder):
 
 class TasmotaDecoder(Decoder):
     """``tele/<topic>/SENSOR`` ``{"Time": "2024-01-05T10:00:00", "ENERGY": {"Total": 12.3, ...}}`` and
-    ``tele/<topic>/STATE`` ``{"Time": ..., "POWER": "ON", ...}``. ``Time`` is local time without an offset."""
+    ``tele/<topic>/STATE`` ``{"Time": ..., "POWER": "ON", ...}``. ``Time`` is local time without an offset.
+
+    Units: ``TempUnit`` (``C``/``F``) and ``PressureUnit`` (``hPa``/``mmHg``) say the unit of every temperature
+    and pressure reading of the message; ENERGY totals are kWh and powers W (documented, not stated)."""
 
     name = "tasmota"
+    meta_fields = frozenset({"Time", "TempUnit", "PressureUnit", "SpeedUnit"})
 
     def __init__(self, config: TasmotaDecoderConfig) -> None:
         self._zone = ZoneInfo(config.timezone)
@@ -364,19 +577,33 @@ class TasmotaDecoder(Decoder):
             return received_ns
         return _plausible(iso_to_ns(raw, self._zone), received_ns)
 
+    def unit_of(self, doc: Any, point: BoundPoint) -> object:
+        key = _TASMOTA_UNIT_KEYS.get(point.dimension or "")
+        return doc.get(key) if key is not None and type(doc) is dict else None
+
 
 class ShellyGen2Decoder(Decoder):
     """``{"src": "shellyplus1pm-...", "method": "NotifyStatus", "params": {"ts": 1631266595.43,
-    "switch:0": {"apower": 12.3}}}``. Other methods (``NotifyEvent``) carry no status and are skipped."""
+    "switch:0": {"apower": 12.3}}}``. Other methods (``NotifyEvent``) carry no status and are skipped.
+
+    With a ``{field}`` level in the template (``<id>/status/{field}``, Shelly's per-component status topics), the
+    payload is that component's status object: the point paths stay the same (``$.switch:0.apower``), so a device
+    can move between the two topic styles without editing its points."""
 
     name = "shelly_gen2"
     report_absent = False
+    meta_fields = frozenset({"ts"})
     _STATUS_METHODS: Final = frozenset({"NotifyStatus", "NotifyFullStatus"})
 
     def decode(
         self, payload: bytes, binding: DeviceBinding, field: str | None, received_ns: int, out: list[Sample]
     ) -> None:
         doc = _load_json(payload)
+        if field is not None:
+            if type(doc) is not dict:
+                raise MalformedPayload("shape", f"a component status must be an object, got {_kind_of(doc)}")
+            self.emit({field: doc}, binding, received_ns, out)
+            return
         if type(doc) is not dict:
             raise MalformedPayload("shape", f"expected a JSON-RPC object, got {_kind_of(doc)}")
         if doc.get("method") not in self._STATUS_METHODS:
@@ -387,6 +614,63 @@ class ShellyGen2Decoder(Decoder):
         raw_ts = params.get("ts")
         ts = received_ns if raw_ts is None else _plausible(seconds_to_ns(raw_ts, 10**9), received_ns)
         self.emit(params, binding, ts, out)
+
+
+class TtsV3Decoder(Decoder):
+    """The Things Stack v3 uplink (``v3/<app>@<tenant>/devices/<device id>/up``): ``{"end_device_ids":
+    {"device_id": ...}, "received_at": "...Z", "uplink_message": {"decoded_payload": {...}, "rx_metadata":
+    [{"rssi": -42, "snr": 9.5}, ...]}}``. Paths are relative to ``decoded_payload``; ``$.@rssi`` and ``$.@snr``
+    are the best RSSI and SNR among the gateways that received the uplink (optional: never reported absent).
+    Time is ``received_at`` (the network server's receive time). A message without ``uplink_message`` (join
+    accepts, downlink events on the same filter) carries no readings and is skipped."""
+
+    name = "tts_v3"
+    meta_fields = frozenset(RADIO_FIELDS)
+
+    def decode(
+        self, payload: bytes, binding: DeviceBinding, field: str | None, received_ns: int, out: list[Sample]
+    ) -> None:
+        doc = _load_json(payload)
+        if type(doc) is not dict:
+            raise MalformedPayload("shape", f"expected a JSON object, got {_kind_of(doc)}")
+        uplink = doc.get("uplink_message")
+        if uplink is None:
+            return
+        if type(uplink) is not dict:
+            raise MalformedPayload("shape", f"uplink_message must be an object, got {_kind_of(uplink)}")
+        decoded = uplink.get("decoded_payload", {})
+        if type(decoded) is not dict:
+            raise MalformedPayload("shape", f"decoded_payload must be an object, got {_kind_of(decoded)}")
+        raw_ts = doc.get("received_at")
+        ts = received_ns if raw_ts is None else _plausible(iso_to_ns(_trim_fraction(raw_ts), UTC), received_ns)
+        view = decoded
+        if binding.radio:
+            view = {**decoded, **_best_radio(uplink.get("rx_metadata"))}
+        self.emit(view, binding, ts, out)
+
+
+def _trim_fraction(text: Any) -> Any:
+    """``2020-09-01T12:34:56.123456789Z`` -> six fraction digits: Go writes nanoseconds, Python 3.11 reads micro."""
+    if type(text) is not str or "." not in text:
+        return text
+    head, _, tail = text.partition(".")
+    digits = len(tail) - len(tail.lstrip("0123456789"))
+    return f"{head}.{tail[: min(digits, 6)]}{tail[digits:]}"
+
+
+def _best_radio(metadata: Any) -> dict[str, Any]:
+    """The strongest RSSI and SNR among the receiving gateways (each optional: absent when no gateway gave it)."""
+    best: dict[str, Any] = {}
+    if type(metadata) is not list:
+        return best
+    for gateway in metadata:
+        if type(gateway) is not dict:
+            continue
+        for key, name in (("rssi", "@rssi"), ("snr", "@snr")):
+            raw = gateway.get(key)
+            if (type(raw) is int or type(raw) is float) and (name not in best or raw > best[name]):
+                best[name] = raw
+    return best
 
 
 class PlainDecoder:
@@ -404,13 +688,20 @@ class PlainDecoder:
             text = payload.decode("utf-8").strip()
         except UnicodeDecodeError as exc:
             raise MalformedPayload("encoding", f"not UTF-8 text ({exc.reason})") from None
-        out.append(_new_tuple(Sample, (point.point_id, point.parse_text(text), received_ns, _GOOD)))
+        value = point.parse_text(text)
+        if point.checked:
+            value = point.finish(value, None, binding)
+            if value is _REFUSED:
+                return
+        out.append(_new_tuple(Sample, (point.point_id, value, received_ns, _GOOD)))
 
 
 class SenmlDecoder:
     """SenML JSON pack (RFC 8428): ``[{"bn": "urn:dev:ow:10e2073a01080063:", "bt": 1.320067464e+09, "bu": "%RH",
     "v": 20}, {"u": "lon", "v": 24.30621}, ...]``. Base fields carry over to the following records; a point's
-    path is matched against the resolved name (base name + name) first, then the record's own name."""
+    path is matched against the resolved name (base name + name) first, then the record's own name. A record's
+    unit (``u``, else the base unit ``bu``) is converted to the point's unit. A base field of the wrong type is
+    an error only for the records that use it: records no point declares are ignored whatever they hold."""
 
     name = "senml"
 
@@ -421,7 +712,11 @@ class SenmlDecoder:
         if type(pack) is not list:
             raise MalformedPayload("shape", f"a SenML pack is a JSON array of records, got {_kind_of(pack)}")
         mark = len(out)
-        base_name, base_time, base_value, base_sum = "", 0.0, 0.0, 0.0
+        base_name: Any = ""
+        base_time: Any = 0.0
+        base_value: Any = 0.0
+        base_sum: Any = 0.0
+        base_unit: Any = None
         seen: set[str] = set()
         by_record = binding.by_record
         try:
@@ -429,27 +724,41 @@ class SenmlDecoder:
                 if type(record) is not dict:
                     raise MalformedPayload("shape", f"a SenML record is an object, got {_kind_of(record)}")
                 if "bn" in record:
-                    base_name = _senml_str(record["bn"], "bn")
+                    base_name = record["bn"]
                 if "bt" in record:
-                    base_time = _senml_number(record["bt"], "bt")
+                    base_time = record["bt"]
                 if "bv" in record:
-                    base_value = _senml_number(record["bv"], "bv")
+                    base_value = record["bv"]
                 if "bs" in record:
-                    base_sum = _senml_number(record["bs"], "bs")
-                name = _senml_str(record.get("n", ""), "n")
-                point = by_record.get(base_name + name) or by_record.get(name)
+                    base_sum = record["bs"]
+                if "bu" in record:
+                    base_unit = record["bu"]
+                name = record.get("n", "")
+                if type(name) is not str:
+                    continue  # a record no point can declare
+                full = _senml_str(base_name, "bn") + name if base_name else name
+                point = by_record.get(full) or by_record.get(name)
                 if point is None:
+                    if full not in binding.undeclared:
+                        binding.note_fields((full,), frozenset())
                     continue
                 seen.add(point.name)
-                value = _senml_value(record, base_value, base_sum)
-                when = base_time + _senml_number(record.get("t", 0), "t")
+                value = point.convert(
+                    _senml_value(record, _senml_number(base_value, "bv"), _senml_number(base_sum, "bs"))
+                )
+                when = _senml_number(base_time, "bt") + _senml_number(record.get("t", 0), "t")
                 if abs(when) < _SENML_RELATIVE_LIMIT:
                     ts = received_ns + int(when * 1e9)
                 else:
                     ts = _plausible(seconds_to_ns(when, 10**9), received_ns)
-                out.append(_new_tuple(Sample, (point.point_id, point.convert(value), ts, _GOOD)))
+                if point.checked:
+                    value = point.finish(value, record.get("u", base_unit), binding)
+                    if value is _REFUSED:
+                        continue
+                out.append(_new_tuple(Sample, (point.point_id, value, ts, _GOOD)))
         except MalformedPayload:
             del out[mark:]
+            binding.refusals.clear()
             raise
         if len(seen) < len(binding.points):
             for point in binding.points:
@@ -497,4 +806,6 @@ def make_decoder(config: DecoderConfig) -> PayloadDecoder:
         return ShellyGen2Decoder()
     if isinstance(config, SenmlDecoderConfig):
         return SenmlDecoder()
+    if isinstance(config, TtsV3DecoderConfig):
+        return TtsV3Decoder()
     raise AssertionError(f"no decoder for {config!r}")

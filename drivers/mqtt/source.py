@@ -75,21 +75,64 @@ class MqttSource:
         return frozenset(self._devices)
 
     def status(self) -> list[DeviceStatus]:
-        seen: dict[str, tuple[int, int]] = {}
-        for binding in self.ingest.bindings:
-            count, last = seen.get(binding.device, (0, 0))
-            seen[binding.device] = (count + binding.messages, max(last, binding.last_message_ns))
+        """One status per device: a message is a poll, a rejected one (malformed, refused) a failed poll; the
+        device is offline while the broker is away or its availability topic says so."""
         out = []
         for device in self._devices:
-            count, last = seen.get(device, (0, 0))
-            status = DeviceStatus(device=device, driver="mqtt", polls=count, last_ok_ns=last)
+            counters = self.ingest.counters[device]
+            status = DeviceStatus(
+                device=device,
+                driver="mqtt",
+                polls=counters.messages,
+                errors=counters.rejected,
+                last_ok_ns=counters.last_ok_ns,
+            )
             if not self.connected:
                 status.state = DeviceState.OFFLINE if self.connects else DeviceState.UNKNOWN
                 status.last_error = self.last_error
+            elif counters.available is False:
+                status.state = DeviceState.OFFLINE
+                status.last_error = f"offline (availability: {counters.availability_topic})"
+            elif counters.accepted or counters.available:
+                status.state = DeviceState.ONLINE
             else:
-                status.state = DeviceState.ONLINE if count else DeviceState.UNKNOWN
+                status.state = DeviceState.UNKNOWN
+            if status.state is not DeviceState.OFFLINE and counters.rejected and status.last_error is None:
+                status.last_error = self._last_rejection(device)
             out.append(status)
         return out
+
+    def _last_rejection(self, device: str) -> str:
+        counters = self.ingest.counters[device]
+        parts = [f"{reason} {n}" for reason, n in sorted(counters.malformed.items())]
+        parts += [f"refused {reason} {n}" for reason, n in sorted(counters.refused.items())]
+        return f"{counters.rejected} of {counters.messages} messages rejected ({', '.join(parts)})"
+
+    def device_counters(self) -> dict[str, dict[str, Any]]:
+        """Per device: messages, rejected, malformed and refused (by reason), unavailable, undeclared fields."""
+        return {device: counters.as_dict() for device, counters in self.ingest.counters.items()}
+
+    def source_counters(self) -> dict[str, Any]:
+        """The same counters summed over this source's devices, plus what reached no device."""
+        total: dict[str, Any] = {
+            "messages": 0,
+            "rejected": 0,
+            "malformed": 0,
+            "refused": 0,
+            "unavailable": 0,
+            "undeclared": 0,
+            "malformed_by_reason": {},
+            "refused_by_reason": {},
+        }
+        for counters in self.device_counters().values():
+            for key in ("messages", "rejected", "malformed", "refused", "unavailable", "undeclared"):
+                total[key] += counters[key]
+            for key in ("malformed_by_reason", "refused_by_reason"):
+                for reason, n in counters[key].items():
+                    total[key][reason] = total[key].get(reason, 0) + n
+        total["unmapped"] = sum(stats.unmapped for stats in self.ingest.stats.values()) + self.ingest.unrouted
+        total["availability_unrecognised"] = self.ingest.availability_unrecognised
+        return total
 
     def subscription_stats(self) -> dict[str, SubscriptionStats]:
         return self.ingest.stats
@@ -114,6 +157,9 @@ class MqttSource:
                 }
                 for sub_id, stats in self.ingest.stats.items()
             },
+            "devices": self.device_counters(),
+            "availability_messages": self.ingest.availability_messages,
+            "availability_unrecognised": self.ingest.availability_unrecognised,
         }
 
     async def run(self, publish: BatchSink, stopping: asyncio.Event) -> None:
@@ -185,12 +231,20 @@ class MqttSource:
             batch, self._pending = self._pending, []
             acks, self._pending_acks = self._pending_acks, []
             generation = self._generation
+            stored: bool | None = True
             if batch:
-                await publish(batch)
+                stored = await publish(batch)  # returns once the outbox has committed it
                 self.samples_published += len(batch)
                 self.batches_published += 1
             connection = self._connection
-            if acks and connection is not None and connection.connected and generation == self._generation:
+            # never acknowledge what is not on disk: unacknowledged, the broker delivers it again after a restart
+            if (
+                acks
+                and stored is not False
+                and connection is not None
+                and connection.connected
+                and generation == self._generation
+            ):
                 for mid, qos in acks:
                     connection.ack(mid, qos)
             if connection is not None:
@@ -204,6 +258,14 @@ class MqttSource:
         loop = asyncio.get_running_loop()
         backoff = Backoff(self.config.reconnect_min, self.config.reconnect_max)
         subscriptions = [(sub.topic, sub.qos) for sub in self.config.subscriptions]
+        # an availability filter equal to a subscription's is subscribed once (a broker would send it twice)
+        subscriptions += list(
+            dict.fromkeys(
+                (entry.topic, entry.qos)
+                for entry in self.config.availability
+                if entry.topic not in {topic for topic, _ in subscriptions}
+            )
+        )
         stop_wait = asyncio.ensure_future(stopping.wait())
         in_outage = False
         try:

@@ -41,9 +41,13 @@ class TopicTemplate:
     a level that varies but means nothing here (``application/+/device/{device}/event/up``).
     Placeholders may only stand where the filter has a wildcard, so a template can never promise a device
     segment that the broker would not vary.
+
+    Where ``{device}`` stands under the filter's ``#`` (``zigbee2mqtt/#`` with ``zigbee2mqtt/{device}`` or
+    ``zigbee2mqtt/{device}/availability``), it spans as many levels as the topic has beyond the template's other
+    levels: a Zigbee2MQTT friendly name containing ``/`` (``floor1/kitchen/lamp``) is one device.
     """
 
-    __slots__ = ("_device_index", "_field_index", "_levels", "_literals", "text")
+    __slots__ = ("_device_index", "_field_index", "_levels", "_literals", "_spans", "text")
 
     def __init__(self, text: str, topic_filter: str) -> None:
         check_topic_filter(topic_filter)
@@ -81,9 +85,16 @@ class TopicTemplate:
         self._levels = len(levels)
         self._device_index = levels.index(DEVICE)
         self._field_index = levels.index(FIELD) if FIELD in levels else -1
+        #: the device may span several levels (it sits under '#'); levels after it are counted from the end
+        self._spans = multi and self._device_index >= len(fixed)
         # Every literal level is checked, not only those under a wildcard: with several subscriptions on one
         # connection, the template is also what tells which subscription a message belongs to.
         self._literals = tuple(literals)
+
+    @property
+    def spans_levels(self) -> bool:
+        """Whether the device may be several topic levels (a friendly name with '/')."""
+        return self._spans
 
     @property
     def has_field(self) -> bool:
@@ -92,6 +103,8 @@ class TopicTemplate:
     def match(self, topic: str) -> tuple[str, str | None] | None:
         """``(device topic name, field or None)`` for a topic this template maps, else None."""
         parts = topic.split("/")
+        if self._spans:
+            return self._match_spanning(parts)
         if len(parts) != self._levels:
             return None
         for index, text in self._literals:
@@ -102,6 +115,24 @@ class TopicTemplate:
             return None
         field = parts[self._field_index] if self._field_index >= 0 else None
         return device, field
+
+    def _match_spanning(self, parts: list[str]) -> tuple[str, str | None] | None:
+        extra = len(parts) - self._levels  # how many more levels than one the device takes
+        if extra < 0:
+            return None
+        first = self._device_index
+
+        def at(index: int) -> int:  # a template level's position in the topic
+            return index if index < first else index + extra
+
+        for index, text in self._literals:
+            if parts[at(index)] != text:
+                return None
+        device_levels = parts[first : first + extra + 1]
+        if "" in device_levels:
+            return None
+        field = parts[at(self._field_index)] if self._field_index >= 0 else None
+        return "/".join(device_levels), field
 
     @classmethod
     def default_for(cls, topic_filter: str) -> TopicTemplate:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig
 from drivers.mqtt.config import MqttDeviceConfig, MqttSourceConfig
@@ -177,7 +177,13 @@ def load_profile(name: str, model: type[StrictModel], search: list[Path]) -> Str
     raise FileNotFoundError(name)
 
 
-def _duplicate_ids(config: SiteConfig, smap: SourceMap) -> list[Diagnostic]:
+def _same_place(section: str, position: int) -> int:
+    return position
+
+
+def _duplicate_ids(
+    config: SiteConfig, smap: SourceMap, place: Callable[[str, int], int] = _same_place
+) -> list[Diagnostic]:
     """Duplicate ids are errors (not last-one-wins), positioned at the second occurrence."""
     errors: list[Diagnostic] = []
     for key, what, ids in (
@@ -186,7 +192,8 @@ def _duplicate_ids(config: SiteConfig, smap: SourceMap) -> list[Diagnostic]:
         ("mqtt_sources", "MQTT source", [s.id for s in config.mqtt_sources]),
     ):
         first: dict[str, int] = {}
-        for index, ident in enumerate(ids):
+        for position, ident in enumerate(ids):
+            index = place(key, position)
             if ident in first:
                 line = smap.values.get((key, first[ident], "id"), (0, 0))[0]
                 errors.append(
@@ -197,7 +204,9 @@ def _duplicate_ids(config: SiteConfig, smap: SourceMap) -> list[Diagnostic]:
     return errors
 
 
-def _mqtt_binding_errors(config: SiteConfig, smap: SourceMap) -> list[Diagnostic]:
+def _mqtt_binding_errors(
+    config: SiteConfig, smap: SourceMap, place: Callable[[str, int], int] = _same_place
+) -> list[Diagnostic]:
     """Whole-site MQTT checks (subscriptions named, one device per topic level), positioned at the device that
     introduces each problem: devices are added one at a time and only the new problems are attributed to it."""
     if not config.mqtt_sources:
@@ -214,7 +223,7 @@ def _mqtt_binding_errors(config: SiteConfig, smap: SourceMap) -> list[Diagnostic
         for problem in check_bindings(config.mqtt_sources, devices):
             if problem not in known:
                 known.add(problem)
-                errors.append(smap.diagnostic(("devices", index), problem))
+                errors.append(smap.diagnostic(("devices", place("devices", index)), problem))
     return errors
 
 
@@ -293,16 +302,26 @@ def aggregate_meters(config: SiteConfig) -> list[str]:
 
 
 def _building_aggregate(
-    config: SiteConfig, aggregate: BuildingAggregateConfig, registry: PointRegistry, smap: SourceMap
+    config: SiteConfig,
+    aggregate: BuildingAggregateConfig,
+    registry: PointRegistry,
+    smap: SourceMap,
+    unchecked: frozenset[str] = frozenset(),
 ) -> tuple[PointInfo | None, list[Diagnostic]]:
-    """The aggregate's point, or the reasons it cannot be built (positioned in ``privacy.building_aggregate``)."""
+    """The aggregate's point, or the reasons it cannot be built (positioned in ``privacy.building_aggregate``).
+
+    A meter of a device in ``unchecked`` (one that did not load, and is reported) is not blamed again."""
     loc: Loc = ("privacy", "building_aggregate")
     meters = aggregate_meters(config)
     problems: list[Diagnostic] = []
+    #: a meter of a device that did not load: the aggregate cannot be built, and the device's error says why
+    blocked = False
     for index, meter in enumerate(meters):
         info = registry.get(meter)
         where: Loc = (*loc, "meters", index) if aggregate.meters is not None else loc
-        if info is None:
+        if info is None and meter.partition(".")[0] in unchecked:
+            blocked = True
+        elif info is None:
             problems.append(smap.diagnostic(where, f"building aggregate meter {meter!r} is not a point of any device"))
         elif info.kind not in ("float", "int"):
             problems.append(smap.diagnostic(where, f"building aggregate meter {meter!r} is {info.kind}, not a number"))
@@ -317,7 +336,7 @@ def _building_aggregate(
         )
     if aggregate.point in registry:
         problems.append(smap.diagnostic((*loc, "point"), f"{aggregate.point!r} is already a device point"))
-    if problems:
+    if problems or blocked:
         return None, problems
     units = {registry[m].unit for m in meters}
     info = PointInfo(
@@ -332,6 +351,94 @@ def _building_aggregate(
     return info, []
 
 
+@dataclass(frozen=True)
+class PartialSite:
+    """What a refused site file still says for checking its rule files: the rule files it names, the points of
+    the devices that did load, and the devices that did not (their points cannot be checked, so they are not
+    reported as unknown: the device's own error is)."""
+
+    rule_files: tuple[Path, ...]
+    registry: PointRegistry
+    timezone: str
+    unchecked_devices: frozenset[str]
+
+
+class SiteError(ConfigError):
+    """A refused site file: every problem found, and what is left of the site to check its rule files with."""
+
+    def __init__(self, diagnostics: Iterable[Diagnostic], partial: PartialSite) -> None:
+        super().__init__(diagnostics)
+        self.partial = partial
+
+
+#: the smallest valid site: what a section is validated beside, on its own, when the whole file did not validate
+_STUB_SITE: dict[str, object] = {"version": 1, "gateway": {"id": "salvaged", "site": "salvaged"}}
+#: sections checked item by item (one bad device must not take the others with it)
+_ITEM_SECTIONS = ("modbus_buses", "mqtt_sources", "devices", "rules", "profile_dirs")
+
+
+@dataclass
+class _Salvage:
+    """A site that failed validation, with what did validate: a broken item or section is left out (its errors are
+    already reported) and the ids it held remembered, so nothing that names it is blamed for it."""
+
+    config: SiteConfig
+    #: section -> the file index of each kept item (kept items keep their positions in messages)
+    index: dict[str, list[int]]
+    #: section -> the ids (and any other text) the broken items held; a section is a key here when any of it broke
+    broken: dict[str, set[str]]
+
+
+def _valid_alone(section: dict[str, object], context: object) -> bool:
+    try:
+        SiteConfig.model_validate({**_STUB_SITE, **section}, context=context)
+    except ValidationError:
+        return False
+    return True
+
+
+def _texts(value: object) -> set[str]:
+    """Every text in a broken part, keys and values, however nested: the ids it may have defined."""
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        return {t for key, item in value.items() for t in (*_texts(key), *_texts(item))}
+    if isinstance(value, list):
+        return {t for item in value for t in _texts(item)}
+    return set()
+
+
+def _salvage(data: object, context: object) -> _Salvage | None:
+    """The parts of a site file that validate on their own, validated together; None when even that fails."""
+    if not isinstance(data, dict):
+        return None
+    kept: dict[str, object] = dict(_STUB_SITE)
+    index: dict[str, list[int]] = {}
+    broken: dict[str, set[str]] = {}
+    for key, value in data.items():
+        if key not in SiteConfig.model_fields:
+            continue  # an unknown key: reported, and nothing to keep
+        if key in _ITEM_SECTIONS and isinstance(value, list):
+            items = [(i, item) for i, item in enumerate(value) if _valid_alone({key: [item]}, context)]
+            good = {i for i, _ in items}
+            if len(good) < len(value):
+                broken.setdefault(key, set())
+            for i, item in enumerate(value):
+                if i not in good and isinstance(item, dict) and isinstance(item.get("id"), str):
+                    broken.setdefault(key, set()).add(item["id"])
+            kept[key] = [item for _, item in items]
+            index[key] = [i for i, _ in items]
+        elif _valid_alone({key: value}, context):
+            kept[key] = value
+        else:
+            broken.setdefault(key, set()).update(_texts(value))  # version and gateway keep the stub's
+    try:
+        config = SiteConfig.model_validate(kept, context=context)
+    except ValidationError:
+        return None
+    return _Salvage(config, index, broken)
+
+
 def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site:
     """Load, validate and resolve a site file. Raises ConfigError with every problem found."""
     path = Path(path)
@@ -339,14 +446,31 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
     recovered: list[Diagnostic] = []
     data, smap = load_yaml(path, recovered=recovered)
     context = {"env": env if env is not None else os.environ, "base_dir": path.parent}
+    salvage: _Salvage | None = None
     try:
         config = validate(SiteConfig, data, smap, context=context)
     except ConfigError as exc:
-        raise ConfigError([*recovered, *exc.diagnostics]) from None
+        # every problem of the file is reported; the devices, buses and sections that did validate are still
+        # checked (profiles, ids, rule files), so one bad device does not hide the next one's missing profile
+        recovered.extend(exc.diagnostics)
+        salvage = _salvage(data, context)
+        if salvage is None:
+            raise ConfigError(recovered) from None
+        config = salvage.config
+    index: dict[str, list[int]] = salvage.index if salvage is not None else {}
+    broken: dict[str, set[str]] = salvage.broken if salvage is not None else {}
 
-    errors: list[Diagnostic] = [*recovered, *_duplicate_ids(config, smap)]
-    bus_ids = {b.id for b in config.modbus_buses}
-    source_ids = {s.id for s in config.mqtt_sources}
+    def place(section: str, position: int) -> int:
+        """The item's index in the file (items before it may have been left out as broken)."""
+        return index[section][position] if section in index else position
+
+    errors: list[Diagnostic] = [*recovered, *_duplicate_ids(config, smap, place)]
+    # a device on a bus (or source) that is itself broken is not blamed for it; the device is still checked
+    bus_ids = {b.id for b in config.modbus_buses} | broken.get("modbus_buses", set())
+    source_ids = {s.id for s in config.mqtt_sources} | broken.get("mqtt_sources", set())
+    #: devices whose points are not in the registry (broken, or their profile or bus is): a rule file naming
+    #: their points is not checked against them
+    unchecked: set[str] = set(broken.get("devices", set()))
     search = _profile_paths(path, config)
     profiles: dict[str, StrictModel] = {}
     #: a profile is loaded once however many devices use it (and its errors are reported once)
@@ -354,11 +478,12 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
     registry = PointRegistry()
     seen_devices: set[str] = set()
     account_devices = _account_devices(config)
-    for index, device in enumerate(config.devices):
-        loc: Loc = ("devices", index)
+    for position, device in enumerate(config.devices):
+        loc: Loc = ("devices", place("devices", position))
         if device.id in seen_devices:
             continue  # reported by _duplicate_ids
         seen_devices.add(device.id)
+        unchecked.add(device.id)  # until its points are in the registry
         if isinstance(device, ModbusDeviceConfig) and device.bus not in bus_ids:
             errors.append(
                 smap.diagnostic((*loc, "bus"), f"device {device.id!r} names unknown Modbus bus {device.bus!r}")
@@ -378,6 +503,8 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
                 try:
                     loaded[key] = load_profile(name, profile_model, search)
                 except FileNotFoundError:
+                    if "profile_dirs" in broken:
+                        continue  # looked up without the profile_dirs that are broken (and reported): not its fault
                     where = ", ".join(str(d) for d in search)
                     errors.append(
                         smap.diagnostic((*loc, "profile"), f"device profile {name!r} not found (looked in {where})")
@@ -399,23 +526,35 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
                 infos = [replace(info, personal=True) for info in infos]
             for info in infos:
                 registry.add(info)
+            unchecked.discard(device.id)
         except (DuplicatePoint, ValueError) as exc:
             errors.append(smap.diagnostic(loc, str(exc)))
 
-    errors.extend(_mqtt_binding_errors(config, smap))
-    if config.privacy.building_aggregate is not None and not errors:
-        aggregate, problems = _building_aggregate(config, config.privacy.building_aggregate, registry, smap)
+    errors.extend(_mqtt_binding_errors(config, smap, place))
+    if config.privacy.building_aggregate is not None:
+        aggregate, problems = _building_aggregate(
+            config, config.privacy.building_aggregate, registry, smap, frozenset(unchecked)
+        )
         errors.extend(problems)
         if aggregate is not None:
             registry.add(aggregate)
 
     rule_files: list[Path] = []
-    for index, rule_path in enumerate(config.rules):
+    for position, rule_path in enumerate(config.rules):
         resolved = (path.parent / rule_path).resolve()
         if not resolved.is_file():
-            errors.append(smap.diagnostic(("rules", index), f"rule file not found: {resolved}"))
+            errors.append(smap.diagnostic(("rules", place("rules", position)), f"rule file not found: {resolved}"))
         rule_files.append(resolved)
 
     if errors:
-        raise ConfigError(errors)
+        aggregate_config = config.privacy.building_aggregate
+        if aggregate_config is not None and aggregate_config.point not in registry:
+            unchecked.add(aggregate_config.point.partition(".")[0])
+        partial = PartialSite(
+            rule_files=tuple(f for f in rule_files if f.is_file()),
+            registry=registry,
+            timezone=config.gateway.timezone,
+            unchecked_devices=frozenset(unchecked),
+        )
+        raise SiteError(errors, partial)
     return Site(path, config, profiles, registry, tuple(rule_files), smap, tuple(literal_secrets(config, smap)))

@@ -61,7 +61,13 @@ class _StrictLoader(yaml.SafeLoader):
         # where a shared node would be expanded once per reference.
         event = self.peek_event()  # type: ignore[no-untyped-call]  # untyped in types-PyYAML
         mark = event.start_mark if isinstance(event.start_mark, yaml.Mark) else None
-        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+        if isinstance(event, yaml.AliasEvent):
+            # anchors are refused where they stand, so an alias that gets here names none: most often text that
+            # starts with '*' (a wildcard, a footnote) and was meant as text
+            name = f"*{event.anchor}"
+            message = f'{NO_ALIASES}: {name} is an alias; if it is text, quote it: "{name}"'
+            raise _Refused(problem=message, problem_mark=mark)
+        if getattr(event, "anchor", None) is not None:
             raise _Refused(problem=NO_ALIASES, problem_mark=mark)
         self._nodes += 1
         if self._nodes > MAX_NODES:
@@ -161,7 +167,10 @@ def load_yaml(
     elif len(text) > MAX_FILE_BYTES or len(text.encode("utf-8")) > MAX_FILE_BYTES:
         raise ConfigError([_too_big(name, len(text.encode("utf-8")))])
     smap = SourceMap(name, text)
-    loader = _StrictLoader(text)
+    try:
+        loader = _StrictLoader(text)  # checks every character first (a control character is refused here)
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError([_reader_error(exc, smap, text)]) from None
     errors: list[Diagnostic] = []
     try:
         node = loader.get_single_node()
@@ -171,7 +180,7 @@ def load_yaml(
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
         raise ConfigError([smap.at(line, col, exc.problem or NO_ALIASES)]) from None
     except yaml.MarkedYAMLError as exc:
-        plain = _layout_error(exc, smap)
+        plain = _syntax_error(exc, smap, text) or _layout_error(exc, smap)
         if plain is not None:
             raise ConfigError([plain]) from exc
         mark = exc.problem_mark or exc.context_mark
@@ -182,6 +191,8 @@ def load_yaml(
             where = f"line {exc.context_mark.line + 1}, column {exc.context_mark.column + 1}"
             problem = f"{problem} ({exc.context} at {where})"
         raise ConfigError([smap.at(line, col, f"YAML syntax error: {problem}")]) from exc
+    except yaml.reader.ReaderError as exc:
+        raise ConfigError([_reader_error(exc, smap, text)]) from None
     except yaml.YAMLError as exc:
         raise ConfigError([smap.at(1, 1, f"YAML error: {exc}")]) from exc
     finally:
@@ -191,6 +202,173 @@ def load_yaml(
     if recovered is not None:
         recovered.extend(errors)
     return data, smap
+
+
+_CLOSERS = {"[": "]", "{": "}"}
+_OPENERS = {"]": "[", "}": "{"}
+#: PyYAML's "but got 'X'" / "but found 'X'" (X a character such as ']' or a token name such as '<scalar>')
+_FOUND = re.compile(r"but (?:got|found) '([^']*)'")
+
+
+def _pos(mark: yaml.Mark) -> str:
+    return f"{mark.line + 1}:{mark.column + 1}"
+
+
+def _syntax_error(exc: yaml.MarkedYAMLError, smap: SourceMap, text: str) -> Diagnostic | None:
+    """PyYAML's syntax errors about quotes, brackets and documents said in plain words, at the place to fix, each
+    saying what to do; None for the ones ``_layout_error`` explains (indentation, tabs) or that are left as they are.
+
+    PyYAML reports where it gave up (often the end of the file, or the line after the mistake); the mark of what
+    it was reading then (``context_mark``: the quote or bracket that opened it) is where the writer has to look."""
+    problem, context = exc.problem or "", exc.context or ""
+    mark, start = exc.problem_mark, exc.context_mark
+    if mark is None:
+        return None
+    found = _FOUND.search(problem)
+    got = found.group(1) if found else ""
+    if context == "while scanning a quoted scalar" and start is not None:
+        quote = _char_at(smap, start) or '"'
+        message = f"the quote {quote} opened at {_pos(start)} is never closed: close it at the end of the value, "
+        message += "or remove it"
+        if quote == "'":
+            message += """ (text with a ' in it goes in double quotes: "don't")"""
+        return smap.at(start.line + 1, start.column + 1, message)
+    if got in ("]", "}"):
+        unclosed = _open_flow_before(text, mark)
+        if unclosed is None:
+            message = f"this '{got}' closes nothing (no '{_OPENERS[got]}' is open here): remove it"
+            return smap.at(mark.line + 1, mark.column + 1, message)
+        opener = _char_at(smap, unclosed) or "["
+        if _CLOSERS.get(opener) != got:
+            message = f"this '{got}' does not close the '{opener}' opened at {_pos(unclosed)}: close that with "
+            message += f"'{_CLOSERS.get(opener, ']')}' or remove the '{got}'"
+            return smap.at(mark.line + 1, mark.column + 1, message)
+    if context == "while scanning a simple key" and problem == "could not find expected ':'" and start is not None:
+        message = "no ':' after this key on its line: end the key with ':', or remove the line"
+        return smap.at(start.line + 1, start.column + 1, message)
+    if context in ("while scanning an alias", "while scanning an anchor") and start is not None:
+        sign = _char_at(smap, start) or "*"
+        what = "an alias" if sign == "*" else "an anchor"
+        message = f"a value starting with '{sign}' is read as {what}, which config files do not allow: quote the "
+        message += f"value if the '{sign}' is text"
+        return smap.at(start.line + 1, start.column + 1, message)
+    if problem.startswith("expected the node content") and got in (",", ":", "?", "|", ">", "@", "`", "%"):
+        message = f"a value cannot start with '{got}': quote the value if the '{got}' is part of it, or remove it"
+        return smap.at(mark.line + 1, mark.column + 1, message)
+    opener = _char_at(smap, start)
+    flow = context.startswith("while parsing a flow ") and start is not None and opener in _CLOSERS
+    if flow and start is not None and (problem.startswith("expected ','") or got == "<stream end>"):
+        closer = _CLOSERS[opener]
+        what = "list" if opener == "[" else "mapping"
+        here, there = (_indent(smap, line) for line in (mark.line, start.line))
+        if got == "<stream end>" or (mark.line > start.line and here <= there):
+            # PyYAML stopped at a line that lines up with the one the bracket opened on (the next key or item):
+            # the bracket was never closed, rather than an entry left without its comma
+            above = _content_lines(smap, mark.line + 1 if got == "<stream end>" else mark.line)
+            last = above[0] + 1 if above else start.line + 1
+            message = f"the '{opener}' opened at {_pos(start)} is never closed: add '{closer}' after its last "
+            message += f"item (line {last})"
+            return smap.at(start.line + 1, start.column + 1, message)
+        if got == ":":
+            message = f"a ':' where ',' or '{closer}' was expected in the {what} opened at {_pos(start)}: separate "
+            message += "entries with ', ', and quote a value that contains ': '"
+        else:
+            message = f"',' or '{closer}' expected here, in the {what} opened at {_pos(start)}: separate its "
+            message += f"items with ', ' and end it with '{closer}'"
+        return smap.at(mark.line + 1, mark.column + 1, message)
+    if got == "<stream end>":
+        unclosed = _open_flow_before(text, mark)
+        if unclosed is not None:
+            opener = _char_at(smap, unclosed) or "["
+            above = _content_lines(smap, mark.line + 1)
+            last = above[0] + 1 if above else unclosed.line + 1
+            message = f"the '{opener}' opened at {_pos(unclosed)} is never closed: add '{_CLOSERS.get(opener, ']')}' "
+            message += f"after its last item (line {last})"
+            return smap.at(unclosed.line + 1, unclosed.column + 1, message)
+    if problem == "but found another document":
+        message = "a second YAML document starts here: a config file holds one, so remove this '---' line "
+        message += "(and move what follows into its own file if it is meant as one)"
+        return smap.at(mark.line + 1, mark.column + 1, message)
+    if problem.startswith("expected '<document start>'"):
+        ends = [i for i in _content_lines(smap, mark.line) if smap.lines[i].strip() == "..."]
+        if ends:
+            message = f"the document ended with '...' on line {ends[0] + 1}, so this line belongs to nothing: "
+            message += "remove the '...'"
+            return smap.at(mark.line + 1, mark.column + 1, message)
+        return None
+    quoted = _quote_before(text, mark)
+    if quoted is not None:
+        begin, end = quoted.start_mark, quoted.end_mark
+        quote = "'" if quoted.style == "'" else '"'
+        if begin.line < end.line:
+            message = f"the quote {quote} opened at {_pos(begin)} is closed only at {end.line + 1}:{end.column}, so "
+            message += f"the lines between are read as one value: close it on line {begin.line + 1}"
+        elif quote == "'":
+            message = f"the value quoted at {_pos(begin)} ends at the ' in column {end.column} and text follows it: "
+            message += """write a ' inside single quotes twice ('it''s') or put the value in double quotes"""
+        else:
+            message = f'the value quoted at {_pos(begin)} ends at the " in column {end.column} and text follows it: '
+            message += """write a " inside double quotes as \\" or put the value in single quotes"""
+        return smap.at(begin.line + 1, begin.column + 1, message)
+    return None
+
+
+def _char_at(smap: SourceMap, mark: yaml.Mark | None) -> str:
+    """The character at ``mark``, or "" past the end of its line or of the file."""
+    if mark is None or not 0 <= mark.line < len(smap.lines):
+        return ""
+    line = smap.lines[mark.line]
+    return line[mark.column] if 0 <= mark.column < len(line) else ""
+
+
+def _indent(smap: SourceMap, line: int) -> int:
+    text = smap.lines[line] if 0 <= line < len(smap.lines) else ""
+    return len(text) - len(text.lstrip(" "))
+
+
+def _open_flow_before(text: str, mark: yaml.Mark) -> yaml.Mark | None:
+    """Where the innermost '[' or '{' still open at ``mark`` was opened, or None."""
+    opened: list[yaml.Mark] = []
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if token.start_mark.index >= mark.index:
+                break
+            if isinstance(token, yaml.FlowSequenceStartToken | yaml.FlowMappingStartToken):
+                opened.append(token.start_mark)
+            elif isinstance(token, yaml.FlowSequenceEndToken | yaml.FlowMappingEndToken) and opened:
+                opened.pop()
+    except yaml.YAMLError:
+        pass
+    return opened[-1] if opened else None
+
+
+def _quote_before(text: str, mark: yaml.Mark) -> yaml.ScalarToken | None:
+    """The quoted value just before ``mark`` when it explains the error there: one that spans lines and ends on
+    ``mark``'s line (a quote left open, closed by the next quote further down), or one that text follows
+    directly (``'Tower's gateway'``: the apostrophe closed it)."""
+    last: yaml.Token | None = None
+    try:
+        for token in yaml.scan(text, Loader=yaml.SafeLoader):
+            if token.start_mark.index >= mark.index:
+                break
+            last = token
+    except yaml.YAMLError:
+        pass
+    if not isinstance(last, yaml.ScalarToken) or last.style not in ("'", '"'):
+        return None
+    spans_lines = last.start_mark.line < last.end_mark.line == mark.line
+    return last if spans_lines or last.end_mark.index == mark.index else None
+
+
+def _reader_error(exc: yaml.reader.ReaderError, smap: SourceMap, text: str) -> Diagnostic:
+    """A character YAML does not allow (a control character, often pasted from a terminal or another program),
+    at its line and column."""
+    position = max(0, min(exc.position, len(text)))
+    line = text.count("\n", 0, position) + 1
+    column = position - (text.rfind("\n", 0, position) + 1) + 1
+    code = exc.character if isinstance(exc.character, int) else 0
+    message = f"character U+{code:04X} is not allowed in YAML (a control character): remove it"
+    return smap.at(line, column, message)
 
 
 def _key_column(line: str) -> int:
@@ -204,6 +382,7 @@ def _key_column(line: str) -> int:
 
 def _content_lines(smap: SourceMap, before: int) -> list[int]:
     """0-based indexes of the lines above ``before`` holding YAML (not blank, not only a comment), nearest first."""
+    before = min(before, len(smap.lines))
     return [i for i in range(before - 1, -1, -1) if smap.lines[i].strip() and not smap.lines[i].strip().startswith("#")]
 
 
@@ -287,7 +466,18 @@ def _read_bounded(path: Path) -> str:
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise ConfigError([Diagnostic(name, 0, 0, f"cannot read file: {exc}")]) from exc
+        raise ConfigError([_not_utf8(name, raw, exc)]) from None
+
+
+def _not_utf8(name: str, raw: bytes, exc: UnicodeDecodeError) -> Diagnostic:
+    """The first byte that is not UTF-8, at its line and column (counted in characters), with the line shown."""
+    line_start = raw.rfind(b"\n", 0, exc.start) + 1
+    line_end = raw.find(b"\n", exc.start)
+    source = raw[line_start : line_end if line_end >= 0 else len(raw)].decode("utf-8", errors="replace")
+    column = len(raw[line_start : exc.start].decode("utf-8", errors="replace")) + 1
+    message = f"byte 0x{raw[exc.start]:02x} is not UTF-8: save the file as UTF-8 (a Latin-1 or Windows-1252 "
+    message += "editor writes accented letters this way)"
+    return Diagnostic(name, raw.count(b"\n", 0, exc.start) + 1, column, message, source.rstrip("\r"))
 
 
 def did_you_mean(name: str, known: Iterable[str]) -> str:
@@ -360,10 +550,34 @@ def pydantic_diagnostics(
             continue
         where = ".".join(str(p) for p in loc)
         message = err["input"].message if isinstance(err.get("input"), Rejected) else err["msg"]
+        if kind in _SHAPES:
+            message = f"should be {_SHAPES[kind]}, not {_yaml_kind(err.get('input'))}"
         if message.startswith("Value error, "):
             message = message[len("Value error, ") :]
         out.append(smap.diagnostic(loc, f"{where}: {message}" if where else message))
     return out
+
+
+#: pydantic's "Input should be a valid dictionary" in the words of YAML's layout
+_SHAPES = {
+    "dict_type": "a mapping (key: value lines, or {key: value})",
+    "model_type": "a mapping (key: value lines, or {key: value})",
+    "list_type": "a list ('- ' items, or [a, b])",
+}
+
+
+def _yaml_kind(value: object) -> str:
+    if value is None:
+        return "empty"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, bool):
+        return f"{str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    return f"the text {str(value)!r}"
 
 
 def _data_loc(loc: Iterable[str | int], smap: SourceMap) -> Loc:

@@ -110,6 +110,7 @@ def _badge(text: str, tone: str) -> str:
 
 _STATE_TONES = {
     "online": "ok",
+    "degraded": "warn",
     "unknown": "muted",
     "offline": "bad",
     "disabled": "warn",
@@ -185,6 +186,41 @@ def _alarms(data: JsonDict) -> str:
         for a in data["alarms"]
     ]
     return _section("alarms", "Alarms", _table(("Severity", "Source", "Message"), rows, "No active alarms."))
+
+
+def _message_counters(data: JsonDict) -> str:
+    """Message-driven sources (MQTT): per source (summed) and per device, what was rejected and why."""
+    devices = [d for d in data["devices"] if d.get("counters")]
+    if not devices:
+        return ""
+    totals: dict[str, JsonDict] = {}
+    for d in devices:
+        total = totals.setdefault(str(d["counters"].get("source", "")), {})
+        for key, value in d["counters"].items():
+            if isinstance(value, int):
+                total[key] = total.get(key, 0) + value
+            elif isinstance(value, dict):
+                merged = total.setdefault(key, {})
+                for reason, n in value.items():
+                    merged[reason] = merged.get(reason, 0) + n
+
+    def reasons(counts: JsonDict, key: str) -> str:
+        by_reason = counts.get(f"{key}_by_reason") or {}
+        detail = ", ".join(f"{escape(str(r))} {n:,}" for r, n in sorted(by_reason.items()))
+        return f"{counts.get(key, 0):,}" + (f' <span class="dim">({detail})</span>' if detail else "")
+
+    def row(name: str, c: JsonDict) -> str:
+        return (
+            f'<tr><td class="mono">{name}</td><td class="num">{c.get("messages", 0):,}</td>'
+            f'<td class="num">{c.get("rejected", 0):,}</td><td>{reasons(c, "malformed")}</td>'
+            f'<td>{reasons(c, "refused")}</td><td class="num">{c.get("unavailable", 0):,}</td>'
+            f'<td class="num">{c.get("undeclared", 0):,}</td></tr>'
+        )
+
+    rows = [row(f"<b>{escape(name)}</b>", c) for name, c in sorted(totals.items())]
+    rows += [row(escape(d["id"]), d["counters"]) for d in devices]
+    headers = ("Source / device", "Messages", "Rejected", "Malformed", "Refused", "Went offline", "Undeclared fields")
+    return _section("messages", "Sensor messages", _table(headers, rows, ""))
 
 
 def _devices(data: JsonDict) -> str:
@@ -444,6 +480,7 @@ def render(data: JsonDict) -> str:
 {_alarms(data)}
 {_points(data)}
 {_devices(data)}
+{_message_counters(data)}
 {_rules(data)}
 {_uplinks(data)}
 {_incentives(data)}

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 from gateway import __version__
-from gateway.driver_api import DeviceState
+from gateway.driver_api import DeviceState, DeviceStatus
 
 if TYPE_CHECKING:
     from gateway.supervisor import Gateway
@@ -75,6 +75,7 @@ def points(gateway: Gateway, now_ns: int | None = None) -> list[JsonDict]:
     """Every registered point with its latest sample; ``tail`` relies on id/value/ts/quality/unit. ``awaiting``
     says why a point without a value is not late (see ``awaiting``), else it is None."""
     now_ns = time.time_ns() if now_ns is None else now_ns
+    gateway.live.watched()  # someone looks: the live cache keeps the sparklines' history (gateway/live.py)
     latest = gateway.live.latest
     not_due = awaiting(gateway)
     result: list[JsonDict] = []
@@ -129,6 +130,7 @@ def history(gateway: Gateway, *, point: str | None = None, since_ns: int = 0) ->
 
     Milliseconds keep the numbers exact in JavaScript (nanoseconds exceed 2**53).
     """
+    gateway.live.watched()
     rings = gateway.live.history
     selected = rings.items() if point is None else ([(point, rings[point])] if point in rings else [])
     return {name: [[ts // 1_000_000, value] for ts, value in ring if ts > since_ns] for name, ring in selected}
@@ -137,15 +139,48 @@ def history(gateway: Gateway, *, point: str | None = None, since_ns: int = 0) ->
 # -- devices --------------------------------------------------------------------------------------------------------
 
 
+def device_message_counters(gateway: Gateway) -> dict[str, JsonDict]:
+    """Per device, what a message-driven source (MQTT) counted: messages, rejected, malformed and refused by
+    reason, unavailable, undeclared fields. Read from sources offering ``device_counters()``; a source whose call
+    fails is skipped (and logged at debug) rather than breaking the device list."""
+    found: dict[str, JsonDict] = {}
+    for source in gateway.sources:
+        counters_fn = getattr(source, "device_counters", None)
+        if counters_fn is None:
+            continue
+        try:
+            for device, counters in counters_fn().items():
+                found[device] = {"source": source.name, **counters}
+        except Exception:
+            log.debug("device counters of %s failed", source.name, exc_info=True)
+    return found
+
+
+def source_message_counters(gateway: Gateway) -> dict[str, JsonDict]:
+    """Per message-driven source: the device counters summed, plus messages that reached no device."""
+    found: dict[str, JsonDict] = {}
+    for source in gateway.sources:
+        counters_fn = getattr(source, "source_counters", None)
+        if counters_fn is None:
+            continue
+        try:
+            found[source.name] = dict(counters_fn())
+        except Exception:
+            log.debug("source counters of %s failed", source.name, exc_info=True)
+    return found
+
+
 def devices(gateway: Gateway, now_ns: int | None = None) -> list[JsonDict]:
     now_ns = time.time_ns() if now_ns is None else now_ns
     result: list[JsonDict] = []
+    message_counters = device_message_counters(gateway)
     for status in gateway.device_status():
         good_polls = status.polls - status.errors
         result.append(
             {
                 "id": status.device,
                 "driver": status.driver,
+                "counters": message_counters.get(status.device),
                 "state": str(status.state),
                 "since_s": _seconds_since(status.since_ns, now_ns),
                 "polls": status.polls,
@@ -155,9 +190,15 @@ def devices(gateway: Gateway, now_ns: int | None = None) -> list[JsonDict]:
                 "last_latency_ms": round(status.last_latency_s * 1000, 3),
                 "mean_latency_ms": round(status.latency_sum_s / good_polls * 1000, 3) if good_polls > 0 else None,
                 "points": len(gateway.registry.points_of(status.device)),
+                **device_failures(status),
             }
         )
     return result
+
+
+def device_failures(status: DeviceStatus) -> JsonDict:
+    """Failed reads by reason and what the driver learned of the device (e.g. a Modbus meter's read limit)."""
+    return {"failures": dict(status.failures), "driver_info": dict(status.info)}
 
 
 # -- rules ----------------------------------------------------------------------------------------------------------
@@ -355,6 +396,11 @@ def alarms(
         }
         for device in device_view
         if device["state"] in ("offline", "disabled")
+    )
+    found.extend(
+        {"severity": "warning", "source": f"device {d['id']}", "message": f"degraded: {d['last_error']}"}
+        for d in device_view
+        if d["state"] == "degraded"
     )
     outbox = queue_view.get("outbox")
     if outbox is not None:

@@ -89,6 +89,23 @@ class Anchor:
     allocated: int = 0
 
 
+def first_anchor(edge_ns: int, first: Reading, later: Sequence[Reading], rules: MeterRules) -> Anchor:
+    """The anchor of a meter's first interval: ``first`` (its last reading at or before ``edge_ns``, else its first
+    after it), with the part before the edge of the pair it starts counted as allocated (energy of no interval).
+
+    The pair's other end is the first reading after ``first`` that ``drop_outliers`` keeps, judged over the same
+    ``later`` readings that ``meter_interval`` judges: a bad reading right after the first one must not size the
+    allocation (it did once: a x100 outlier allocated 11.7 kWh and left the interval with negative energy).
+    """
+    if first.ts_ns >= edge_ns:
+        return Anchor(edge_ns, first, 0)
+    kept, _ = drop_outliers([first, *(r for r in later if r.ts_ns > first.ts_ns)], rules)
+    if len(kept) < 2:
+        return Anchor(edge_ns, first, 0)
+    following = kept[1]
+    return Anchor(edge_ns, first, portion(pair_advance(first, following, rules)[0], first, following, edge_ns))
+
+
 @dataclass(frozen=True, slots=True)
 class MeterInterval:
     """One meter over one interval: the readings used, the energy, its flags, and the anchor for the next one."""
@@ -183,18 +200,22 @@ def drop_outliers(readings: Sequence[Reading], rules: MeterRules) -> tuple[list[
     kept = [readings[0]]
     outliers: list[Reading] = []
     for index in range(1, len(readings) - 1):
-        current, following = readings[index], readings[index + 1]
-        previous = kept[-1]
-        if (
-            pair_advance(previous, current, rules)[1] in _BREAKS
-            and pair_advance(current, following, rules)[1] in _BREAKS
-            and pair_advance(previous, following, rules)[1] not in _BREAKS
-        ):
+        current = readings[index]
+        if is_outlier(kept[-1], current, readings[index + 1], rules):
             outliers.append(current)
             continue
         kept.append(current)
     kept.append(readings[-1])
     return kept, outliers
+
+
+def is_outlier(previous: Reading, current: Reading, following: Reading, rules: MeterRules) -> bool:
+    """The pairs into and out of ``current`` are both breaks (reset or spike) and the pair skipping it is not."""
+    return (
+        pair_advance(previous, current, rules)[1] in _BREAKS
+        and pair_advance(current, following, rules)[1] in _BREAKS
+        and pair_advance(previous, following, rules)[1] not in _BREAKS
+    )
 
 
 def meter_interval(
@@ -213,8 +234,23 @@ def meter_interval(
     outlier at the end and a run of equal readings across it can be judged. ``more_exist`` says that the meter has
     sent readings beyond ``later``; without them the verdict may be "wait" (``needs_more``).
     """
-    sequence = [anchor.reading, *(r for r in later if r.ts_ns > anchor.reading.ts_ns)]
+    # A reading between the anchor and the start was judged by the interval before (the anchor is the last reading
+    # it kept before its end, so anything after the anchor and at or before this start was one of its outliers). It
+    # is never judged again here: among other neighbours it could be kept and become a second reading before the
+    # start, which the record format does not allow (found by the fault property test: a clock step back plus a bad
+    # 0 reading). It is listed as this interval's outlier too, so that a spike at an edge flags both intervals it
+    # touches, where the verifier sees it as one: alone between the anchor and the next kept reading, with both
+    # pairs around it breaks and the pair skipping it not (a reading that arrived late, stamped in between, can
+    # change its neighbours since the interval before judged it; then it is left to that interval's record).
+    judged_until = max(anchor.reading.ts_ns, start_ns)
+    judged_before = [r for r in later if anchor.reading.ts_ns < r.ts_ns <= judged_until]
+    sequence = [anchor.reading, *(r for r in later if r.ts_ns > judged_until)]
     kept, outliers = drop_outliers(sequence, rules)
+    if len(judged_before) == 1 and len(kept) >= 2:
+        edge_outlier, following = judged_before[0], kept[1]
+        alone = not any(o.ts_ns < following.ts_ns for o in outliers)
+        if alone and is_outlier(anchor.reading, edge_outlier, following, rules):
+            outliers = [edge_outlier, *outliers]
     chain: list[Reading] = []
     for reading in kept:
         chain.append(reading)

@@ -46,10 +46,9 @@ from gateway.incentives.energy import (
     Anchor,
     MeterInterval,
     Reading,
+    first_anchor,
     format_micro,
     meter_interval,
-    pair_advance,
-    portion,
     resolution_step,
     to_micro_kwh,
 )
@@ -395,17 +394,14 @@ class IncentiveStage:
     def _meter_interval(self, account: AccountPlan, point: str, start: int, end: int) -> MeterInterval | None:
         rules = account.rules[point]
         anchor = self._anchors.get(point)
+        first: Reading | None = None  # set for the meter's first interval: its anchor is made from ``later`` below
         if anchor is None:
             first = self._ledger.last_reading_at_or_before(point, start) or self._ledger.first_reading_after(
                 point, start - 1
             )
             if first is None:
                 return None  # the meter has never sent a reading
-            following = self._ledger.first_reading_after(point, first.ts_ns)
-            allocated = 0
-            if following is not None and first.ts_ns < start:
-                allocated = portion(pair_advance(first, following, rules)[0], first, following, start)
-            anchor = Anchor(start, first, allocated)
+            anchor = Anchor(start, first, 0)
         # first the readings through the end and three beyond (enough to judge an outlier at the end); only when
         # the meter's last readings are equal across the end, through one more interval, to see whether that run
         # outlasts an interval (a frozen register) or ends in a rise. ``more_exist``: the meter has sent more.
@@ -415,6 +411,8 @@ class IncentiveStage:
             more_exist = sum(r.ts_ns >= horizon for r in later) > _EXTRA_READINGS
             if more_exist:
                 later.pop()  # fetched only to learn that the meter has sent more than is needed
+            if first is not None:
+                anchor = first_anchor(start, first, later, rules)
             result = meter_interval(
                 anchor, later, start, end, rules=rules, max_gap_ns=self._max_gap_ns, more_exist=more_exist
             )

@@ -42,6 +42,10 @@ class DeliveryConfig(StrictModel):
     retry_max: PositiveDuration = 60.0
     #: one request taking longer than this counts as failed (retryable)
     timeout: PositiveDuration = 10.0
+    #: after new data wakes an idle runner, wait this long for the rest of the poll cycle before reading it, so the
+    #: polls of many devices leave in one request (one outbox read, one cursor write) rather than one request each;
+    #: 0 sends each stored batch as soon as it is committed. The most it adds to a reading's latency
+    linger: Annotated[Duration, Field(ge=0, le=10)] = 0.1
 
     @model_validator(mode="after")
     def _retry_order(self) -> DeliveryConfig:
@@ -127,6 +131,10 @@ class PlatformConfig(StrictModel):
     #: unacknowledged QoS 1 messages at once (paho collapses with tens of thousands outstanding)
     max_inflight_messages: Annotated[int, Field(ge=1, le=10_000)] = 1000
     keepalive: PositiveDuration = 30.0
+    #: telemetry payload version (docs: gateway/uplinks/README.md). 1: one message per device and read time (a
+    #: device read in two requests sends two per poll). 2: one message per device and poll, its reads listed with
+    #: their own times; half the messages or fewer, for a platform that reads ``"v": 2``
+    telemetry_version: Literal[1, 2] = 1
     #: messages are published in order from one request; 2 requests let live data pass a replay. A shorter
     #: retry_max than InfluxDB's: the broker is back as soon as it reconnects, and backfill should follow quickly
     delivery: DeliveryConfig = DeliveryConfig(batch_size=2000, max_inflight=2, retry_max=10.0)

@@ -8,7 +8,9 @@ Topics, under ``base = {prefix}/{site}/{gateway}``::
     base/status              retained, QoS 1: online on connect; offline by Last Will or on a clean stop
                              (a Last Will's ``since``/``ts`` is when the connection began, not its end)
     base/meta                retained, QoS 1: devices and points with units, kinds and tags
-    base/telemetry/{device}  QoS 1: one message per device and read (a poll batch), with the outbox seq
+    base/telemetry/{device}  QoS 1: telemetry v1 (the default): one message per device and read time, with the
+                             outbox seq; telemetry v2 (``telemetry_version: 2``): one message per device and
+                             stored batch (a poll), its reads in ``reads``, each with its own time
     base/events/{type}       QoS 1: alarms, rule notifications, incentive records, command results; stable ids
     base/{subject}           QoS 1: a rule's ``publish`` action (subject is the rule's topic, relative to base)
     base/cmd/{action}        subscribed: commands from the platform (see gateway.commands_platform)
@@ -35,6 +37,8 @@ if TYPE_CHECKING:
     from gateway.registry import PointInfo, PointRegistry
 
 CONTRACT_VERSION = 1
+#: telemetry payload versions a gateway can send (``platform.telemetry_version``); every other message is v1
+TELEMETRY_VERSIONS = (1, 2)
 _QUALITY_NAMES = {Quality.UNCERTAIN: "uncertain", Quality.BAD: "bad"}
 #: what a rule's publish topic may not contain: MQTT wildcards, NUL, empty levels, and the gateway's own topics
 _RESERVED_FIRST_LEVELS = frozenset({"status", "meta", "telemetry", "events", "cmd"})
@@ -49,18 +53,23 @@ class PlatformPoints:
 
     def __init__(self, registry: Mapping[str, PointInfo]) -> None:
         self._registry = registry
-        self._shared: dict[str, bool] = {}
+        #: point -> (device, name) when it may be sent, () when it is known and personal; unknown points are absent
+        self.names: dict[str, tuple[str, str] | tuple[()]] = {}
 
     def __contains__(self, point: object) -> bool:
-        if not isinstance(point, str):
-            return False
-        shared = self._shared.get(point)
-        if shared is None:
-            info = self._registry.get(point)
-            if info is None:
-                return False  # not cached: a rule reload may still register it
-            shared = self._shared[point] = not info.personal
-        return shared
+        return isinstance(point, str) and bool(self.names.get(point) or self.resolve(point))
+
+    def resolve(self, point: str) -> tuple[str, str] | tuple[()]:
+        """The slow path of ``names``: (device, name) of a point that may be sent, else ()."""
+        info = self._registry.get(point)
+        if info is None:
+            return ()  # not cached: a rule reload may still register it
+        if info.personal:
+            self.names[point] = ()
+            return ()
+        device, _, name = point.partition(".")
+        names = self.names[point] = (device, name)
+        return names
 
 
 def base_topic(prefix: str, site: str, gateway: str) -> str:
@@ -113,25 +122,89 @@ def telemetry_messages(
     """One message per (stored batch, device, read time): ``seq`` is the stored batch's, so a resend is
     recognisable; ``(seq, ts)`` identifies a message on its device topic. Only points in ``shared`` are sent (values
     and quality alike); a device whose read held nothing else gets no message."""
+    known = shared.names
+    good = Quality.GOOD
     for row in rows:
         groups: dict[tuple[str, int], tuple[dict[str, Any], dict[str, str]]] = {}
+        # the group the last sample went to (see telemetry_messages_v2): most samples skip the lookup
+        last_device, last_ts = "", -1
+        values: dict[str, Any] = {}
+        qualities: dict[str, str] = {}
         for point, value, ts, quality in row.samples:
-            if point not in shared:
+            names = known.get(point) or shared.resolve(point)
+            if not names:
                 continue
-            device, _, name = point.partition(".")
-            key = (device, ts)
-            group = groups.get(key)
-            if group is None or name in group[0] or name in group[1]:
-                if group is not None:  # the same point twice at one ts in one batch: keep both, in order
-                    yield _telemetry(base, row.seq, key, group, historical)
-                group = groups[key] = ({}, {})
-            values, qualities = group
+            device, name = names
+            if ts != last_ts or device != last_device or name in values or (qualities and name in qualities):
+                key = (device, ts)
+                group = groups.get(key)
+                if group is None or name in group[0] or name in group[1]:
+                    if group is not None:  # the same point twice at one ts in one batch: keep both, in order
+                        yield _telemetry(base, row.seq, key, group, historical)
+                    group = groups[key] = ({}, {})
+                values, qualities = group
+                last_device, last_ts = device, ts
+            if quality is good:
+                values[name] = value
+                continue
             if quality is not Quality.BAD:
                 values[name] = value
-            if quality is not Quality.GOOD:
-                qualities[name] = _QUALITY_NAMES[quality]
+            qualities[name] = _QUALITY_NAMES[quality]
         for key, group in groups.items():
             yield _telemetry(base, row.seq, key, group, historical)
+
+
+def telemetry_messages_v2(
+    base: str, rows: list[TelemetryBatch], *, historical: bool, shared: PlatformPoints
+) -> Iterator[tuple[str, bytes]]:
+    """Telemetry v2: one message per (stored batch, device), so a device read in two requests in one poll costs one
+    message, not two. Each read keeps its own time: ``reads`` is a list of v1 bodies without ``v`` and ``seq``
+    (``ts``, ``values``, ``quality``), in the order read. ``seq`` alone identifies a message on its device topic; a
+    resend repeats it. The same point twice at one time in one batch starts a second read, as v1 sent a second
+    message. Only points in ``shared`` are sent; a device whose batch held nothing else gets no message."""
+    known = shared.names
+    good = Quality.GOOD
+    for row in rows:
+        # device -> (its reads in order, ts -> the read still open for that time)
+        devices: dict[str, tuple[list[tuple[int, dict[str, Any], dict[str, str]]], dict[int, int]]] = {}
+        # the read the last sample went to: a poll batch is one device's reads, sample after sample of one time,
+        # so almost every sample takes this path (about half the cost of looking its read up)
+        last_device, last_ts = "", -1
+        values: dict[str, Any] = {}
+        qualities: dict[str, str] = {}
+        for point, value, ts, quality in row.samples:
+            names = known.get(point) or shared.resolve(point)
+            if not names:
+                continue
+            device, name = names
+            if ts != last_ts or device != last_device or name in values or (qualities and name in qualities):
+                entry = devices.get(device)
+                if entry is None:
+                    entry = devices[device] = ([], {})
+                reads, open_at = entry
+                index = open_at.get(ts)
+                if index is None or name in reads[index][1] or name in reads[index][2]:
+                    index = open_at[ts] = len(reads)
+                    reads.append((ts, {}, {}))
+                _ts, values, qualities = reads[index]
+                last_device, last_ts = device, ts
+            if quality is good:
+                values[name] = value
+                continue
+            if quality is not Quality.BAD:
+                values[name] = value
+            qualities[name] = _QUALITY_NAMES[quality]
+        for device, (reads, _open) in devices.items():
+            docs: list[dict[str, Any]] = []
+            for ts, values, qualities in reads:
+                read: dict[str, Any] = {"ts": ts // 1_000_000, "values": values}
+                if qualities:
+                    read["quality"] = qualities
+                docs.append(read)
+            doc: dict[str, Any] = {"v": 2, "seq": row.seq, "reads": docs}
+            if historical:
+                doc["historical"] = True
+            yield f"{base}/telemetry/{device}", orjson.dumps(doc)
 
 
 def _telemetry(

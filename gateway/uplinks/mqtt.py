@@ -7,8 +7,15 @@ gateway module importing ``aiomqtt`` (sensor-side MQTT lives in ``drivers/mqtt``
 
 Delivery: every message is QoS 1 (``qos: 0`` only for telemetry, if configured), and ``send`` returns when the
 broker has acknowledged all of the batch's messages, so the runner acks the outbox only over what the broker holds.
-At most ``max_inflight_messages`` are unacknowledged at once: paho's delivery collapses with tens of thousands
-outstanding (FIELD-NOTES.md).
+
+Publishes are pipelined: ``send`` hands each message to paho at once and counts the batch's message ids; paho's
+``on_publish`` (PUBACK) counts them off, and one future per batch, not per message, wakes ``send`` when the count is
+zero (``_PublishWindow``). aiomqtt's own ``publish`` awaited an event per message and, with many pending, scanned
+them all on every call and logged ``There are N pending publish calls`` each time (issue 19: 13-17 lines a second).
+At most ``max_inflight_messages`` are unacknowledged at once (paho's delivery collapses with tens of thousands
+outstanding, FIELD-NOTES.md); a full window pauses ``send`` until the broker has acknowledged half of it, and the
+episode is logged once when it starts and once when it ends (the window empty and no pause for
+``CONGESTION_QUIET`` seconds, or the connection gone).
 
 A lost connection fails every publish in flight at once (``send`` raises a retryable ``UplinkError``): the messages
 were not acknowledged, so the runner sends them again from the outbox after the reconnection, with the same seq and
@@ -26,12 +33,13 @@ import logging
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiomqtt
+import paho.mqtt.client as mqtt
 
 from gateway import __version__
-from gateway.errors import UplinkError, leaf_exceptions
+from gateway.errors import UplinkError
 from gateway.uplinks import contract
 from gateway.uplinks.base import StreamKind, UplinkBatch
 from gateway.uplinks.config import PlatformConfig
@@ -45,6 +53,134 @@ CommandCallback = Callable[[str, bytes], Awaitable[None]]
 
 #: calls outside the publish window (birth, meta, subscribe, goodbye) that may be pending besides it
 _PENDING_HEADROOM = 16
+#: a congestion episode ends when the window has stayed below its limit this long with nothing pending: a backlog
+#: drained request by request empties the window between requests, and that is still one episode
+CONGESTION_QUIET = 2.0
+
+
+class _BatchAck:
+    """The broker's acknowledgements still owed for one ``send``; ``done`` resolves when none are (or fails)."""
+
+    __slots__ = ("done", "owed", "sealed")
+
+    def __init__(self, done: asyncio.Future[None]) -> None:
+        self.done = done
+        self.owed = 0
+        self.sealed = False  # every message of the batch was handed to paho: the count can only go down now
+
+    def acked(self) -> None:
+        self.owed -= 1
+        if self.owed == 0 and self.sealed and not self.done.done():
+            self.done.set_result(None)
+
+    def seal(self) -> None:
+        self.sealed = True
+        if self.owed == 0 and not self.done.done():
+            self.done.set_result(None)
+
+
+class _PublishWindow:
+    """Messages published on one connection and not yet acknowledged, by paho message id (one per connection).
+
+    Runs on the event loop's thread only: aiomqtt drives paho's reads and writes from loop callbacks, so PUBACKs
+    (``acked``) and publishes never race. A message id paho reuses is never still pending here: the window is far
+    below the 65,535 ids."""
+
+    def __init__(self, limit: int, *, name: str) -> None:
+        self.limit = limit
+        self.name = name
+        self._pending: dict[int, _BatchAck] = {}
+        self._room = asyncio.Event()
+        self._room.set()
+        self._lost: BaseException | None = None
+        self._congested_since: float | None = None
+        self._last_pause = 0.0
+        self._waits = 0
+        self._end_timer: asyncio.TimerHandle | None = None
+        self.acked_total = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    @property
+    def congested(self) -> bool:
+        return self._congested_since is not None
+
+    def track(self, mid: int, ack: _BatchAck) -> None:
+        if self._lost is not None:
+            # never owed by a dead connection: its acknowledgement could not come, the batch would wait its timeout
+            raise aiomqtt.MqttError(str(self._lost))
+        self._pending[mid] = ack
+        ack.owed += 1
+
+    def acked(self, mid: int) -> None:
+        """paho's ``on_publish``: the broker holds message ``mid`` (QoS 1), or it was written (QoS 0)."""
+        ack = self._pending.pop(mid, None)
+        if ack is None:
+            return  # a message of aiomqtt's own (status, meta): not ours to count
+        self.acked_total += 1
+        ack.acked()
+        pending = len(self._pending)
+        if not self._room.is_set() and pending <= self.limit // 2:
+            self._room.set()  # half drained: publish in bursts, not one message per PUBACK
+        if pending == 0 and self._congested_since is not None and self._end_timer is None:
+            self._end_timer = asyncio.get_running_loop().call_later(CONGESTION_QUIET, self._end_episode)
+
+    def _end_episode(self) -> None:
+        self._end_timer = None
+        if self._congested_since is None:
+            return
+        log.info(
+            "%s: publish window drained: the broker kept up again after %.1fs of congestion (%d pauses)",
+            self.name,
+            self._last_pause - self._congested_since,
+            self._waits,
+        )
+        self._congested_since = None
+
+    async def wait_for_room(self) -> None:
+        """Return when another message may be published; raise the connection's loss if it ends meanwhile."""
+        while len(self._pending) >= self.limit and self._lost is None:
+            now = time.monotonic()
+            if self._end_timer is not None:
+                self._end_timer.cancel()  # the episode goes on
+                self._end_timer = None
+            if self._congested_since is None:
+                # once per episode, not once per pause: it ends after CONGESTION_QUIET without a pause
+                self._congested_since = now
+                self._waits = 0
+                log.warning(
+                    "%s: %d messages unacknowledged by the broker (the window is full); publishing paused until "
+                    "it catches up, data waits in the outbox",
+                    self.name,
+                    len(self._pending),
+                )
+            self._last_pause = now
+            self._waits += 1
+            self._room.clear()
+            await self._room.wait()
+        if self._lost is not None:
+            raise aiomqtt.MqttError(str(self._lost))
+
+    def fail_all(self, error: BaseException) -> None:
+        """The connection ended: every batch still owed an acknowledgement fails now, and no one waits for room."""
+        self._lost = error
+        for ack in set(self._pending.values()):
+            if not ack.done.done():
+                ack.done.set_exception(error)
+        self._pending.clear()
+        self._room.set()
+        if self._end_timer is not None:
+            self._end_timer.cancel()
+            self._end_timer = None
+        if self._congested_since is not None:
+            # the episode ends with its connection (whose loss the runner logs): its end is said, once
+            log.info(
+                "%s: publish window closed with its connection after %.1fs of congestion",
+                self.name,
+                time.monotonic() - self._congested_since,
+            )
+            self._congested_since = None
 
 
 def tls_context(config: PlatformConfig) -> ssl.SSLContext | None:
@@ -88,7 +224,8 @@ class MqttUplink:
         self.reconnect_min = reconnect_min
         self.reconnect_max = reconnect_max
         self._client: aiomqtt.Client | None = None
-        self._window = asyncio.Semaphore(config.max_inflight_messages)
+        self._window = _PublishWindow(config.max_inflight_messages, name="uplink[platform]")
+        self._window.fail_all(aiomqtt.MqttError("not connected"))  # a fresh one per connection
         #: set when the current connection ends: publishes in flight on it fail at once (a new one per connection)
         self._lost = asyncio.Event()
         self.connected = asyncio.Event()
@@ -170,6 +307,8 @@ class MqttUplink:
         async with self._make_client() as client:
             await self._announce(client)
             lost = self._lost = asyncio.Event()
+            window = self._window = _PublishWindow(self.config.max_inflight_messages, name="uplink[platform]")
+            self._hook_acks(client, window)
             self._client = client
             self.connected.set()
             self._reconnect_delay = self.reconnect_min
@@ -193,7 +332,23 @@ class MqttUplink:
                 await self._serve(client, closing)
             finally:
                 lost.set()  # first, before the client is closed: sends in flight give up now
+                window.fail_all(aiomqtt.MqttError("connection lost with publishes in flight"))
             await self._say_goodbye(client)
+
+    @staticmethod
+    def _hook_acks(client: aiomqtt.Client, window: _PublishWindow) -> None:
+        """Count PUBACKs in ``window`` as well as in aiomqtt (its own publishes: status, meta, goodbye)."""
+        # aiomqtt 2.x exposes no per-message-id hook: its paho client is used directly (aiomqtt pinned in pyproject)
+        paho = client._client
+        aiomqtt_on_publish = paho.on_publish
+
+        def on_publish(*args: Any) -> None:
+            # paho 2.x, callback API 2: (client, userdata, mid, reason_code, properties)
+            window.acked(args[2])
+            if aiomqtt_on_publish is not None:
+                aiomqtt_on_publish(*args)
+
+        paho.on_publish = on_publish
 
     async def _announce(self, client: aiomqtt.Client) -> None:
         gateway = self.site.config.gateway
@@ -251,15 +406,15 @@ class MqttUplink:
     # -- delivery -----------------------------------------------------------------------------------------------
 
     async def send(self, batch: UplinkBatch) -> None:
-        client, lost = self._client, self._lost
-        if client is None or lost.is_set():
+        client, window = self._client, self._window
+        if client is None or self._lost.is_set():
             raise UplinkError(f"not connected to platform broker {self.config.host}", retryable=True)
         if batch.kind == "telemetry":
+            v2 = self.config.telemetry_version == 2
+            build = contract.telemetry_messages_v2 if v2 else contract.telemetry_messages
             messages: Iterable[tuple[str, bytes, bool]] = (
                 (topic, payload, False)
-                for topic, payload in contract.telemetry_messages(
-                    self.base, batch.telemetry, historical=batch.historical, shared=self.shared
-                )
+                for topic, payload in build(self.base, batch.telemetry, historical=batch.historical, shared=self.shared)
             )
             qos = self.config.qos
         else:
@@ -273,37 +428,25 @@ class MqttUplink:
                 checked.append((topic, payload, stored.event.type in contract.RETAINED_EVENT_TYPES))
             messages = checked
             qos = 1  # events are never fire-and-forget
+        paho = client._client  # see _hook_acks
+        ack = _BatchAck(asyncio.get_running_loop().create_future())
         try:
-            async with asyncio.TaskGroup() as tg:
-                # the connection's end fails the batch at once: the group cancels every publish still waiting
-                watcher = tg.create_task(_fail_when_lost(lost), name="uplink[platform].send-watch")
-                publishes: list[asyncio.Task[None]] = []
-                for topic, payload, retain in messages:
-                    await self._window.acquire()
-                    task = tg.create_task(self._publish(client, topic, payload, qos, retain))
-                    # released on completion, including a task cancelled before it ever ran (a sibling failed):
-                    # a release in the coroutine's own `finally` would leak the slot then, and the window with it
-                    task.add_done_callback(lambda _t: self._window.release())
-                    publishes.append(task)
-                if publishes:
-                    await asyncio.wait(publishes)
-                watcher.cancel()
-        except BaseExceptionGroup as group:
-            # a plain handler, not except*: an exception raised inside except* reaches the runner still wrapped in an
-            # ExceptionGroup on Python before 3.11.4 (Debian 12's 3.11.2), and the runner would not see UplinkError
-            broker = next((e for e in leaf_exceptions(group) if isinstance(e, aiomqtt.MqttError)), None)
-            if broker is None:
-                raise
-            raise UplinkError(f"platform broker: {broker}", retryable=True) from None
-
-    async def _publish(self, client: aiomqtt.Client, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        await client.publish(topic, payload, qos=qos, retain=retain)
-        self.published += 1
-
-
-async def _fail_when_lost(lost: asyncio.Event) -> None:
-    await lost.wait()
-    raise aiomqtt.MqttError("connection lost with publishes in flight")
+            for topic, payload, retain in messages:
+                if len(window) >= window.limit:
+                    await window.wait_for_room()
+                info = paho.publish(topic, payload, qos, retain)
+                if info.rc != mqtt.MQTT_ERR_SUCCESS:
+                    raise aiomqtt.MqttCodeError(info.rc, "could not publish")
+                if not info.is_published():  # QoS 0 may be written, hence done, before publish() returns
+                    window.track(info.mid, ack)
+                self.published += 1
+            ack.seal()
+            await ack.done
+        except aiomqtt.MqttError as exc:
+            raise UplinkError(f"platform broker: {exc}", retryable=True) from None
+        finally:
+            if not ack.done.done():
+                ack.done.cancel()  # cancelled (the runner's timeout): acks still arriving are counted and ignored
 
 
 def _now_ms() -> int:

@@ -108,6 +108,10 @@ class UplinkRunner:
         self._rng = rng or random.Random()
         self._replay_slots = max(1, int(delivery.replay_share * delivery.max_inflight))
         self._wake = asyncio.Event()
+        #: set by an append (not by a finished request): new data, worth lingering for the rest of its poll cycle
+        self._appended = False
+        #: set once stopping is seen: a linger never delays the final flush
+        self._no_linger = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._cursor = UplinkCursor()
         self._events_acked = 0
@@ -125,9 +129,13 @@ class UplinkRunner:
         self._last_compact = 0.0
         self._stopping_phase = False
         self._last_depths: tuple[int, int, float] = (0, 0, 0.0)
-        outbox.add_append_listener(self._wake.set)
+        outbox.add_append_listener(self._on_append)
         if isinstance(uplink, ConnectionAware):
             uplink.on_connected = self._connection_restored
+
+    def _on_append(self) -> None:
+        self._appended = True
+        self._wake.set()
 
     def _connection_restored(self) -> None:
         if self._retry_at > self.clock.monotonic():
@@ -154,6 +162,7 @@ class UplinkRunner:
 
     async def _watch(self, stopping: asyncio.Event) -> None:
         await stopping.wait()
+        self._no_linger.set()  # a linger in progress ends now: the final flush has its own deadline
         self._wake.set()
 
     async def _load_cursors(self) -> None:
@@ -181,6 +190,7 @@ class UplinkRunner:
         deadline: float | None = None
         while True:
             self._wake.clear()
+            self._appended = False  # what was appended so far is read in this round
             now = self.clock.monotonic()
             if stopping.is_set() and deadline is None:
                 deadline = now + self.final_flush
@@ -206,6 +216,11 @@ class UplinkRunner:
             if deadline is not None:
                 wait = min(wait, max(deadline - now, 0.0))
             await self.clock.wait(self._wake, wait)
+            if self._appended and self.delivery.linger > 0 and self._link_up and not self._stopping_phase:
+                # Woken by new data while idle: the other devices' polls of this cycle are being committed now.
+                # One request for all of them costs one outbox read, one cursor write and one task, where a
+                # request per stored batch cost those for every device (issue 19: most of the platform uplink's CPU).
+                await self.clock.wait(self._no_linger, self.delivery.linger)
         await self._finish_in_flight(deadline)
 
     async def _finish_in_flight(self, deadline: float | None) -> None:

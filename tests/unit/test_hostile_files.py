@@ -119,7 +119,7 @@ def test_anchors_and_aliases_are_refused_at_their_position(tmp_path: Path, text:
         load_yaml(path)
     [diagnostic] = caught.value.diagnostics
     assert (diagnostic.line, diagnostic.col) == (line, col)
-    assert diagnostic.message == "YAML anchors and aliases are not allowed (they can expand without limit)"
+    assert diagnostic.message.startswith("YAML anchors and aliases are not allowed (they can expand without limit)")
 
 
 def test_nesting_up_to_the_limit_is_accepted(tmp_path: Path) -> None:

@@ -248,13 +248,17 @@ async def test_a_full_disk_holds_data_back_instead_of_losing_it(tmp_path: Path) 
 
 
 class FloodingSource(CountingSource):
-    """Publishes as fast as the bus lets it, so a refusing store fills the queue at once and blocks this source."""
+    """Publishes as fast as its sink lets it, so a refusing store blocks this source at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sink_said: list[bool | None] = []
 
     async def run(self, publish: BatchSink, stopping: asyncio.Event) -> None:
         while not stopping.is_set():
             value = float(len(self.published) + 1)
             self.published.append(value)
-            await publish([Sample("probe.value", value, time.time_ns())])
+            self.sink_said.append(await publish([Sample("probe.value", value, time.time_ns())]))
             await asyncio.sleep(0)
 
 
@@ -271,12 +275,11 @@ async def test_a_stop_while_the_disk_refuses_ends_in_seconds_and_counts_what_was
     assert gateway.outbox is not None
     db = gateway.outbox._db
     db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")  # the disk is full
-    store_queue = next(sub for sub in gateway.bus.subscriptions() if sub.name == "outbox")
     for _ in range(500):
-        if store_queue.depth() >= store_queue.maxsize:
+        if not gateway.outbox.writable() and gateway._awaiting_store:
             break
         await asyncio.sleep(0.01)
-    assert store_queue.depth() >= store_queue.maxsize  # the source is now blocked on the bus
+    assert gateway._awaiting_store  # the source is now blocked on its sink, waiting for a commit
     stop.set()
     started = time.monotonic()
     await asyncio.wait_for(runner, STOP_STORE_GRACE_SECONDS + 5)
@@ -284,7 +287,47 @@ async def test_a_stop_while_the_disk_refuses_ends_in_seconds_and_counts_what_was
     stored = await _stored(tmp_path / "data" / "outbox.db")
     assert gateway.store_lost > 0
     assert len(stored) + gateway.store_lost == len(source.published)  # every sample is stored or counted as lost
+    # the sink told the source which batches are not on disk (an MQTT source leaves those unacknowledged)
+    assert source.sink_said.count(False) == gateway.store_lost
+    assert [s.value for s in stored] == [v for v, ok in zip(source.published, source.sink_said, strict=False) if ok]
     assert caplog.text.count("stopped with the store failing") == 1
+
+
+class CommitCheckingSource(CountingSource):
+    """After each publish, looks into the outbox: is the batch already there when the sink returns?"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gateway: Gateway | None = None
+        self.seen_on_return: list[tuple[bool | None, bool]] = []
+
+    async def run(self, publish: BatchSink, stopping: asyncio.Event) -> None:
+        assert self.gateway is not None and self.gateway.outbox is not None
+        while not stopping.is_set() and len(self.published) < 50:
+            value = float(len(self.published) + 1)
+            self.published.append(value)
+            said = await publish([Sample("probe.value", value, time.time_ns())])
+            stored = self.gateway.outbox.read_telemetry(0, limit=1_000_000)
+            self.seen_on_return.append((said, value in {s.value for b in stored for s in b.samples}))
+        await stopping.wait()
+
+
+async def test_the_sink_returns_only_once_the_outbox_has_committed_the_batch(tmp_path: Path) -> None:
+    # An MQTT source acknowledges QoS 1 messages when its sink returns: returning at the bus, before the commit,
+    # let a crash in between lose an acknowledged message.
+    source = CommitCheckingSource()
+    gateway = Gateway(_probe_site(tmp_path), data_dir=tmp_path / "data", sources=[source])
+    source.gateway = gateway
+    stop = asyncio.Event()
+    runner = asyncio.ensure_future(gateway.run(stop))
+    await asyncio.wait_for(gateway.started.wait(), 5)
+    for _ in range(500):
+        if len(source.seen_on_return) == 50:
+            break
+        await asyncio.sleep(0.01)
+    stop.set()
+    await asyncio.wait_for(runner, 5)
+    assert source.seen_on_return == [(True, True)] * 50
 
 
 async def test_a_refusal_inside_the_task_group_reaches_the_caller_as_itself(tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import pytest
 from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig, ModbusProfile
 from drivers.modbus.source import ModbusBusSource
 from gateway.driver_api import DeviceState
-from gateway.errors import WriteRejected
+from gateway.errors import DeviceUnavailable, WriteRejected
 from gateway.model import Command, Quality, Sample
 
 pytestmark = pytest.mark.integration
@@ -126,13 +126,17 @@ async def test_tcp_several_slaves_one_dead_one_refusing(tcp_server: Any, caplog:
     for unit in (1, 2, 3):
         assert_good_values(run.last(f"dev{unit}"), unit)
         assert all(before <= s.ts <= time.time_ns() for s in run.last(f"dev{unit}").values())
-    # 9 polls at 250 ms take 2.0 s plus the first poll; the dead slave (0.2 s timeout, then backed off) must not
+    # 9 polls at 250 ms take 2.0 s plus the first poll; the dead slave (0.2 s timeout, then disabled) must not
     # push the others off their schedule
     assert window < 2.0 + 0.6, f"live slaves were stalled: 9 polls took {window:.2f}s"
     dead = run.of("dev9")
     assert dead, "the dead slave's failure is published"
     assert all(s.quality is Quality.BAD and s.value is None for batch in dead for s in batch)
-    assert len(dead) <= 3, "a dead slave is backed off, not polled every cycle"
+    assert len(dead) >= 5, "a disabled slave still gets one BAD batch per poll cycle (the outage is explicit)"
+    assert all(len({s.point for s in batch}) == len(batch) == len(PROFILE.points) for batch in dead)
+    failures = source.status()[2].failures
+    assert failures.get("no_answer", 0) <= 3, f"a dead slave is disabled, not asked every cycle: {failures}"
+    assert failures.get("disabled", 0) >= 2, failures
     refused = run.last("dev7")
     assert all(s.quality is Quality.BAD and s.value is None for s in refused.values())
     status = {s.device: s for s in source.status()}
@@ -142,7 +146,8 @@ async def test_tcp_several_slaves_one_dead_one_refusing(tcp_server: Any, caplog:
     assert status["dev1"].state is DeviceState.ONLINE
     messages = [r.getMessage() for r in caplog.records]
     assert sum("dev9 (unit 9): not answering" in m for m in messages) == 1, "one log line per outage"
-    assert sum("dev7 (unit 7): refused a read" in m for m in messages) == 1
+    assert sum("dev7 (unit 7): refused every read" in m for m in messages) == 1
+    assert status["dev7"].failures.get("exception_2", 0) >= 9, status["dev7"].failures
 
 
 async def test_tcp_server_restart_reconnects_and_logs_once(tcp_server: Any, caplog: pytest.LogCaptureFixture) -> None:
@@ -154,13 +159,25 @@ async def test_tcp_server_restart_reconnects_and_logs_once(tcp_server: Any, capl
         server.kill()
         await run.wait_until(lambda: any(s.quality is Quality.BAD for s in run.of("dev1")[-1]))
         await asyncio.sleep(0.6)  # several reconnect attempts fail while the device is off
+        with pytest.raises(DeviceUnavailable, match="not connected; write not sent"):
+            await source.write(Command("dev1.setpoint", 1.0, "test"))  # refused at once, not after a timeout
         server.start()
         await run.wait_until(lambda: run.last("dev1")["first"].quality is Quality.GOOD, timeout=5)
     assert_good_values(run.last("dev1"), 1)
     messages = [r.getMessage() for r in caplog.records]
     assert sum("connection lost" in m for m in messages) == 1, messages
-    assert sum("reconnected after" in m for m in messages) == 1, messages
-    assert source.status()[0].state is DeviceState.ONLINE
+    assert sum("modbus[test]: back after" in m for m in messages) == 1, messages
+    # the first answered poll reset the backoff: the next outage starts again from the fast first retry
+    policy = source.link_policy
+    assert not policy.down and policy.attempts == 0
+    assert policy.next_delay_bounds() == pytest.approx((0.1 * 0.8, 0.1 * 1.2))
+    status = source.status()[0]
+    assert status.state is DeviceState.ONLINE
+    # while the server was away, every poll cycle published one BAD sample per point, not just the first one
+    assert status.failures.get("link_down", 0) >= 3, status.failures
+    bad = [batch for batch in run.of("dev1") if all(s.quality is Quality.BAD for s in batch)]
+    assert len(bad) >= 4
+    assert all(sorted(s.point for s in batch) == sorted(f"dev1.{n}" for n in PROFILE.points) for batch in bad)
 
 
 async def test_tcp_write_in_bounds_reaches_the_register_and_out_of_bounds_is_never_sent(tcp_server: Any) -> None:

@@ -105,12 +105,12 @@ async def running(source: MqttSource, sink: Collector) -> AsyncIterator[asyncio.
         await asyncio.wait_for(task, 10)
 
 
-def _publish_blocking(port: int, messages: Sequence[tuple[str, bytes]], qos: int) -> None:
+def _publish_blocking(port: int, messages: Sequence[tuple[str, bytes]], qos: int, retain: bool = False) -> None:
     client = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"test-pub-{os.getpid()}-{time.monotonic_ns()}")
     client.connect("127.0.0.1", port)
     client.loop_start()
     try:
-        infos = [client.publish(topic, payload, qos=qos) for topic, payload in messages]
+        infos = [client.publish(topic, payload, qos=qos, retain=retain) for topic, payload in messages]
         for info in infos:
             info.wait_for_publish(timeout=10)
     finally:
@@ -118,9 +118,9 @@ def _publish_blocking(port: int, messages: Sequence[tuple[str, bytes]], qos: int
         client.loop_stop()
 
 
-async def publish(port: int, messages: Sequence[tuple[str, bytes]], qos: int = 1) -> None:
+async def publish(port: int, messages: Sequence[tuple[str, bytes]], qos: int = 1, *, retain: bool = False) -> None:
     """An independent publisher (plain paho on its own thread), not the code under test."""
-    await asyncio.to_thread(_publish_blocking, port, messages, qos)
+    await asyncio.to_thread(_publish_blocking, port, messages, qos, retain)
 
 
 def z2m(temp: float, hum: int = 40) -> bytes:
@@ -309,3 +309,36 @@ devices:
         await publish(broker.port, [("lora/70B3D57ED0041A2B/up", pack)], qos=0)
         await wait_until(lambda: len(sink.samples) == 1, what="senml sample")
     assert sink.samples[0] == Sample("meter7.energy_kwh", 1234.5, 1_700_000_000 * 10**9)
+
+
+class RefusingCollector(Collector):
+    """A sink whose store gives the batches up (what the gateway's sink says when the disk refused them at a stop)."""
+
+    async def __call__(self, batch: list[Sample]) -> bool:
+        self.batches.append(batch)
+        return False
+
+
+async def test_qos1_messages_are_acknowledged_only_once_the_sink_says_they_are_stored(broker: Mosquitto) -> None:
+    # Acknowledged, a QoS 1 message is the gateway's to keep: the broker will not send it again. So the source acks
+    # only after its sink returns True (the outbox has committed it); refused, the broker keeps it for the session.
+    config = source_config(broker.port, client_id="gw-ack-test", session="persistent")
+    refused = RefusingCollector()
+    source = MqttSource(config, [LIVING])
+    async with running(source, refused):
+        await wait_until(lambda: source.connected, what="connect")
+        await publish(broker.port, [("zigbee2mqtt/Living Room", z2m(float(i))) for i in range(10)])
+        await wait_until(lambda: len(refused.values("living_room.temperature")) == 10, what="first delivery")
+    # the same session again: every message comes back, since none was acknowledged
+    stored = Collector()
+    again = MqttSource(config, [LIVING])
+    async with running(again, stored):
+        await wait_until(lambda: len(stored.values("living_room.temperature")) == 10, what="redelivery")
+    assert stored.values("living_room.temperature") == [float(i) for i in range(10)]
+    # and once stored (the Collector returns None, "handed on"), they are acknowledged: a third session gets nothing
+    third = Collector()
+    last = MqttSource(config, [LIVING])
+    async with running(last, third):
+        await wait_until(lambda: last.connected, what="third connect")
+        await asyncio.sleep(1.0)  # time for the broker to deliver anything still unacknowledged
+    assert third.samples == []

@@ -76,6 +76,12 @@ def assert_no_traceback(stderr: str) -> None:
     assert "ExceptionGroup" not in stderr, stderr
 
 
+#: what a shell shows as 130 after Ctrl-C: our exit code 130, or death by SIGINT itself, which is what happens when
+#: the signal lands before the interpreter has installed its handler (seen on a loaded 2-core machine, the first run
+#: after the venv was made, with no .pyc yet); both print nothing, which assert_no_traceback checks
+CTRL_C_CODES = (130, -signal.SIGINT)
+
+
 def interrupt(proc: subprocess.Popen[str], *, after: float) -> tuple[int, float, str]:
     """SIGINT ``after`` seconds in; the exit code, how long the process took to end after it, and its stderr."""
     time.sleep(after)
@@ -142,7 +148,7 @@ def refused_port() -> int:
 @pytest.mark.parametrize("after", [0.6, 1.1, 1.5, 2.0, 2.7])  # at different moments of the poll cycle
 def test_ctrl_c_stops_tail_of_a_running_gateway(demo_gateway: RunningGateway, after: float) -> None:
     code, took, err = interrupt(cli("tail", "--url", demo_gateway.url), after=after)
-    assert code == 130, err
+    assert code in CTRL_C_CODES, err
     assert took < 1.0, f"took {took:.2f} s"
     assert_no_traceback(err)
 
@@ -158,7 +164,7 @@ def test_ctrl_c_stops_tail_demo(tmp_path: Path) -> None:
     assert proc.stdout is not None
     assert proc.stdout.readline()  # the demo runs
     code, took, err = interrupt(proc, after=0.5)
-    assert code == 130, err
+    assert code in CTRL_C_CODES, err
     assert took < 1.5, f"took {took:.2f} s"  # the gateway stops cleanly first
     assert_no_traceback(err)
 
@@ -175,7 +181,7 @@ def test_ctrl_c_stops_modbus_read_waiting_on_a_silent_device(silent_server: int,
     profile.write_text(PROFILE)
     where = ["--tcp", f"127.0.0.1:{silent_server}", "--unit", "1", "--timeout", "1min"]
     code, took, err = interrupt(cli("modbus", "read", *where, "--profile", str(profile)), after=1.5)
-    assert code == 130, err
+    assert code in CTRL_C_CODES, err
     assert took < 1.0
     assert_no_traceback(err)
 
@@ -185,7 +191,7 @@ def test_ctrl_c_stops_a_long_rules_replay(tmp_path: Path) -> None:
     data.write_text("ts,point,value\n2026-03-02T08:00:00,zone1.co2,900\n")
     argv = ["rules", "test", str(DEMO_RULES), "--site", str(DEMO_SITE), "--data", str(data)]
     code, took, err = interrupt(cli(*argv, "--until", "2027-03-02T08:00", "--tick", "1ms"), after=2.0)
-    assert code == 130, err
+    assert code in CTRL_C_CODES, err
     assert took < 1.0
     assert_no_traceback(err)
 

@@ -18,6 +18,7 @@ from gateway.incentives.energy import (
     MeterRules,
     Reading,
     Replacement,
+    first_anchor,
     float32_step_micro,
     format_micro,
     meter_interval,
@@ -107,6 +108,40 @@ def test_a_bad_zero_at_an_edge_is_an_outlier_measured_right_and_flagged() -> Non
     assert result.outliers == (Reading(60 * S, 0),)
     assert result.micro_kwh == 100_000  # the true 0.1 kWh: the zero is left out, the edge interpolated across it
     assert SPIKE in result.flags and RESET not in result.flags
+
+
+def test_an_edge_outlier_judged_by_the_interval_before_is_never_a_second_reading_before_the_start() -> None:
+    # The interval [0, 60 s) kept the reading at 30 s as the next anchor and dropped the bad 0 at 45 s. A reading
+    # then arrives late, stamped 61 s (a clock stepped back), between the 0 and the reading at 90 s: judged again with
+    # it as a neighbour the 0 would be kept. It stays out of the readings (found by the fault property test, seed 2).
+    anchor = Anchor(60 * S, Reading(30 * S, 5_050_000), 0)
+    later = [Reading(45 * S, 0), Reading(61 * S, 5_101_000), Reading(90 * S, 5_150_000), Reading(120 * S, 5_200_000)]
+    result = meter_interval(anchor, later, 60 * S, 120 * S, rules=RULES, max_gap_ns=5 * MIN)
+    assert [r.ts_ns for r in result.readings if r.ts_ns <= 60 * S] == [30 * S]
+    assert Reading(45 * S, 0) not in result.readings
+
+
+def test_an_edge_outlier_judged_before_flags_the_next_interval_too_when_it_is_one_there() -> None:
+    readings = [Reading(0, 5_000_000), Reading(30 * S, 5_050_000), Reading(60 * S, 0), Reading(90 * S, 5_150_000)]
+    readings += [Reading(120 * S, 5_200_000), Reading(150 * S, 5_250_000)]
+    first = meter_interval(Anchor(0, readings[0]), readings[1:], 0, 60 * S, rules=RULES, max_gap_ns=5 * MIN)
+    second = meter_interval(first.next_anchor, readings[2:], 60 * S, 120 * S, rules=RULES, max_gap_ns=5 * MIN)
+    assert first.outliers == second.outliers == (Reading(60 * S, 0),)
+    assert SPIKE in second.flags and second.readings[0] == Reading(30 * S, 5_050_000)
+    assert first.micro_kwh + second.micro_kwh == 200_000  # 30 s .. 150 s at 6 kW, less the anchor's allocation
+
+
+def test_a_first_anchor_is_not_sized_by_an_outlier_right_after_it() -> None:
+    # The meter's first reading is just before the start and the next one is a x100 value: the allocation comes from
+    # the next reading kept, not from the outlier (which once allocated 11.7 kWh and left a negative interval).
+    first = Reading(-1 * S, 10_000_000)
+    later = [Reading(84 * S, 1_001_400_000), Reading(163 * S, 10_091_000), Reading(244 * S, 10_095_000)]
+    later += [Reading(316 * S, 10_100_000)]
+    anchor = first_anchor(0, first, later, RULES)
+    assert anchor.allocated == portion(91_000, first, later[1], 0)
+    result = meter_interval(anchor, later, 0, 5 * MIN, rules=RULES, max_gap_ns=5 * MIN)
+    assert result.micro_kwh >= 0 and GAP not in result.flags
+    assert result.outliers == (later[0],)
 
 
 def test_an_edge_is_not_interpolated_across_more_than_max_gap() -> None:

@@ -227,6 +227,12 @@ def _clean(story: Story) -> list[tuple[list[tuple[str, int, Any]], int]]:
     return out
 
 
+def _wrapped_error(listed: int, true: Fraction) -> Fraction:
+    """How far a listed counter value is from the true one, on the counter's wrapping scale."""
+    error = abs(listed - true % WRAP)
+    return min(error, WRAP - error)
+
+
 def _micro(text: str) -> int:
     sign = -1 if text.startswith("-") else 1
     whole, _, frac = text.lstrip("-").partition(".")
@@ -256,8 +262,11 @@ def _frame(story: Story, stamps: list[int]) -> int | None:
 
 
 @pytest.mark.filterwarnings("ignore::hypothesis.errors.HypothesisWarning")  # the draws' repr is long, not wrong
-# derandomize: CI runs the same 60 examples every time. With random seeds and 500 examples a run was seen to spend
-# minutes issuing intervals inside one example (session note, 2026-12-02): under investigation, not yet understood.
+# derandomize: CI runs the same 60 examples every time (a few seconds). Random seeds find more: run by hand with
+#   pytest tests/unit/incentives/test_properties.py -p no:cacheprovider --hypothesis-seed=N
+# after raising max_examples and dropping derandomize (2026-12-03: seeds 1-7 x 500 examples). What once looked like
+# minutes spent inside _issue was hypothesis shrinking two real failures (an edge outlier listed twice, an outlier
+# sizing a first allocation), fixed in gateway/incentives/energy.py.
 @settings(
     max_examples=60,
     derandomize=True,
@@ -308,6 +317,16 @@ def test_no_fault_pays_more_than_the_true_saving_or_issues_twice(story: Story) -
         readings = [t + shift for t in readings]  # back to real time
         true_energy = meter.at(end + shift) - meter.at(start + shift)
         slack = (meter.at(readings[1]) - meter.at(readings[0])) + (meter.at(readings[-1]) - meter.at(readings[-2]))
+        # A wrong reading that its neighbours cannot tell from a true one (a bad 0 just after the counter wrapped is
+        # a plausible value) passes validation, as it would in any VEE: at an edge it moves the interpolated edge
+        # value by at most its own error. That error is part of the bound; for a true reading it is 0.
+        listed = [_micro(r["kwh"]) for r in record["meters"][0]["readings"]]
+        edge_error = sum(
+            _wrapped_error(listed[i], meter.at(readings[i])) for i in {0, 1, len(listed) - 2, len(listed) - 1}
+        )
+        if edge_error:
+            event("a plausible wrong reading at an edge")
+        slack += edge_error
         earned = max(Fraction(0), BASELINE - true_energy)
         assert saving <= earned + slack + 2, (record["interval"], saving, float(earned), float(slack))
         paid += 1

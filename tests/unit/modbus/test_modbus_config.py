@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig, ModbusProfile
+from drivers.modbus.planner import configured_max_registers, describe_limit, plan_device
+from gateway.config.site import Site, load_site
 from gateway.config.source import load_yaml, validate
 from gateway.errors import ConfigError
 
@@ -37,6 +39,9 @@ def test_real_profiles_load_and_name_their_document(name: str) -> None:
     profile = validate(ModbusProfile, data, smap)
     assert len(profile.doc) > 20
     assert profile.points
+    # an engineer must know which part of the register map a profile maps (issue 15): a missing value is then
+    # known to be unmapped, not unavailable
+    assert profile.coverage is not None and "not mapped" in profile.coverage
     device = ModbusDeviceConfig(id="d1", driver="modbus", profile=name, bus="b", unit=1)
     infos = device.point_infos(profile)
     assert len(infos) == len(profile.points)
@@ -134,3 +139,54 @@ def test_rtu_frame_gap_is_three_and_a_half_characters() -> None:
 def test_unit_zero_is_refused() -> None:
     with pytest.raises(ValueError, match="greater than or equal to 1"):
         ModbusDeviceConfig.model_validate({"id": "d", "driver": "modbus", "profile": "p", "bus": "b", "unit": 0})
+
+
+SITE = """\
+version: 1
+gateway: {{id: gw, site: tower}}
+profile_dirs: ["{devices}"]
+modbus_buses:
+  - {{id: line1, type: rtu, serial: /dev/ttyUSB0{bus_extra}}}
+devices:
+  - {{id: meter, driver: modbus, profile: eastron-sdm630, bus: line1, unit: 1{device_extra}}}
+"""
+
+
+def load_test_site(tmp_path: Path, bus_extra: str = "", device_extra: str = "") -> Site:
+    path = tmp_path / "site.yaml"
+    path.write_text(SITE.format(devices=DEVICES, bus_extra=bus_extra, device_extra=device_extra))
+    return load_site(path)
+
+
+@pytest.mark.parametrize(
+    ("bus_extra", "device_extra", "limit", "origin"),
+    [
+        ("", "", 60, "profile"),
+        (", max_registers: 40", "", 40, "bus"),
+        (", max_registers: 40", ", max_registers: 20", 20, "device"),
+        ("", ", max_registers: 100", 60, "profile"),  # the smallest wins: a site cannot exceed what the profile says
+    ],
+)
+def test_max_registers_is_settable_on_the_device_and_the_bus(
+    tmp_path: Path, bus_extra: str, device_extra: str, limit: int, origin: str
+) -> None:
+    site = load_test_site(tmp_path, bus_extra, device_extra)
+    bus = site.config.modbus_buses[0]
+    device = site.config.devices[0]
+    assert isinstance(device, ModbusDeviceConfig)
+    profile = site.profiles["meter"]
+    assert isinstance(profile, ModbusProfile)
+    assert configured_max_registers(bus, device, profile) == limit
+    assert all(r.count <= limit for r in plan_device(bus, device, profile))
+    assert describe_limit(bus, device, profile) == f"max {limit} registers per read ({origin})"
+
+
+@pytest.mark.parametrize(("bus_extra", "device_extra"), [(", max_registers: 0", ""), ("", ", max_registers: 126")])
+def test_max_registers_outside_1_to_125_is_refused_at_its_line(
+    tmp_path: Path, bus_extra: str, device_extra: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_test_site(tmp_path, bus_extra, device_extra)
+    text = str(caught.value)
+    assert "max_registers" in text
+    assert f"site.yaml:{5 if bus_extra else 7}:" in text, text

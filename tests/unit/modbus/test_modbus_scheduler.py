@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig, ModbusProfile
-from drivers.modbus.source import ModbusBusSource, PollClock, SlaveBreaker
+from drivers.modbus.source import ModbusBusSource, PollClock
 from gateway.errors import DeviceUnavailable, WriteRejected
 from gateway.model import Command
 
@@ -23,16 +23,12 @@ def test_poll_clock_keeps_phase_and_skips_missed_slots() -> None:
     assert clock.due == {1.0: 111.0, 10.0: 120.0}
 
 
-def test_breaker_backs_off_doubling_to_the_limit_and_resets() -> None:
-    breaker = SlaveBreaker(5.0, 20.0)
-    assert breaker.allows(0.0)
-    assert breaker.trip(0.0) == 5.0
-    assert not breaker.allows(4.9)
-    assert breaker.allows(5.0)
-    assert [breaker.trip(t) for t in (5.0, 15.0, 35.0)] == [10.0, 20.0, 20.0]
-    breaker.reset()
-    assert breaker.allows(35.1)
-    assert breaker.trip(36.0) == 5.0
+def test_poll_clock_restart_makes_everything_due_now() -> None:
+    clock = PollClock([1.0, 10.0], start=100.0)
+    clock.take_due(100.0)
+    clock.restart(104.5)
+    assert clock.take_due(104.5) == (1.0, 10.0)
+    assert clock.due == {1.0: 105.5, 10.0: 114.5}
 
 
 PROFILE = ModbusProfile.model_validate(
@@ -88,3 +84,22 @@ def test_source_refuses_devices_of_another_bus() -> None:
     device = ModbusDeviceConfig(id="vfd", driver="modbus", profile="t", bus="b", unit=1)
     with pytest.raises(ValueError, match="is on bus b"):
         ModbusBusSource(bus, [(device, PROFILE)])
+
+
+def test_defaults_reconnect_fast_and_back_off_with_the_shared_policy() -> None:
+    """The bus defaults give recovery in about a second: a first retry after 250 ms, never more than 2 s (+20 %)
+    between attempts; a silent slave is retried after 500 ms, at most every 10 s."""
+    bus = ModbusBusConfig.model_validate({"id": "b", "type": "tcp", "host": "h"})
+    device = ModbusDeviceConfig(id="vfd", driver="modbus", profile="t", bus="b", unit=1)
+    now = [0.0]
+    source = ModbusBusSource(bus, [(device, PROFILE)], clock=lambda: now[0], jitter=lambda: 1.0)
+    policy = source.link_policy
+    waits = []
+    for _ in range(8):
+        waits.append(policy.failed("refused"))
+        now[0] += waits[-1]
+    assert waits == pytest.approx([0.3, 0.6, 1.2, 2.4, 2.4, 2.4, 2.4, 2.4])  # jitter at its top: +20 %
+    assert policy.succeeded() == pytest.approx(sum(waits))
+    assert policy.next_delay_bounds() == pytest.approx((0.2, 0.3))
+    assert source.status()[0].info == {"max_registers": 125}
+    assert (bus.backoff_min, bus.backoff_max) == (0.5, 10.0)

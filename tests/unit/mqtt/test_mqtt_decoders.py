@@ -44,7 +44,7 @@ def load_case(path: Path) -> dict[str, Any]:
 
 def test_there_are_golden_cases_for_every_decoder() -> None:
     types = {load_case(path)["subscription"]["decoder"]["type"] for path in CASES}
-    assert types == {"plain", "json", "zigbee2mqtt", "tasmota", "shelly_gen2", "senml"}
+    assert types == {"plain", "json", "zigbee2mqtt", "tasmota", "shelly_gen2", "senml", "tts_v3"}
 
 
 @pytest.mark.parametrize("case_path", CASES, ids=[p.stem for p in CASES])
@@ -57,11 +57,16 @@ def test_golden_case(case_path: Path) -> None:
     assert stats.messages == 1
     if "malformed" in case:
         assert stats.malformed_by_reason == {case["malformed"]: 1}
+        assert ingest.counters["dev"].rejected == 1
     else:
         assert stats.malformed == 0
+    assert ingest.counters["dev"].refused == case.get("refused", {})
     assert [s.point for s in samples] == [e["point"] for e in case["expected"]]
     for sample, expected in zip(samples, case["expected"], strict=True):
-        assert sample.value == expected["value"]
+        if type(expected["value"]) is float:
+            assert sample.value == pytest.approx(expected["value"], rel=1e-12)
+        else:
+            assert sample.value == expected["value"]
         assert type(sample.value) is type(expected["value"])
         assert sample.quality is Quality.GOOD
         if expected.get("ts") == "received":

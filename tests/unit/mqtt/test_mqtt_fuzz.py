@@ -18,8 +18,15 @@ POINTS = {
     "i": {"path": "$.ENERGY.Total", "kind": "int"},
     "b": {"path": "$.switch:0.output", "kind": "bool"},
     "s": {"path": "$.0", "kind": "str"},
+    "u": {"path": "$.AM2301.Temperature", "unit": "°C", "min": -60, "max": 150},
+    "e": {"path": "$.aenergy.total", "unit": "kWh"},
 }
-SENML_POINTS = {"f": {"path": "temp"}, "b": {"path": "urn:x:on", "kind": "bool"}, "s": {"path": "label", "kind": "str"}}
+TTS_POINTS = {**POINTS, "rssi": {"path": "$.@rssi", "unit": "dBm"}, "snr": {"path": "$.@snr"}}
+SENML_POINTS = {
+    "f": {"path": "temp", "unit": "kWh"},
+    "b": {"path": "urn:x:on", "kind": "bool"},
+    "s": {"path": "label", "kind": "str"},
+}
 DECODERS: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({"type": "plain"}, {"f": {"path": "$"}}),
     ({"type": "json", "timestamp": {"path": "$.ts", "format": "iso8601"}}, POINTS),
@@ -28,6 +35,7 @@ DECODERS: list[tuple[dict[str, Any], dict[str, Any]]] = [
     ({"type": "tasmota", "timezone": "Asia/Shanghai"}, POINTS),
     ({"type": "shelly_gen2"}, POINTS),
     ({"type": "senml"}, SENML_POINTS),
+    ({"type": "tts_v3"}, TTS_POINTS),
 ]
 
 
@@ -70,12 +78,19 @@ shaped = st.fixed_dictionaries(
         "method": st.sampled_from(["NotifyStatus", "NotifyFullStatus", "NotifyEvent"]),
         "params": json_values,
         "switch:0": st.dictionaries(st.just("output"), json_values),
+        "AM2301": st.dictionaries(st.just("Temperature"), json_values),
+        "TempUnit": json_values | st.sampled_from(["C", "F", "K", "hPa"]),
+        "aenergy": st.dictionaries(st.just("total"), json_values),
+        "uplink_message": st.fixed_dictionaries(
+            {}, optional={"decoded_payload": json_values, "rx_metadata": json_values}
+        ),
+        "received_at": json_values | st.just("2024-01-05T10:00:00.123456789Z"),
     },
 )
 senml = st.lists(
     st.fixed_dictionaries(
         {},
-        optional=dict.fromkeys(("bn", "bt", "bv", "bs", "n", "t", "v", "vs", "vb", "vd", "s"), json_values)
+        optional=dict.fromkeys(("bn", "bt", "bv", "bs", "bu", "u", "n", "t", "v", "vs", "vb", "vd", "s"), json_values)
         | {"n": st.sampled_from(["temp", "on", "label", ""])},
     ),
     max_size=5,

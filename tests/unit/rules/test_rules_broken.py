@@ -22,6 +22,10 @@ EXPECTED: dict[str, tuple[int, int, str]] = {
     "alarm_personal_derived": (8, 67, "this alarm data reads the personal point apt101.kwh_1h"),
     "alias_bomb": (5, 11, "YAML anchors and aliases are not allowed (they can expand without limit)"),
     "allow_not_writable": (5, 15, "zone3.co2 is not writable"),
+    "bad_action_and_unknown_point": (6, 9, "each action is exactly one of write, publish, alarm, event, set"),
+    "bad_allow_entry": (4, 7, "min 60.0 is above max 20.0"),
+    "bad_point_definition": (3, 20, "window is only used with avg, min, max, sum, count, integrate or rate"),
+    "bad_schedule_definition": (3, 52, "invalid time '25:00'"),
     "and_needs_bool": (4, 35, "'and' needs true/false, got a number"),
     "bad_duration": (5, 10, "invalid duration '5 minutes'"),
     "block_scalar_second_line": (6, 25, "unknown point 'zone3.occupants' (did you mean 'zone3.occupancy'?)"),
@@ -34,6 +38,7 @@ EXPECTED: dict[str, tuple[int, int, str]] = {
     "duration_and_unknown_point": (5, 10, "invalid duration '5 minutes'"),
     "function_not_allowed": (9, 57, "function 'open' not allowed"),
     "huge_power": (4, 24, "huge power"),
+    "missing_required_key": (3, 5, "missing required key 'id'"),
     "payload_expression": (6, 75, "attribute access not allowed"),
     "publish_personal": (6, 51, "this publish payload reads the personal point apt101.energy_kwh"),
     "publish_personal_let": (8, 50, "this publish payload reads the personal point apt101.power_kw"),
@@ -41,12 +46,15 @@ EXPECTED: dict[str, tuple[int, int, str]] = {
     "set_undeclared": (6, 22, "set needs a virtual point declared under points:"),
     "syntax_error": (4, 22, "syntax error"),
     "tab_indent": (4, 1, "a tab cannot indent YAML: use spaces"),
+    "unclosed_flow_mapping": (6, 16, "the '{' opened at 6:16 is never closed: add '}' after its last item (line 6)"),
+    "unclosed_quote": (4, 11, 'the quote " opened at 4:11 is never closed: close it at the end of the value'),
     "unknown_key": (5, 5, "unknown key 'clear_whn'"),
     "unknown_let": (6, 11, "unknown name 'ration'"),
     "unknown_point": (4, 32, "unknown point 'zone3.co3' (did you mean 'zone3.co2'?)"),
     "unknown_schedule": (7, 18, "unknown schedule 'office' (schedules: office_hours)"),
     "when_not_bool": (4, 11, "must give true/false, it gives a number"),
     "window_missing": (3, 18, "avg needs a window"),
+    "wrong_type_top_level": (2, 9, "points: should be a mapping (key: value lines, or {key: value}), not a list"),
     "write_not_allowed": (9, 24, "write to ahu3.fan_speed_pct refused at load"),
     "write_out_of_bounds": (9, 55, "120 is above the maximum 100"),
 }
@@ -100,6 +108,15 @@ def test_every_problem_of_a_file_is_reported_at_once(tmp_path: Path, registry: P
     [
         ("duration_and_unknown_point", [(5, 10), (4, 11)]),  # the bad duration does not hide the unknown point
         ("duplicate_key", [(5, 5), (6, 18)]),  # nor does a duplicate key hide the unknown schedule
+        # a broken definition is reported, and a rule naming it is not blamed for it; the rest is still checked
+        ("bad_point_definition", [(3, 20), (6, 38)]),
+        ("bad_schedule_definition", [(3, 52), (6, 11)]),
+        ("bad_allow_entry", [(4, 7), (7, 11)]),
+        ("bad_action_and_unknown_point", [(6, 9), (4, 11)]),
+        # a rule without its required id, or with a bad one, is reported and still checked; so is the next rule
+        ("missing_required_key", [(3, 5), (6, 9), (3, 11), (7, 11), (11, 11)]),
+        # a section of the wrong type, and another: both reported, the names they held spared, zone3.co3 not
+        ("wrong_type_top_level", [(2, 9), (3, 12), (6, 38)]),
     ],
 )
 def test_one_error_does_not_hide_another(name: str, positions: list[tuple[int, int]], registry: PointRegistry) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,10 @@ def check(schema: str, payload: bytes) -> dict[str, Any]:
 
 def test_every_schema_is_itself_valid() -> None:
     names = sorted(p.name for p in SCHEMAS.glob("*.schema.json"))
-    assert names == [
+    assert names == sorted(
         f"{n}.schema.json"
-        for n in ("command-result", "command-write", "event", "meta", "publish", "status", "telemetry")
-    ]
+        for n in ("command-result", "command-write", "event", "meta", "publish", "status", "telemetry", "telemetry-v2")
+    )
     for path in SCHEMAS.glob("*.schema.json"):
         jsonschema.Draft202012Validator.check_schema(json.loads(path.read_text()))
 
@@ -89,6 +90,77 @@ def test_telemetry_one_message_per_device_and_read_with_quality_and_the_historic
     ]  # fmt: skip
     live = [orjson.loads(p) for _t, p in telemetry([row])]
     assert all("historical" not in m for m in live)
+
+
+def telemetry_v2(rows: list[TelemetryBatch], *, historical: bool = False) -> list[tuple[str, dict[str, Any]]]:
+    return [
+        (t, check("telemetry-v2", p))
+        for t, p in contract.telemetry_messages_v2(BASE, rows, historical=historical, shared=SHARED)
+    ]
+
+
+def test_telemetry_v2_one_message_per_device_and_batch_each_read_with_its_own_time() -> None:
+    # m1 read in two requests (two times) in one poll: v1 sends two messages, v2 one with two reads
+    row = TelemetryBatch(
+        17,
+        0,
+        [
+            Sample("m1.power_kw", 3.5, TS, Quality.GOOD),
+            Sample("m1.energy_kwh", 1200.25, TS, Quality.GOOD),
+            Sample("m2.power_kw", None, TS, Quality.BAD),
+            Sample("m2.voltage", 250.0, TS, Quality.UNCERTAIN),
+            Sample("m1.voltage", 231.0, TS + 3_000_000, Quality.GOOD),
+            Sample("m1.secret", 1.0, TS, Quality.GOOD),  # unknown to the registry: withheld
+        ],
+    )
+    assert len(telemetry([row])) == 3
+    assert telemetry_v2([row], historical=True) == [
+        (f"{BASE}/telemetry/m1", {"v": 2, "seq": 17, "historical": True, "reads": [
+            {"ts": TS // 10**6, "values": {"power_kw": 3.5, "energy_kwh": 1200.25}},
+            {"ts": TS // 10**6 + 3, "values": {"voltage": 231.0}},
+        ]}),
+        (f"{BASE}/telemetry/m2", {"v": 2, "seq": 17, "historical": True, "reads": [
+            {"ts": TS // 10**6, "values": {"voltage": 250.0}, "quality": {"power_kw": "bad", "voltage": "uncertain"}},
+        ]}),
+    ]  # fmt: skip
+    assert all("historical" not in doc for _t, doc in telemetry_v2([row]))
+
+
+def test_telemetry_v2_carries_every_value_v1_carries() -> None:
+    """The same samples through both versions: the (device, ts, point, value, quality) facts are identical."""
+    rows = [
+        TelemetryBatch(
+            seq,
+            0,
+            [
+                Sample(f"m{d}.{n}", seq * 10 + k, TS + (k % 2) * 10**6, Quality.GOOD if k != 2 else Quality.BAD)
+                for d in (1, 2)
+                for k, n in enumerate(("power_kw", "energy_kwh", "voltage"))
+            ]
+            + [Sample("m1.power_kw", -1.0, TS, Quality.GOOD)],  # the same point twice at one time
+        )
+        for seq in (1, 2)
+    ]
+
+    def facts_v1() -> list[tuple[str, int, int, str, object]]:
+        out = []
+        for topic, payload in telemetry(rows):
+            doc = orjson.loads(payload)
+            out += [(topic, doc["seq"], doc["ts"], n, v) for n, v in doc["values"].items()]
+            out += [(topic, doc["seq"], doc["ts"], n, q) for n, q in doc.get("quality", {}).items()]
+        return sorted(out, key=repr)
+
+    def facts_v2() -> list[tuple[str, int, int, str, object]]:
+        out = []
+        for topic, doc in telemetry_v2(rows):
+            for read in doc["reads"]:
+                out += [(topic, doc["seq"], read["ts"], n, v) for n, v in read["values"].items()]
+                out += [(topic, doc["seq"], read["ts"], n, q) for n, q in read.get("quality", {}).items()]
+        return sorted(out, key=repr)
+
+    assert facts_v2() == facts_v1()
+    assert len(telemetry_v2(rows)) == 4  # two batches x two devices
+    assert len(telemetry(rows)) == 10  # two batches x two devices x two times, plus the repeated point, twice
 
 
 def test_the_same_point_twice_at_one_time_in_one_batch_keeps_both_values_in_order() -> None:
@@ -183,3 +255,48 @@ def test_the_documented_command_example_is_valid() -> None:
     for bad in ({**example, "point": "AHU3"}, {k: v for k, v in example.items() if k != "ts"}):
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
+
+
+def test_telemetry_v1_and_v2_agree_on_shuffled_batches() -> None:
+    """Interleaved devices and times, repeated points, every quality, unknown points: the fast paths of both
+    builders (the read the last sample went to) against the facts each sample states. Seeded: the same cases on
+    every run."""
+    rng = random.Random(19)
+    points = [f"m{d}.{n}" for d in (1, 2) for n in ("power_kw", "energy_kwh", "voltage")] + ["m3.unknown"]
+    for seq in range(1, 200):
+        samples = [
+            Sample(
+                rng.choice(points),
+                float(rng.randint(0, 5)),
+                TS + rng.randint(0, 2) * 10**6,
+                rng.choice((Quality.GOOD, Quality.GOOD, Quality.UNCERTAIN, Quality.BAD)),
+            )
+            for _ in range(rng.randint(1, 12))
+        ]
+        row = [TelemetryBatch(seq, 0, samples)]
+        facts: list[tuple[str, int, str, object, str]] = []
+        for point, value, ts, quality in samples:
+            if point == "m3.unknown":
+                continue
+            device, _, name = point.partition(".")
+            facts.append((device, ts // 10**6, name, None if quality is Quality.BAD else value, quality.name))
+        v1: list[tuple[str, int, str, object, str]] = []
+        for topic, payload in telemetry(row):
+            doc = orjson.loads(payload)
+            quality = doc.get("quality", {})
+            names = list(doc["values"]) + [n for n in quality if n not in doc["values"]]
+            v1 += [
+                (topic.rsplit("/", 1)[1], doc["ts"], n, doc["values"].get(n), quality.get(n, "good").upper())
+                for n in names
+            ]
+        v2: list[tuple[str, int, str, object, str]] = []
+        for topic, doc in telemetry_v2(row):
+            for read in doc["reads"]:
+                quality = read.get("quality", {})
+                names = list(read["values"]) + [n for n in quality if n not in read["values"]]
+                v2 += [
+                    (topic.rsplit("/", 1)[1], read["ts"], n, read["values"].get(n), quality.get(n, "good").upper())
+                    for n in names
+                ]
+        assert sorted(v1, key=repr) == sorted(facts, key=repr), samples
+        assert sorted(v2, key=repr) == sorted(facts, key=repr), samples

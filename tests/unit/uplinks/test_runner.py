@@ -269,3 +269,63 @@ async def test_a_connection_coming_back_cuts_the_backoff_short(tmp_path: Path) -
     await task
     assert uplink.attempts == 2
     await outbox.close()
+
+
+class LingerClock(FakeClock):
+    """Holds the runner in its linger until the test opens ``gate``; every other wait as FakeClock."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.lingers: list[float] = []
+        self.linger_event: asyncio.Event | None = None
+
+    async def wait(self, event: asyncio.Event, seconds: float) -> bool:
+        if event is self.linger_event:
+            self.lingers.append(seconds)
+            await self.gate.wait()
+            return event.is_set()
+        return await super().wait(event, seconds)
+
+
+async def test_polls_committed_while_the_runner_lingers_leave_in_one_request(tmp_path: Path) -> None:
+    clock = LingerClock()
+    outbox = open_outbox(tmp_path, clock)
+    uplink = RecordingUplink(clock=clock)
+    runner = make_runner(outbox, uplink, clock, DELIVERY.model_copy(update={"linger": 0.25, "batch_size": 1000}))
+    clock.linger_event = runner._no_linger
+    stopping, task = await start(runner)
+    await outbox.append(make_samples(0, 5))
+    await until(lambda: len(uplink.accepted) == 1)  # the link is not proven yet: no linger before the first request
+    assert clock.lingers == []
+    await outbox.append(make_samples(5, 5))  # a new poll cycle starts: the runner waits for the rest of it
+    await until(lambda: clock.lingers == [0.25])
+    for i in range(2, 20):  # the other devices' polls of the cycle, committed during the linger
+        await outbox.append(make_samples(i * 5, 5))
+    assert len(uplink.accepted) == 1
+    clock.gate.set()
+    await until(lambda: outbox.uplink_cursor("test").delivered_to == 20)
+    assert [len(b.telemetry) for b in uplink.accepted] == [1, 19]  # one request for 19 stored batches, not 19
+    assert [s.value for s in uplink.samples()] == [float(i) for i in range(100)]
+    stopping.set()
+    await task
+    await outbox.close()
+
+
+async def test_a_stop_ends_a_linger_at_once(tmp_path: Path) -> None:
+    clock = LingerClock()
+    outbox = open_outbox(tmp_path, clock)
+    uplink = RecordingUplink(clock=clock)
+    runner = make_runner(outbox, uplink, clock, DELIVERY.model_copy(update={"linger": 10.0}))
+    clock.linger_event = runner._no_linger
+    stopping, task = await start(runner)
+    await outbox.append(make_samples(0, 5))
+    await until(lambda: len(uplink.accepted) == 1)
+    await outbox.append(make_samples(5, 5))
+    await until(lambda: clock.lingers == [10.0])
+    stopping.set()
+    await until(runner._no_linger.is_set)  # the linger's event: set by the stop, so the 10 s wait ends now
+    clock.gate.set()
+    await task
+    assert [s.value for s in uplink.samples()] == [float(i) for i in range(10)]  # the final flush sent the rest
+    await outbox.close()
