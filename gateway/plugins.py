@@ -26,7 +26,8 @@ A driver plugin is a ``DriverPlugin`` subclass instance. It declares:
   reports and ``run`` refuses, without connecting) and ``cli``: a module with ``register(subparsers)``.
 
 An uplink plugin (``UplinkPlugin``) declares ``name``, ``config_model`` and ``build(config, context)`` returning the
-runner the supervisor runs, and optionally ``preflight``.
+runner the supervisor runs (a ``gateway.status.UplinkRunnerPart``, normally ``gateway.uplinks.runner.UplinkRunner``
+around the plugin's ``Uplink``), and optionally ``preflight``. docs/architecture.md walks through adding either.
 
 A plugin module is imported by ``--help``, ``check`` and ``run`` alike: it may import its config models (pydantic,
 nothing else), never a protocol library. Plugins are listed sorted by name, so the order of sections, sub-commands
@@ -49,15 +50,13 @@ from gateway.config.types import StrictModel
 from gateway.errors import ConfigError, Diagnostic
 
 if TYPE_CHECKING:
-    import asyncio
-
     from gateway.config.site import Site, SiteConfig
     from gateway.config.source import SourceMap
     from gateway.driver_api import Source
     from gateway.model import Command
     from gateway.outbox import Outbox
     from gateway.registry import PointInfo
-    from gateway.status import UplinkStatus
+    from gateway.status import UplinkRunnerPart
 
 log = logging.getLogger(__name__)
 
@@ -144,17 +143,6 @@ class UplinkContext:
     commands: Callable[[Command], Awaitable[None]]
     data_dir: Path | None = None
     time_ns: Callable[[], int] | None = None
-
-
-class UplinkRunnerPart(Protocol):
-    """What the supervisor runs for one uplink (``gateway.uplinks.runner.UplinkRunner``)."""
-
-    @property
-    def name(self) -> str: ...
-
-    async def run(self, stopping: asyncio.Event) -> None: ...
-
-    def status(self) -> UplinkStatus: ...
 
 
 class UplinkPlugin:

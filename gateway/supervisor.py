@@ -24,7 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import orjson
 
@@ -45,11 +45,12 @@ from gateway.live import LiveCache
 from gateway.model import Command, Event, Sample
 from gateway.outbox import Outbox
 from gateway.rule_report import ReloadResult, RuleProblemLog
+from gateway.status import CommandEntry, GatewayStatus
 
 if TYPE_CHECKING:
     from gateway.incentives.stage import IncentiveStage
-    from gateway.plugins import UplinkRunnerPart
     from gateway.registry import PointRegistry
+    from gateway.status import UplinkRunnerPart
     from rules.runtime import Outputs, RuleRuntime
 
 log = logging.getLogger(__name__)
@@ -63,17 +64,6 @@ STOP_STORE_GRACE_SECONDS = 2.0
 #: successful step proves little, since many steps (a batch with no meter reading) never touch the disk
 STAGE_RECOVERY_SECONDS = 10.0
 TICK_SECONDS = 1.0
-
-
-class CommandEntry(TypedDict):
-    """One command and what became of it (/api/commands)."""
-
-    ts: int
-    point: str
-    value: float | int | bool | str | None
-    origin: str
-    result: str
-    detail: str | None
 
 
 #: what the outbox stores: samples, or events
@@ -177,6 +167,45 @@ class Gateway:
 
     def device_status(self) -> list[DeviceStatus]:
         return [status for source in self.sources for status in source.status()]
+
+    def status_snapshot(
+        self, *, watch: bool = False, records: bool = False, history: bool = False, point: str | None = None
+    ) -> GatewayStatus:
+        """One immutable picture of every part, for the status page, the API and /metrics (gateway/status.py).
+
+        ``watch``: someone looks at the points (the live cache keeps the sparklines' history, gateway/live.py);
+        ``records``: read today's incentive records from the ledger; ``history``: include the sparklines' history
+        (every point's, or ``point``'s only)."""
+        from gateway import snapshot as part
+
+        if watch or history:
+            self.live.watched()
+        identity = self.site.config.gateway
+        now_ns = time.time_ns()
+        return GatewayStatus(
+            now_ns=now_ns,
+            gateway_id=identity.id,
+            site=identity.site,
+            name=identity.name,
+            timezone=identity.timezone,
+            started=self.started.is_set(),
+            started_ns=self.started_ns,
+            has_sources=bool(self.sources),
+            devices=tuple(part.copy_device(status) for status in self.device_status()),
+            device_counters=part.device_counters(self.sources),
+            source_counters=part.source_counters(self.sources),
+            points=tuple(self.registry.values()),
+            latest=dict(self.live.latest),
+            awaiting=part.awaiting(self.aggregate),
+            history=part.history(self.live, point) if history else {},
+            rules=part.rules_status(self.rules, self.rule_problems, self.rule_reload),
+            uplinks=tuple(part.uplink_status(runner) for runner in self.uplinks),
+            queues=tuple(part.queue_status(sub) for sub in self.bus.subscriptions()),
+            published_samples=self.bus.published_samples,
+            outbox=part.outbox_status(self.outbox),
+            incentives=part.incentives_status(self.incentives, identity.timezone, records=records),
+            commands=tuple(self.commands.entries),
+        )
 
     def source_for(self, point: str) -> Source | None:
         device = point.partition(".")[0]

@@ -22,7 +22,7 @@ from gateway.errors import ConfigError, Diagnostic
 from gateway.incentives.config import IncentivesConfig
 from gateway.plugins import DeviceEntry, DriverPlugin, plugins, unknown_driver_message
 from gateway.registry import DuplicatePoint, PointInfo, PointRegistry
-from gateway.uplinks.config import UplinksConfig, uplinks_model
+from gateway.uplinks.config import UplinksConfig
 
 # parse_size is re-exported: driver configs parse sizes with the same rules
 __all__ = [
@@ -172,6 +172,14 @@ def _known_driver(value: object) -> object:
         if not isinstance(name, str) or name not in plugins().drivers:
             raise ValueError(unknown_driver_message(str(name)))
     return value
+
+
+@cache
+def uplinks_model() -> type[UplinksConfig]:
+    """``UplinksConfig`` with one optional field per installed uplink plugin."""
+    fields: dict[str, Any] = {name: (plugin.config_model | None, None) for name, plugin in plugins().uplinks.items()}
+    model: type[UplinksConfig] = create_model("UplinksConfig", __base__=UplinksConfig, **fields)
+    return model
 
 
 @cache

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.config.types import StrictModel
-from gateway.plugins import UplinkContext, UplinkPlugin, UplinkRunnerPart
+from gateway.plugins import UplinkContext, UplinkPlugin
+from gateway.status import UplinkRunnerPart
 from gateway.uplinks.config import InfluxConfig, PlatformConfig
 
 if TYPE_CHECKING:

@@ -7,11 +7,10 @@ position, not a runtime surprise. Neither ever appears in a repr or a log line.
 
 from __future__ import annotations
 
-from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
-from pydantic import Field, ValidationInfo, create_model, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from gateway.config.types import Duration, EnvStr, PositiveDuration, Secret, SecretStr, StrictModel, read_secret_file
 
@@ -179,8 +178,8 @@ class PlatformConfig(StrictModel):
 
 class UplinksConfig(StrictModel):
     """``uplinks:``: one optional key per installed uplink plugin (``influx:``, ``platform:``), the key being the
-    plugin's name. The model validated is ``uplinks_model()``, assembled from the registry (gateway/plugins.py);
-    this base only holds the typed accessor."""
+    plugin's name. The model validated is ``gateway.config.site.uplinks_model()``, assembled from the registry
+    (gateway/plugins.py); this base only holds the typed accessor."""
 
     if TYPE_CHECKING:
         # what the built-in plugins add; typed here for code that names them (tests, docs examples)
@@ -195,13 +194,3 @@ class UplinksConfig(StrictModel):
     def configured_names(self) -> list[str]:
         """The uplinks the site configures, in the registry's order."""
         return [name for name in type(self).model_fields if self.configured(name) is not None]
-
-
-@cache
-def uplinks_model() -> type[UplinksConfig]:
-    """``UplinksConfig`` with one optional field per installed uplink plugin."""
-    from gateway.plugins import plugins
-
-    fields: dict[str, Any] = {name: (plugin.config_model | None, None) for name, plugin in plugins().uplinks.items()}
-    model: type[UplinksConfig] = create_model("UplinksConfig", __base__=UplinksConfig, **fields)
-    return model

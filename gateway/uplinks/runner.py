@@ -46,7 +46,7 @@ from gateway.uplinks.config import DeliveryConfig
 
 if TYPE_CHECKING:
     from gateway.config.site import Site
-    from gateway.plugins import UplinkRunnerPart
+    from gateway.status import UplinkRunnerPart
 
 log = logging.getLogger(__name__)
 
