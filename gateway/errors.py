@@ -123,7 +123,9 @@ class Diagnostic:
             first = max(0, min(caret - ECHO_WIDTH // 2, len(text) - ECHO_WIDTH))
             text = ("..." if first else "") + text[first : first + ECHO_WIDTH] + "..."
             caret = caret - first + (3 if first else 0)
-        return f"{head}\n    {text}\n    {' ' * caret}^"
+        # a tab in the echoed line is echoed as a tab under it too, so the caret lands where the terminal shows it
+        pad = "".join("\t" if char == "\t" else " " for char in text[:caret])
+        return f"{head}\n    {text}\n    {pad}^"
 
 
 class ConfigError(GatewayError):

@@ -14,7 +14,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 from gateway.arguments import duration
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, Diagnostic
 from gateway.registry import PointInfo
 from rules.loader import load_rule_set
 from rules.replay import ReplayReport, parse_time, read_samples_csv, replay
@@ -54,11 +54,30 @@ def _site(path: Path | None) -> tuple[Mapping[str, PointInfo] | None, str]:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    problems: list[Diagnostic] = []
+    registry: Mapping[str, PointInfo] | None = None
+    timezone, unchecked = "UTC", frozenset[str]()
+    if args.site is not None:
+        from gateway.config.site import SiteError, load_site
+
+        try:
+            site = load_site(args.site)
+            registry, timezone = site.registry, site.config.gateway.timezone
+        except SiteError as exc:
+            # every error at once: the site's, and the rule files' against the devices that did load (a point of
+            # a device that did not load is left unchecked: the device's own error stands for it)
+            problems.extend(exc.diagnostics)
+            registry, timezone = exc.partial.registry, exc.partial.timezone
+            unchecked = exc.partial.unchecked_devices
+        except ConfigError as exc:  # the site file cannot be read at all
+            print(exc, file=sys.stderr)
+            return 1
     try:
-        registry, timezone = _site(args.site)
-        rule_set = load_rule_set(args.files, registry, timezone=timezone)
+        rule_set = load_rule_set(args.files, registry, timezone=timezone, unchecked_devices=unchecked)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        problems.extend(exc.diagnostics)
+    if problems:
+        print(ConfigError(problems), file=sys.stderr)
         return 1
     names = "" if registry is not None else " (point names not checked: give --site)"
     print(

@@ -1,7 +1,8 @@
 """One MQTT session with the building's broker: paho-mqtt driven by the asyncio loop's own socket callbacks.
 
 Owns: ``MqttConnection`` (connect, CONNACK, subscribe, publish with PUBACK, manual acks, keepalive, close), the
-translation of paho's return codes and reason codes into ``DeviceUnavailable``/``DeviceRejected``, and ``Backoff``.
+translation of paho's return codes and reason codes into ``DeviceUnavailable``/``DeviceRejected`` (reconnect delays are
+the shared ``gateway.reconnect`` policy's).
 This is the only module of the driver that imports paho.
 
 Why paho and not aiomqtt: aiomqtt costs about twice the CPU per message (FIELD-NOTES.md) and its ceiling on this
@@ -25,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -123,24 +123,6 @@ class _BufferedClient(paho.Client):
         end = min(pos + bufsize, len(self.read_buffer))
         self.read_pos = end
         return self.read_buffer[pos:end]
-
-
-class Backoff:
-    """Reconnect delays: doubling from ``minimum`` to ``maximum``, each jittered by +-20% (never below minimum)."""
-
-    def __init__(self, minimum: float, maximum: float, *, rng: random.Random | None = None) -> None:
-        self.minimum = minimum
-        self.maximum = maximum
-        self._rng = rng or random.Random()
-        self.attempt = 0
-
-    def next_delay(self) -> float:
-        base = min(self.maximum, self.minimum * 2.0 ** min(self.attempt, 30))
-        self.attempt += 1
-        return max(self.minimum, min(self.maximum, base * self._rng.uniform(0.8, 1.2)))
-
-    def reset(self) -> None:
-        self.attempt = 0
 
 
 def tls_context(config: MqttSourceConfig) -> ssl.SSLContext | None:

@@ -26,13 +26,14 @@ from typing import Any
 import orjson
 import paho.mqtt.client as paho
 
-from drivers.mqtt.client import Backoff, MqttConnection
+from drivers.mqtt.client import MqttConnection
 from drivers.mqtt.config import MqttCommandSpec, MqttDeviceConfig, MqttPointSpec, MqttSourceConfig, check_bindings
 from drivers.mqtt.ingest import Ingest, SubscriptionStats
 from gateway.config.site import Site
 from gateway.driver_api import BatchSink, DeviceState, DeviceStatus
 from gateway.errors import ConfigError, DeviceError, DeviceUnavailable, WriteRejected
 from gateway.model import Command, Sample, Value
+from gateway.reconnect import ReconnectPolicy, RetryTiming
 
 log = logging.getLogger("drivers.mqtt")
 
@@ -256,7 +257,11 @@ class MqttSource:
 
     async def _session_loop(self, stopping: asyncio.Event, flusher: asyncio.Task[None]) -> None:
         loop = asyncio.get_running_loop()
-        backoff = Backoff(self.config.reconnect_min, self.config.reconnect_max)
+        # the shared policy (gateway/reconnect.py): a fast first retry, doubling while the broker stays away, reset
+        # by a subscription the broker accepted (not by a TCP connect), one log line per outage and per recovery
+        policy = ReconnectPolicy(
+            self.name, RetryTiming(first=self.config.reconnect_min, maximum=self.config.reconnect_max), logger=log
+        )
         subscriptions = [(sub.topic, sub.qos) for sub in self.config.subscriptions]
         # an availability filter equal to a subscription's is subscribed once (a broker would send it twice)
         subscriptions += list(
@@ -267,7 +272,6 @@ class MqttSource:
             )
         )
         stop_wait = asyncio.ensure_future(stopping.wait())
-        in_outage = False
         try:
             while not stopping.is_set():
                 connection = MqttConnection(
@@ -286,7 +290,7 @@ class MqttSource:
                     self.connected = True
                     self.connects += 1
                     self.session_state = "connected"
-                    backoff.reset()
+                    policy.succeeded()
                     log.info(
                         "%s: connected to %s:%s (%s session%s), subscribed to %d filters",
                         self.name,
@@ -296,7 +300,6 @@ class MqttSource:
                         ", resumed" if session_present else "",
                         len(subscriptions),
                     )
-                    in_outage = False
                     reason = await self._serve(connection, stop_wait)
                 except DeviceError as exc:
                     reason = str(exc)
@@ -304,13 +307,11 @@ class MqttSource:
                     break
                 await self._drop(connection)
                 self.last_error = reason
-                if not in_outage:
-                    log.warning("%s: broker connection down: %s; reconnecting with backoff", self.name, reason)
-                    in_outage = True
-                else:
+                if policy.down:
                     log.debug("%s: reconnect failed: %s", self.name, reason)
+                wait = policy.failed(f"broker connection down: {reason}")
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(stop_wait), backoff.next_delay())
+                    await asyncio.wait_for(asyncio.shield(stop_wait), wait)
             await self._shutdown(flusher)
         finally:
             stop_wait.cancel()

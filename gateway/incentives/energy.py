@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from decimal import ROUND_HALF_EVEN, Decimal, InvalidOperation
 from itertools import pairwise
 
@@ -87,6 +87,11 @@ class Anchor:
     edge_ns: int
     reading: Reading
     allocated: int = 0
+    #: when the run of equal readings that ends at ``reading`` began, if before it (None: at ``reading``). Readings
+    #: before the anchor are gone once its interval is issued, so a frozen register that began there is only seen
+    #: through this: a meter stuck for half an hour whose catch-up lands in the next interval is still stuck there
+    #: (found by the fault property test: a freeze plus a clock step back that pulled the catch-up into the interval)
+    run_since_ns: int | None = None
 
 
 def first_anchor(edge_ns: int, first: Reading, later: Sequence[Reading], rules: MeterRules) -> Anchor:
@@ -285,6 +290,7 @@ def meter_interval(
         # nothing reached the end: the next interval continues from the last reading with nothing of its pair counted
         # (it is flagged ``gap`` there, since that pair's energy before its start is counted in it)
         next_anchor = Anchor(end_ns, last, anchor.allocated if len(chain) == 1 else 0)
+    next_anchor = replace(next_anchor, run_since_ns=_run_since(kept, next_anchor.reading, anchor))
     outliers_used = tuple(o for o in outliers if o.ts_ns < last.ts_ns)
     if outliers_used:
         flags.add(SPIKE)
@@ -296,7 +302,7 @@ def meter_interval(
         and len(chain) >= 2
         and pair_advance(chain[-2], last, rules)[1] in _BREAKS
     )
-    frozen, open_run = _frozen(kept, start_ns, end_ns, end_ns - start_ns)
+    frozen, open_run = _frozen(kept, start_ns, end_ns, end_ns - start_ns, first_since=anchor.run_since_ns)
     needs_more = needs_more or (open_run and not more_exist)
     return MeterInterval(
         readings=tuple(chain),
@@ -312,8 +318,24 @@ def meter_interval(
     )
 
 
-def _frozen(readings: Sequence[Reading], start_ns: int, end_ns: int, limit_ns: int) -> tuple[bool, bool]:
+def _run_since(kept: Sequence[Reading], reading: Reading, anchor: Anchor) -> int | None:
+    """When the run of equal readings in ``kept`` that ends at ``reading`` began, if before it; through ``anchor``
+    (the first of ``kept``) when the run goes back to it."""
+    index = kept.index(reading)
+    start = index
+    while start > 0 and kept[start - 1].micro_kwh == reading.micro_kwh:
+        start -= 1
+    if start == 0 and kept[0].micro_kwh == reading.micro_kwh and anchor.run_since_ns is not None:
+        return anchor.run_since_ns
+    return kept[start].ts_ns if start < index else None
+
+
+def _frozen(
+    readings: Sequence[Reading], start_ns: int, end_ns: int, limit_ns: int, *, first_since: int | None = None
+) -> tuple[bool, bool]:
     """(a span without advance longer than ``limit_ns`` overlaps the interval, the last run is still undecided).
+
+    ``first_since``: when the run that the first reading belongs to began, if earlier (``Anchor.run_since_ns``).
 
     A run is a maximal sequence of consecutive readings with the same value. The span in which the meter was seen not
     to advance lasts from the run's first reading to the next reading (the one that rises): where in that last pair
@@ -324,17 +346,19 @@ def _frozen(readings: Sequence[Reading], start_ns: int, end_ns: int, limit_ns: i
     """
     frozen = False
     run_start = 0
+    since = readings[0].ts_ns if first_since is None else min(first_since, readings[0].ts_ns)
     for index in range(1, len(readings)):
         if readings[index].micro_kwh == readings[run_start].micro_kwh:
             continue
-        first, after = readings[run_start], readings[index]
-        if first.ts_ns < end_ns and after.ts_ns > start_ns and after.ts_ns - first.ts_ns > limit_ns:
+        after = readings[index]
+        if since < end_ns and after.ts_ns > start_ns and after.ts_ns - since > limit_ns:
             frozen = True
         run_start = index
-    first, last = readings[run_start], readings[-1]
-    if first.ts_ns < end_ns and last.ts_ns > start_ns and last.ts_ns - first.ts_ns > limit_ns:
+        since = after.ts_ns
+    last = readings[-1]
+    if since < end_ns and last.ts_ns > start_ns and last.ts_ns - since > limit_ns:
         frozen = True
-    undecided = run_start < len(readings) - 1 and first.ts_ns < end_ns and last.ts_ns - first.ts_ns <= limit_ns
+    undecided = run_start < len(readings) - 1 and since < end_ns and last.ts_ns - since <= limit_ns
     return frozen, undecided
 
 

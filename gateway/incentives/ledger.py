@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS readings (
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS anchors (
     point TEXT PRIMARY KEY, edge_ns INTEGER NOT NULL, ts_ns INTEGER NOT NULL, micro_kwh INTEGER NOT NULL,
-    allocated INTEGER NOT NULL
+    allocated INTEGER NOT NULL,
+    run_since_ns INTEGER            -- when the run of equal readings ending at the anchor began (NULL: at it)
 );
 CREATE TABLE IF NOT EXISTS cursors (account TEXT PRIMARY KEY, next_start_ns INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS clock_marks (point TEXT NOT NULL, from_ns INTEGER NOT NULL, to_ns INTEGER NOT NULL);
@@ -111,6 +112,9 @@ class Ledger:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
             db.executescript(_SCHEMA)
+            columns = {row[1] for row in db.execute("PRAGMA table_info(anchors)")}
+            if "run_since_ns" not in columns:  # a version 2 ledger from before 2026-12-03: NULL means "at the anchor"
+                db.execute("ALTER TABLE anchors ADD COLUMN run_since_ns INTEGER")
             db.execute(f"PRAGMA user_version = {LEDGER_VERSION}")
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"cannot open the incentive ledger {path}: {exc}") from exc
@@ -156,8 +160,13 @@ class Ledger:
         }
 
     def anchors(self) -> dict[str, Anchor]:
-        rows = self._run("read anchors", "SELECT point, edge_ns, ts_ns, micro_kwh, allocated FROM anchors")
-        return {point: Anchor(edge, Reading(ts, micro), allocated) for point, edge, ts, micro, allocated in rows}
+        rows = self._run(
+            "read anchors", "SELECT point, edge_ns, ts_ns, micro_kwh, allocated, run_since_ns FROM anchors"
+        )
+        return {
+            point: Anchor(edge, Reading(ts, micro), allocated, since)
+            for point, edge, ts, micro, allocated, since in rows
+        }
 
     def latest_readings(self) -> dict[str, Reading]:
         rows = self._run(
@@ -325,10 +334,19 @@ class Ledger:
                 )
                 for point, anchor in (anchors or {}).items():
                     self._db.execute(
-                        "INSERT INTO anchors (point, edge_ns, ts_ns, micro_kwh, allocated) VALUES (?, ?, ?, ?, ?) "
+                        "INSERT INTO anchors (point, edge_ns, ts_ns, micro_kwh, allocated, run_since_ns) "
+                        "VALUES (?, ?, ?, ?, ?, ?) "
                         "ON CONFLICT (point) DO UPDATE SET edge_ns = excluded.edge_ns, ts_ns = excluded.ts_ns, "
-                        "micro_kwh = excluded.micro_kwh, allocated = excluded.allocated",
-                        (point, anchor.edge_ns, anchor.reading.ts_ns, anchor.reading.micro_kwh, anchor.allocated),
+                        "micro_kwh = excluded.micro_kwh, allocated = excluded.allocated, "
+                        "run_since_ns = excluded.run_since_ns",
+                        (
+                            point,
+                            anchor.edge_ns,
+                            anchor.reading.ts_ns,
+                            anchor.reading.micro_kwh,
+                            anchor.allocated,
+                            anchor.run_since_ns,
+                        ),
                     )
                     self._db.execute(
                         "DELETE FROM readings WHERE point = ? AND ts_ns < ?", (point, anchor.reading.ts_ns)

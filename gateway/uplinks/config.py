@@ -37,7 +37,7 @@ class DeliveryConfig(StrictModel):
     replay_share: Annotated[float, Field(gt=0, le=1)] = 0.5
     #: data older than this when it is first sent is backfill: sent behind live data and flagged historical
     live_window: PositiveDuration = 10.0
-    #: first retry delay; doubles each failure (with full jitter) up to ``retry_max``
+    #: first retry delay; doubles each failure (+-20 % jitter, the shared reconnect policy) up to ``retry_max``
     retry_min: PositiveDuration = 0.5
     retry_max: PositiveDuration = 60.0
     #: one request taking longer than this counts as failed (retryable)

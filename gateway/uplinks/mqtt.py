@@ -40,6 +40,7 @@ import paho.mqtt.client as mqtt
 
 from gateway import __version__
 from gateway.errors import UplinkError
+from gateway.reconnect import ReconnectPolicy, RetryTiming
 from gateway.uplinks import contract
 from gateway.uplinks.base import StreamKind, UplinkBatch
 from gateway.uplinks.config import PlatformConfig
@@ -231,8 +232,11 @@ class MqttUplink:
         self.connected = asyncio.Event()
         #: set by the runner: called on every (re)connection
         self.on_connected: Callable[[], None] | None = None
-        self._lost_since: float | None = None
-        self._reconnect_delay = reconnect_min
+        # the shared reconnect policy (gateway/reconnect.py): fast first retry, doubling to reconnect_max while the
+        # broker stays away, reset by a session that announced itself, one log line per outage and per recovery
+        self._reconnect = ReconnectPolicy(
+            "uplink[platform]", RetryTiming(first=reconnect_min, maximum=reconnect_max), logger=log
+        )
         self.published = 0
         self.commands_received = 0
 
@@ -265,8 +269,8 @@ class MqttUplink:
 
     async def maintain(self, closing: asyncio.Event) -> None:
         """Connect, announce (status online, meta), listen for commands; reconnect with backoff until closing."""
-        self._reconnect_delay = self.reconnect_min
         while not closing.is_set():
+            failure: BaseException | None = None
             try:
                 async with asyncio.TaskGroup() as tg:
                     session = tg.create_task(self._session(closing), name="uplink[platform].session")
@@ -278,23 +282,17 @@ class MqttUplink:
                     else:
                         session.cancel()
             except* (aiomqtt.MqttError, OSError, ssl.SSLError) as group:
-                if self._lost_since is None:
-                    self._lost_since = time.monotonic()
-                    log.warning(
-                        "platform broker %s:%d unavailable: %s; reconnecting with backoff",
-                        self.config.host,
-                        self.config.effective_port,
-                        group.exceptions[0],
-                    )
+                failure = group.exceptions[0]
             finally:
                 self._client = None
                 self.connected.clear()
             if closing.is_set():
                 return
+            broker = f"{self.config.host}:{self.config.effective_port}"
+            wait = self._reconnect.failed(f"platform broker {broker} unavailable: {failure or 'session ended'}")
             with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(self._reconnect_delay):
+                async with asyncio.timeout(wait):
                     await closing.wait()
-            self._reconnect_delay = min(self.reconnect_max, self._reconnect_delay * 2)
 
     async def _abandon_on_close(self, closing: asyncio.Event) -> None:
         """Return when closing is set before a connection exists; while connected, the session says goodbye."""
@@ -311,16 +309,10 @@ class MqttUplink:
             self._hook_acks(client, window)
             self._client = client
             self.connected.set()
-            self._reconnect_delay = self.reconnect_min
             if self.on_connected is not None:
                 self.on_connected()
-            if self._lost_since is not None:
-                log.info(
-                    "platform broker %s reachable again after %.1fs",
-                    self.config.host,
-                    time.monotonic() - self._lost_since,
-                )
-                self._lost_since = None
+            if self._reconnect.down:
+                self._reconnect.succeeded()  # logs the end of the outage, with its length
             else:
                 log.info(
                     "connected to platform broker %s:%d as %s",

@@ -10,9 +10,10 @@ Delivery model
     accepted, contiguously, so a crash re-sends at most what was in flight (same outbox ``seq``, same event ids).
 
     A retryable failure stops new requests, lets those in flight finish, rewinds the read positions to the
-    cursors and waits ``retry_min * 2**n`` (capped at ``retry_max``, equal jitter) before trying again. A
-    non-retryable failure (the far side will never accept this request, e.g. HTTP 400) splits the request in
-    halves until the refused record is alone; that record is quarantined (logged, counted) and the rest arrives.
+    cursors and waits ``retry_min * 2**n`` (capped at ``retry_max``, +-20 % jitter: gateway/reconnect.py) before
+    trying again. A non-retryable failure (the far side will never accept this request, e.g. HTTP 400) splits the
+    request in halves until the refused record is alone; that record is quarantined (logged, counted) and the rest
+    arrives.
 
     Live first: when the link works and the next record to send is older than ``live_window`` (the link was down,
     or the gateway was), everything stored up to now becomes *backlog* (persisted as a gap in the cursor, see
@@ -40,6 +41,7 @@ from typing import TYPE_CHECKING
 from gateway.errors import StoreError, UplinkError
 from gateway.model import Command
 from gateway.outbox import Outbox, UplinkCursor
+from gateway.reconnect import ReconnectPolicy, RetryTiming
 from gateway.status import UplinkState, UplinkStatus
 from gateway.uplinks.base import Clock, ConnectionAware, Uplink, UplinkBatch
 from gateway.uplinks.config import DeliveryConfig
@@ -123,9 +125,17 @@ class UplinkRunner:
         self._events: list[_Flight] = []
         self._replay_exhausted = False
         self._rewind_pending = False
-        self._failures = 0
+        # the shared reconnect policy (gateway/reconnect.py) on the runner's clock: a fast first retry, doubling to
+        # retry_max while the far side keeps refusing, reset by a delivered batch, one log line per outage and per
+        # recovery
+        self._retry = ReconnectPolicy(
+            name,
+            RetryTiming(first=delivery.retry_min, maximum=delivery.retry_max),
+            clock=self.clock.monotonic,
+            random=self._rng.random,
+            logger=log,
+        )
         self._retry_at = 0.0
-        self._down_since: float | None = None
         self._link_up = False
         self._acked_since_compact = False
         self._last_compact = 0.0
@@ -371,28 +381,18 @@ class UplinkRunner:
 
     def _on_failure(self, message: str) -> None:
         self.counters.requests_failed += 1
-        self._failures += 1
         self._link_up = False
         self._rewind_pending = True
-        delay = min(self.delivery.retry_max, self.delivery.retry_min * 2 ** min(self._failures - 1, 30))
-        delay = delay / 2 + self._rng.uniform(0, delay / 2)  # equal jitter: spread, but never hammer at once
+        if self._retry.down and message != self.last_error:
+            log.debug("%s: still failing: %s", self.name, message)
+        delay = self._retry.failed(f"delivery failing ({message}), the data stays in the outbox")
         self._retry_at = max(self._retry_at, self.clock.monotonic() + delay)
         self.counters.retries += 1
-        if self._down_since is None:
-            self._down_since = self.clock.monotonic()
-            log.warning(
-                "%s: delivery failing (%s); retrying with backoff, data stays in the outbox", self.name, message
-            )
-        elif message != self.last_error:
-            log.debug("%s: still failing: %s", self.name, message)
         self.last_error = message
         self.state = "retrying"
 
     def _on_success(self) -> None:
-        if self._down_since is not None:
-            log.info("%s: delivering again after %.1fs", self.name, self.clock.monotonic() - self._down_since)
-            self._down_since = None
-        self._failures = 0
+        self._retry.succeeded()
         self._link_up = True
         self.state = "up"
 

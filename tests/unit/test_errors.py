@@ -133,3 +133,10 @@ def test_the_caret_moves_with_the_masked_text() -> None:
 def test_a_warning_says_so() -> None:
     warning = Diagnostic("site.yaml", 3, 5, "literal secret", None, severity="warning")
     assert warning.format() == "site.yaml:3:5: warning: literal secret"
+
+
+def test_the_caret_sits_under_its_column_after_a_tab() -> None:
+    # a terminal expands a tab in the echoed line; a tab in the caret's line expands the same way
+    line = "\t  port: x"
+    printed = Diagnostic("site.yaml", 2, line.index("x") + 1, "port: expected int", line).format().splitlines()
+    assert printed[1].expandtabs()[printed[2].expandtabs().index("^")] == "x"

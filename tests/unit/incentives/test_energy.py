@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from itertools import pairwise
 
 import pytest
@@ -142,6 +143,31 @@ def test_a_first_anchor_is_not_sized_by_an_outlier_right_after_it() -> None:
     result = meter_interval(anchor, later, 0, 5 * MIN, rules=RULES, max_gap_ns=5 * MIN)
     assert result.micro_kwh >= 0 and GAP not in result.flags
     assert result.outliers == (later[0],)
+
+
+def test_a_frozen_run_that_began_before_the_anchor_still_counts_from_its_start() -> None:
+    # The register has read 1.000 kWh since 0 min; the interval [15 min, 30 min) sees the end of that run and the
+    # catch-up at 22 min. Only 8 of its minutes are equal readings, but the run lasted 22: stuck, never a saving.
+    anchor = Anchor(15 * MIN, Reading(14 * MIN, 1_000_000), 0, run_since_ns=0)
+    later = [Reading(t * MIN, 1_000_000) for t in (16, 18, 20)]
+    later += [Reading(22 * MIN, 1_900_000), Reading(26 * MIN, 2_000_000), Reading(31 * MIN, 2_100_000)]
+    result = meter_interval(anchor, later, 15 * MIN, 30 * MIN, rules=RULES, max_gap_ns=5 * MIN)
+    assert result.frozen
+    # without what the anchor remembers, the same readings look like a quiet spell
+    forgetful = meter_interval(
+        replace(anchor, run_since_ns=None), later, 15 * MIN, 30 * MIN, rules=RULES, max_gap_ns=5 * MIN
+    )
+    assert not forgetful.frozen
+
+
+def test_the_next_anchor_remembers_where_its_run_began() -> None:
+    anchor = Anchor(0, Reading(0, 1_000_000), 0, run_since_ns=-10 * MIN)
+    later = [Reading(t * MIN, 1_000_000) for t in (2, 4, 6)] + [Reading(6 * MIN + 1, 1_000_000)]
+    first = meter_interval(anchor, later, 0, 5 * MIN, rules=RULES, max_gap_ns=5 * MIN)
+    assert first.next_anchor.run_since_ns == -10 * MIN  # the whole run, back through the anchor
+    rising = [Reading(2 * MIN, 1_100_000), Reading(4 * MIN, 1_100_000), Reading(6 * MIN, 1_200_000)]
+    second = meter_interval(anchor, rising, 0, 5 * MIN, rules=RULES, max_gap_ns=5 * MIN)
+    assert second.next_anchor.run_since_ns == 2 * MIN  # 4 min continues the run that began at 2 min
 
 
 def test_an_edge_is_not_interpolated_across_more_than_max_gap() -> None:

@@ -555,3 +555,20 @@ def test_an_interval_closed_overdue_on_equal_readings_pays_nothing(stage: Incent
     events += stage.tick(T0 + 15 * MIN + 30 * MIN)  # overdue
     first = records(events)[0]
     assert first["flags"] == ["stuck"] and first["saving_kwh"] == "0.000000"
+
+
+def test_a_ledger_from_before_run_since_gains_the_column_and_keeps_its_anchors(tmp_path: Path) -> None:
+    from gateway.incentives.energy import Anchor, Reading
+    from gateway.incentives.ledger import LEDGER_FILE, Ledger
+
+    Ledger.open(tmp_path, durable=False).close()
+    db = sqlite3.connect(tmp_path / LEDGER_FILE)
+    db.execute("ALTER TABLE anchors DROP COLUMN run_since_ns")  # the version 2 schema of 2026-12-02
+    db.execute("INSERT INTO anchors (point, edge_ns, ts_ns, micro_kwh, allocated) VALUES ('m', 900, 850, 5, 1)")
+    db.commit()
+    db.close()
+    ledger = Ledger.open(tmp_path, durable=False)
+    try:
+        assert ledger.anchors() == {"m": Anchor(900, Reading(850, 5), 1, None)}
+    finally:
+        ledger.close()

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import pytest
 
-from drivers.mqtt.client import Backoff
 from drivers.mqtt.config import MqttSourceConfig, check_bindings
 from drivers.mqtt.source import encode_command
 from drivers.mqtt.topics import TopicTemplate, check_topic_filter
@@ -155,16 +153,6 @@ def test_bad_topic_filters(bad: str) -> None:
 def test_filter_with_two_wildcards_needs_a_template() -> None:
     with pytest.raises(ValueError, match="needs a template"):
         TopicTemplate.default_for("application/+/device/+/event/up")
-
-
-def test_backoff_doubles_is_bounded_and_resets() -> None:
-    backoff = Backoff(0.5, 30.0, rng=random.Random(7))
-    delays = [backoff.next_delay() for _ in range(12)]
-    assert all(0.5 <= d <= 30.0 for d in delays)
-    assert delays[0] < 1.0 < delays[2] < delays[4]
-    assert delays[-1] >= 24.0  # at the ceiling, jitter only takes it down to 80%
-    backoff.reset()
-    assert backoff.next_delay() < 1.0
 
 
 def test_command_payloads_and_refusals() -> None:

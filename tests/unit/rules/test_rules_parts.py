@@ -232,6 +232,31 @@ def test_rules_check_reports_errors_of_every_file(capsys: pytest.CaptureFixture[
     assert "huge_power.yaml:4:24:" in err
 
 
+def test_rules_check_with_a_broken_site_reports_the_site_and_the_rules_at_once(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # a bad device in the site does not hide an unknown point in the rule file, and the rule's points on the good
+    # device are still checked; points of the device that did not load are not blamed
+    site = tmp_path / "site.yaml"
+    site.write_text(
+        "version: 1\ngateway: {id: gw1, site: lab}\nhttp: {enabled: false}\n"
+        "devices:\n"
+        "  - {id: good, driver: simulator, profile: sim-zone, poll: 1s}\n"
+        "  - {id: bad, driver: simulator, profile: sim-zone, poll: soon}\n"
+    )
+    rules = tmp_path / "r.yaml"
+    rules.write_text(
+        "version: 1\nrules:\n"
+        "  - id: a\n    when: good.co2 > 1000 and bad.co2 > 1\n    then: [{event: {type: x, message: m}}]\n"
+        "  - id: b\n    when: good.no_such_point > 1\n    then: [{event: {type: x, message: m}}]\n"
+    )
+    assert run_cli(["rules", "check", str(rules), "--site", str(site)]) == 1
+    err = capsys.readouterr().err
+    assert f"{site}:6:" in err and "poll" in err
+    assert f"{rules}:7:" in err and "good.no_such_point" in err
+    assert "bad.co2" not in err
+
+
 def test_rules_test_refuses_relative_times_without_start(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     data = tmp_path / "s.csv"
     data.write_text("time,point,value\n" + "".join(f"+{i}min,zone1.co2,900\n" for i in range(19)))
