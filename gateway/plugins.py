@@ -211,7 +211,12 @@ def driver(name: str) -> DriverPlugin:
 def unknown_driver_message(name: str) -> str:
     from gateway.config.source import did_you_mean
 
-    installed = sorted(plugins().drivers)
+    found = plugins()
+    installed = sorted(found.drivers)
+    if name in found.broken:
+        return f"driver {name!r} is installed but cannot be loaded ({found.broken[name]}); installed drivers: " + (
+            ", ".join(installed) or "none"
+        )
     if not installed:
         return (
             f"unknown driver {name!r}: no driver is installed (the edge-gateway package's entry points are missing: "

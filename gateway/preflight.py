@@ -98,7 +98,7 @@ def _rules(site: Site) -> list[Diagnostic]:
     from gateway.supervisor import load_rules
 
     runtime = load_rules(site, site.registry, None)
-    if runtime is not None and hasattr(runtime, "close"):
+    if runtime is not None:
         runtime.close()
     return []
 

@@ -83,6 +83,7 @@ class TallySource:
 class TallyPlugin(DriverPlugin):
     name = "tally"
     device_model = CounterDevice
+    cli = "tally_driver.cli"
     sections = (SiteSection(key="tally_hubs", model=HubConfig, what="tally hub", device_field="hub"),)
 
     def points(self, device, profile):
@@ -96,6 +97,15 @@ class TallyPlugin(DriverPlugin):
 
 
 plugin = TallyPlugin()
+'''
+
+_CLI = '''
+"""The tally driver's sub-commands."""
+
+
+def register(subparsers):
+    tally = subparsers.add_parser("tally", help="tally tools: count to three")
+    tally.set_defaults(handler=lambda args: print("1 2 3") or 0)
 '''
 
 _SITE = """\
@@ -117,11 +127,14 @@ def tally_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     package.mkdir()
     (package / "__init__.py").write_text('"""The tally driver."""\n')
     (package / "plugin.py").write_text(_PLUGIN)
+    (package / "cli.py").write_text(_CLI)
     dist = root / "tally_driver-0.1.dist-info"
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tally-driver\nVersion: 0.1\n")
-    # the one line a driver adds to its pyproject.toml, as pip writes it
-    (dist / "entry_points.txt").write_text("[edge_gateway.drivers]\ntally = tally_driver.plugin:plugin\n")
+    # the one line a driver adds to its pyproject.toml, as pip writes it; and a driver whose module is missing
+    (dist / "entry_points.txt").write_text(
+        "[edge_gateway.drivers]\ntally = tally_driver.plugin:plugin\nbroken = tally_driver.missing:plugin\n"
+    )
     return root
 
 
@@ -158,6 +171,30 @@ def test_an_installed_driver_is_checked_and_run(tally_path: Path, tmp_path: Path
         db.close()
     values = [value for point, value, _ts, _quality in rows if point == "counter1.count"]
     assert values[:2] == [40, 41]
+
+
+def test_an_installed_drivers_sub_commands_join_the_cli(tally_path: Path) -> None:
+    listed = _gateway(["--help"], tally_path)
+    assert listed.returncode == 0 and "tally tools: count to three" in listed.stdout
+    ran = _gateway(["tally"], tally_path)
+    assert ran.returncode == 0 and ran.stdout == "1 2 3\n"
+
+
+def test_a_driver_that_cannot_be_loaded_stops_only_the_sites_using_it(tally_path: Path, tmp_path: Path) -> None:
+    site = tmp_path / "site.yaml"
+    site.write_text(_SITE.format(device="counter1", hub="hub1"))
+    checked = _gateway(["check", str(site)], tally_path)
+    assert checked.returncode == 0  # the broken plugin is logged, and this site does not use it
+    assert "plugin broken (edge_gateway.drivers) cannot be loaded: No module named 'tally_driver.missing'" in (
+        checked.stderr
+    )
+    site.write_text(site.read_text().replace("driver: tally", "driver: broken"))
+    refused = _gateway(["check", str(site)], tally_path)
+    assert refused.returncode == 1
+    assert (
+        "driver 'broken' is installed but cannot be loaded (tally_driver.missing:plugin: ModuleNotFoundError: "
+        "No module named 'tally_driver.missing'); installed drivers: modbus, mqtt, simulator, tally"
+    ) in refused.stderr
 
 
 def test_an_installed_drivers_section_is_checked(tally_path: Path, tmp_path: Path) -> None:
