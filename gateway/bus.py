@@ -113,11 +113,6 @@ class Bus:
         self._subs.append(sub)
         return sub
 
-    def unsubscribe(self, sub: Subscription) -> None:
-        sub.close()
-        if sub in self._subs:
-            self._subs.remove(sub)
-
     def tap(self, callback: Callable[[Batch], None]) -> None:
         self._taps.append(callback)
 

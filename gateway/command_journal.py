@@ -6,7 +6,7 @@ per signed-command nonce. Entries are kept ``retention`` (7 days) after receipt;
 refuses a command max age that is not far shorter, so an id or nonce cannot be forgotten while a command carrying
 it could still be accepted.
 
-Crash rule (the order ``gateway.commands_platform`` follows):
+Crash rule (the order ``gateway.platform_commands`` follows):
 
 1. ``receive`` is committed (fsync) *before* the device is written;
 2. ``settle`` stores the result event *after* the write, before it goes to the outbox;

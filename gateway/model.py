@@ -32,13 +32,16 @@ class Quality(IntEnum):
 class Sample(NamedTuple):
     """One value of one point, stamped by the driver when it was read.
 
-    ``ts`` is Unix nanoseconds (``time.time_ns()``). A BAD sample carries ``value=None``.
+    ``ts`` is Unix nanoseconds (``time.time_ns()``). A BAD sample carries ``value=None`` and, where the driver
+    knows it, ``reason``: why there is no value (``no_answer``, ``link_down``, ``disabled``, ``exception_2``,
+    ``offline``, ...), so an outage is explicit interval by interval in the store and downstream.
     """
 
     point: str
     value: Value | None
     ts: int
     quality: Quality = Quality.GOOD
+    reason: str | None = None
 
 
 class Command(NamedTuple):

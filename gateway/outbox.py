@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Generic, Literal, Protocol, TypeVar
 
 import orjson
 
@@ -108,11 +108,16 @@ CREATE TABLE IF NOT EXISTS counters (
 
 
 def encode_samples(samples: Sequence[Sample]) -> bytes:
-    return orjson.dumps([tuple(s) for s in samples])
+    # a sample without a reason (nearly all) is stored as the four fields it had before reasons existed
+    return orjson.dumps([tuple(s) if s.reason is not None else s[:4] for s in samples])
 
 
 def decode_samples(payload: bytes) -> list[Sample]:
-    return [Sample(p, v, t, _QUALITIES[q]) for p, v, t, q in orjson.loads(payload)]
+    qualities = _QUALITIES
+    return [
+        Sample(row[0], row[1], row[2], qualities[row[3]], row[4] if len(row) > 4 else None)
+        for row in orjson.loads(payload)
+    ]
 
 
 def encode_event(event: Event) -> bytes:
@@ -211,15 +216,114 @@ class _PressureEpisode:
     dropped_batches: int = 0
 
 
+# -- writer jobs -------------------------------------------------------------------------------------------------
+# What the event loop asks of the writer thread: one small class per request, carrying exactly what it needs, and
+# ``apply`` running it inside the writer's open transaction (on the writer thread, never on the event loop). The
+# result type is the job's own, so ``await outbox._submit(job)`` is typed without a cast.
+
+_R_co = TypeVar("_R_co", covariant=True)
+_R = TypeVar("_R")
+
+
+class _Job(Protocol[_R_co]):
+    def apply(self, outbox: Outbox, now_ns: int) -> _R_co: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _AppendSamples:
+    blob: bytes
+    count: int
+
+    def apply(self, outbox: Outbox, now_ns: int) -> None:
+        outbox._insert_telemetry(self.blob, self.count, now_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class _AppendEvents:
+    #: (event id, event type, encoded event)
+    rows: list[tuple[str, str, bytes]]
+
+    def apply(self, outbox: Outbox, now_ns: int) -> int:
+        return outbox._insert_events(self.rows, now_ns)
+
+
+@dataclass(frozen=True, slots=True)
+class _RegisterCursor:
+    name: str
+    kind: Kind
+    seq: int
+
+    def apply(self, outbox: Outbox, now_ns: int) -> int:
+        return outbox._register_cursor(self.name, self.kind, self.seq)
+
+
+@dataclass(frozen=True, slots=True)
+class _MoveCursors:
+    """One cursor (``ack``) or several of one uplink's (``move_cursors``), never backwards, in one transaction."""
+
+    name: str
+    #: cursor kind (``telemetry``, ``telemetry.gap``, ``telemetry.live``, ``events``) -> seq
+    positions: tuple[tuple[str, int], ...]
+
+    def apply(self, outbox: Outbox, now_ns: int) -> int:
+        return outbox._move_cursors(self.name, self.positions)
+
+
+@dataclass(frozen=True, slots=True)
+class _Compact:
+    def apply(self, outbox: Outbox, now_ns: int) -> dict[str, int]:
+        return outbox._compact()
+
+
+@dataclass(frozen=True, slots=True)
+class _Sync:
+    """Nothing to write: resolves once everything queued before it is committed."""
+
+    def apply(self, outbox: Outbox, now_ns: int) -> None:
+        return None
+
+
 @dataclass(slots=True)
-class _Job:
-    kind: str  # "samples" | "events" | "ack" | "register" | "cursors" | "compact" | "sync"
-    payload: Any
-    future: asyncio.Future[Any] | None
-    loop: asyncio.AbstractEventLoop | None
+class _Queued(Generic[_R]):
+    """A job in the writer's queue and the future (on its event loop) that waits for its result."""
+
+    job: _Job[_R]
+    future: asyncio.Future[_R]
+    loop: asyncio.AbstractEventLoop
+    #: the job's result, boxed (a job may return None), once ``run`` has applied it
+    result: tuple[_R] | None = None
+
+    def run(self, outbox: Outbox, now_ns: int) -> None:
+        self.result = (self.job.apply(outbox, now_ns),)
+
+    def settle(self, error: StoreError | None) -> None:
+        """Hand the result (or ``error``) to the waiting coroutine, from the writer thread."""
+        future, result = self.future, self.result
+
+        def finish() -> None:
+            if future.done():
+                return
+            if error is not None:
+                future.set_exception(error)
+            elif result is not None:
+                future.set_result(result[0])
+
+        try:
+            self.loop.call_soon_threadsafe(finish)
+        except RuntimeError:
+            pass  # the loop is gone (shutdown): nobody is waiting any more
 
 
-_STOP = object()
+class _Pending(Protocol):
+    """What the writer thread sees of a ``_Queued`` job, whatever its result type."""
+
+    def run(self, outbox: Outbox, now_ns: int) -> None: ...
+
+    def settle(self, error: StoreError | None) -> None: ...
+
+
+#: put on the queue by ``close``: the writer commits what came before it and ends
+_STOP = None
 
 
 class Outbox:
@@ -255,7 +359,7 @@ class Outbox:
         self.stats = OutboxStats()
         self._pressure: _PressureEpisode | None = None
         self._load_stats()
-        self._jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._jobs: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
         self._append_listeners: list[Callable[[], None]] = []
         self._thread = threading.Thread(target=self._writer_loop, name="outbox-writer", daemon=True)
@@ -301,12 +405,12 @@ class Outbox:
 
     # -- writer thread ------------------------------------------------------------------------------------------
 
-    def _submit(self, kind: str, payload: Any) -> asyncio.Future[Any]:
+    def _submit(self, job: _Job[_R]) -> asyncio.Future[_R]:
         if self._closed:
             raise StoreError("outbox is closed")
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._jobs.put(_Job(kind, payload, future, loop))
+        future: asyncio.Future[_R] = loop.create_future()
+        self._jobs.put(_Queued(job, future, loop))
         return future
 
     def _writer_loop(self) -> None:
@@ -314,7 +418,7 @@ class Outbox:
             first = self._jobs.get()
             if first is _STOP:
                 return
-            jobs = [first]
+            jobs: list[_Pending] = [first]
             stop = False
             # Group everything already queued into one transaction: one commit (and one fsync) for many appends.
             while len(jobs) < 512:
@@ -330,11 +434,11 @@ class Outbox:
             if stop:
                 return
 
-    def _run_jobs(self, jobs: list[_Job]) -> None:
-        results: list[Any] = []
+    def _run_jobs(self, jobs: list[_Pending]) -> None:
         try:
             self._db.execute("BEGIN IMMEDIATE")
-            results.extend(self._apply(job) for job in jobs)
+            for job in jobs:
+                job.run(self, self.time_ns())  # one clock reading per job, as before the jobs were typed
             self._db.execute("COMMIT")
             self.stats.last_error = None
             self._bound_wal()
@@ -348,11 +452,12 @@ class Outbox:
             if self.stats.last_error != message:
                 log.error("%s", message)
             self.stats.last_error = message
+            error = StoreError(message)
             for job in jobs:
-                self._resolve(job, StoreError(message))
+                job.settle(error)
             return
-        for job, result in zip(jobs, results, strict=True):
-            self._resolve(job, result)
+        for job in jobs:
+            job.settle(None)
 
     def _bound_wal(self) -> None:
         """After a commit: a WAL at its limit (a large transaction, or a checkpoint a reader held back) is copied
@@ -369,96 +474,65 @@ class Outbox:
         except (sqlite3.Error, OSError):
             pass  # the data is committed; a checkpoint that failed now is retried after the next commit
 
-    @staticmethod
-    def _resolve(job: _Job, result: Any) -> None:
-        future, loop = job.future, job.loop
-        if future is None or loop is None:
-            return
+    # -- what the jobs do (writer thread, inside its transaction) -------------------------------------------------
 
-        def finish() -> None:
-            if future.done():
-                return
-            if isinstance(result, BaseException):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
+    def _insert_telemetry(self, blob: bytes, count: int, now_ns: int) -> None:
+        size = len(blob) + ROW_OVERHEAD
+        self._db.execute(
+            "INSERT INTO telemetry (created_ns, n, size, payload) VALUES (?, ?, ?, ?)",
+            (now_ns, count, size, blob),
+        )
+        self.stats.telemetry_batches += 1
+        self.stats.telemetry_samples += count
+        self.stats.telemetry_bytes += size
+        self.stats.appended_samples += count
+        if self.stats.oldest_telemetry_ns is None:
+            self.stats.oldest_telemetry_ns = now_ns
+        if self.stats.telemetry_bytes > self._effective_telemetry_budget():
+            self._drop_oldest_telemetry()
 
-        try:
-            loop.call_soon_threadsafe(finish)
-        except RuntimeError:
-            pass  # the loop is gone (shutdown): nobody is waiting any more
-
-    def _apply(self, job: _Job) -> Any:
-        db = self._db
-        now = self.time_ns()
-        if job.kind == "samples":
-            blob, count = job.payload
-            size = len(blob) + ROW_OVERHEAD
-            db.execute(
-                "INSERT INTO telemetry (created_ns, n, size, payload) VALUES (?, ?, ?, ?)",
-                (now, count, size, blob),
+    def _insert_events(self, rows: list[tuple[str, str, bytes]], now_ns: int) -> int:
+        added = 0
+        for event_id, event_type, blob in rows:
+            # the id is stored twice (the row and its unique index), each with a row's overhead
+            size = len(blob) + 2 * (len(event_id.encode()) + ROW_OVERHEAD) + len(event_type.encode())
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO events (id, type, created_ns, size, payload) VALUES (?, ?, ?, ?, ?)",
+                (event_id, event_type, now_ns, size, blob),
             )
-            self.stats.telemetry_batches += 1
-            self.stats.telemetry_samples += count
-            self.stats.telemetry_bytes += size
-            self.stats.appended_samples += count
-            if self.stats.oldest_telemetry_ns is None:
-                self.stats.oldest_telemetry_ns = now
-            if self.stats.telemetry_bytes > self._effective_telemetry_budget():
-                self._drop_oldest_telemetry()
-            return None
-        if job.kind == "events":
-            added = 0
-            for event_id, event_type, blob in job.payload:
-                # the id is stored twice (the row and its unique index), each with a row's overhead
-                size = len(blob) + 2 * (len(event_id.encode()) + ROW_OVERHEAD) + len(event_type.encode())
-                cur = db.execute(
-                    "INSERT OR IGNORE INTO events (id, type, created_ns, size, payload) VALUES (?, ?, ?, ?, ?)",
-                    (event_id, event_type, now, size, blob),
-                )
-                if cur.rowcount:
-                    added += 1
-                    self.stats.event_count += 1
-                    self.stats.event_bytes += size
-            self.stats.appended_events += added
-            full = self.stats.event_bytes > self.event_budget
-            if full and not self.stats.event_store_full:
-                log.error(
-                    "event store over its budget (%d bytes): events are kept, link down too long?", self.event_budget
-                )
-            self.stats.event_store_full = full
-            if full and self.stats.telemetry_bytes > self._effective_telemetry_budget():
-                self._drop_oldest_telemetry()
-            return added
-        if job.kind in ("ack", "register"):
-            name, kind, seq = job.payload
-            if job.kind == "register":
-                db.execute("INSERT OR IGNORE INTO cursors (name, kind, seq) VALUES (?, ?, ?)", (name, kind, seq))
-                seq = db.execute("SELECT seq FROM cursors WHERE name=? AND kind=?", (name, kind)).fetchone()[0]
-            else:
-                db.execute(
-                    "INSERT INTO cursors (name, kind, seq) VALUES (?, ?, ?) "
-                    "ON CONFLICT (name, kind) DO UPDATE SET seq = max(seq, excluded.seq)",
-                    (name, kind, seq),
-                )
-            current = self.stats.cursors.setdefault(name, {})
-            current[kind] = max(current.get(kind, 0), seq)
-            return current[kind]
-        if job.kind == "cursors":
-            for name, kind, seq in job.payload:
-                db.execute(
-                    "INSERT INTO cursors (name, kind, seq) VALUES (?, ?, ?) "
-                    "ON CONFLICT (name, kind) DO UPDATE SET seq = max(seq, excluded.seq)",
-                    (name, kind, seq),
-                )
-                current = self.stats.cursors.setdefault(name, {})
-                current[kind] = max(current.get(kind, 0), seq)
-            return None
-        if job.kind == "compact":
-            return self._compact()
-        if job.kind == "sync":
-            return None
-        raise AssertionError(f"unknown outbox job {job.kind}")
+            if cur.rowcount:
+                added += 1
+                self.stats.event_count += 1
+                self.stats.event_bytes += size
+        self.stats.appended_events += added
+        full = self.stats.event_bytes > self.event_budget
+        if full and not self.stats.event_store_full:
+            log.error("event store over its budget (%d bytes): events are kept, link down too long?", self.event_budget)
+        self.stats.event_store_full = full
+        if full and self.stats.telemetry_bytes > self._effective_telemetry_budget():
+            self._drop_oldest_telemetry()
+        return added
+
+    def _register_cursor(self, name: str, kind: Kind, seq: int) -> int:
+        db = self._db
+        db.execute("INSERT OR IGNORE INTO cursors (name, kind, seq) VALUES (?, ?, ?)", (name, kind, seq))
+        stored: int = db.execute("SELECT seq FROM cursors WHERE name=? AND kind=?", (name, kind)).fetchone()[0]
+        current = self.stats.cursors.setdefault(name, {})
+        current[kind] = max(current.get(kind, 0), stored)
+        return current[kind]
+
+    def _move_cursors(self, name: str, positions: Sequence[tuple[str, int]]) -> int:
+        """Move cursors forward (never backwards); returns the last one's position."""
+        current = self.stats.cursors.setdefault(name, {})
+        position = 0
+        for kind, seq in positions:
+            self._db.execute(
+                "INSERT INTO cursors (name, kind, seq) VALUES (?, ?, ?) "
+                "ON CONFLICT (name, kind) DO UPDATE SET seq = max(seq, excluded.seq)",
+                (name, kind, seq),
+            )
+            position = current[kind] = max(current.get(kind, 0), seq)
+        return position
 
     def _effective_telemetry_budget(self) -> int:
         """Events over their budget borrow from telemetry's (never below one batch: the newest is always kept)."""
@@ -609,7 +683,7 @@ class Outbox:
         """Store one batch of telemetry; returns once it is committed."""
         if not samples:
             return
-        await self._submit("samples", (encode_samples(samples), len(samples)))
+        await self._submit(_AppendSamples(encode_samples(samples), len(samples)))
         self._notify_appended()
 
     async def append_events(self, events: Sequence[Event]) -> int:
@@ -617,7 +691,7 @@ class Outbox:
         if not events:
             return 0
         rows = [(e.id, e.type, encode_event(e)) for e in events]
-        result: int = await self._submit("events", rows)
+        result = await self._submit(_AppendEvents(rows))
         if result:
             self._notify_appended()
         return result
@@ -637,17 +711,16 @@ class Outbox:
         if start == "end":
             table = "telemetry" if kind == "telemetry" else "events"
             seq = self._reader.execute(f"SELECT coalesce(max(seq), 0) FROM {table}").fetchone()[0]  # noqa: S608
-        result: int = await self._submit("register", (name, kind, seq))
-        return result
+        return await self._submit(_RegisterCursor(name, kind, seq))
 
     async def ack(self, name: str, kind: Kind, seq: int) -> None:
         """The far side accepted everything up to ``seq``: move the cursor (never backwards)."""
-        await self._submit("ack", (name, kind, seq))
+        await self._submit(_MoveCursors(name, ((kind, seq),)))
 
     async def move_cursors(self, name: str, positions: dict[str, int]) -> None:
         """Move several of one uplink's cursors in one transaction (never backwards); keys are cursor kinds
         (``telemetry``, ``telemetry.gap``, ``telemetry.live``, ``events``)."""
-        await self._submit("cursors", [(name, kind, seq) for kind, seq in positions.items()])
+        await self._submit(_MoveCursors(name, tuple(positions.items())))
 
     def uplink_cursor(self, name: str) -> UplinkCursor:
         return UplinkCursor.from_positions(self.stats.cursors.get(name, {}))
@@ -701,12 +774,11 @@ class Outbox:
         return out
 
     async def compact(self) -> dict[str, int]:
-        result: dict[str, int] = await self._submit("compact", None)
-        return result
+        return await self._submit(_Compact())
 
     async def sync(self) -> None:
         """Wait until everything submitted before this call is committed."""
-        await self._submit("sync", None)
+        await self._submit(_Sync())
 
     def cursor(self, name: str, kind: Kind) -> int:
         return self.stats.cursors.get(name, {}).get(kind, 0)

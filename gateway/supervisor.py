@@ -382,6 +382,20 @@ class Gateway:
                 continue
             self._stage_ok("rules engine")
             await self._handle_rule_outputs(outputs)
+            self._flush_rule_state()
+
+    def _flush_rule_state(self) -> None:
+        """The engine's steps do no I/O: what changed in them (timers, latches, values rules set) is written here,
+        after their outputs are handled. A failing disk is logged once; the changes are kept for the next flush."""
+        rules = self.rules
+        if rules is None:
+            return
+        try:
+            rules.flush_state()
+        except Exception as exc:
+            self._stage_failed("rule state", exc, "saving rule state")
+        else:
+            self._stage_ok("rule state")
 
     async def _incentives_loop(self, sub: Subscription, stage: IncentiveStage, outbox: Outbox) -> None:
         async for batch in sub:
@@ -423,6 +437,7 @@ class Gateway:
                 else:
                     self._stage_ok("rules tick")
                     await self._handle_rule_outputs(outputs)
+                    self._flush_rule_state()
             if self.incentives is not None:
                 try:
                     events = self.incentives.tick(now)

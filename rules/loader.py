@@ -36,6 +36,8 @@ from rules.config import (
     RuleConfig,
     RuleFileConfig,
     ScheduleConfig,
+    SetAction,
+    WriteAction,
 )
 from rules.expr import FUNCTIONS, CompiledExpr, Evaluator, ExprError, Kind, compile_expr, kind_of_value
 from rules.schedule import Schedule
@@ -77,19 +79,60 @@ class VirtualPoint:
     info: PointInfo
 
 
+# One class per action kind, each holding only what that kind needs; ``index`` is the action's position in its list
+# (it makes an event's id). The runtime dispatches on the class.
+
+
 @dataclass(frozen=True, slots=True)
-class CompiledAction:
-    kind: str  # write | publish | alarm | event | set
+class CompiledWrite:
+    """``write:``: a command to a device point, checked against the allowlist again at run time."""
+
     index: int
-    point: str | None = None
-    value: Evaluator | None = None
-    topic: str | None = None
-    payload: Evaluator | None = None
-    severity: str = "major"
-    message: str | None = None
-    subject: str | None = None
-    event_type: str | None = None
-    data: Evaluator | None = None
+    point: str
+    value: Evaluator
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledSet:
+    """``set:``: a new value of a virtual point, fed back to the rules and derived points that read it."""
+
+    index: int
+    point: str
+    value: Evaluator
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPublish:
+    """``publish:``: a JSON payload to a topic under the platform prefix."""
+
+    index: int
+    topic: str
+    payload: Evaluator
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledAlarm:
+    """``alarm:``: raised when the rule fires, cleared (same id + ``/cleared``) when it clears."""
+
+    index: int
+    severity: str
+    message: str
+    subject: str | None
+    data: Evaluator
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledEvent:
+    """``event:``: a one-off event of the engineer's type."""
+
+    index: int
+    event_type: str
+    message: str | None
+    subject: str | None
+    data: Evaluator
+
+
+CompiledAction = CompiledWrite | CompiledSet | CompiledPublish | CompiledAlarm | CompiledEvent
 
 
 @dataclass(frozen=True, slots=True)
@@ -597,87 +640,99 @@ class _Builder:
         used: set[str],
         allowlist: Allowlist,
     ) -> CompiledAction | None:
-        kind = action.kind
-        aloc: Loc = (*loc, kind)
+        """One action of ``then``/``on_clear``, or None with its errors reported."""
+        aloc: Loc = (*loc, action.kind)
         if action.write is not None:
-            point = action.write.point
-            if point not in allowlist:
-                if point in self.broken_allow:
-                    return None  # its allow entry is broken, and reported: a refusal here would blame the rule
-                known = self.registry.get(point)
-                why = "unknown point" if known is None else "not in the allow list of any rule file"
-                self.errors.append(smap.diagnostic((*aloc, "point"), f"write to {point} refused at load: {why}"))
-                return None
-            value = self.compile_value(action.write.value, smap, (*aloc, "value"), lets, used)
-            if value is None:
-                return None
-            entry = allowlist.entries[point]
-            if not self.open_world and value[1] not in (_REGISTRY_KINDS[entry.kind], "any"):
-                self.errors.append(
-                    smap.diagnostic((*aloc, "value"), f"{point} takes a {entry.kind}, this value is not one")
-                )
-                return None
-            literal = action.write.value
-            if not self.open_world and not (isinstance(literal, str) and literal.startswith("=")):
-                try:
-                    allowlist.check(Command(point, literal, "load"))
-                except WriteRejected as exc:
-                    self.errors.append(smap.diagnostic((*aloc, "value"), str(exc)))
-                    return None
-            return CompiledAction("write", index, point=point, value=value[0])
+            return self.compile_write(action.write, index, smap, aloc, lets=lets, used=used, allowlist=allowlist)
         if action.set is not None:
-            point = action.set.point
-            virtual = self.virtual.get(point)
-            if virtual is None:
-                self.errors.append(
-                    smap.diagnostic(
-                        (*aloc, "point"),
-                        f"set needs a virtual point declared under points: (like {point}: {{kind: float}})",
-                    )
-                )
-                return None
-            reads: set[str] = set()
-            value = self.compile_value(action.set.value, smap, (*aloc, "value"), lets, reads)
-            used.update(reads)
-            if value is None:
-                return None
-            if value[1] not in (virtual.kind, "any") and virtual.kind != "any":
-                self.errors.append(smap.diagnostic((*aloc, "value"), f"{point} is a {virtual.info.kind} point"))
-                return None
-            personal = self.personal_reads(reads)
-            if personal and not virtual.info.personal:
-                self.errors.append(
-                    smap.diagnostic(
-                        (*aloc, "value"),
-                        f"sets {point} from the personal point {personal[0]}: declare {point} with personal: true "
-                        "(docs/privacy.md)",
-                    )
-                )
-                return None
-            return CompiledAction("set", index, point=point, value=value[0])
+            return self.compile_set(action.set, index, smap, aloc, lets=lets, used=used)
         if action.publish is not None:
             payload = self.compile_outgoing(action.publish.payload, smap, (*aloc, "payload"), lets, used)
-            return CompiledAction("publish", index, topic=action.publish.topic, payload=payload)
+            return CompiledPublish(index, action.publish.topic, payload)
         if action.alarm is not None:
-            data = self.compile_outgoing(action.alarm.data, smap, (*aloc, "data"), lets, used)
-            return CompiledAction(
-                "alarm",
-                index,
-                severity=action.alarm.severity,
-                message=action.alarm.message,
-                subject=action.alarm.subject,
-                data=data,
-            )
+            alarm = action.alarm
+            data = self.compile_outgoing(alarm.data, smap, (*aloc, "data"), lets, used)
+            return CompiledAlarm(index, alarm.severity, alarm.message, alarm.subject, data)
         assert action.event is not None
-        data = self.compile_outgoing(action.event.data, smap, (*aloc, "data"), lets, used)
-        return CompiledAction(
-            "event",
-            index,
-            event_type=action.event.type,
-            message=action.event.message,
-            subject=action.event.subject,
-            data=data,
-        )
+        event = action.event
+        data = self.compile_outgoing(event.data, smap, (*aloc, "data"), lets, used)
+        return CompiledEvent(index, event.type, event.message, event.subject, data)
+
+    def compile_write(
+        self,
+        write: WriteAction,
+        index: int,
+        smap: SourceMap,
+        aloc: Loc,
+        *,
+        lets: Mapping[str, Kind],
+        used: set[str],
+        allowlist: Allowlist,
+    ) -> CompiledWrite | None:
+        point = write.point
+        if point not in allowlist:
+            if point in self.broken_allow:
+                return None  # its allow entry is broken, and reported: a refusal here would blame the rule
+            known = self.registry.get(point)
+            why = "unknown point" if known is None else "not in the allow list of any rule file"
+            self.errors.append(smap.diagnostic((*aloc, "point"), f"write to {point} refused at load: {why}"))
+            return None
+        value = self.compile_value(write.value, smap, (*aloc, "value"), lets, used)
+        if value is None:
+            return None
+        entry = allowlist.entries[point]
+        if not self.open_world and value[1] not in (_REGISTRY_KINDS[entry.kind], "any"):
+            why = f"{point} takes a {entry.kind}, this value is not one"
+            self.errors.append(smap.diagnostic((*aloc, "value"), why))
+            return None
+        literal = write.value
+        if not self.open_world and not (isinstance(literal, str) and literal.startswith("=")):
+            try:
+                allowlist.check(Command(point, literal, "load"))
+            except WriteRejected as exc:
+                self.errors.append(smap.diagnostic((*aloc, "value"), str(exc)))
+                return None
+        return CompiledWrite(index, point, value[0])
+
+    def compile_set(
+        self,
+        action: SetAction,
+        index: int,
+        smap: SourceMap,
+        aloc: Loc,
+        *,
+        lets: Mapping[str, Kind],
+        used: set[str],
+    ) -> CompiledSet | None:
+        point = action.point
+        virtual = self.virtual.get(point)
+        if virtual is None:
+            self.errors.append(
+                smap.diagnostic(
+                    (*aloc, "point"),
+                    f"set needs a virtual point declared under points: (like {point}: {{kind: float}})",
+                )
+            )
+            return None
+        reads: set[str] = set()
+        value = self.compile_value(action.value, smap, (*aloc, "value"), lets, reads)
+        used.update(reads)
+        if value is None:
+            return None
+        if value[1] not in (virtual.kind, "any") and virtual.kind != "any":
+            self.errors.append(smap.diagnostic((*aloc, "value"), f"{point} is a {virtual.info.kind} point"))
+            return None
+        personal = self.personal_reads(reads)
+        if personal and not virtual.info.personal:
+            self.errors.append(
+                smap.diagnostic(
+                    (*aloc, "value"),
+                    f"sets {point} from the personal point {personal[0]}: declare {point} with personal: true "
+                    "(docs/privacy.md)",
+                )
+            )
+            return None
+        return CompiledSet(index, point, value[0])
 
     def build_rule(
         self, index: int, source: _RuleSource, schedules: Mapping[str, Schedule], allowlist: Allowlist

@@ -6,9 +6,12 @@ one rule::
     idle --when true--> pending --held for `for:` and cooldown over--> active --clear_when (or not when)--> idle
       any state --expression raised--> failed (until the next reload)
 
-The engine reads no clock and does no network I/O: ``now_ns`` is an argument, so every test runs on a fake clock.
-Its one side effect is saving rule state to its ``RuleStateStore`` when a rule changes state (rare), so a restart
-resumes a ``for:`` timer that has run four of its five minutes. It must never import drivers, uplinks or asyncio.
+The engine reads no clock and does no I/O in ``process`` and ``tick``: ``now_ns`` is an argument, so every test runs
+on a fake clock. Rule state that must outlive a restart (so a ``for:`` timer that has run four of its five minutes
+resumes) is only marked there; ``flush_state()`` writes what changed to the ``RuleStateStore`` the runtime was given,
+and the owner calls it between steps (the supervisor after handling each step's outputs). A flush that fails keeps
+what it could not write for the next one, and never costs a step its outputs. Loading (``load``, ``reload``) reads
+the store and prunes rows of rules that are gone. It must never import drivers, uplinks or asyncio.
 
 Rules about data:
 
@@ -25,6 +28,7 @@ Rules about data:
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,14 +38,19 @@ from zoneinfo import ZoneInfo
 
 import orjson
 
-from gateway.errors import WriteRejected
+from gateway.errors import StoreError, WriteRejected
 from gateway.model import Command, Event, Quality, Sample
 from gateway.registry import PointInfo
 from rules.expr import kind_of_value
 from rules.loader import (
     Allowlist,
     CompiledAction,
+    CompiledAlarm,
+    CompiledEvent,
+    CompiledPublish,
     CompiledRule,
+    CompiledSet,
+    CompiledWrite,
     DerivedPoint,
     RuleSet,
     load_rule_set,
@@ -49,6 +58,8 @@ from rules.loader import (
 from rules.schedule import Schedule
 from rules.state import RuleStateStore, SavedRuleState
 from rules.window import Window
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "Outputs",
@@ -192,9 +203,9 @@ class RuleRuntime:
             for name in rule.inputs:
                 self._rules_by_input.setdefault(name, []).append(rule.index)
         self._states = [_RuleState() for _ in self._rules]
-        #: indices of rules whose durable state changed since the last save
+        #: indices of rules whose durable state changed since the last ``flush_state``
         self._dirty: set[int] = set()
-        #: virtual points a `set:` changed since the last save
+        #: virtual points a `set:` changed since the last ``flush_state``
         self._dirty_values: set[str] = set()
         self._schedule_cache: dict[str, tuple[int, bool]] = {}
         self._zone = ZoneInfo(rule_set.timezone)
@@ -223,8 +234,16 @@ class RuleRuntime:
         return cls(load_rule_set(files, registry, timezone=timezone), state=state)
 
     def close(self) -> None:
-        """Close the state store (at shutdown; a runtime replaced by a reload shares it with its successor)."""
-        if self._store is not None:
+        """Write what is still unsaved and close the state store (at shutdown; a runtime replaced by a reload shares
+        its store with its successor, which carries its unsaved changes over). Never raises: it runs in the
+        supervisor's shutdown, which must still close the outbox; a last write that fails is logged."""
+        if self._store is None:
+            return
+        try:
+            self.flush_state()
+        except StoreError as exc:
+            log.error("rule state not saved at shutdown: %s", exc)
+        finally:
             self._store.close()
 
     def _rebuild_feeds(self) -> None:
@@ -267,6 +286,8 @@ class RuleRuntime:
                 continue
             self._values[point] = value
             self._unannounced.discard(point)  # the old runtime's value (announced, or set by a rule) stands
+            if point in other._dirty_values and point in self.rule_set.virtual:
+                self._dirty_values.add(point)  # set by a rule but not saved yet (a flush failed): save it from here
         self._uncertain = set(other._uncertain)
         for point, window in self._windows.items():
             old_window = other._windows.get(point)
@@ -348,7 +369,6 @@ class RuleRuntime:
                 uncertain.discard(point)
             changed.add(point)
         self._propagate(changed, set(), now_ns, out)
-        self._save()
         return out
 
     def tick(self, now_ns: int) -> Outputs:
@@ -366,7 +386,6 @@ class RuleRuntime:
                 continue
         # virtual points set by timed firings feed the rules and derived points that read them, in this same step
         self._propagate(fed_back, set(), now_ns, out)
-        self._save()
         return out
 
     def _tick_rule(self, rule: CompiledRule, st: _RuleState, now_ns: int, out: Outputs, fed_back: set[str]) -> None:
@@ -608,7 +627,7 @@ class RuleRuntime:
         st.pending_ns = None
         st.holding = False
         for action in rule.then:
-            if action.kind == "alarm":
+            if isinstance(action, CompiledAlarm):
                 out.events.append(self._alarm_event(rule, action, activated, now_ns, "cleared"))
         self._run_actions(
             rule, st, rule.on_clear, now_ns, episode_ns=activated, phase="clear", out=out, fed_back=fed_back
@@ -631,7 +650,7 @@ class RuleRuntime:
                 activated = st.activated_ns if st.activated_ns is not None else now_ns
                 self._move(rule, st, IDLE, now_ns, out, reason="schedule ended")
                 for action in rule.then:
-                    if action.kind == "alarm":
+                    if isinstance(action, CompiledAlarm):
                         out.events.append(self._alarm_event(rule, action, activated, now_ns, "cleared"))
                 st.activated_ns = None
         elif st.state == PENDING:
@@ -672,53 +691,51 @@ class RuleRuntime:
         values = self._values
         for action in actions:
             try:
-                kind = action.kind
-                if kind == "write":
-                    assert action.value is not None and action.point is not None
-                    command = Command(action.point, action.value(values), rule.id)
-                    try:
-                        self.allowlist.check(command)
-                    except WriteRejected as exc:
-                        st.last_error = str(exc)
-                        out.problems.append(Problem(rule.id, str(exc), now_ns))
-                        continue
-                    out.commands.append(command)
-                elif kind == "set":
-                    assert action.value is not None and action.point is not None
-                    value = action.value(values)
-                    values[action.point] = value
-                    self._unannounced.discard(action.point)
-                    self._dirty_values.add(action.point)
-                    out.samples.append(Sample(action.point, value, now_ns, Quality.GOOD))
-                    fed_back.add(action.point)
-                elif kind == "publish":
-                    assert action.topic is not None and action.payload is not None
-                    out.publishes.append((action.topic, orjson.dumps(action.payload(values))))
-                elif kind == "alarm":
-                    out.events.append(self._alarm_event(rule, action, episode_ns, now_ns, "raised"))
-                else:
-                    assert action.data is not None and action.event_type is not None
-                    out.events.append(
-                        Event(
-                            id=f"{rule.id}@{now_ns}/{phase}{action.index}",
-                            type=action.event_type,
-                            subject=action.subject or rule.id,
-                            ts=now_ns,
-                            body={"rule": rule.id, "message": action.message, "data": action.data(values)},
+                match action:
+                    case CompiledWrite():
+                        self._write(rule, st, action, now_ns, out)
+                    case CompiledSet():
+                        value = action.value(values)
+                        values[action.point] = value
+                        self._unannounced.discard(action.point)
+                        self._dirty_values.add(action.point)
+                        out.samples.append(Sample(action.point, value, now_ns, Quality.GOOD))
+                        fed_back.add(action.point)
+                    case CompiledPublish():
+                        out.publishes.append((action.topic, orjson.dumps(action.payload(values))))
+                    case CompiledAlarm():
+                        out.events.append(self._alarm_event(rule, action, episode_ns, now_ns, "raised"))
+                    case CompiledEvent():
+                        out.events.append(
+                            Event(
+                                id=f"{rule.id}@{now_ns}/{phase}{action.index}",
+                                type=action.event_type,
+                                subject=action.subject or rule.id,
+                                ts=now_ns,
+                                body={"rule": rule.id, "message": action.message, "data": action.data(values)},
+                            )
                         )
-                    )
             except Exception as exc:
                 self._fail(rule, st, exc, now_ns, out)
 
+    def _write(self, rule: CompiledRule, st: _RuleState, action: CompiledWrite, now_ns: int, out: Outputs) -> None:
+        """A write goes out only through the allowlist; a refusal is reported and the rule keeps running."""
+        command = Command(action.point, action.value(self._values), rule.id)
+        try:
+            self.allowlist.check(command)
+        except WriteRejected as exc:
+            st.last_error = str(exc)
+            out.problems.append(Problem(rule.id, str(exc), now_ns))
+            return
+        out.commands.append(command)
+
     def _alarm_event(
-        self, rule: CompiledRule, action: CompiledAction, episode_ns: int, now_ns: int, state: str
+        self, rule: CompiledRule, action: CompiledAlarm, episode_ns: int, now_ns: int, state: str
     ) -> Event:
-        data: Any = {}
-        if action.data is not None:
-            try:
-                data = action.data(self._values)
-            except Exception:
-                data = {}
+        try:
+            data = action.data(self._values)
+        except Exception:
+            data = {}  # the alarm itself matters more than its data: raise (or clear) it without
         return Event(
             id=f"{rule.id}@{episode_ns}" + ("" if state == "raised" else "/cleared"),
             type="alarm",
@@ -736,33 +753,34 @@ class RuleRuntime:
 
     # -- durable state --------------------------------------------------------------------------------------
 
-    def _save(self) -> None:
-        if self._dirty_values:
-            points = sorted(self._dirty_values)
+    def flush_state(self) -> None:
+        """Write the rule states and virtual point values that changed since the last flush to the store (a no-op
+        without one). Raises ``StoreError``; what was not written stays marked and goes with the next flush."""
+        store = self._store
+        if store is None:
             self._dirty_values.clear()
-            if self._store is not None:
-                values = self._values
-                self._store.save_values((point, values[point]) for point in points if point in values)
-        if not self._dirty:
+            self._dirty.clear()
             return
-        dirty = sorted(self._dirty)
-        self._dirty.clear()
-        if self._store is None:
-            return
-        rules, states = self._rules, self._states
-        self._store.save(
-            SavedRuleState(
-                rule_id=rules[i].id,
-                fingerprint=rules[i].fingerprint,
-                state=states[i].state,
-                since_ns=states[i].since_ns,
-                pending_ns=states[i].pending_ns,
-                activated_ns=states[i].activated_ns,
-                last_fired_ns=states[i].last_fired_ns,
-                next_due_ns=states[i].next_due_ns,
+        if self._dirty_values:
+            values = self._values
+            store.save_values((point, values[point]) for point in sorted(self._dirty_values) if point in values)
+            self._dirty_values.clear()
+        if self._dirty:
+            rules, states = self._rules, self._states
+            store.save(
+                SavedRuleState(
+                    rule_id=rules[i].id,
+                    fingerprint=rules[i].fingerprint,
+                    state=states[i].state,
+                    since_ns=states[i].since_ns,
+                    pending_ns=states[i].pending_ns,
+                    activated_ns=states[i].activated_ns,
+                    last_fired_ns=states[i].last_fired_ns,
+                    next_due_ns=states[i].next_due_ns,
+                )
+                for i in sorted(self._dirty)
             )
-            for i in dirty
-        )
+            self._dirty.clear()
 
 
 def _seconds(ns: int) -> str:

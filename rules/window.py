@@ -8,7 +8,6 @@ runtime.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 
 #: a window never holds more samples than this (a 1-day window at 10 Hz would be 864k floats per point)
@@ -123,11 +122,3 @@ class Window:
                 return None
             return (v1 - v0) / ((t1 - t0) / 1e9) * self.per_s
         raise AssertionError(f"unknown aggregate {function}")
-
-    def snapshot(self) -> list[tuple[int, float]]:
-        return list(self._samples)
-
-    def restore(self, samples: list[tuple[int, float]]) -> None:
-        for ts, value in samples:
-            if math.isfinite(value):
-                self.add(ts, value)

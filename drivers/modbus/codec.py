@@ -111,10 +111,6 @@ def compile_decoder(spec: ModbusPoint, register_offset: int, profile_order: str 
     return lambda wire, _swap: unpack(wire, byte_offset)[0] * scale + offset
 
 
-#: orders that read the byte-swapped buffer
-SWAPPED_ORDERS = frozenset(order for order, (swapped, _endian) in _ORDER_PLAN.items() if swapped)
-
-
 class BlockDecoder:
     """Every point of one register read, decoded at once: ``decode(wire)`` returns their values in the order the
     points were given. Compiled once per planned request; the result is exactly what each point's own
@@ -235,8 +231,3 @@ def encode(spec: ModbusPoint, value: Value, profile_order: str = "ABCD") -> list
     width = len(data) // 2
     # Undo the buffer choice of the decoder: the swapped buffer is read back as little-endian registers.
     return list(struct.unpack(f"<{width}H" if swapped else f">{width}H", data))
-
-
-def is_bad_float(value: Value) -> bool:
-    """NaN or infinity: what devices send for "no valid reading"; never forwarded as a number."""
-    return isinstance(value, float) and not math.isfinite(value)

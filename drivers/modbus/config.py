@@ -35,7 +35,6 @@ OrderWide = Literal["ABCD", "CDAB", "BADC", "DCBA"]
 #: one bit of a register
 TYPE_WIDTH: dict[str, int] = {"u16": 1, "i16": 1, "u32": 2, "i32": 2, "u64": 4, "i64": 4, "f32": 2, "f64": 4}
 BIT_TABLES = frozenset({"coil", "discrete"})
-REGISTER_TABLES = frozenset({"holding", "input"})
 WRITABLE_TABLES = frozenset({"holding", "coil"})
 #: protocol limits of one read (Modbus application protocol v1.1b3, function codes 1-4)
 MAX_READ_REGISTERS = 125

@@ -225,7 +225,8 @@ class _LinkLost(Exception):
     """The connection itself died during a poll: leave the link and reconnect."""
 
 
-#: ``tuple.__new__(Sample, (point, value, ts, quality))`` builds a Sample in C; ``Sample(...)`` goes through the
+#: ``tuple.__new__(Sample, (point, value, ts, quality, reason))`` builds a Sample in C (every field given:
+#: defaults are not applied); ``Sample(...)`` goes through the
 #: NamedTuple's Python-level ``__new__``, which costs more than decoding the value did
 _new_tuple = tuple.__new__
 
@@ -250,7 +251,7 @@ class _OutageReporter:
                 due = device.clock.take_due(now)
                 if due:
                     device.status.count_failure("link_down")
-                    await self._publish(_bad_points(device.due_points(due), time.time_ns()))
+                    await self._publish(_bad_points(device.due_points(due), time.time_ns(), "link_down"))
             wait = min(d.clock.next_due() for d in self._devices) - self._clock()
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
@@ -403,7 +404,7 @@ class ModbusBusSource:
         if not device.breaker.allows(now):
             # disabled (its breaker is open): not asked, but its points are still reported BAD for this interval
             device.status.count_failure("disabled")
-            await publish(_bad_points(device.due_points(due), time.time_ns()))
+            await publish(_bad_points(device.due_points(due), time.time_ns(), "disabled"))
             return
         requests = device.plans.get(due)
         if requests is None:
@@ -420,7 +421,7 @@ class ModbusBusSource:
         started = now
         for request in requests:
             if result.unavailable is not None:
-                _bad(request, samples, time.time_ns())  # the slave is silent: do not send the rest of its reads
+                _bad(request, samples, time.time_ns(), "no_answer")  # the slave is silent: skip its other reads
                 continue
             if self._writes:
                 await self._drain_writes(link)
@@ -430,11 +431,12 @@ class ModbusBusSource:
             except DeviceUnavailable as exc:
                 result.unavailable = str(exc)
                 result.link_lost = not link.connected
-                device.status.count_failure("link_lost" if result.link_lost else "no_answer")
+                why = "link_lost" if result.link_lost else "no_answer"
+                device.status.count_failure(why)
                 # pieces of a split read may have answered before the silence: keep them, BAD the rest
                 read = {s.point for s in samples[mark:]}
                 ts = time.time_ns()
-                samples.extend(Sample(p, None, ts, Quality.BAD) for p in request.point_ids if p not in read)
+                samples.extend(Sample(p, None, ts, Quality.BAD, why) for p in request.point_ids if p not in read)
         await publish(samples)
         self._record(device, result, self._clock() - started)
         if result.link_lost:
@@ -452,8 +454,9 @@ class ModbusBusSource:
             code = exc.code
             if code not in _SPLIT_CODES or len(request.points) < 2:
                 result.rejected = result.rejected or str(exc)
-                device.status.count_failure(f"exception_{code}" if code is not None else "bad_answer")
-                _bad(request, samples, time.time_ns())
+                why = f"exception_{code}" if code is not None else "bad_answer"
+                device.status.count_failure(why)
+                _bad(request, samples, time.time_ns(), why)
                 return 0
         else:
             result.answered += 1
@@ -536,7 +539,9 @@ class ModbusBusSource:
                 # NaN/inf is how devices say "no valid reading": forwarded as BAD, never as a number
                 _extend_with_bad_floats(request, values, ts, samples)
                 return
-        samples.extend(map(_new_tuple, repeat(Sample), zip(request.point_ids, values, repeat(ts), repeat(_GOOD))))
+        samples.extend(
+            map(_new_tuple, repeat(Sample), zip(request.point_ids, values, repeat(ts), repeat(_GOOD), repeat(None)))
+        )
 
     async def _frame_gap(self) -> None:
         gap = self._bus.gap_s
@@ -702,17 +707,17 @@ def _extend_with_bad_floats(request: ReadRequest, values: list[Value], ts: int, 
     """The slow path of a read that holds a NaN or an infinity: those points BAD, the others GOOD."""
     for point, value in zip(request.point_ids, values, strict=True):
         if isinstance(value, float) and not math.isfinite(value):
-            samples.append(Sample(point, None, ts, Quality.BAD))
+            samples.append(Sample(point, None, ts, Quality.BAD, "not_finite"))
         else:
             samples.append(Sample(point, value, ts, Quality.GOOD))
 
 
-def _bad(request: ReadRequest, samples: list[Sample], ts: int) -> None:
-    samples.extend(Sample(planned.point, None, ts, Quality.BAD) for planned in request.points)
+def _bad(request: ReadRequest, samples: list[Sample], ts: int, reason: str) -> None:
+    samples.extend(Sample(planned.point, None, ts, Quality.BAD, reason) for planned in request.points)
 
 
-def _bad_points(points: Sequence[str], ts: int) -> list[Sample]:
-    return [Sample(point, None, ts, Quality.BAD) for point in points]
+def _bad_points(points: Sequence[str], ts: int, reason: str) -> list[Sample]:
+    return [Sample(point, None, ts, Quality.BAD, reason) for point in points]
 
 
 def build_sources(site: Site) -> list[ModbusBusSource]:

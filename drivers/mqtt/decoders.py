@@ -498,7 +498,7 @@ class Decoder:
                     value = point.finish(value, self.unit_of(doc, point), binding)
                     if value is _REFUSED:
                         continue
-                out.append(_new_tuple(Sample, (point.point_id, value, ts, _GOOD)))
+                out.append(_new_tuple(Sample, (point.point_id, value, ts, _GOOD, None)))
         except MalformedPayload:
             del out[mark:]
             binding.refusals.clear()
@@ -693,7 +693,7 @@ class PlainDecoder:
             value = point.finish(value, None, binding)
             if value is _REFUSED:
                 return
-        out.append(_new_tuple(Sample, (point.point_id, value, received_ns, _GOOD)))
+        out.append(_new_tuple(Sample, (point.point_id, value, received_ns, _GOOD, None)))
 
 
 class SenmlDecoder:
@@ -755,7 +755,7 @@ class SenmlDecoder:
                     value = point.finish(value, record.get("u", base_unit), binding)
                     if value is _REFUSED:
                         continue
-                out.append(_new_tuple(Sample, (point.point_id, value, ts, _GOOD)))
+                out.append(_new_tuple(Sample, (point.point_id, value, ts, _GOOD, None)))
         except MalformedPayload:
             del out[mark:]
             binding.refusals.clear()

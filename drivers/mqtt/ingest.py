@@ -311,7 +311,8 @@ class Ingest:
                 log.warning("mqtt[%s]: %s went offline (%s)", self.source_id, counters.device, topic[:200])
             # its points are BAD from now: downstream sees the outage, not a silently frozen last value
             out.extend(
-                Sample(point_id, None, received_ns, Quality.BAD) for point_id in self._point_ids[counters.device]
+                Sample(point_id, None, received_ns, Quality.BAD, "offline")
+                for point_id in self._point_ids[counters.device]
             )
 
     def _refused(self, binding: DeviceBinding, topic: str, *, produced: bool) -> None:

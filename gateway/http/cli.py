@@ -53,7 +53,17 @@ def _table(rows: list[list[str]], out: TextIO, indent: str = "  ") -> None:
 
 
 def render(data: JsonDict, out: TextIO, *, all_points: bool = True) -> None:
-    """Print the same sections as the status page, in the same order."""
+    """Print the same sections as the status page, in the same order (``all_points=False``: ``--problems``)."""
+    _render_header(data, out)
+    _render_alarms(data, out)
+    _render_devices(data, out)
+    _render_points(data, out, all_points=all_points)
+    _render_rules(data, out, all_points=all_points)
+    _render_uplinks(data, out)
+    _render_incentives(data, out)
+
+
+def _render_header(data: JsonDict, out: TextIO) -> None:
     gw = data["gateway"]
     ready = data["readiness"]
     name = gw["name"] or f"{gw['site']}/{gw['id']}"
@@ -63,12 +73,16 @@ def render(data: JsonDict, out: TextIO, *, all_points: bool = True) -> None:
         if not result["ok"]:
             print(f"  ! {check}: {result['detail']}", file=out)
 
+
+def _render_alarms(data: JsonDict, out: TextIO) -> None:
     print(f"\nAlarms ({len(data['alarms'])})", file=out)
     if data["alarms"]:
         _table([[a["severity"].upper(), a["source"], a["message"]] for a in data["alarms"]], out)
     else:
         print("  none", file=out)
 
+
+def _render_devices(data: JsonDict, out: TextIO) -> None:
     print(f"\nDevices ({len(data['devices'])})", file=out)
     _table(
         [["device", "driver", "state", "polls", "errors", "latency", "last good", "last error"]]
@@ -88,28 +102,32 @@ def render(data: JsonDict, out: TextIO, *, all_points: bool = True) -> None:
         out,
     )
 
+
+def _render_points(data: JsonDict, out: TextIO, *, all_points: bool) -> None:
     points = data["points"]
     if not all_points:  # a point whose first value is not due yet (the building aggregate) is not a problem
         points = [p for p in points if p["quality"] != "good" and not p.get("awaiting")]
     print(f"\nPoints ({len(data['points'])}{'' if all_points else ', not good only'})", file=out)
     if not points:
         print("  every point good" if data["points"] else "  none", file=out)
-    else:
-        _table(
-            [["point", "value", "unit", "quality", "age"]]
-            + [
-                [
-                    p["id"],
-                    format_value(p["value"]),
-                    format_unit(p["unit"]),
-                    p["quality"] or "-",
-                    p["awaiting"] if p.get("awaiting") and p["age_s"] is None else format_age(p["age_s"]),
-                ]
-                for p in points
-            ],
-            out,
-        )
+        return
+    _table(
+        [["point", "value", "unit", "quality", "age"]]
+        + [
+            [
+                p["id"],
+                format_value(p["value"]),
+                format_unit(p["unit"]),
+                p["quality"] or "-",
+                p["awaiting"] if p.get("awaiting") and p["age_s"] is None else format_age(p["age_s"]),
+            ]
+            for p in points
+        ],
+        out,
+    )
 
+
+def _render_rules(data: JsonDict, out: TextIO, *, all_points: bool) -> None:
     rules = data["rules"]
     print(f"\nRules ({len(rules['rules'])})", file=out)
     if not rules["loaded"]:
@@ -132,6 +150,8 @@ def render(data: JsonDict, out: TextIO, *, all_points: bool = True) -> None:
     if resolved and all_points:
         print(f"  {len(resolved)} resolved since start (the last: {resolved[-1]})", file=out)
 
+
+def _render_uplinks(data: JsonDict, out: TextIO) -> None:
     print(f"\nUplinks ({len(data['uplinks'])})", file=out)
     if not data["uplinks"]:
         print("  none configured: data stays in the local outbox", file=out)
@@ -158,15 +178,18 @@ def render(data: JsonDict, out: TextIO, *, all_points: bool = True) -> None:
             file=out,
         )
 
+
+def _render_incentives(data: JsonDict, out: TextIO) -> None:
     incentives = data["incentives"]
-    if incentives["enabled"]:
-        print(f"\nIncentive records on {incentives['day']}: {len(incentives['records'])}", file=out)
-        refused = {name: count for name, count in (incentives.get("refused") or {}).items() if count}
-        if refused:
-            listed = ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in sorted(refused.items()))
-            print(f"  meter readings refused or ignored: {listed}", file=out)
-        if incentives.get("error"):
-            print(f"  ! {incentives['error']}", file=out)
+    if not incentives["enabled"]:
+        return
+    print(f"\nIncentive records on {incentives['day']}: {len(incentives['records'])}", file=out)
+    refused = {name: count for name, count in (incentives.get("refused") or {}).items() if count}
+    if refused:
+        listed = ", ".join(f"{name.replace('_', ' ')} {count}" for name, count in sorted(refused.items()))
+        print(f"  meter readings refused or ignored: {listed}", file=out)
+    if incentives.get("error"):
+        print(f"  ! {incentives['error']}", file=out)
 
 
 def read_token(token_file: str | None) -> str | None:

@@ -4,13 +4,20 @@ Owns the schema and every statement. The stage decides; this module stores and a
 the meters' anchors and the chain head are written in one transaction (:meth:`Ledger.commit_issue`), so after
 ``kill -9`` an interval is either issued (and never again) or not (and is issued after restart with the same id).
 
+Where the writes run: every method is a blocking SQLite call on the caller's thread, and the stage calls them on the
+event loop today (a commit is milliseconds with ``durability: power`` on an SD card, one per issued interval). The
+stage writes through three methods only, each taking plain immutable values and returning nothing the stage has to
+wait for beyond an error: :meth:`Ledger.store_readings`, :meth:`Ledger.commit_issue` (one :class:`IssueCommit`) and
+:meth:`Ledger.set_meta`. That is the seam for moving them to a writer thread, as the outbox does, without touching
+the stage's decisions or the bytes of a record.
+
 Imports SQLite and the pure energy module; never a protocol library, the bus or the outbox.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +84,21 @@ class StoredRecord:
     delta_micro: int
     hash: str
     body: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class IssueCommit:
+    """Everything one issue writes, in one transaction: the records (already sealed: their bytes are final), the
+    cursors they move, the anchors their meters' next intervals start from, and for an epoch record the epoch."""
+
+    records: tuple[StoredRecord, ...]
+    issued_ns: int
+    #: account -> start of its next interval
+    cursors: Mapping[str, int]
+    #: meter point -> where its next interval starts
+    anchors: Mapping[str, Anchor]
+    #: (number, programme hash, programme body) of an epoch record
+    epoch: tuple[int, str, bytes] | None = None
 
 
 def version_problem(db: sqlite3.Connection, path: Path) -> str | None:
@@ -282,77 +304,67 @@ class Ledger:
 
     # -- issuing ------------------------------------------------------------------------------------------------
 
-    def commit_issue(
-        self,
-        records: Iterable[StoredRecord],
-        *,
-        issued_ns: int,
-        cursor: tuple[str, int] | None = None,
-        anchors: dict[str, Anchor] | None = None,
-        epoch: tuple[int, str, bytes] | None = None,
-        cursors: dict[str, int] | None = None,
-    ) -> None:
-        """Records, the account's cursor, its meters' anchors and (for an epoch record) the epoch, in one transaction.
-
-        Readings before an anchor's reading can never be used again and are deleted in the same transaction.
-        """
+    def commit_issue(self, commit: IssueCommit) -> None:
+        """Records, the accounts' cursors, their meters' anchors and (for an epoch record) the epoch, in one
+        transaction. Readings before an anchor's reading can never be used again and are deleted in the same
+        transaction."""
         try:
             with self._db:
                 self._db.execute("BEGIN")
-                self._db.executemany(
-                    "INSERT INTO records (seq, id, kind, account, pseudonym, start_ns, local_day, interval_s, epoch, "
-                    "flagged, micro_kwh, delta_micro, issued_ns, hash, body) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    [
-                        (
-                            r.seq,
-                            r.id,
-                            r.kind,
-                            r.account,
-                            r.pseudonym,
-                            r.start_ns,
-                            r.local_day,
-                            r.interval_s,
-                            r.epoch,
-                            int(r.flagged),
-                            r.micro_kwh,
-                            r.delta_micro,
-                            issued_ns,
-                            r.hash,
-                            r.body,
-                        )
-                        for r in records
-                    ],
-                )
-                moved = dict(cursors or {})
-                if cursor is not None:
-                    moved[cursor[0]] = cursor[1]
+                self._insert_records(commit.records, commit.issued_ns)
                 self._db.executemany(
                     "INSERT INTO cursors (account, next_start_ns) VALUES (?, ?) "
                     "ON CONFLICT (account) DO UPDATE SET next_start_ns = excluded.next_start_ns",
-                    list(moved.items()),
+                    list(commit.cursors.items()),
                 )
-                for point, anchor in (anchors or {}).items():
-                    self._db.execute(
-                        "INSERT INTO anchors (point, edge_ns, ts_ns, micro_kwh, allocated, run_since_ns) "
-                        "VALUES (?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT (point) DO UPDATE SET edge_ns = excluded.edge_ns, ts_ns = excluded.ts_ns, "
-                        "micro_kwh = excluded.micro_kwh, allocated = excluded.allocated, "
-                        "run_since_ns = excluded.run_since_ns",
-                        (
-                            point,
-                            anchor.edge_ns,
-                            anchor.reading.ts_ns,
-                            anchor.reading.micro_kwh,
-                            anchor.allocated,
-                            anchor.run_since_ns,
-                        ),
-                    )
-                    self._db.execute(
-                        "DELETE FROM readings WHERE point = ? AND ts_ns < ?", (point, anchor.reading.ts_ns)
-                    )
-                    self._db.execute("DELETE FROM clock_marks WHERE point = ? AND to_ns < ?", (point, anchor.edge_ns))
-                if epoch is not None:
-                    self._db.execute("INSERT INTO epochs (epoch, programme, body) VALUES (?, ?, ?)", epoch)
+                for point, anchor in commit.anchors.items():
+                    self._move_anchor(point, anchor)
+                if commit.epoch is not None:
+                    self._db.execute("INSERT INTO epochs (epoch, programme, body) VALUES (?, ?, ?)", commit.epoch)
         except sqlite3.Error as exc:
             raise StoreError(f"cannot write an incentive record to the ledger: {exc}") from exc
+
+    def _insert_records(self, records: Sequence[StoredRecord], issued_ns: int) -> None:
+        self._db.executemany(
+            "INSERT INTO records (seq, id, kind, account, pseudonym, start_ns, local_day, interval_s, epoch, "
+            "flagged, micro_kwh, delta_micro, issued_ns, hash, body) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (
+                    r.seq,
+                    r.id,
+                    r.kind,
+                    r.account,
+                    r.pseudonym,
+                    r.start_ns,
+                    r.local_day,
+                    r.interval_s,
+                    r.epoch,
+                    int(r.flagged),
+                    r.micro_kwh,
+                    r.delta_micro,
+                    issued_ns,
+                    r.hash,
+                    r.body,
+                )
+                for r in records
+            ],
+        )
+
+    def _move_anchor(self, point: str, anchor: Anchor) -> None:
+        """The meter's next interval starts here: what lies before it is never read again."""
+        self._db.execute(
+            "INSERT INTO anchors (point, edge_ns, ts_ns, micro_kwh, allocated, run_since_ns) VALUES (?, ?, ?, ?, ?, ?) "
+            "ON CONFLICT (point) DO UPDATE SET edge_ns = excluded.edge_ns, ts_ns = excluded.ts_ns, "
+            "micro_kwh = excluded.micro_kwh, allocated = excluded.allocated, run_since_ns = excluded.run_since_ns",
+            (
+                point,
+                anchor.edge_ns,
+                anchor.reading.ts_ns,
+                anchor.reading.micro_kwh,
+                anchor.allocated,
+                anchor.run_since_ns,
+            ),
+        )
+        self._db.execute("DELETE FROM readings WHERE point = ? AND ts_ns < ?", (point, anchor.reading.ts_ns))
+        self._db.execute("DELETE FROM clock_marks WHERE point = ? AND to_ns < ?", (point, anchor.edge_ns))

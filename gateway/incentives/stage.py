@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import threading
 import time as time_module
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, time, timedelta
 from decimal import ROUND_HALF_EVEN, Decimal
@@ -52,7 +52,7 @@ from gateway.incentives.energy import (
     resolution_step,
     to_micro_kwh,
 )
-from gateway.incentives.ledger import Ledger, StoredRecord
+from gateway.incentives.ledger import IssueCommit, Ledger, StoredRecord
 from gateway.incentives.programme import AccountPlan, Programme, build_programme, describe_change, iso_ns
 from gateway.incentives.record import (
     GENESIS_HASH,
@@ -99,6 +99,24 @@ class ProgrammeChanged(ConfigError):
 class _Epoch:
     number: int
     programme: Programme
+
+
+@dataclass(frozen=True, slots=True)
+class _IntervalFigures:
+    """What the stage decided about one account's interval, before any of it is written as text."""
+
+    #: one body entry per meter (``_meter_entry``)
+    entries: list[dict[str, Any]]
+    flags: set[str]
+    notes: set[str]
+    #: meter -> where its next interval starts (meters that sent nothing keep theirs)
+    anchors: dict[str, Anchor]
+    baseline: BaselineValue | None
+    status: str
+    energy: int
+    delta: int
+    saving: int
+    factor: Decimal
 
 
 def _times(micro: int, factor: Decimal) -> int:
@@ -427,8 +445,34 @@ class IncentiveStage:
     def _issue(
         self, account: AccountPlan, start: int, end: int, meters: dict[str, MeterInterval | None], now_ns: int
     ) -> int:
-        """Issue the interval record (and the day's settlement when this interval ends the day); records issued."""
+        """Issue the interval record (and the day's settlement when this interval ends the day); records issued.
+
+        Three steps: decide the figures (``_judge``), write them as the record's body (``_interval_body``), then
+        seal, commit and move on (``_commit``, ``_closed``)."""
+        figures = self._judge(account, start, end, meters)
         local_day = local_start(start, self.zone).date()
+        records = [
+            self._seal(
+                self._interval_body(account, start, end, figures),
+                account=account,
+                start_ns=start,
+                local_day=local_day.isoformat(),
+                flagged=bool(figures.flags),
+                micro_kwh=figures.energy,
+                delta_micro=figures.delta,
+            )
+        ]
+        next_day = local_start(end, self.zone).date()
+        if self.config.netting == "day" and next_day != local_day:
+            records.append(self._settlement(account, local_day, records[0]))
+        self._commit(records, now_ns, cursors={account.real_id: end}, anchors=figures.anchors)
+        self._closed(account, end, figures.anchors)
+        return len(records)
+
+    def _judge(
+        self, account: AccountPlan, start: int, end: int, meters: dict[str, MeterInterval | None]
+    ) -> _IntervalFigures:
+        """The decision: each meter's entry and flags, the baseline, the status, and what the interval pays."""
         baseline = compute_baseline(
             account.baseline,
             start,
@@ -461,9 +505,23 @@ class IncentiveStage:
         else:
             status = "measured"
         delta = baseline.micro_kwh - energy if status == "measured" and baseline is not None else 0
-        saving = max(0, delta) if self.config.netting == "interval" else 0
-        factor = self.config.emission_factor.at(clock_time(start, self.zone))
-        body: dict[str, Any] = {
+        return _IntervalFigures(
+            entries=entries,
+            flags=record_flags,
+            notes=notes,
+            anchors=anchors,
+            baseline=baseline,
+            status=status,
+            energy=energy,
+            delta=delta,
+            saving=max(0, delta) if self.config.netting == "interval" else 0,
+            factor=self.config.emission_factor.at(clock_time(start, self.zone)),
+        )
+
+    def _interval_body(self, account: AccountPlan, start: int, end: int, figures: _IntervalFigures) -> dict[str, Any]:
+        """The record's body (schema 2, before its signature): the figures as text, in the units the schema names."""
+        factor = figures.factor
+        return {
             **self._common("interval", record_id(self.gateway_id, account.pseudonym, start)),
             "account": account.pseudonym,
             "interval": {
@@ -471,34 +529,22 @@ class IncentiveStage:
                 "end": iso_ns(end),
                 "local_start": local_start(start, self.zone).isoformat(),
             },
-            "status": status,
-            "flags": sorted(record_flags),
-            "notes": sorted(notes),
-            "meters": entries,
-            "energy_kwh": format_micro(energy),
-            "baseline": _baseline_body(baseline),
-            "delta_kwh": format_micro(delta),
-            "saving_kwh": format_micro(saving),
+            "status": figures.status,
+            "flags": sorted(figures.flags),
+            "notes": sorted(figures.notes),
+            "meters": figures.entries,
+            "energy_kwh": format_micro(figures.energy),
+            "baseline": _baseline_body(figures.baseline),
+            "delta_kwh": format_micro(figures.delta),
+            "saving_kwh": format_micro(figures.saving),
             "emission_factor_kg_per_kwh": str(factor),
-            "co2e_kg": format_micro(_times(energy, factor)),
-            "co2e_delta_kg": format_micro(_times(delta, factor)),
-            "co2e_saved_kg": format_micro(_times(saving, factor)),
+            "co2e_kg": format_micro(_times(figures.energy, factor)),
+            "co2e_delta_kg": format_micro(_times(figures.delta, factor)),
+            "co2e_saved_kg": format_micro(_times(figures.saving, factor)),
         }
-        records = [
-            self._seal(
-                body,
-                account=account,
-                start_ns=start,
-                local_day=local_day.isoformat(),
-                flagged=bool(record_flags),
-                micro_kwh=energy,
-                delta_micro=delta,
-            )
-        ]
-        next_day = local_start(end, self.zone).date()
-        if self.config.netting == "day" and next_day != local_day:
-            records.append(self._settlement(account, local_day, records[0]))
-        self._commit(records, now_ns, cursor=(account.real_id, end), anchors=anchors)
+
+    def _closed(self, account: AccountPlan, end: int, anchors: dict[str, Anchor]) -> None:
+        """The interval is committed: move the account's in-memory state past it, as the ledger now has it."""
         self._cursor[account.real_id] = end
         self._issued_any.add(account.real_id)
         self._anchors.update(anchors)
@@ -506,7 +552,6 @@ class IncentiveStage:
             if point in self._marks:
                 self._marks[point] = [(low, high) for low, high in self._marks[point] if high >= end]
         self._not_ready.pop(account.real_id, None)
-        return len(records)
 
     def _meter_entry(
         self,
@@ -553,7 +598,7 @@ class IncentiveStage:
         }
         return entry, flags, measured.micro_kwh
 
-    def _day_skipper(self, account: str) -> Any:
+    def _day_skipper(self, account: str) -> Callable[[date], bool]:
         abnormal = self._ledger.abnormal_days(account) | self._excluded
 
         def skip(day: date) -> bool:
@@ -644,8 +689,18 @@ class IncentiveStage:
             body=orjson.dumps(body, option=orjson.OPT_SORT_KEYS),
         )
 
-    def _commit(self, records: list[StoredRecord], now_ns: int, **state: Any) -> None:
-        self._ledger.commit_issue(records, issued_ns=now_ns, **state)
+    def _commit(
+        self,
+        records: list[StoredRecord],
+        now_ns: int,
+        *,
+        cursors: dict[str, int],
+        anchors: dict[str, Anchor] | None = None,
+        epoch: tuple[int, str, bytes] | None = None,
+    ) -> None:
+        """The one write of an issue (blocking, on the caller's thread: see the ledger's docstring); the chain head
+        and the records handed out move only once it is committed."""
+        self._ledger.commit_issue(IssueCommit(tuple(records), now_ns, cursors, anchors or {}, epoch))
         self._seq, self._head_hash = records[-1].seq, records[-1].hash
         self._pending.extend(self._event(orjson.loads(r.body), now_ns) for r in records)
 

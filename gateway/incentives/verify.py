@@ -830,14 +830,31 @@ class _Verifier:
     # -- one line ----------------------------------------------------------------------------------------------
 
     def feed(self, number: int, raw: bytes | str) -> None:
+        """One line: decode it, check its identity and signature, place it in the chain, then check its content."""
+        decoded = self._decode(number, raw)
+        if decoded is None:
+            return
+        record, digest = decoded
+        self.report.records += 1
+        where = f"line {number} (seq {record['seq']}, {record['id']})"
+        if not self._unique(record, where, digest):
+            return
+        self.report.kinds[record["kind"]] += 1
+        trusted = self._trusted(record, where, number)
+        seen = self._place(record, where, number, digest, trusted)
+        self._content(record, where, seen, trusted)
+
+    def _decode(self, number: int, raw: bytes | str) -> tuple[dict[str, Any], str] | None:
+        """The line's record (unwrapped from an event envelope) and its hash, or None (reported) when it is not
+        one JSON object of the common shape."""
         text = (raw if isinstance(raw, bytes) else raw.encode()).strip()
         if not text:
-            return
+            return None
         try:
             item = orjson.loads(text)
         except orjson.JSONDecodeError:
             self.problem(f"line {number}: not valid JSON")
-            return
+            return None
         record = _unwrap(item)
         canonical_line = record is item and isinstance(record, dict) and _canonical(record) == text
         if not canonical_line:
@@ -846,33 +863,35 @@ class _Verifier:
                 duplicate = _duplicate_key(text)
             except (ValueError, RecursionError):
                 self.problem(f"line {number}: not valid JSON")
-                return
+                return None
             if duplicate is not None:
                 self.problem(f"line {number}: duplicate JSON key {duplicate!r}")
-                return
+                return None
         shape = _common_shape(record)
         if shape is not None:
             self.problem(f"line {number}: {shape}")
-            return
-        self.report.records += 1
-        seq, rid, kind = record["seq"], record["id"], record["kind"]
-        where = f"line {number} (seq {seq}, {rid})"
+            return None
         digest = _sha256(text) if canonical_line else _sha256(_canonical(record))
+        return record, digest
 
+    def _unique(self, record: dict[str, Any], where: str, digest: str) -> bool:
+        """False (reported) for a second record with an id or a seq already seen."""
+        seq, rid = record["seq"], record["id"]
         if rid in self.by_id:
             first = self.by_id[rid]
             if first.hash == digest:
                 self.problem(f"{where}: replayed record, identical to line {first.line}")
             else:
                 self.problem(f"{where}: a different record with the same id as line {first.line}")
-            return
+            return False
         if seq in self.by_seq:
             self.problem(f"{where}: duplicate seq {seq}, already used on line {self.by_seq[seq].line}")
-            return
-        self.report.kinds[kind] += 1
+            return False
+        return True
 
+    def _trusted(self, record: dict[str, Any], where: str, number: int) -> bool:
+        """Signed by one of the given keys, with a valid signature in canonical form."""
         key = self.keys.get(record["key_id"])
-        trusted = False
         if key is None:
             self.foreign_keys.setdefault(record["key_id"], []).append(number)
         elif not signature_valid(record, key):
@@ -880,8 +899,12 @@ class _Verifier:
         elif not signature_is_canonical(record["signature"]):
             self.problem(f"{where}: the signature is not written as canonical base64url (its hash would vary)")
         else:
-            trusted = True
+            return True
+        return False
 
+    def _place(self, record: dict[str, Any], where: str, number: int, digest: str, trusted: bool) -> _Seen:
+        """Order, the indexes by id and seq, the stream's start, and its gateway and site."""
+        seq, rid = record["seq"], record["id"]
         if self.max_seq is not None and seq < self.max_seq:
             self.problem(f"{where}: out of order, seq {seq} comes after seq {self.max_seq}")
         if self.max_seq is not None and seq != self.max_seq + 1:
@@ -904,7 +927,11 @@ class _Verifier:
                 f"{where}: gateway {record['gateway']!r} / site {record['site']!r} is not the stream's "
                 f"({self.gateway!r} / {self.site!r})"
             )
+        return seen
 
+    def _content(self, record: dict[str, Any], where: str, seen: _Seen, trusted: bool) -> None:
+        """Re-derive what a trusted record states, by its kind, under the epoch in force."""
+        kind = record["kind"]
         if kind == "epoch":
             self._epoch(record, where, trusted)
             return
@@ -1054,9 +1081,46 @@ class _Verifier:
         rules: _AccountRules,
         programme: _Programme,
     ) -> None:
+        """Every figure, step by step: meters -> energy -> baseline -> flags -> status, delta, saving -> CO2e."""
         flags = _sorted_unique(_list(record["flags"], "flags"), "flags", _FLAGS)
         notes = _sorted_unique(_list(record["notes"], "notes"), "notes", _NOTES)
         info.flagged = bool(flags)
+        stated_kwh, results = self._meters(
+            record, out, info=info, rules=rules, programme=programme, flags=flags, notes=notes
+        )
+        energy = _micro(record["energy_kwh"], "energy_kwh")
+        info.energy = energy
+        if energy != sum(stated_kwh):
+            out(f"energy_kwh {_fmt(energy)} is not the sum of its meters' kwh ({_fmt(sum(stated_kwh))})")
+        if energy < 0:
+            out(f"negative energy_kwh {_fmt(energy)}")
+        baseline = self._baseline(record["baseline"], out, info, rules, programme)
+        derived_flags = _derived_flags(results, out, info=info, rules=rules, programme=programme, baseline=baseline)
+        delta, saving = _payout(
+            record,
+            out,
+            info=info,
+            programme=programme,
+            flags=flags,
+            derived_flags=derived_flags,
+            baseline=baseline,
+            energy=energy,
+        )
+        _co2e(record, out, info=info, programme=programme, energy=energy, delta=delta, saving=saving)
+
+    def _meters(
+        self,
+        record: dict[str, Any],
+        out: Callable[[str], None],
+        *,
+        info: _Interval,
+        rules: _AccountRules,
+        programme: _Programme,
+        flags: list[str],
+        notes: list[str],
+    ) -> tuple[list[int], list[tuple[str, _MeterResult, list[str]]]]:
+        """Each meter's kWh re-derived from its readings; the record's flags and notes as the union of its meters'.
+        Returns the stated kWh of every meter and, for the programme's meters, what their readings give."""
         meters = _list(record["meters"], "meters")
         names = [_str(_obj(m, "meters entry").get("meter"), "meter") for m in meters]
         expected_names = [m.meter for m in rules.meters]
@@ -1093,91 +1157,7 @@ class _Verifier:
             out(f"flags {flags} are not the union of the meters' flags {sorted(meter_flags)}")
         if notes != sorted(meter_notes):
             out(f"notes {notes} are not the union of the meters' notes {sorted(meter_notes)}")
-
-        energy = _micro(record["energy_kwh"], "energy_kwh")
-        info.energy = energy
-        if energy != sum(stated_kwh):
-            out(f"energy_kwh {_fmt(energy)} is not the sum of its meters' kwh ({_fmt(sum(stated_kwh))})")
-        if energy < 0:
-            out(f"negative energy_kwh {_fmt(energy)}")
-        baseline = self._baseline(record["baseline"], out, info, rules, programme)
-
-        derived_flags: set[str] = set()
-        for name, result, stated_flags in results:
-            derived = dict(result.flags)
-            declared = set(_DECLARED_FLAGS)
-            if baseline is not None and baseline > 0 and "gap" not in derived:
-                run = _frozen_run(result.readings, info.start, info.end, programme.interval_s * NS)
-                if result.kwh == 0:
-                    derived["stuck"] = f"no advance over the interval while the baseline expects {_fmt(baseline)} kWh"
-                elif run is not None:
-                    derived.setdefault(
-                        "stuck",
-                        f"the readings stay at {_fmt(run[0][1])} from {_show_ts(run[0][0])} to {_show_ts(run[1][0])}, "
-                        "longer than one interval",
-                    )
-                elif _may_run_on(result.readings):
-                    declared.add("stuck")
-            if baseline is not None:
-                step = _resolution_step(result.readings, by_name[name])
-                if step > _share_of(programme.resolution_share, baseline):
-                    derived.setdefault(
-                        "resolution",
-                        f"the counter's step {float(step):g} kWh is coarser than resolution_share of the baseline",
-                    )
-            derived_flags.update(derived)
-            for flag in sorted(derived.keys() - set(stated_flags)):
-                out(f"meter {name}: flag {flag} missing: {derived[flag]}")
-            for flag in sorted(set(stated_flags) - derived.keys() - declared):
-                out(f"meter {name}: flag {flag} is not derivable from its readings")
-
-        status = record["status"]
-        if not isinstance(status, str) or status not in _STATUSES:
-            raise _Bad(f"status {status!r} is not one of {sorted(_STATUSES)}")
-        expected_status = (
-            "incomplete"
-            if "gap" in flags
-            else "flagged"
-            if flags
-            else "no_baseline"
-            if baseline is None
-            else "measured"
-        )
-        if status != expected_status:
-            out(f"status {status!r} is not what its flags and baseline give ({expected_status!r})")
-        delta = _micro(record["delta_kwh"], "delta_kwh")
-        info.delta = delta
-        expected_delta = baseline - energy if status == "measured" and baseline is not None else 0
-        if delta != expected_delta:
-            out(
-                f"delta_kwh {_fmt(delta)} is not {'baseline - energy' if expected_delta else '0'} "
-                f"({_fmt(expected_delta)})"
-            )
-        saving = _micro(record["saving_kwh"], "saving_kwh")
-        expected_saving = max(0, delta) if programme.netting == "interval" else 0
-        if saving != expected_saving:
-            rule = "max(0, delta)" if programme.netting == "interval" else "0 with netting by day"
-            out(f"saving_kwh {_fmt(saving)} is not {rule} ({_fmt(expected_saving)})")
-        if saving > 0 and (flags or derived_flags or status != "measured"):
-            shown = ", ".join(sorted(set(flags) | derived_flags)) or "none"
-            out(f"a saving of {_fmt(saving)} kWh on a flagged interval (flags: {shown}; status {status})")
-
-        factor = _factor(record["emission_factor_kg_per_kwh"], "emission_factor_kg_per_kwh")
-        if info.clock is not None:
-            expected_factor = programme.factor_at(info.clock)
-            if factor != expected_factor:
-                out(
-                    f"emission_factor_kg_per_kwh {factor} is not the programme's at local "
-                    f"{_show_clock(info.clock)} ({expected_factor})"
-                )
-        for name, figure, base in (("co2e_kg", "energy_kwh", energy), ("co2e_delta_kg", "delta_kwh", delta),
-                                   ("co2e_saved_kg", "saving_kwh", saving)):  # fmt: skip
-            stated = _micro(record[name], name)
-            expected = _times_factor(base, factor)
-            if name == "co2e_delta_kg":
-                info.co2e_delta = stated
-            if stated != expected:
-                out(f"{name} {_fmt(stated)} is not {figure} x emission factor ({_fmt(expected)})")
+        return stated_kwh, results
 
     def _baseline(
         self, value: Any, out: Callable[[str], None], info: _Interval, rules: _AccountRules, programme: _Programme
@@ -1499,6 +1479,114 @@ class _Verifier:
             self.problem(f"checkpoint: epoch {checkpoint['epoch']} is not that of seq {seq} ({seen.epoch})")
             return
         self.report.checkpoint_seq = seq
+
+
+def _derived_flags(
+    results: list[tuple[str, _MeterResult, list[str]]],
+    out: Callable[[str], None],
+    *,
+    info: _Interval,
+    rules: _AccountRules,
+    programme: _Programme,
+    baseline: int | None,
+) -> set[str]:
+    """The flags each meter's readings give against the baseline (stuck, resolution), compared with the stated
+    ones; returns every derived flag."""
+    by_name = {m.meter: m for m in rules.meters}
+    derived_flags: set[str] = set()
+    for name, result, stated_flags in results:
+        derived = dict(result.flags)
+        declared = set(_DECLARED_FLAGS)
+        if baseline is not None and baseline > 0 and "gap" not in derived:
+            run = _frozen_run(result.readings, info.start, info.end, programme.interval_s * NS)
+            if result.kwh == 0:
+                derived["stuck"] = f"no advance over the interval while the baseline expects {_fmt(baseline)} kWh"
+            elif run is not None:
+                derived.setdefault(
+                    "stuck",
+                    f"the readings stay at {_fmt(run[0][1])} from {_show_ts(run[0][0])} to {_show_ts(run[1][0])}, "
+                    "longer than one interval",
+                )
+            elif _may_run_on(result.readings):
+                declared.add("stuck")
+        if baseline is not None:
+            step = _resolution_step(result.readings, by_name[name])
+            if step > _share_of(programme.resolution_share, baseline):
+                derived.setdefault(
+                    "resolution",
+                    f"the counter's step {float(step):g} kWh is coarser than resolution_share of the baseline",
+                )
+        derived_flags.update(derived)
+        for flag in sorted(derived.keys() - set(stated_flags)):
+            out(f"meter {name}: flag {flag} missing: {derived[flag]}")
+        for flag in sorted(set(stated_flags) - derived.keys() - declared):
+            out(f"meter {name}: flag {flag} is not derivable from its readings")
+    return derived_flags
+
+
+def _payout(
+    record: dict[str, Any],
+    out: Callable[[str], None],
+    *,
+    info: _Interval,
+    programme: _Programme,
+    flags: list[str],
+    derived_flags: set[str],
+    baseline: int | None,
+    energy: int,
+) -> tuple[int, int]:
+    """Status, delta and saving as the flags and the baseline give them; returns the stated (delta, saving)."""
+    status = record["status"]
+    if not isinstance(status, str) or status not in _STATUSES:
+        raise _Bad(f"status {status!r} is not one of {sorted(_STATUSES)}")
+    expected_status = (
+        "incomplete" if "gap" in flags else "flagged" if flags else "no_baseline" if baseline is None else "measured"
+    )
+    if status != expected_status:
+        out(f"status {status!r} is not what its flags and baseline give ({expected_status!r})")
+    delta = _micro(record["delta_kwh"], "delta_kwh")
+    info.delta = delta
+    expected_delta = baseline - energy if status == "measured" and baseline is not None else 0
+    if delta != expected_delta:
+        out(f"delta_kwh {_fmt(delta)} is not {'baseline - energy' if expected_delta else '0'} ({_fmt(expected_delta)})")
+    saving = _micro(record["saving_kwh"], "saving_kwh")
+    expected_saving = max(0, delta) if programme.netting == "interval" else 0
+    if saving != expected_saving:
+        rule = "max(0, delta)" if programme.netting == "interval" else "0 with netting by day"
+        out(f"saving_kwh {_fmt(saving)} is not {rule} ({_fmt(expected_saving)})")
+    if saving > 0 and (flags or derived_flags or status != "measured"):
+        shown = ", ".join(sorted(set(flags) | derived_flags)) or "none"
+        out(f"a saving of {_fmt(saving)} kWh on a flagged interval (flags: {shown}; status {status})")
+    return delta, saving
+
+
+def _co2e(
+    record: dict[str, Any],
+    out: Callable[[str], None],
+    *,
+    info: _Interval,
+    programme: _Programme,
+    energy: int,
+    delta: int,
+    saving: int,
+) -> None:
+    """The emission factor in force at the interval's local start, and each CO2e figure as kWh x that factor."""
+    factor = _factor(record["emission_factor_kg_per_kwh"], "emission_factor_kg_per_kwh")
+    if info.clock is not None:
+        expected_factor = programme.factor_at(info.clock)
+        if factor != expected_factor:
+            out(
+                f"emission_factor_kg_per_kwh {factor} is not the programme's at local "
+                f"{_show_clock(info.clock)} ({expected_factor})"
+            )
+    for name, figure, base in (("co2e_kg", "energy_kwh", energy), ("co2e_delta_kg", "delta_kwh", delta),
+                               ("co2e_saved_kg", "saving_kwh", saving)):  # fmt: skip
+        stated = _micro(record[name], name)
+        expected = _times_factor(base, factor)
+        if name == "co2e_delta_kg":
+            info.co2e_delta = stated
+        if stated != expected:
+            out(f"{name} {_fmt(stated)} is not {figure} x emission factor ({_fmt(expected)})")
 
 
 def _runs(values: list[int]) -> list[tuple[int, int]]:

@@ -50,8 +50,8 @@ class PlatformPlugin(UplinkPlugin):
             mqtt = MqttUplink(config, site=site)
         else:
             from gateway.command_journal import JOURNAL_FILE, CommandJournal
-            from gateway.commands_platform import PlatformCommands
             from gateway.incentives.record import load_public_key
+            from gateway.platform_commands import PlatformCommands
 
             public_key = None
             if config.command_public_key_file is not None:

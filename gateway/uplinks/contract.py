@@ -13,7 +13,7 @@ Topics, under ``base = {prefix}/{site}/{gateway}``::
                              stored batch (a poll), its reads in ``reads``, each with its own time
     base/events/{type}       QoS 1: alarms, rule notifications, incentive records, command results; stable ids
     base/{subject}           QoS 1: a rule's ``publish`` action (subject is the rule's topic, relative to base)
-    base/cmd/{action}        subscribed: commands from the platform (see gateway.commands_platform)
+    base/cmd/{action}        subscribed: commands from the platform (see gateway.platform_commands)
 
 Timestamps on the wire are Unix milliseconds (integers): nanoseconds do not survive a JavaScript number.
 
@@ -130,7 +130,7 @@ def telemetry_messages(
         last_device, last_ts = "", -1
         values: dict[str, Any] = {}
         qualities: dict[str, str] = {}
-        for point, value, ts, quality in row.samples:
+        for point, value, ts, quality, _reason in row.samples:
             names = known.get(point) or shared.resolve(point)
             if not names:
                 continue
@@ -166,13 +166,14 @@ def telemetry_messages_v2(
     good = Quality.GOOD
     for row in rows:
         # device -> (its reads in order, ts -> the read still open for that time)
-        devices: dict[str, tuple[list[tuple[int, dict[str, Any], dict[str, str]]], dict[int, int]]] = {}
+        devices: dict[str, tuple[list[tuple[int, dict[str, Any], dict[str, str], dict[str, str]]], dict[int, int]]] = {}
         # the read the last sample went to: a poll batch is one device's reads, sample after sample of one time,
         # so almost every sample takes this path (about half the cost of looking its read up)
         last_device, last_ts = "", -1
         values: dict[str, Any] = {}
         qualities: dict[str, str] = {}
-        for point, value, ts, quality in row.samples:
+        reasons: dict[str, str] = {}
+        for point, value, ts, quality, reason in row.samples:
             names = known.get(point) or shared.resolve(point)
             if not names:
                 continue
@@ -185,8 +186,8 @@ def telemetry_messages_v2(
                 index = open_at.get(ts)
                 if index is None or name in reads[index][1] or name in reads[index][2]:
                     index = open_at[ts] = len(reads)
-                    reads.append((ts, {}, {}))
-                _ts, values, qualities = reads[index]
+                    reads.append((ts, {}, {}, {}))
+                _ts, values, qualities, reasons = reads[index]
                 last_device, last_ts = device, ts
             if quality is good:
                 values[name] = value
@@ -194,12 +195,16 @@ def telemetry_messages_v2(
             if quality is not Quality.BAD:
                 values[name] = value
             qualities[name] = _QUALITY_NAMES[quality]
+            if reason is not None:
+                reasons[name] = reason
         for device, (reads, _open) in devices.items():
             docs: list[dict[str, Any]] = []
-            for ts, values, qualities in reads:
+            for ts, values, qualities, reasons in reads:
                 read: dict[str, Any] = {"ts": ts // 1_000_000, "values": values}
                 if qualities:
                     read["quality"] = qualities
+                if reasons:
+                    read["reason"] = reasons
                 docs.append(read)
             doc: dict[str, Any] = {"v": 2, "seq": row.seq, "reads": docs}
             if historical:

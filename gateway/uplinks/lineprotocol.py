@@ -101,7 +101,7 @@ class LineProtocolEncoder:
         last_key: tuple[str, int] | None = None
         last_fields: list[str] = []
         bad = Quality.BAD
-        for point, value, ts, quality in samples:
+        for point, value, ts, quality, _reason in samples:
             if quality is bad or value is None:
                 self.skipped_bad += 1
                 continue

@@ -2,7 +2,7 @@
 rule publications, and platform commands in.
 
 Owns the platform connection and the one translation of MQTT errors into ``UplinkError``. Payloads and topics are
-built by ``gateway.uplinks.contract``; commands are handed, as bytes, to ``gateway.commands_platform``. The only
+built by ``gateway.uplinks.contract``; commands are handed, as bytes, to ``gateway.platform_commands``. The only
 gateway module importing ``aiomqtt`` (sensor-side MQTT lives in ``drivers/mqtt``).
 
 Delivery: every message is QoS 1 (``qos: 0`` only for telemetry, if configured), and ``send`` returns when the

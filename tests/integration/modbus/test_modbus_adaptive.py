@@ -159,6 +159,7 @@ async def test_a_hanging_connect_still_gives_one_bad_batch_per_poll_slot() -> No
             await run.wait_until(lambda: len(run.of("meter")) >= 12, timeout=10)
         batches = run.of("meter")
         assert all(len(b) == 100 and all(s.quality is Quality.BAD and s.value is None for s in b) for b in batches)
+        assert {s.reason for b in batches for s in b} == {"link_down"}
         status = source.status()[0]
         assert status.failures["link_down"] == len(batches)
         # far fewer connect attempts than BAD batches: the slots kept coming while the attempts hung

@@ -132,6 +132,8 @@ async def test_tcp_several_slaves_one_dead_one_refusing(tcp_server: Any, caplog:
     dead = run.of("dev9")
     assert dead, "the dead slave's failure is published"
     assert all(s.quality is Quality.BAD and s.value is None for batch in dead for s in batch)
+    # each BAD sample says why: silent until its breaker opened, then disabled (not asked)
+    assert {s.reason for batch in dead for s in batch} == {"no_answer", "disabled"}
     assert len(dead) >= 5, "a disabled slave still gets one BAD batch per poll cycle (the outage is explicit)"
     assert all(len({s.point for s in batch}) == len(batch) == len(PROFILE.points) for batch in dead)
     failures = source.status()[2].failures
@@ -139,6 +141,7 @@ async def test_tcp_several_slaves_one_dead_one_refusing(tcp_server: Any, caplog:
     assert failures.get("disabled", 0) >= 2, failures
     refused = run.last("dev7")
     assert all(s.quality is Quality.BAD and s.value is None for s in refused.values())
+    assert {s.reason for s in refused.values()} == {"exception_2"}
     status = {s.device: s for s in source.status()}
     assert status["dev9"].state is DeviceState.DISABLED
     assert status["dev7"].state is DeviceState.OFFLINE

@@ -33,7 +33,8 @@ def run(ingest: Ingest, topic: str, payload: bytes) -> list[Sample]:
 
 
 Z2M = [{"id": "z2m", "topic": "zigbee2mqtt/+", "decoder": {"type": "zigbee2mqtt"}}]
-BAD = [Sample("dev.t", None, RECEIVED_NS, Quality.BAD), Sample("dev.h", None, RECEIVED_NS, Quality.BAD)]
+#: what an offline message makes of the device's points: BAD, no value, and why
+BAD = [Sample(f"dev.{name}", None, RECEIVED_NS, Quality.BAD, "offline") for name in ("t", "h")]
 
 
 @pytest.mark.parametrize(

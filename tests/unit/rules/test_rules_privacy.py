@@ -46,7 +46,9 @@ def test_demo_derived_points_from_apartments_are_personal_and_the_others_are_not
 def test_rules_may_read_personal_points_for_conditions_writes_and_declared_personal_points(
     tmp_path: Path, registry: PointRegistry
 ) -> None:
-    path = _rules(tmp_path, """
+    path = _rules(
+        tmp_path,
+        """
 points:
   apt101.kwh_1h: {rate: apt101.energy_kwh, window: 1h, per: 1h}
   apt101.heavy: {kind: bool, initial: false, personal: true}
@@ -65,7 +67,8 @@ rules:
       - write: {point: ahu3.vent_setpoint_pct, value: "=clamp(apt101.power_kw * 10, 20, 100)"}
       - publish: {topic: alerts/building, payload: {message: a flat draws a lot, zone: "=zone1.co2"}}
       - alarm: {severity: info, message: Heavy use somewhere}
-""")
+""",
+    )
     rule_set = load_rule_set([path], registry, timezone="UTC")
     assert rule_set.derived[0].info.personal
     assert rule_set.virtual["apt101.heavy"].info.personal
@@ -74,13 +77,16 @@ rules:
 
 
 def test_without_a_site_nothing_is_known_to_be_personal(tmp_path: Path) -> None:
-    path = _rules(tmp_path, """
+    path = _rules(
+        tmp_path,
+        """
 rules:
   - id: report
     every: 1h
     then:
       - publish: {topic: reports/flat, payload: {kwh: "=apt101.energy_kwh"}}
-""")
+""",
+    )
     assert load_rule_set([path], None, timezone="UTC").rules  # `rules check` without --site cannot tell
 
 

@@ -3,18 +3,19 @@ status, failure isolation, and the contract the supervisor relies on."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import orjson
 import pytest
 
 from gateway.config.site import load_site
-from gateway.errors import ConfigError, WriteRejected
+from gateway.errors import ConfigError, StoreError, WriteRejected
 from gateway.model import Command, Quality, Sample
 from gateway.registry import PointRegistry
 from rules.reload import RuleFileWatcher, reload
 from rules.runtime import Outputs, RuleRuntime
-from rules.state import RuleStateStore
+from rules.state import RuleStateStore, SavedRuleState
 
 ROOT = Path(__file__).resolve().parents[3]
 T0 = 1_772_409_600 * 10**9  # 2026-03-02 00:00:00 UTC, a Monday
@@ -74,6 +75,7 @@ def test_restart_after_four_of_five_minutes_fires_one_minute_later(tmp_path: Pat
         first.process([co2(1200, T0 + minute * MIN)], T0 + minute * MIN)
     assert not [out for _, out in run_until(first, T0, T0 + 4 * MIN) if out.commands]
     assert first.status()[0].state == "pending"
+    first.flush_state()  # the supervisor flushes after every step
     store.close()  # the gateway stops (or the power goes)
 
     # restart: a new store on the same file, a new runtime with no current values
@@ -89,6 +91,73 @@ def test_restart_after_four_of_five_minutes_fires_one_minute_later(tmp_path: Pat
     assert out.commands == [Command("ahu3.vent_setpoint_pct", 60, "co2-high")]
     assert out.events[0].id == f"co2-high@{T0 + 5 * MIN}"
     store.close()
+
+
+class FailingDiskStore(RuleStateStore):
+    """A rule state file on a disk that refuses writes while ``failing`` is set (a fake for a failing disk)."""
+
+    failing = False
+
+    def save(self, states: Iterable[SavedRuleState]) -> None:
+        if self.failing:
+            raise StoreError(f"cannot write rule state {self.path}: disk I/O error")
+        super().save(states)
+
+
+def test_process_and_tick_write_nothing_flush_writes_what_changed(tmp_path: Path, registry: PointRegistry) -> None:
+    store = RuleStateStore(tmp_path / "state.db")
+    runtime = RuleRuntime.load([write(tmp_path, CO2_RULE)], registry, timezone="UTC", state=store)
+    runtime.process([co2(1200, T0)], T0)
+    runtime.tick(T0 + S)
+    assert runtime.status()[0].state == "pending"
+    assert store.load() == {}  # the stage did no I/O
+    runtime.flush_state()
+    saved = store.load()["co2-high"]
+    assert (saved.state, saved.pending_ns) == ("pending", T0)
+    runtime.flush_state()  # nothing changed since: nothing to write, and no error
+    store.close()
+
+
+def test_a_failed_flush_keeps_the_changes_for_the_next_one_and_the_outputs_are_not_lost(
+    tmp_path: Path, registry: PointRegistry
+) -> None:
+    store = FailingDiskStore(tmp_path / "state.db")
+    rules = write(tmp_path, CO2_RULE.replace("for: 5min", "for: 0s"))
+    runtime = RuleRuntime.load([rules], registry, timezone="UTC", state=store)
+    store.failing = True
+    out = runtime.process([co2(1200, T0)], T0)
+    assert out.commands == [Command("ahu3.vent_setpoint_pct", 60, "co2-high")]  # the step's outputs stand
+    with pytest.raises(StoreError, match="disk I/O error"):
+        runtime.flush_state()
+    assert store.load() == {}
+    store.failing = False
+    runtime.flush_state()  # the disk is back: the latch is saved, so a restart will not fire it again
+    assert store.load()["co2-high"].state == "active"
+    runtime.close()
+
+
+def test_close_with_the_disk_failing_logs_and_still_closes(
+    tmp_path: Path, registry: PointRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = FailingDiskStore(tmp_path / "state.db")
+    runtime = RuleRuntime.load([write(tmp_path, CO2_RULE)], registry, timezone="UTC", state=store)
+    runtime.process([co2(1200, T0)], T0)
+    store.failing = True
+    runtime.close()  # the supervisor's shutdown goes on to close the outbox: close must not raise
+    assert "rule state not saved at shutdown" in caplog.text
+    assert "disk I/O error" in caplog.text
+    with pytest.raises(StoreError):
+        store.load()  # closed
+
+
+def test_close_writes_what_is_still_unsaved(tmp_path: Path, registry: PointRegistry) -> None:
+    rules = write(tmp_path, CO2_RULE)
+    first = RuleRuntime.load([rules], registry, timezone="UTC", state=RuleStateStore(tmp_path / "state.db"))
+    first.process([co2(1200, T0)], T0)
+    first.close()
+    second = RuleRuntime.load([rules], registry, timezone="UTC", state=RuleStateStore(tmp_path / "state.db"))
+    assert second.status()[0].state == "pending"
+    second.close()
 
 
 def test_a_false_evaluation_resets_the_timer_but_a_gap_does_not(tmp_path: Path, registry: PointRegistry) -> None:
@@ -111,6 +180,7 @@ def test_an_active_latch_survives_restart_and_does_not_fire_twice(tmp_path: Path
     store = RuleStateStore(tmp_path / "state.db")
     first = RuleRuntime.load([rules], registry, timezone="UTC", state=store)
     assert first.process([co2(1200, T0)], T0).commands
+    first.flush_state()
     store.close()
     store = RuleStateStore(tmp_path / "state.db")
     second = RuleRuntime.load([rules], registry, timezone="UTC", state=store)
@@ -128,6 +198,8 @@ def test_changing_a_rules_condition_discards_its_saved_timer(tmp_path: Path, reg
     store = RuleStateStore(tmp_path / "state.db")
     first = RuleRuntime.load([rules], registry, timezone="UTC", state=store)
     first.process([co2(1200, T0)], T0)
+    first.flush_state()
+    assert store.load()["co2-high"].state == "pending"  # saved: what the changed condition must not resume
     changed = write(tmp_path, CO2_RULE.replace("zone3.co2 > 1000", "zone3.co2 > 1100"))
     second = RuleRuntime.load([changed], registry, timezone="UTC", state=store)
     assert second.status()[0].state == "idle"
@@ -381,6 +453,7 @@ def test_a_restart_resumes_what_a_latch_set_not_the_initial_value(tmp_path: Path
     assert first.initial_samples(T0) == [Sample("building.load_shed", False, T0, Quality.GOOD)]
     first.process([Sample("main_meter.power_kw", 75.0, T0, Quality.GOOD)], T0)
     assert first.value("building.load_shed") is True
+    first.flush_state()  # the supervisor flushes after every step
     store.close()
     store = RuleStateStore(tmp_path / "state.db")
     second = RuleRuntime.load([rules], registry, timezone="UTC", state=store)

@@ -13,10 +13,10 @@ import orjson
 import pytest
 
 from gateway.command_journal import JOURNAL_FILE, CommandJournal
-from gateway.commands_platform import PlatformCommands, StrictJsonError, payload_hash, strict_loads
 from gateway.errors import DeviceUnavailable, WriteRejected
 from gateway.model import Command
 from gateway.outbox import Outbox, encode_event
+from gateway.platform_commands import PlatformCommands, StrictJsonError, payload_hash, strict_loads
 
 NOW_NS = 1_795_000_000 * 10**9
 NOW_MS = NOW_NS // 10**6

@@ -16,10 +16,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from gateway.command_journal import JOURNAL_FILE, CommandJournal
-from gateway.commands_platform import PlatformCommands
 from gateway.incentives.record import canonical, load_public_key, sign
 from gateway.model import Command
 from gateway.outbox import Outbox
+from gateway.platform_commands import PlatformCommands
 
 NOW_MS = 1_795_300_000_000
 DOCS = Path(__file__).resolve().parents[3] / "docs" / "commands.md"

@@ -126,6 +126,37 @@ def test_telemetry_v2_one_message_per_device_and_batch_each_read_with_its_own_ti
     assert all("historical" not in doc for _t, doc in telemetry_v2([row]))
 
 
+def test_telemetry_v2_says_why_a_bad_point_has_no_value_and_v1_stays_as_it_was() -> None:
+    row = TelemetryBatch(
+        18,
+        0,
+        [
+            Sample("m2.power_kw", None, TS, Quality.BAD, "link_down"),
+            Sample("m2.voltage", None, TS, Quality.BAD),  # no reason known: none sent
+            Sample("m1.power_kw", 3.5, TS, Quality.GOOD),
+        ],
+    )
+    assert telemetry_v2([row]) == [
+        (f"{BASE}/telemetry/m2", {"v": 2, "seq": 18, "reads": [
+            {"ts": TS // 10**6, "values": {}, "quality": {"power_kw": "bad", "voltage": "bad"},
+             "reason": {"power_kw": "link_down"}},
+        ]}),
+        (f"{BASE}/telemetry/m1", {"v": 2, "seq": 18, "reads": [{"ts": TS // 10**6, "values": {"power_kw": 3.5}}]}),
+    ]  # fmt: skip
+    v1 = {topic: check("telemetry", payload) for topic, payload in telemetry([row])}
+    assert v1[f"{BASE}/telemetry/m2"]["quality"] == {"power_kw": "bad", "voltage": "bad"}
+    assert "reason" not in v1[f"{BASE}/telemetry/m2"]  # version 1's schema has no room for it
+
+
+def test_the_outbox_keeps_a_reason_and_reads_rows_stored_before_reasons_existed() -> None:
+    from gateway.outbox import decode_samples, encode_samples
+
+    samples = [Sample("m1.power_kw", 3.5, TS), Sample("m2.power_kw", None, TS, Quality.BAD, "no_answer")]
+    assert decode_samples(encode_samples(samples)) == samples
+    assert encode_samples(samples[:1]) == orjson.dumps([["m1.power_kw", 3.5, TS, 0]])  # as before reasons
+    assert decode_samples(orjson.dumps([["m2.power_kw", None, TS, 2]])) == [Sample("m2.power_kw", None, TS, Quality.BAD)]
+
+
 def test_telemetry_v2_carries_every_value_v1_carries() -> None:
     """The same samples through both versions: the (device, ts, point, value, quality) facts are identical."""
     rows = [
@@ -275,7 +306,7 @@ def test_telemetry_v1_and_v2_agree_on_shuffled_batches() -> None:
         ]
         row = [TelemetryBatch(seq, 0, samples)]
         facts: list[tuple[str, int, str, object, str]] = []
-        for point, value, ts, quality in samples:
+        for point, value, ts, quality, _reason in samples:
             if point == "m3.unknown":
                 continue
             device, _, name = point.partition(".")
