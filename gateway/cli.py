@@ -1,8 +1,8 @@
 """The ``edge-gateway`` command line.
 
 Owns argument parsing and exit codes only; each command group lives beside the code it drives and registers itself
-through a ``register(subparsers)`` function listed in ``_COMMAND_GROUPS`` (imported lazily, so ``--help`` and
-``check`` do not load protocol libraries they do not need).
+through a ``register(subparsers)`` function listed by ``command_groups()`` (the drivers' from their plugins; imported
+lazily, so ``--help`` and ``check`` do not load protocol libraries they do not need).
 
 Exit codes: 0 ok, 1 the input was wrong (config errors, verification failures), 2 usage error, 3 runtime failure.
 """
@@ -17,15 +17,23 @@ from collections.abc import Callable, Sequence
 
 from gateway import __version__
 
-#: modules that add sub-commands: each has ``register(subparsers) -> None``
-_COMMAND_GROUPS = (
-    "gateway.commands",  # run, demo, check, tail
-    "drivers.modbus.cli",  # modbus probe/read/plan
-    "drivers.mqtt.cli",  # mqtt discover
+#: modules that add sub-commands: each has ``register(subparsers) -> None``; the drivers' groups come from their
+#: plugins (gateway/plugins.py) and sit between the core commands and the rest
+_CORE_GROUPS = ("gateway.commands",)  # run, demo, check, tail
+_LATER_GROUPS = (
     "rules.cli",  # rules check/test
     "gateway.incentives.cli",  # incentives verify, keys generate
     "gateway.http.cli",  # status
 )
+
+
+def command_groups() -> list[str]:
+    """Every module that adds sub-commands, the installed drivers' (``modbus``, ``mqtt`` ...) included."""
+    from gateway.plugins import plugins
+
+    drivers = [plugin.cli for plugin in plugins().drivers.values() if plugin.cli is not None]
+    return [*_CORE_GROUPS, *drivers, *_LATER_GROUPS]
+
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -39,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     parser.add_argument("--log-format", default="text", choices=["text", "json"])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in _COMMAND_GROUPS:
+    for module_name in command_groups():
         importlib.import_module(module_name).register(sub)
     return parser
 

@@ -4,8 +4,9 @@ A *source* is what the supervisor runs: one per physical bus (Modbus), broker co
 owns its connection(s) and reconnect loop, reads its devices, and hands batches to ``publish``. The supervisor never
 sees a protocol library.
 
-Each driver package exposes ``build_sources(site) -> list[Source]`` in its ``source`` module; the supervisor imports
-it lazily, only when the site uses that driver, so an MQTT-only gateway never loads pymodbus.
+Each driver registers a plugin (``gateway.plugins.DriverPlugin``, docs/architecture.md) whose ``build_sources(site)``
+returns its sources; the supervisor calls it only when the site uses that driver, and the plugin imports its protocol
+library only then, so an MQTT-only gateway never loads pymodbus.
 """
 
 from __future__ import annotations

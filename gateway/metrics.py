@@ -1,8 +1,9 @@
 """Prometheus metrics of a running gateway, built from its live state at scrape time.
 
 Owns the metric names and labels (``edge_gateway_*`` plus the standard ``process_*``). A dedicated
-``CollectorRegistry`` per gateway holds one custom collector that reads the supervisor's counters when scraped:
-nothing is incremented on the hot path, so metrics cost nothing between scrapes. Never imports aiohttp, a driver
+``CollectorRegistry`` per gateway holds one custom collector that takes one status snapshot per scrape
+(``gateway.status.GatewayStatus``, the one the status page reads): nothing is incremented on the hot path, so
+metrics cost nothing between scrapes. Never imports aiohttp, a driver
 or a protocol library (prometheus-client only).
 
 Exposed families (labels in brackets):
@@ -31,9 +32,7 @@ Exposed families (labels in brackets):
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
@@ -42,9 +41,7 @@ from prometheus_client.registry import Collector
 from gateway import __version__
 from gateway.driver_api import DeviceState, DeviceStatus
 from gateway.http import views
-
-if TYPE_CHECKING:
-    from gateway.supervisor import Gateway
+from gateway.status import GatewayStatus, StatusSource
 
 #: the keys of ``UplinkRunner.status()`` each metric is read from, first match wins (short aliases are accepted so
 #: that a simpler uplink can report too)
@@ -66,7 +63,7 @@ _ANSWERING = frozenset({DeviceState.ONLINE, DeviceState.DEGRADED})
 _RULE_STATES = ("idle", "pending", "active", "failed", "disabled")
 
 
-def _number(status: Mapping[str, Any], keys: Iterable[str]) -> float | None:
+def _number(status: Mapping[str, object], keys: Iterable[str]) -> float | None:
     for key in keys:
         value = status.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -74,38 +71,49 @@ def _number(status: Mapping[str, Any], keys: Iterable[str]) -> float | None:
     return None
 
 
-class GatewayCollector(Collector):
-    """Reads a gateway's live state on every ``collect()``."""
+def _count(counters: Mapping[str, object], key: str) -> float:
+    """A source's counter (``gateway.status.DeviceCounting``); 0 when it does not count that."""
+    return _number(counters, (key,)) or 0.0
 
-    def __init__(self, gateway: Gateway) -> None:
-        self._gateway = gateway
+
+def _by_reason(counters: Mapping[str, object], key: str) -> dict[str, float]:
+    found = counters.get(key)
+    if not isinstance(found, Mapping):
+        return {}
+    return {str(reason): float(n) for reason, n in found.items() if isinstance(n, int | float)}
+
+
+class GatewayCollector(Collector):
+    """Reads one snapshot of a gateway's state on every ``collect()``."""
+
+    def __init__(self, source: StatusSource) -> None:
+        self._source = source
 
     def collect(self) -> Iterator[Metric]:
-        yield from self._gateway_metrics()
-        yield from self._device_metrics()
-        yield from self._message_metrics()
-        yield from self._queue_metrics()
-        yield from self._uplink_metrics()
-        yield from self._rule_metrics()
-        yield from self._incentive_metrics()
+        snap = self._source.status_snapshot()
+        yield from self._gateway_metrics(snap)
+        yield from self._device_metrics(snap)
+        yield from self._message_metrics(snap)
+        yield from self._queue_metrics(snap)
+        yield from self._uplink_metrics(snap)
+        yield from self._rule_metrics(snap)
+        yield from self._incentive_metrics(snap)
 
-    def _gateway_metrics(self) -> Iterator[Metric]:
-        gw = self._gateway
-        identity = gw.site.config.gateway
+    def _gateway_metrics(self, snap: GatewayStatus) -> Iterator[Metric]:
         info = GaugeMetricFamily("edge_gateway_info", "Gateway identity", labels=["version", "site", "gateway"])
-        info.add_metric([__version__, identity.site, identity.id], 1)
+        info.add_metric([__version__, snap.site, snap.gateway_id], 1)
         yield info
-        yield GaugeMetricFamily("edge_gateway_up", "1 once the gateway has started", value=int(gw.started.is_set()))
-        ready = views.readiness(gw)["ready"]
+        yield GaugeMetricFamily("edge_gateway_up", "1 once the gateway has started", value=int(snap.started))
+        ready = views.is_ready(snap)
         yield GaugeMetricFamily("edge_gateway_ready", "1 when /readyz would answer 200", value=int(ready))
-        uptime = (time.time_ns() - gw.started_ns) / 1e9 if gw.started_ns else 0.0
+        uptime = (snap.now_ns - snap.started_ns) / 1e9 if snap.started_ns else 0.0
         yield GaugeMetricFamily("edge_gateway_uptime_seconds", "Seconds since the gateway started", value=uptime)
-        yield GaugeMetricFamily("edge_gateway_points", "Points in the registry", value=len(gw.registry))
+        yield GaugeMetricFamily("edge_gateway_points", "Points in the registry", value=len(snap.points))
         yield CounterMetricFamily(
-            "edge_gateway_bus_published_samples", "Samples published on the bus", value=gw.bus.published_samples
+            "edge_gateway_bus_published_samples", "Samples published on the bus", value=snap.published_samples
         )
 
-    def _device_metrics(self) -> Iterator[Metric]:
+    def _device_metrics(self, snap: GatewayStatus) -> Iterator[Metric]:
         labels = ["device", "driver"]
         up = GaugeMetricFamily("edge_gateway_device_up", "1 when the device answered its last poll", labels=labels)
         polls = CounterMetricFamily("edge_gateway_device_polls", "Polls attempted", labels=labels)
@@ -116,7 +124,7 @@ class GatewayCollector(Collector):
         last = GaugeMetricFamily(
             "edge_gateway_device_last_poll_latency_seconds", "Latency of the last successful poll", labels=labels
         )
-        for status in self._gateway.device_status():
+        for status in snap.devices:
             key = [status.device, status.driver]
             up.add_metric(key, int(status.state in _ANSWERING))
             polls.add_metric(key, status.polls)
@@ -124,9 +132,9 @@ class GatewayCollector(Collector):
             latency.add_metric(key, count_value=status.polls - status.errors, sum_value=status.latency_sum_s)
             last.add_metric(key, status.last_latency_s)
         yield from (up, polls, errors, latency, last)
-        yield device_failure_metric(self._gateway.device_status())
+        yield device_failure_metric(snap.devices)
 
-    def _message_metrics(self) -> Iterator[Metric]:
+    def _message_metrics(self, snap: GatewayStatus) -> Iterator[Metric]:
         """Message-driven sources (MQTT): per device and source, messages and why some were not used."""
         labels = ["source", "device"]
         messages = CounterMetricFamily(
@@ -150,22 +158,21 @@ class GatewayCollector(Collector):
         unmapped = CounterMetricFamily(
             "edge_gateway_source_unmapped_messages", "Messages naming no configured device", labels=["source"]
         )
-        for device, c in views.device_message_counters(self._gateway).items():
-            key = [str(c["source"]), device]
-            messages.add_metric(key, c["messages"])
-            rejected.add_metric(key, c["rejected"])
-            for reason, count in c["malformed_by_reason"].items():
+        for device, c in snap.device_counters.items():
+            key = [str(c.get("source", "")), device]
+            messages.add_metric(key, _count(c, "messages"))
+            rejected.add_metric(key, _count(c, "rejected"))
+            for reason, count in _by_reason(c, "malformed_by_reason").items():
                 malformed.add_metric([*key, reason], count)
-            for reason, count in c["refused_by_reason"].items():
+            for reason, count in _by_reason(c, "refused_by_reason").items():
                 refused.add_metric([*key, reason], count)
-            unavailable.add_metric(key, c["unavailable"])
-            undeclared.add_metric(key, c["undeclared"])
-        for name, c in views.source_message_counters(self._gateway).items():
-            unmapped.add_metric([name], c.get("unmapped", 0))
+            unavailable.add_metric(key, _count(c, "unavailable"))
+            undeclared.add_metric(key, _count(c, "undeclared"))
+        for name, c in snap.source_counters.items():
+            unmapped.add_metric([name], _count(c, "unmapped"))
         yield from (messages, rejected, malformed, refused, unavailable, undeclared, unmapped)
 
-    def _queue_metrics(self) -> Iterator[Metric]:
-        gw = self._gateway
+    def _queue_metrics(self, snap: GatewayStatus) -> Iterator[Metric]:
         depth = GaugeMetricFamily(
             "edge_gateway_queue_depth", "Queued batches (bus) or samples (outbox)", labels=["queue"]
         )
@@ -173,15 +180,15 @@ class GatewayCollector(Collector):
             "edge_gateway_queue_oldest_age_seconds", "Age of the oldest undelivered entry", labels=["queue"]
         )
         dropped = CounterMetricFamily("edge_gateway_queue_dropped_samples", "Samples dropped", labels=["queue"])
-        for sub in gw.bus.subscriptions():
-            depth.add_metric([f"bus.{sub.name}"], sub.depth())
-            dropped.add_metric([f"bus.{sub.name}"], sub.stats.dropped_samples)
-        outbox = gw.outbox
+        for queue in snap.queues:
+            depth.add_metric([f"bus.{queue.name}"], queue.depth)
+            dropped.add_metric([f"bus.{queue.name}"], queue.dropped_samples)
+        outbox = snap.outbox
         if outbox is not None:
             stats = outbox.stats
             depth.add_metric(["outbox"], stats.telemetry_samples)
             oldest_ns = stats.oldest_telemetry_ns
-            oldest.add_metric(["outbox"], (time.time_ns() - oldest_ns) / 1e9 if oldest_ns else 0.0)
+            oldest.add_metric(["outbox"], (snap.now_ns - oldest_ns) / 1e9 if oldest_ns else 0.0)
             dropped.add_metric(["outbox"], stats.dropped_samples)
         yield from (depth, oldest, dropped)
         if outbox is not None:
@@ -193,7 +200,7 @@ class GatewayCollector(Collector):
             disk = GaugeMetricFamily(
                 "edge_gateway_outbox_disk_bytes", "Outbox files on disk (database, WAL, shared memory)", labels=["file"]
             )
-            for file, size in outbox.disk_usage().items():
+            for file, size in outbox.disk_usage.items():
                 disk.add_metric([file], size)
             yield disk
             yield GaugeMetricFamily(
@@ -207,10 +214,10 @@ class GatewayCollector(Collector):
                 value=outbox.stats.compacted_samples,
             )
             yield GaugeMetricFamily(
-                "edge_gateway_outbox_writable", "0 when the last outbox write failed", value=int(outbox.writable())
+                "edge_gateway_outbox_writable", "0 when the last outbox write failed", value=int(outbox.writable)
             )
 
-    def _uplink_metrics(self) -> Iterator[Metric]:
+    def _uplink_metrics(self, snap: GatewayStatus) -> Iterator[Metric]:
         up = GaugeMetricFamily("edge_gateway_uplink_up", "1 when the uplink is connected", labels=["uplink"])
         gauges = {
             name: GaugeMetricFamily(
@@ -224,7 +231,7 @@ class GatewayCollector(Collector):
             )
             for name in _UPLINK_COUNTERS
         }
-        for status in views.uplinks(self._gateway):
+        for status in views.uplinks(snap):
             label = [str(status["name"])]
             up.add_metric(label, int(str(status.get("state", "")).lower() in _UPLINK_UP_STATES))
             for name, keys in _UPLINK_GAUGES.items():
@@ -237,44 +244,40 @@ class GatewayCollector(Collector):
         yield from gauges.values()
         yield from counters.values()
 
-    def _rule_metrics(self) -> Iterator[Metric]:
+    def _rule_metrics(self, snap: GatewayStatus) -> Iterator[Metric]:
         evaluations = CounterMetricFamily("edge_gateway_rule_evaluations", "Rule evaluations", labels=["rule"])
         failures = CounterMetricFamily("edge_gateway_rule_failures", "Rule evaluations that raised", labels=["rule"])
         state = GaugeMetricFamily("edge_gateway_rule_state", "1 for the rule's current state", labels=["rule", "state"])
-        for rule in views.rules(self._gateway)["rules"]:
-            rule_id = str(rule["id"])
-            if (value := _number(rule, ("evaluations", "evaluated"))) is not None:
-                evaluations.add_metric([rule_id], value)
-            if (value := _number(rule, ("failures", "errors"))) is not None:
-                failures.add_metric([rule_id], value)
+        for rule in snap.rules.rules:
+            evaluations.add_metric([rule.id], rule.evaluations)
+            failures.add_metric([rule.id], rule.failures)
             for name in _RULE_STATES:
-                state.add_metric([rule_id, name], int(rule["state"] == name))
+                state.add_metric([rule.id, name], int(rule.state.lower() == name))
         yield from (evaluations, failures, state)
 
-    def _incentive_metrics(self) -> Iterator[Metric]:
-        stage = self._gateway.incentives
-        if stage is None:
+    def _incentive_metrics(self, snap: GatewayStatus) -> Iterator[Metric]:
+        stage = snap.incentives
+        if not stage.enabled:
             return
         refused = CounterMetricFamily(
             "edge_gateway_incentive_readings_refused",
             "Meter readings the incentive stage refused or ignored, by reason",
             labels=["reason"],
         )
-        for reason, count in stage.counters.items():
-            if reason != "clock_steps":
-                refused.add_metric([reason], count)
+        for reason, count in stage.refused.items():
+            refused.add_metric([reason], count)
         yield refused
         yield CounterMetricFamily(
             "edge_gateway_incentive_clock_steps",
             "Times the gateway clock stepped back (the intervals it touched are flagged clock)",
-            value=stage.counters.get("clock_steps", 0),
+            value=stage.clock_steps,
         )
         yield GaugeMetricFamily(
-            "edge_gateway_incentive_epoch", "The incentive programme epoch in force", value=stage.epoch
+            "edge_gateway_incentive_epoch", "The incentive programme epoch in force", value=stage.epoch or 0
         )
 
 
-def build_registry(gateway: Gateway) -> CollectorRegistry:
+def build_registry(gateway: StatusSource) -> CollectorRegistry:
     """A registry of this gateway only (never the global default one, so tests and two gateways never collide)."""
     registry = CollectorRegistry(auto_describe=False)
     registry.register(GatewayCollector(gateway))

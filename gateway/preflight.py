@@ -11,7 +11,8 @@ takes the data directory's lock, so a site that passes ``check`` starts:
   an existing ledger (read-only) of another version, or whose epoch in force has other money settings;
 - the status page's address and token rule (``gateway.http.access``, the function the server applies);
 - uplinks: the platform's command public key and its TLS files (loaded into an SSL context, never connected);
-- drivers: the bindings each driver checks when its sources are built (MQTT subscriptions), MQTT brokers' TLS files;
+- drivers and uplinks: each plugin's ``preflight`` (gateway/plugins.py) and the bindings each driver checks when its
+  sources are built (MQTT subscriptions, MQTT brokers' TLS files);
 - the data directory: ``check`` only (``run`` reports it itself, as a runtime failure, exit 3).
 
 What it cannot know without running is left to ``run`` (exit 3, a runtime failure): a port already taken, a lock
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -96,7 +98,7 @@ def _rules(site: Site) -> list[Diagnostic]:
     from gateway.supervisor import load_rules
 
     runtime = load_rules(site, site.registry, None)
-    if runtime is not None and hasattr(runtime, "close"):
+    if runtime is not None:
         runtime.close()
     return []
 
@@ -189,52 +191,35 @@ def _status_page(site: Site, http_listen: str | None) -> list[Diagnostic]:
 
 
 def _uplinks(site: Site) -> list[Diagnostic]:
-    platform = site.config.uplinks.platform
-    if platform is None:
-        return []
+    """Each configured uplink's own checks (the platform's command key and TLS files), without connecting."""
+    from gateway.plugins import plugins
+
     problems: list[Diagnostic] = []
-    if platform.commands and platform.command_public_key_file is not None:
-        from gateway.incentives.record import KeyFileError, load_public_key
-
-        try:
-            load_public_key(platform.command_public_key_file)
-        except KeyFileError as exc:
-            problems.append(site.diagnostic(("uplinks", "platform", "command_public_key_file"), str(exc)))
-    if platform.tls is not None:
-        import ssl
-
-        from gateway.uplinks.mqtt import tls_context
-
-        try:
-            tls_context(platform)
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            files = (platform.tls.ca, platform.tls.cert, platform.tls.key)
-            problems.append(site.diagnostic(("uplinks", "platform", "tls"), _tls_message(files, exc)))
+    for name, plugin in plugins().uplinks.items():
+        config = site.config.uplinks.configured(name)
+        if config is not None:
+            problems.extend(_collect(partial(plugin.preflight, site, config)))
     return problems
 
 
-def _tls_message(files: tuple[Path | None, ...], exc: Exception) -> str:
+def tls_message(files: tuple[Path | None, ...], exc: Exception) -> str:
+    """One line for TLS files that do not load (drivers and uplinks word it alike)."""
     named = ", ".join(str(path) for path in files if path is not None) or "the system trust store"
-    return f"cannot load the TLS files ({named}): {getattr(exc, 'strerror', None) or exc}"
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+    return f"cannot load the TLS files ({named}): {reason}"
 
 
 def _drivers(site: Site) -> list[Diagnostic]:
+    """The sources each used driver builds (bindings it checks then), and each driver's own checks."""
+    from gateway.plugins import plugins
     from gateway.supervisor import build_sources
 
     build_sources(site)  # builds objects only: nothing is opened until a source runs
+    used = {device.driver for device in site.config.devices}
     problems: list[Diagnostic] = []
-    for index, source in enumerate(site.config.mqtt_sources):
-        if source.tls is None:
-            continue
-        import ssl
-
-        from drivers.mqtt.client import tls_context
-
-        try:
-            tls_context(source)  # what each connection builds; a file it cannot load would crash the driver in a loop
-        except (OSError, ssl.SSLError, ValueError) as exc:
-            files = (source.tls.ca_file, source.tls.cert_file, source.tls.key_file)
-            problems.append(site.diagnostic(("mqtt_sources", index, "tls"), _tls_message(files, exc)))
+    for name, plugin in plugins().drivers.items():
+        if name in used:
+            problems.extend(_collect(partial(plugin.preflight, site)))
     return problems
 
 

@@ -21,10 +21,10 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, TypeVar
 
 import orjson
 
@@ -45,9 +45,13 @@ from gateway.live import LiveCache
 from gateway.model import Command, Event, Sample
 from gateway.outbox import Outbox
 from gateway.rule_report import ReloadResult, RuleProblemLog
+from gateway.status import CommandEntry, GatewayStatus
 
 if TYPE_CHECKING:
+    from gateway.incentives.stage import IncentiveStage
     from gateway.registry import PointRegistry
+    from gateway.status import UplinkRunnerPart
+    from rules.runtime import Outputs, RuleRuntime
 
 log = logging.getLogger(__name__)
 
@@ -62,19 +66,15 @@ STAGE_RECOVERY_SECONDS = 10.0
 TICK_SECONDS = 1.0
 
 
-class UplinkRunnerLike(Protocol):
-    name: str
-
-    async def run(self, stopping: asyncio.Event) -> None: ...
-
-    def status(self) -> dict[str, Any]: ...
+#: what the outbox stores: samples, or events
+_Record = TypeVar("_Record", Sample, Event)
 
 
 @dataclass(slots=True)
 class CommandLog:
     """The last commands and what became of them (status page, tests)."""
 
-    entries: list[dict[str, Any]] = field(default_factory=list)
+    entries: list[CommandEntry] = field(default_factory=list)
     limit: int = 200
 
     def add(self, command: Command, result: str, detail: str | None = None) -> None:
@@ -92,25 +92,17 @@ class CommandLog:
 
 
 def build_sources(site: Site) -> list[Source]:
-    """One source per bus / broker / simulator, importing only the drivers this site uses."""
-    drivers = {device.driver for device in site.config.devices}
-    sources: list[Source] = []
-    if "simulator" in drivers:
-        from drivers.simulator.source import build_sources as build_sim
+    """One source per bus / broker / simulator, from the plugins of the drivers this site uses (each imports its
+    protocol library only then), in the registry's order."""
+    from gateway.plugins import plugins
 
-        sources.extend(build_sim(site))
-    if "modbus" in drivers:
-        from drivers.modbus.source import build_sources as build_modbus
-
-        sources.extend(build_modbus(site))
-    if "mqtt" in drivers:
-        from drivers.mqtt.source import build_sources as build_mqtt
-
-        sources.extend(build_mqtt(site))
-    return sources
+    used = {device.driver for device in site.config.devices}
+    return [
+        source for name, plugin in plugins().drivers.items() if name in used for source in plugin.build_sources(site)
+    ]
 
 
-def load_rules(site: Site, registry: PointRegistry, state_path: Path | None) -> Any:
+def load_rules(site: Site, registry: PointRegistry, state_path: Path | None) -> RuleRuntime | None:
     """The site's rule runtime, or None when it has no rule files. Raises ConfigError."""
     if not site.rule_files:
         return None
@@ -141,11 +133,11 @@ class Gateway:
         self.sources: list[Source] = list(sources) if sources is not None else []
         self._sources_given = sources is not None
         self.outbox: Outbox | None = None
-        self.rules: Any = None
-        self.incentives: Any = None
+        self.rules: RuleRuntime | None = None
+        self.incentives: IncentiveStage | None = None
         #: the sum of the household meters for the platform (privacy.building_aggregate), or None
         self.aggregate: BuildingAggregate | None = None
-        self.uplinks: list[UplinkRunnerLike] = []
+        self.uplinks: list[UplinkRunnerPart] = []
         self.commands = CommandLog()
         self.started = asyncio.Event()
         self.started_ns = 0
@@ -169,12 +161,51 @@ class Gateway:
         #: callbacks run once the gateway is up (systemd READY=1, tests)
         self.on_ready: list[Callable[[], None]] = []
         #: extra long-running tasks (the systemd watchdog): started with the others, cancelled at the end
-        self.extra_tasks: list[tuple[str, Callable[[asyncio.Event], Coroutine[Any, Any, None]]]] = []
+        self.extra_tasks: list[tuple[str, Callable[[asyncio.Event], Coroutine[object, None, None]]]] = []
 
     # -- status for the HTTP server and the CLI ---------------------------------------------------------------
 
     def device_status(self) -> list[DeviceStatus]:
         return [status for source in self.sources for status in source.status()]
+
+    def status_snapshot(
+        self, *, watch: bool = False, records: bool = False, history: bool = False, point: str | None = None
+    ) -> GatewayStatus:
+        """One immutable picture of every part, for the status page, the API and /metrics (gateway/status.py).
+
+        ``watch``: someone looks at the points (the live cache keeps the sparklines' history, gateway/live.py);
+        ``records``: read today's incentive records from the ledger; ``history``: include the sparklines' history
+        (every point's, or ``point``'s only)."""
+        from gateway import snapshot as part
+
+        if watch or history:
+            self.live.watched()
+        identity = self.site.config.gateway
+        now_ns = time.time_ns()
+        return GatewayStatus(
+            now_ns=now_ns,
+            gateway_id=identity.id,
+            site=identity.site,
+            name=identity.name,
+            timezone=identity.timezone,
+            started=self.started.is_set(),
+            started_ns=self.started_ns,
+            has_sources=bool(self.sources),
+            devices=tuple(part.copy_device(status) for status in self.device_status()),
+            device_counters=part.device_counters(self.sources),
+            source_counters=part.source_counters(self.sources),
+            points=tuple(self.registry.values()),
+            latest=dict(self.live.latest),
+            awaiting=part.awaiting(self.aggregate),
+            history=part.history(self.live, point) if history else {},
+            rules=part.rules_status(self.rules, self.rule_problems, self.rule_reload),
+            uplinks=tuple(part.uplink_status(runner) for runner in self.uplinks),
+            queues=tuple(part.queue_status(sub) for sub in self.bus.subscriptions()),
+            published_samples=self.bus.published_samples,
+            outbox=part.outbox_status(self.outbox),
+            incentives=part.incentives_status(self.incentives, identity.timezone, records=records),
+            commands=tuple(self.commands.entries),
+        )
 
     def source_for(self, point: str) -> Source | None:
         device = point.partition(".")[0]
@@ -246,7 +277,7 @@ class Gateway:
         finally:
             self._awaiting_store.pop(id(batch), None)
 
-    async def _store(self, append: Callable[[Any], Coroutine[Any, Any, Any]], items: Sequence[Any]) -> bool:
+    async def _store(self, append: Callable[[Sequence[_Record]], Awaitable[object]], items: Sequence[_Record]) -> bool:
         """Append to the outbox, retrying while the disk refuses (full, read-only, I/O error).
 
         While this retries, the bus queue fills and the drivers wait: back-pressure rather than silent loss. The
@@ -289,7 +320,7 @@ class Gateway:
         assert self.outbox is not None
         await self._store(self.outbox.append, samples)
 
-    async def _handle_rule_outputs(self, outputs: Any) -> None:
+    async def _handle_rule_outputs(self, outputs: Outputs) -> None:
         assert self.outbox is not None
         await self._emit_derived(list(outputs.samples))
         events: list[Event] = list(outputs.events)
@@ -339,8 +370,11 @@ class Gateway:
 
     async def _rules_loop(self, sub: Subscription) -> None:
         async for batch in sub:
+            rules = self.rules  # read per batch: a reload replaces the runtime
+            if rules is None:
+                continue
             try:
-                outputs = self.rules.process(batch, time.time_ns())
+                outputs = rules.process(batch, time.time_ns())
             except Exception as exc:
                 # The engine isolates each rule's errors itself; this is the net for a bug in the engine or a failing
                 # disk under its state: the batch is already stored, and the next one is evaluated.
@@ -353,25 +387,27 @@ class Gateway:
     def _flush_rule_state(self) -> None:
         """The engine's steps do no I/O: what changed in them (timers, latches, values rules set) is written here,
         after their outputs are handled. A failing disk is logged once; the changes are kept for the next flush."""
+        rules = self.rules
+        if rules is None:
+            return
         try:
-            self.rules.flush_state()
+            rules.flush_state()
         except Exception as exc:
             self._stage_failed("rule state", exc, "saving rule state")
         else:
             self._stage_ok("rule state")
 
-    async def _incentives_loop(self, sub: Subscription) -> None:
-        assert self.outbox is not None
+    async def _incentives_loop(self, sub: Subscription, stage: IncentiveStage, outbox: Outbox) -> None:
         async for batch in sub:
             try:
-                events = self.incentives.process(batch, time.time_ns())
+                events = stage.process(batch, time.time_ns())
             except Exception as exc:
                 # readings stay in the outbox and the stage's own history: the interval is recomputed later
                 self._stage_failed("incentive stage", exc, f"a batch of {len(batch)} samples")
                 continue
             self._stage_ok("incentive stage")
             if events:
-                await self._store(self.outbox.append_events, events)
+                await self._store(outbox.append_events, events)
 
     async def _tick_loop(self, stopping: asyncio.Event) -> None:
         """Time-driven work: rule timers and schedules, incentive intervals closing with no new reading."""
@@ -508,7 +544,7 @@ class Gateway:
         finally:
             if self.incentives is not None:
                 self.incentives.close()
-            if self.rules is not None and hasattr(self.rules, "close"):
+            if self.rules is not None:
                 self.rules.close()
             await outbox.close()
             if self.store_lost:
@@ -552,8 +588,9 @@ class Gateway:
             consumers = [tg.create_task(self._store_loop(store_sub, outbox), name="bus.outbox")]
             if self._rules_sub is not None:
                 consumers.append(tg.create_task(self._rules_loop(self._rules_sub), name="bus.rules"))
-            if incentives_sub is not None:
-                consumers.append(tg.create_task(self._incentives_loop(incentives_sub), name="bus.incentives"))
+            if incentives_sub is not None and self.incentives is not None:
+                incentives_loop = self._incentives_loop(incentives_sub, self.incentives, outbox)
+                consumers.append(tg.create_task(incentives_loop, name="bus.incentives"))
             command_task = tg.create_task(self._command_loop(), name="commands")
             ticker = tg.create_task(self._tick_loop(sources_stopping), name="ticker")
             uplink_tasks = [tg.create_task(u.run(uplinks_stopping), name=u.name) for u in self.uplinks]
@@ -600,16 +637,12 @@ class Gateway:
             for task in extra:
                 task.cancel()
 
-    def _build_uplinks(self, outbox: Outbox) -> list[UplinkRunnerLike]:
-        uplinks_cfg = self.site.config.uplinks
-        if not any(getattr(uplinks_cfg, name, None) is not None for name in type(uplinks_cfg).model_fields):
-            return []
+    def _build_uplinks(self, outbox: Outbox) -> list[UplinkRunnerPart]:
+        if not self.site.config.uplinks.configured_names():
+            return []  # the runner module is not even imported
         from gateway.uplinks.runner import build_uplinks
 
-        runners: list[UplinkRunnerLike] = [
-            *build_uplinks(self.site, outbox, commands=self.execute_command, data_dir=self.data_dir)
-        ]
-        return runners
+        return build_uplinks(self.site, outbox, commands=self.execute_command, data_dir=self.data_dir)
 
     def _start_http(self, tg: asyncio.TaskGroup, stopping: asyncio.Event) -> asyncio.Task[None] | None:
         if not self.site.config.http.enabled or not self.http_listen or self.http_listen == "off":

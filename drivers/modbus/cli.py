@@ -288,7 +288,7 @@ def _plan(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    buses = site.config.modbus_buses
+    buses = site.config.section("modbus_buses", ModbusBusConfig)
     if not buses:
         print(f"{args.site}: no modbus_buses")
         return 0

@@ -723,7 +723,7 @@ def _bad_points(points: Sequence[str], ts: int, reason: str) -> list[Sample]:
 def build_sources(site: Site) -> list[ModbusBusSource]:
     """One source per bus that has devices, in the order of the site file."""
     sources: list[ModbusBusSource] = []
-    for bus in site.config.modbus_buses:
+    for bus in site.config.section("modbus_buses", ModbusBusConfig):
         devices: list[tuple[ModbusDeviceConfig, ModbusProfile]] = []
         for device in site.config.devices:
             if isinstance(device, ModbusDeviceConfig) and device.bus == bus.id:

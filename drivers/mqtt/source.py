@@ -392,11 +392,12 @@ def build_sources(site: Site) -> list[MqttSource]:
     """One source per ``mqtt_sources:`` entry that has devices; raises ConfigError for inconsistent bindings."""
     config = site.config
     devices = [d for d in config.devices if isinstance(d, MqttDeviceConfig)]
-    problems = check_bindings(config.mqtt_sources, devices)
+    mqtt_sources = config.section("mqtt_sources", MqttSourceConfig)
+    problems = check_bindings(mqtt_sources, devices)
     if problems:
         raise ConfigError([site.diagnostic(("mqtt_sources",), message) for message in problems])
     sources = []
-    for source in config.mqtt_sources:
+    for source in mqtt_sources:
         mine = [d for d in devices if d.source == source.id]
         if not mine:
             log.warning("mqtt[%s]: no device uses this source; it is not started", source.id)

@@ -10,23 +10,31 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
+from functools import cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import BeforeValidator, Field, ValidationError, create_model, field_validator
 
-from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig
-from drivers.mqtt.config import MqttDeviceConfig, MqttSourceConfig
-from drivers.simulator.config import SimulatorDeviceConfig
 from gateway.config.source import Loc, SourceMap, load_yaml, validate
 from gateway.config.types import Ident, LiteralSecret, PointId, PositiveDuration, Size, StrictModel, parse_size
 from gateway.errors import ConfigError, Diagnostic
 from gateway.incentives.config import IncentivesConfig
+from gateway.plugins import DeviceEntry, DriverPlugin, plugins, unknown_driver_message
 from gateway.registry import DuplicatePoint, PointInfo, PointRegistry
 from gateway.uplinks.config import UplinksConfig
 
 # parse_size is re-exported: driver configs parse sizes with the same rules
-__all__ = ["FIRMWARE_CONFIGS", "Site", "SiteConfig", "aggregate_meters", "load_profile", "load_site", "parse_size"]
+__all__ = [
+    "FIRMWARE_CONFIGS",
+    "Site",
+    "SiteConfig",
+    "aggregate_meters",
+    "load_profile",
+    "load_site",
+    "parse_size",
+    "site_model",
+]
 
 #: the repository's firmware_configs/ (device profiles, demo site, rule files)
 FIRMWARE_CONFIGS = Path(
@@ -114,23 +122,108 @@ class PrivacyConfig(StrictModel):
     building_aggregate: BuildingAggregateConfig | None = None
 
 
-DeviceConfig = Annotated[SimulatorDeviceConfig | ModbusDeviceConfig | MqttDeviceConfig, Field(discriminator="driver")]
+_Entry = TypeVar("_Entry", bound=StrictModel)
 
 
 class SiteConfig(StrictModel):
-    version: Literal[1]
-    gateway: GatewayIdentity
-    storage: StorageConfig = StorageConfig()
-    http: HttpConfig = HttpConfig()
-    modbus_buses: list[ModbusBusConfig] = Field(default_factory=list)
-    mqtt_sources: list[MqttSourceConfig] = Field(default_factory=list)
-    devices: list[DeviceConfig] = Field(default_factory=list)
-    uplinks: UplinksConfig = UplinksConfig()
-    rules: list[str] = Field(default_factory=list)
-    incentives: IncentivesConfig | None = None
-    privacy: PrivacyConfig = PrivacyConfig()
-    #: where device profiles are looked up, relative to the site file; the bundled profiles are always searched last
-    profile_dirs: list[str] = Field(default_factory=lambda: ["../devices"])
+    """A site file. The model validated is ``site_model()``: this class with the devices union and the top-level
+    sections of every installed driver plugin (``modbus_buses:``, ``mqtt_sources:``) and one key per uplink plugin
+    under ``uplinks:``, assembled from the registry (gateway/plugins.py). The fields are declared there, in the
+    file's order; here they are typed for the code that reads them."""
+
+    if TYPE_CHECKING:
+        version: Literal[1]
+        gateway: GatewayIdentity
+        storage: StorageConfig
+        http: HttpConfig
+        devices: list[DeviceEntry]
+        uplinks: UplinksConfig
+        rules: list[str]
+        incentives: IncentivesConfig | None
+        privacy: PrivacyConfig
+        profile_dirs: list[str]
+
+    def section(self, key: str, model: type[_Entry]) -> list[_Entry]:
+        """The entries of a driver's top-level section (``modbus_buses``), typed; [] when no plugin declares it."""
+        items = self.__dict__.get(key)
+        if not isinstance(items, list):
+            return []
+        return [item for item in items if isinstance(item, model)]
+
+    def section_ids(self, key: str) -> list[str]:
+        """The ids of a section's entries, in file order."""
+        items = self.__dict__.get(key)
+        ids: list[str] = []
+        for item in items if isinstance(items, list) else []:
+            ident = item.__dict__.get("id") if isinstance(item, StrictModel) else None
+            if isinstance(ident, str):
+                ids.append(ident)
+        return ids
+
+
+def _known_driver(value: object) -> object:
+    """An unknown (or missing) ``driver:`` is one clear message listing the installed drivers, instead of pydantic's
+    union-tag error."""
+    if isinstance(value, dict):
+        name = value.get("driver")
+        if name is None:
+            installed = ", ".join(sorted(plugins().drivers)) or "none"
+            raise ValueError(f"missing required key 'driver' (installed drivers: {installed})")
+        if not isinstance(name, str) or name not in plugins().drivers:
+            raise ValueError(unknown_driver_message(str(name)))
+    return value
+
+
+@cache
+def uplinks_model() -> type[UplinksConfig]:
+    """``UplinksConfig`` with one optional field per installed uplink plugin."""
+    fields: dict[str, Any] = {name: (plugin.config_model | None, None) for name, plugin in plugins().uplinks.items()}
+    model: type[UplinksConfig] = create_model("UplinksConfig", __base__=UplinksConfig, **fields)
+    return model
+
+
+@cache
+def site_model() -> type[SiteConfig]:
+    """``SiteConfig`` assembled from the installed plugins; the field order is the documented order of a site file."""
+    registry = plugins()
+    models = tuple(plugin.device_model for plugin in registry.drivers.values())
+    device: Any
+    if not models:
+        device = Annotated[dict[str, object], BeforeValidator(_known_driver)]
+    elif len(models) == 1:
+        device = Annotated[models[0], BeforeValidator(_known_driver)]
+    else:
+        device = Annotated[Union[models], Field(discriminator="driver"), BeforeValidator(_known_driver)]  # noqa: UP007
+    fields: dict[str, Any] = {
+        "version": (Literal[1], ...),
+        "gateway": (GatewayIdentity, ...),
+        "storage": (StorageConfig, StorageConfig()),
+        "http": (HttpConfig, HttpConfig()),
+    }
+    for plugin in registry.drivers.values():
+        for section in plugin.sections:
+            fields[section.key] = (list[section.model], Field(default_factory=list))  # type: ignore[name-defined]
+    uplinks = uplinks_model()
+    fields |= {
+        "devices": (list[device], Field(default_factory=list)),
+        "uplinks": (uplinks, Field(default_factory=uplinks)),
+        "rules": (list[str], Field(default_factory=list)),
+        "incentives": (IncentivesConfig | None, None),
+        "privacy": (PrivacyConfig, PrivacyConfig()),
+        #: where device profiles are looked up, relative to the site file; the bundled profiles are searched last
+        "profile_dirs": (list[str], Field(default_factory=lambda: ["../devices"])),
+    }
+    model: type[SiteConfig] = create_model("SiteConfig", __base__=SiteConfig, **fields)
+    return model
+
+
+def _sections(config: SiteConfig) -> list[tuple[DriverPlugin, str, str, str | None]]:
+    """(plugin, key, what, device_field) of every driver section."""
+    return [
+        (plugin, section.key, section.what, section.device_field)
+        for plugin in plugins().drivers.values()
+        for section in plugin.sections
+    ]
 
 
 @dataclass(frozen=True)
@@ -186,11 +279,9 @@ def _duplicate_ids(
 ) -> list[Diagnostic]:
     """Duplicate ids are errors (not last-one-wins), positioned at the second occurrence."""
     errors: list[Diagnostic] = []
-    for key, what, ids in (
-        ("devices", "device", [d.id for d in config.devices]),
-        ("modbus_buses", "Modbus bus", [b.id for b in config.modbus_buses]),
-        ("mqtt_sources", "MQTT source", [s.id for s in config.mqtt_sources]),
-    ):
+    tables = [("devices", "device", [d.id for d in config.devices])]
+    tables += [(key, what, config.section_ids(key)) for _plugin, key, what, _field in _sections(config)]
+    for key, what, ids in tables:
         first: dict[str, int] = {}
         for position, ident in enumerate(ids):
             index = place(key, position)
@@ -204,26 +295,14 @@ def _duplicate_ids(
     return errors
 
 
-def _mqtt_binding_errors(
-    config: SiteConfig, smap: SourceMap, place: Callable[[str, int], int] = _same_place
-) -> list[Diagnostic]:
-    """Whole-site MQTT checks (subscriptions named, one device per topic level), positioned at the device that
-    introduces each problem: devices are added one at a time and only the new problems are attributed to it."""
-    if not config.mqtt_sources:
-        return []
-    from drivers.mqtt.config import check_bindings
-
+def _plugin_site_errors(config: SiteConfig, smap: SourceMap, place: Callable[[str, int], int]) -> list[Diagnostic]:
+    """Each driver's whole-site checks (MQTT: subscriptions named, one device per topic level), for the drivers
+    the site uses."""
+    used = {device.driver for device in config.devices}
     errors: list[Diagnostic] = []
-    known: set[str] = set()
-    devices: list[MqttDeviceConfig] = []
-    for index, device in enumerate(config.devices):
-        if not isinstance(device, MqttDeviceConfig) or device.source not in {s.id for s in config.mqtt_sources}:
-            continue
-        devices.append(device)
-        for problem in check_bindings(config.mqtt_sources, devices):
-            if problem not in known:
-                known.add(problem)
-                errors.append(smap.diagnostic(("devices", place("devices", index)), problem))
+    for name, plugin in plugins().drivers.items():
+        if name in used or any(config.section_ids(section.key) for section in plugin.sections):
+            errors.extend(plugin.check_site(config, smap, place))
     return errors
 
 
@@ -240,16 +319,15 @@ def _account_devices(config: SiteConfig) -> dict[str, str]:
     return devices
 
 
-def _unpersonalised(device: DeviceConfig, meter: str, smap: SourceMap, loc: Loc) -> list[Diagnostic]:
+def _unpersonalised(
+    device: DeviceEntry, plugin: DriverPlugin, meter: str, smap: SourceMap, loc: Loc
+) -> list[Diagnostic]:
     """An explicit ``personal: false`` on a device holding an account meter (or on one of its points) is an error:
     it cannot take effect, and silently ignoring it would let the file say the opposite of what the gateway does."""
     found: list[Loc] = []
-    if "personal" in device.model_fields_set and not device.personal:
+    if isinstance(device, StrictModel) and "personal" in device.model_fields_set and not device.personal:
         found.append((*loc, "personal"))
-    if isinstance(device, MqttDeviceConfig):
-        for name, spec in device.points.items():
-            if "personal" in spec.model_fields_set and not spec.personal:
-                found.append((*loc, "points", name, "personal"))
+    found.extend((*loc, *inner) for inner in plugin.personal_overrides(device))
     return [
         smap.diagnostic(
             where,
@@ -289,6 +367,24 @@ def literal_secrets(config: StrictModel, smap: SourceMap) -> list[Diagnostic]:
 
     walk(config, ())
     return found
+
+
+def _unknown_reference(  # noqa: PLR0917 (a private helper of load_site, called once)
+    device: DeviceEntry,
+    plugin: DriverPlugin,
+    section_ids: Mapping[str, set[str]],
+    section_names: Mapping[str, tuple[str, str | None]],
+    smap: SourceMap,
+    loc: Loc,
+) -> Diagnostic | None:
+    """A device that names a section entry (its Modbus bus, its MQTT source) the file does not define."""
+    for key, ident in plugin.references(device).items():
+        if ident in section_ids.get(key, set()):
+            continue
+        what, device_field = section_names.get(key, (key, None))
+        where: Loc = (*loc, device_field) if device_field is not None else loc
+        return smap.diagnostic(where, f"device {device.id!r} names unknown {what} {ident!r}")
+    return None
 
 
 def aggregate_meters(config: SiteConfig) -> list[str]:
@@ -373,8 +469,12 @@ class SiteError(ConfigError):
 
 #: the smallest valid site: what a section is validated beside, on its own, when the whole file did not validate
 _STUB_SITE: dict[str, object] = {"version": 1, "gateway": {"id": "salvaged", "site": "salvaged"}}
-#: sections checked item by item (one bad device must not take the others with it)
-_ITEM_SECTIONS = ("modbus_buses", "mqtt_sources", "devices", "rules", "profile_dirs")
+
+
+def _item_sections() -> tuple[str, ...]:
+    """Sections checked item by item (one bad device must not take the others with it)."""
+    keys = [section.key for plugin in plugins().drivers.values() for section in plugin.sections]
+    return (*keys, "devices", "rules", "profile_dirs")
 
 
 @dataclass
@@ -391,7 +491,7 @@ class _Salvage:
 
 def _valid_alone(section: dict[str, object], context: object) -> bool:
     try:
-        SiteConfig.model_validate({**_STUB_SITE, **section}, context=context)
+        site_model().model_validate({**_STUB_SITE, **section}, context=context)
     except ValidationError:
         return False
     return True
@@ -415,10 +515,12 @@ def _salvage(data: object, context: object) -> _Salvage | None:
     kept: dict[str, object] = dict(_STUB_SITE)
     index: dict[str, list[int]] = {}
     broken: dict[str, set[str]] = {}
+    model = site_model()
+    item_sections = _item_sections()
     for key, value in data.items():
-        if key not in SiteConfig.model_fields:
+        if key not in model.model_fields:
             continue  # an unknown key: reported, and nothing to keep
-        if key in _ITEM_SECTIONS and isinstance(value, list):
+        if key in item_sections and isinstance(value, list):
             items = [(i, item) for i, item in enumerate(value) if _valid_alone({key: [item]}, context)]
             good = {i for i, _ in items}
             if len(good) < len(value):
@@ -433,7 +535,7 @@ def _salvage(data: object, context: object) -> _Salvage | None:
         else:
             broken.setdefault(key, set()).update(_texts(value))  # version and gateway keep the stub's
     try:
-        config = SiteConfig.model_validate(kept, context=context)
+        config = model.model_validate(kept, context=context)
     except ValidationError:
         return None
     return _Salvage(config, index, broken)
@@ -448,7 +550,7 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
     context = {"env": env if env is not None else os.environ, "base_dir": path.parent}
     salvage: _Salvage | None = None
     try:
-        config = validate(SiteConfig, data, smap, context=context)
+        config = validate(site_model(), data, smap, context=context)
     except ConfigError as exc:
         # every problem of the file is reported; the devices, buses and sections that did validate are still
         # checked (profiles, ids, rule files), so one bad device does not hide the next one's missing profile
@@ -466,8 +568,8 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
 
     errors: list[Diagnostic] = [*recovered, *_duplicate_ids(config, smap, place)]
     # a device on a bus (or source) that is itself broken is not blamed for it; the device is still checked
-    bus_ids = {b.id for b in config.modbus_buses} | broken.get("modbus_buses", set())
-    source_ids = {s.id for s in config.mqtt_sources} | broken.get("mqtt_sources", set())
+    section_ids = {key: {*config.section_ids(key), *broken.get(key, set())} for _p, key, _w, _f in _sections(config)}
+    section_names = {key: (what, device_field) for _p, key, what, device_field in _sections(config)}
     #: devices whose points are not in the registry (broken, or their profile or bus is): a rule file naming
     #: their points is not checked against them
     unchecked: set[str] = set(broken.get("devices", set()))
@@ -484,20 +586,15 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
             continue  # reported by _duplicate_ids
         seen_devices.add(device.id)
         unchecked.add(device.id)  # until its points are in the registry
-        if isinstance(device, ModbusDeviceConfig) and device.bus not in bus_ids:
-            errors.append(
-                smap.diagnostic((*loc, "bus"), f"device {device.id!r} names unknown Modbus bus {device.bus!r}")
-            )
-            continue
-        if isinstance(device, MqttDeviceConfig) and device.source not in source_ids:
-            errors.append(
-                smap.diagnostic((*loc, "source"), f"device {device.id!r} names unknown MQTT source {device.source!r}")
-            )
+        plugin = plugins().drivers[device.driver]  # the union admits only installed drivers
+        unknown = _unknown_reference(device, plugin, section_ids, section_names, smap, loc)
+        if unknown is not None:
+            errors.append(unknown)
             continue
         profile: StrictModel | None = None
-        profile_model = type(device).profile_model
+        profile_model = plugin.profile_model
         if profile_model is not None:
-            name = getattr(device, "profile", "")
+            name = plugin.profile_name(device)
             key = (name, profile_model)
             if key not in loaded:
                 try:
@@ -519,9 +616,9 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
             profile = cached
             profiles[device.id] = profile
         if device.id in account_devices:
-            errors.extend(_unpersonalised(device, account_devices[device.id], smap, loc))
+            errors.extend(_unpersonalised(device, plugin, account_devices[device.id], smap, loc))
         try:
-            infos: list[PointInfo] = device.point_infos(profile)  # type: ignore[arg-type]
+            infos: list[PointInfo] = plugin.points(device, profile)
             if device.id in account_devices:
                 infos = [replace(info, personal=True) for info in infos]
             for info in infos:
@@ -530,7 +627,7 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
         except (DuplicatePoint, ValueError) as exc:
             errors.append(smap.diagnostic(loc, str(exc)))
 
-    errors.extend(_mqtt_binding_errors(config, smap, place))
+    errors.extend(_plugin_site_errors(config, smap, place))
     if config.privacy.building_aggregate is not None:
         aggregate, problems = _building_aggregate(
             config, config.privacy.building_aggregate, registry, smap, frozenset(unchecked)

@@ -8,7 +8,7 @@ position, not a runtime surprise. Neither ever appears in a repr or a log line.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
@@ -177,5 +177,20 @@ class PlatformConfig(StrictModel):
 
 
 class UplinksConfig(StrictModel):
-    influx: InfluxConfig | None = None
-    platform: PlatformConfig | None = None
+    """``uplinks:``: one optional key per installed uplink plugin (``influx:``, ``platform:``), the key being the
+    plugin's name. The model validated is ``gateway.config.site.uplinks_model()``, assembled from the registry
+    (gateway/plugins.py); this base only holds the typed accessor."""
+
+    if TYPE_CHECKING:
+        # what the built-in plugins add; typed here for code that names them (tests, docs examples)
+        influx: InfluxConfig | None
+        platform: PlatformConfig | None
+
+    def configured(self, name: str) -> StrictModel | None:
+        """The config of the uplink named ``name``, or None when the site does not configure it."""
+        value = self.__dict__.get(name)
+        return value if isinstance(value, StrictModel) else None
+
+    def configured_names(self) -> list[str]:
+        """The uplinks the site configures, in the registry's order."""
+        return [name for name in type(self).model_fields if self.configured(name) is not None]

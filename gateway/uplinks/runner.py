@@ -36,17 +36,19 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from gateway.errors import StoreError, UplinkError
 from gateway.model import Command
 from gateway.outbox import Outbox, UplinkCursor
 from gateway.reconnect import ReconnectPolicy, RetryTiming
+from gateway.status import UplinkState, UplinkStatus
 from gateway.uplinks.base import Clock, ConnectionAware, Uplink, UplinkBatch
 from gateway.uplinks.config import DeliveryConfig
 
 if TYPE_CHECKING:
     from gateway.config.site import Site
+    from gateway.status import UplinkRunnerPart
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +107,7 @@ class UplinkRunner:
         self.clock = clock or Clock()
         self.final_flush = final_flush
         self.counters = RunnerCounters()
-        self.state = "starting"
+        self.state: UplinkState = "starting"
         self.last_error: str | None = None
         self._rng = rng or random.Random()
         self._replay_slots = max(1, int(delivery.replay_share * delivery.max_inflight))
@@ -464,7 +466,7 @@ class UplinkRunner:
         ages = [now_ns - t for t in (oldest, events_oldest) if t is not None]
         return depth, events_depth, round(max(ages) / 1e9, 3) if ages else 0.0
 
-    def status(self) -> dict[str, Any]:
+    def status(self) -> UplinkStatus:
         """Queue metrics for /api/uplinks and /metrics: depth, age of the oldest record, sent, dropped, replayed."""
         try:
             depth, events_depth, oldest_age = self._queue_depths()
@@ -498,48 +500,17 @@ def build_uplinks(
     commands: CommandHandler,
     data_dir: Path | None = None,
     time_ns: Callable[[], int] = time.time_ns,
-) -> list[UplinkRunner]:
-    """One runner per configured uplink. Protocol libraries are imported here, only for what is configured.
+) -> list[UplinkRunnerPart]:
+    """One runner per configured uplink, built by its plugin (gateway/plugins.py), in the registry's order. Protocol
+    libraries are imported by the plugins, only for what is configured.
 
     Platform commands are journalled in ``<data_dir>/commands.db`` (by default beside the outbox)."""
-    config = site.config.uplinks
-    runners: list[UplinkRunner] = []
-    if config.influx is not None:
-        from gateway.uplinks.influx import InfluxUplink
+    from gateway.plugins import UplinkContext, plugins
 
-        influx = InfluxUplink(config.influx, site=site)
-        runners.append(UplinkRunner("uplink[influx]", influx, outbox, config.influx.delivery, cursor_name="influx"))
-    if config.platform is not None:
-        from gateway.uplinks.mqtt import MqttUplink
-
-        platform = config.platform
-        if not platform.commands:
-            mqtt = MqttUplink(platform, site=site)
-        else:
-            from gateway.command_journal import JOURNAL_FILE, CommandJournal
-            from gateway.incentives.record import load_public_key
-            from gateway.platform_commands import PlatformCommands
-
-            public_key = None
-            if platform.command_public_key_file is not None:
-                public_key = load_public_key(platform.command_public_key_file)
-            journal = CommandJournal((data_dir or outbox.path.parent) / JOURNAL_FILE)
-            platform_commands = PlatformCommands(
-                commands,
-                outbox,
-                journal,
-                gateway_id=site.config.gateway.id,
-                max_age=platform.command_max_age,
-                max_skew=platform.command_max_skew,
-                public_key=public_key,
-                time_ns=time_ns,
-            )
-            mqtt = MqttUplink(
-                platform,
-                site=site,
-                on_command=platform_commands.handle,
-                before_commands=platform_commands.recover,
-                on_close=platform_commands.close,
-            )
-        runners.append(UplinkRunner("uplink[platform]", mqtt, outbox, platform.delivery, cursor_name="platform"))
+    context = UplinkContext(site=site, outbox=outbox, commands=commands, data_dir=data_dir, time_ns=time_ns)
+    runners: list[UplinkRunnerPart] = []
+    for name, plugin in plugins().uplinks.items():
+        config = site.config.uplinks.configured(name)
+        if config is not None:
+            runners.append(plugin.build(config, context))
     return runners

@@ -7,7 +7,6 @@ import asyncio
 import base64
 import sqlite3
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -22,20 +21,9 @@ from gateway.http.server import create_app
 from gateway.model import Quality, Sample
 from gateway.rule_report import clock
 from gateway.supervisor import Gateway
-from rules.runtime import Problem
+from rules.runtime import Problem, RuleStatus
 
 TOKEN = "s3cret-token-0123456789"
-
-
-@dataclass
-class RuleStatus:  # the shape of rules.runtime.RuleStatus
-    id: str
-    state: str
-    since_ns: int
-    last_error: str | None
-    evaluations: int
-    failures: int
-    waiting_for: tuple[str, ...] = ()
 
 
 class Incentives:
@@ -156,9 +144,9 @@ async def test_rules_states_and_failures_become_alarms(
 ) -> None:
     gateway.rules = Rules(
         [
-            RuleStatus("co2-high", "active", now - 60_000_000_000, None, 120, 0),
-            RuleStatus("night-setback", "pending", now, None, 120, 0),
-            RuleStatus("bad-division", "failed", now, "ZeroDivisionError: division by zero", 120, 7),
+            RuleStatus("co2-high", "active", now - 60_000_000_000, None, 120, 0, ()),
+            RuleStatus("night-setback", "pending", now, None, 120, 0, ("zone9.co2",)),
+            RuleStatus("bad-division", "failed", now, "ZeroDivisionError: division by zero", 120, 7, ()),
         ]
     )
     gateway.rule_problems.add(Problem("night-setback", "not evaluated: no value for zone9.co2", now, ongoing=True))
@@ -295,7 +283,7 @@ async def test_metrics_parse_with_prometheus_clients_own_parser(
     client: TestClient[Any, Any], gateway: Gateway, now: int
 ) -> None:
     gateway.sources[0].status()[0].record_error("timeout")
-    gateway.rules = Rules([RuleStatus("bad-division", "failed", now, "ZeroDivisionError", 120, 7)])
+    gateway.rules = Rules([RuleStatus("bad-division", "failed", now, "ZeroDivisionError", 120, 7, ())])
     gateway.uplinks = [
         Uplink(
             {  # the shape of gateway.uplinks.runner.UplinkRunner.status()
