@@ -107,6 +107,10 @@ def build_sources(site: Site) -> list[Source]:
         from drivers.mqtt.source import build_sources as build_mqtt
 
         sources.extend(build_mqtt(site))
+    if "bacnet" in drivers:
+        from drivers.bacnet.source import build_sources as build_bacnet
+
+        sources.extend(build_bacnet(site))
     return sources
 
 

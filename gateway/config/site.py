@@ -15,6 +15,7 @@ from typing import Annotated, Literal
 
 from pydantic import Field, ValidationError, field_validator
 
+from drivers.bacnet.config import BacnetDeviceConfig, BacnetNetworkConfig
 from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig
 from drivers.mqtt.config import MqttDeviceConfig, MqttSourceConfig
 from drivers.simulator.config import SimulatorDeviceConfig
@@ -114,7 +115,9 @@ class PrivacyConfig(StrictModel):
     building_aggregate: BuildingAggregateConfig | None = None
 
 
-DeviceConfig = Annotated[SimulatorDeviceConfig | ModbusDeviceConfig | MqttDeviceConfig, Field(discriminator="driver")]
+DeviceConfig = Annotated[
+    SimulatorDeviceConfig | ModbusDeviceConfig | MqttDeviceConfig | BacnetDeviceConfig, Field(discriminator="driver")
+]
 
 
 class SiteConfig(StrictModel):
@@ -124,6 +127,7 @@ class SiteConfig(StrictModel):
     http: HttpConfig = HttpConfig()
     modbus_buses: list[ModbusBusConfig] = Field(default_factory=list)
     mqtt_sources: list[MqttSourceConfig] = Field(default_factory=list)
+    bacnet_networks: list[BacnetNetworkConfig] = Field(default_factory=list)
     devices: list[DeviceConfig] = Field(default_factory=list)
     uplinks: UplinksConfig = UplinksConfig()
     rules: list[str] = Field(default_factory=list)
@@ -190,6 +194,7 @@ def _duplicate_ids(
         ("devices", "device", [d.id for d in config.devices]),
         ("modbus_buses", "Modbus bus", [b.id for b in config.modbus_buses]),
         ("mqtt_sources", "MQTT source", [s.id for s in config.mqtt_sources]),
+        ("bacnet_networks", "BACnet network", [n.id for n in config.bacnet_networks]),
     ):
         first: dict[str, int] = {}
         for position, ident in enumerate(ids):
@@ -374,7 +379,7 @@ class SiteError(ConfigError):
 #: the smallest valid site: what a section is validated beside, on its own, when the whole file did not validate
 _STUB_SITE: dict[str, object] = {"version": 1, "gateway": {"id": "salvaged", "site": "salvaged"}}
 #: sections checked item by item (one bad device must not take the others with it)
-_ITEM_SECTIONS = ("modbus_buses", "mqtt_sources", "devices", "rules", "profile_dirs")
+_ITEM_SECTIONS = ("modbus_buses", "mqtt_sources", "bacnet_networks", "devices", "rules", "profile_dirs")
 
 
 @dataclass
@@ -468,6 +473,7 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
     # a device on a bus (or source) that is itself broken is not blamed for it; the device is still checked
     bus_ids = {b.id for b in config.modbus_buses} | broken.get("modbus_buses", set())
     source_ids = {s.id for s in config.mqtt_sources} | broken.get("mqtt_sources", set())
+    network_ids = {n.id for n in config.bacnet_networks} | broken.get("bacnet_networks", set())
     #: devices whose points are not in the registry (broken, or their profile or bus is): a rule file naming
     #: their points is not checked against them
     unchecked: set[str] = set(broken.get("devices", set()))
@@ -492,6 +498,13 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
         if isinstance(device, MqttDeviceConfig) and device.source not in source_ids:
             errors.append(
                 smap.diagnostic((*loc, "source"), f"device {device.id!r} names unknown MQTT source {device.source!r}")
+            )
+            continue
+        if isinstance(device, BacnetDeviceConfig) and device.network not in network_ids:
+            errors.append(
+                smap.diagnostic(
+                    (*loc, "network"), f"device {device.id!r} names unknown BACnet network {device.network!r}"
+                )
             )
             continue
         profile: StrictModel | None = None
