@@ -22,6 +22,7 @@ _COMMAND_GROUPS = (
     "gateway.commands",  # run, demo, check, tail
     "drivers.modbus.cli",  # modbus probe/read/plan
     "drivers.mqtt.cli",  # mqtt discover
+    "drivers.bacnet.cli",  # bacnet discover/read/plan
     "rules.cli",  # rules check/test
     "gateway.incentives.cli",  # incentives verify, keys generate
     "gateway.http.cli",  # status

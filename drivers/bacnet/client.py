@@ -14,8 +14,9 @@ An answer bacpypes3 cannot decode or that is not the acknowledgement asked for i
 ``malformed``: its points go BAD and the device is not retried blindly.
 
 Values come back as Python scalars: Real/Double -> float, Unsigned/Integer/Enumerated -> int, Boolean and BinaryPV
--> bool, CharacterString -> str, Null -> None, StatusFlags -> a tuple of four bools (in-alarm, fault, overridden,
-out-of-service). A per-property error inside a ReadPropertyMultiple answer is a ``PropertyError`` value.
+-> bool, CharacterString -> str, ObjectIdentifier -> "type,instance", Null -> None,
+StatusFlags -> a tuple of four bools (in-alarm, fault, overridden, out-of-service). A per-property error inside
+a ReadPropertyMultiple answer is a ``PropertyError`` value.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ ReadResult = tuple[ObjectId, str, int | None, Scalar | tuple[bool, ...] | Proper
 def to_python(value: Any) -> Scalar | tuple[bool, ...]:
     """A bacpypes3 value as a plain Python value; raises ValueError for anything else (a constructed value)."""
     from bacpypes3.basetypes import BinaryPV, StatusFlags
-    from bacpypes3.primitivedata import Boolean, CharacterString, Enumerated, Null, Real
+    from bacpypes3.primitivedata import Boolean, CharacterString, Enumerated, Null, ObjectIdentifier, Real
 
     if value is None or isinstance(value, Null):
         return None
@@ -91,6 +92,8 @@ def to_python(value: Any) -> Scalar | tuple[bool, ...]:
         return float(value)
     if isinstance(value, CharacterString):
         return str(value)
+    if isinstance(value, ObjectIdentifier):  # an element of an object list, as "type,instance"
+        return f"{value[0]},{int(value[1])}"
     if isinstance(value, int):
         return int(value)
     raise ValueError(f"unexpected value of type {type(value).__name__}")
