@@ -68,6 +68,7 @@ ENGINEERING_UNITS: dict[str, str] = {
     "cubic-meters-per-hour": "m³/h",
     "cubic-meters-per-second": "m³/s",
     "liters-per-second": "l/s",
+    "inches-of-water": "inH2O",
     "cubic-feet-per-minute": "cfm",
     "meters-per-second": "m/s",
     "luxes": "lx",
