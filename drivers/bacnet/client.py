@@ -66,6 +66,46 @@ class IAm:
     vendor: int
 
 
+@dataclass(frozen=True, slots=True)
+class CovNotice:
+    """One property of a COV notification: which device (address), subscription, object, and the value."""
+
+    address: str
+    process_id: int
+    object: ObjectId
+    property: str
+    value: Scalar | tuple[bool, ...]
+
+
+class _CovContext:
+    """Stands where bacpypes3 expects its SubscriptionContextManager (``app._cov_contexts``), so notifications reach
+    us; the subscription's *renewal* is the source's, not bacpypes3's: bacpypes3 renews in a fire-and-forget task
+    whose failure nobody sees, which is exactly how subscriptions lapse silently."""
+
+    def __init__(self, link: BacnetLink, address: str, process_id: int, obj: ObjectId, objid: Any) -> None:
+        self._link = link
+        self._address = address
+        self._process_id = process_id
+        self._object = obj
+        self.monitored_object_identifier = objid
+
+    async def put(self, property_value: Any) -> None:
+        from bacpypes3.vendor import get_vendor_info
+
+        prop = str(property_value.propertyIdentifier)
+        try:
+            cls = get_vendor_info(0).get_object_class(self.monitored_object_identifier[0])
+            kind = cls.get_property_type(property_value.propertyIdentifier) if cls else None
+            if kind is None:
+                raise ValueError(f"no type for {prop}")
+            value = to_python(property_value.value.cast_out(kind))
+        except (ValueError, TypeError, AttributeError, IndexError) as exc:
+            self._link.malformed_notifications += 1
+            log.debug("COV notification from %s for %s %s not decoded: %s", self._address, self._object, prop, exc)
+            return
+        self._link.notifications.put_nowait(CovNotice(self._address, self._process_id, self._object, prop, value))
+
+
 #: one property to read: (property name, array index or None)
 PropertyRef = tuple[str, int | None]
 #: one answered property: (object, property, index, value or PropertyError)
@@ -126,6 +166,10 @@ class BacnetLink:
         self._network = network
         self._instance = instance
         self._app: Any = None
+        #: COV notifications of every subscription made through this link, in arrival order
+        self.notifications: asyncio.Queue[CovNotice] = asyncio.Queue()
+        #: notifications that could not be decoded (counted, dropped)
+        self.malformed_notifications = 0
 
     @property
     def connected(self) -> bool:
@@ -324,3 +368,50 @@ class BacnetLink:
                 )
             )
         return found
+
+    async def subscribe_cov(
+        self, address: str, obj: ObjectId, process_id: int, *, confirmed: bool, lifetime: int
+    ) -> None:
+        """SubscribeCOV (a new subscription or the renewal of one); notifications go to ``notifications``."""
+        from bacpypes3.apdu import ErrorRejectAbortNack, SubscribeCOVRequest
+        from bacpypes3.pdu import Address
+        from bacpypes3.primitivedata import ObjectIdentifier
+
+        app = self._application()
+        what = f"{address} SubscribeCOV {obj}"
+        peer = Address(address)
+        objid = ObjectIdentifier(str(obj))
+        key = (peer, process_id)
+        if key not in app._cov_contexts:
+            app._cov_contexts[key] = _CovContext(self, address, process_id, obj, objid)
+        request = SubscribeCOVRequest(
+            subscriberProcessIdentifier=process_id,
+            monitoredObjectIdentifier=objid,
+            issueConfirmedNotifications=confirmed,
+            lifetime=lifetime,
+            destination=peer,
+        )
+        try:
+            answer = await app.request(request)
+        except ErrorRejectAbortNack as exc:
+            raise _refusal(exc, what) from None
+        if isinstance(answer, ErrorRejectAbortNack):
+            raise _refusal(answer, what)
+
+    async def unsubscribe_cov(self, address: str, obj: ObjectId, process_id: int) -> None:
+        """Cancel a subscription (best effort: the device also drops it when its lifetime ends)."""
+        from bacpypes3.apdu import ErrorRejectAbortNack, SubscribeCOVRequest
+        from bacpypes3.pdu import Address
+        from bacpypes3.primitivedata import ObjectIdentifier
+
+        app = self._application()
+        peer = Address(address)
+        app._cov_contexts.pop((peer, process_id), None)
+        request = SubscribeCOVRequest(
+            subscriberProcessIdentifier=process_id, monitoredObjectIdentifier=ObjectIdentifier(str(obj)),
+            destination=peer,
+        )
+        try:
+            await app.request(request)
+        except ErrorRejectAbortNack as exc:
+            raise _refusal(exc, f"{address} cancel SubscribeCOV {obj}") from None

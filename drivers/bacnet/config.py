@@ -304,8 +304,11 @@ class CovConfig(StrictModel):
     """Subscribe to changes of value instead of polling each cycle (polling stays on as a safety net)."""
 
     confirmed: bool = False
-    #: subscription lifetime; renewed at half of it
-    lifetime: Annotated[PositiveDuration, Field(le=86400)] = 300.0
+    #: subscription lifetime; renewed at half of it, so one lost renewal does not let it lapse
+    lifetime: Annotated[PositiveDuration, Field(ge=2, le=86400)] = 300.0
+    #: how often the points under COV are still polled: the safety net that finds a silent subscription (a device
+    #: restarted, a notification lost) by a value that changed without a notification, and resubscribes
+    verify: PositiveDuration = 300.0
 
 
 class BacnetDeviceConfig(StrictModel):

@@ -38,10 +38,12 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import TYPE_CHECKING, Protocol, Self
 
-from drivers.bacnet.client import BacnetRefused, IAm, PropertyError, PropertyRef, ReadResult, Scalar
+from drivers.bacnet.client import BacnetRefused, CovNotice, IAm, PropertyError, PropertyRef, ReadResult, Scalar
 from drivers.bacnet.config import (
+    ANALOG_TYPES,
     BINARY_TYPES,
     MAX_APDU_BACNET_IP,
+    MULTISTATE_TYPES,
     BacnetDeviceConfig,
     BacnetNetworkConfig,
     BacnetPoint,
@@ -95,6 +97,15 @@ class Link(Protocol):
         self, low: int | None = None, high: int | None = None, address: str | None = None, seconds: float = 3.0
     ) -> list[IAm]: ...
 
+    @property
+    def notifications(self) -> asyncio.Queue[CovNotice]: ...
+
+    async def subscribe_cov(
+        self, address: str, obj: ObjectId, process_id: int, *, confirmed: bool, lifetime: int
+    ) -> None: ...
+
+    async def unsubscribe_cov(self, address: str, obj: ObjectId, process_id: int) -> None: ...
+
 
 LinkFactory = Callable[[BacnetNetworkConfig], Link]
 
@@ -142,6 +153,18 @@ class _Device:
     plans: dict[tuple[float, ...], list[ReadRequest]] = field(default_factory=dict)
     #: point -> its object's flags, for the points whose object is flagged
     flags: dict[str, str] = field(default_factory=dict)
+    #: COV: object -> its present-value points, and the subscriber process id of each object
+    cov_points: dict[ObjectId, list[PlannedPoint]] = field(default_factory=dict)
+    cov_ids: dict[ObjectId, int] = field(default_factory=dict)
+    #: every subscription of the device is in place (its points are then polled only at ``cov.verify``)
+    cov_active: bool = False
+    #: set to make the COV task subscribe again now (silent subscription found, device back after an outage)
+    cov_resubscribe: asyncio.Event = field(default_factory=asyncio.Event)
+    #: point -> the last value a notification brought, and object -> its COV increment (analog objects)
+    cov_last: dict[str, object] = field(default_factory=dict)
+    cov_increment: dict[ObjectId, float] = field(default_factory=dict)
+    #: when the points under COV are next polled (the safety net)
+    verify_at: float = 0.0
 
     @property
     def name(self) -> str:
@@ -160,6 +183,8 @@ class _PollResult:
 
 
 _FLAG_NAMES = ("in-alarm", "fault", "overridden", "out-of-service")
+#: objects whose present-value a device can report by COV (ASHRAE 135 clause 13.1, standard COV properties)
+_COV_TYPES = ANALOG_TYPES | BINARY_TYPES | MULTISTATE_TYPES
 
 
 def planned_points(device: BacnetDeviceConfig, profile: BacnetProfile) -> dict[float, list[PlannedPoint]]:
@@ -218,6 +243,9 @@ class BacnetNetworkSource:
         self._link_policy = ReconnectPolicy(self.name, RetryTiming(first=1.0, maximum=30.0), clock=clock,
                                             random=jitter, logger=log)
         now = clock()
+        #: subscriber process ids are unique per source, so a notification names its device and object
+        self._next_process_id = 0
+        self._cov_by_id: dict[int, _Device] = {}
         self._devices: list[_Device] = []
         self._points: dict[str, tuple[_Device, BacnetPoint]] = {}
         for config, profile in devices:
@@ -234,10 +262,18 @@ class BacnetNetworkSource:
                 config.address,
             )
             device.rpm = config.read_multiple is not False
+            if config.cov is not None:
+                for planned in (p for group in groups.values() for p in group):
+                    if planned.object.type in _COV_TYPES and planned.property == "present-value":
+                        device.cov_points.setdefault(planned.object, []).append(planned)
+                for obj in device.cov_points:
+                    self._next_process_id += 1
+                    device.cov_ids[obj] = self._next_process_id
             self._devices.append(device)
             for name, spec in profile.points.items():
                 self._points[f"{config.id}.{name}"] = (device, spec)
         self._device_ids = frozenset(d.config.id for d in self._devices)
+        self._cov_by_id = {pid: d for d in self._devices for pid in d.cov_ids.values()}
 
     @property
     def devices(self) -> frozenset[str]:
@@ -272,6 +308,12 @@ class BacnetNetworkSource:
                                 self._device_loop(link, device, publish, stopping),
                                 name=f"{self.name}.{device.config.id}",
                             )
+                            if device.cov_points:
+                                group.create_task(
+                                    self._cov_loop(link, device, stopping), name=f"{self.name}.{device.config.id}.cov"
+                                )
+                        if self._cov_by_id:
+                            group.create_task(self._cov_dispatch(link, publish, stopping), name=f"{self.name}.cov")
                     return
             except DeviceUnavailable as exc:
                 for device in self._devices:
@@ -303,13 +345,24 @@ class BacnetNetworkSource:
     async def poll_device(self, link: Link, device: _Device, due: tuple[float, ...]) -> list[Sample]:
         """One poll of ``due`` intervals of one device: every due point gets exactly one sample."""
         points = device.due_points(due)
+        verify = False
+        if device.cov_active:
+            now = self._clock()
+            verify = now >= device.verify_at
+            if verify:
+                assert device.config.cov is not None
+                device.verify_at = now + device.config.cov.verify
+            else:  # the subscriptions bring these values: poll only the others until the safety net is due
+                points = [p for p in points if p.object not in device.cov_points]
+                if not points:
+                    return []
         result = _PollResult()
         samples: list[Sample] = []
         started = self._clock()
         try:
             address = await self._prepare(link, device)
             if device.rpm:
-                requests = self._plan(device, due)
+                requests = self._plan(device, due, points if len(points) < len(device.due_points(due)) else None)
                 pending = list(requests)
                 while pending and device.rpm:
                     request = pending.pop(0)
@@ -325,6 +378,8 @@ class BacnetNetworkSource:
         read = {s.point for s in samples}
         ts = time.time_ns()
         samples.extend(Sample(p.point, None, ts, Quality.BAD) for p in points if p.point not in read)
+        if verify:
+            self._check_cov(device, samples)
         self._record(device, result, self._clock() - started)
         return samples
 
@@ -362,12 +417,17 @@ class BacnetNetworkSource:
         device.budget = answer_budget(max_apdu, segmentation)
         device.status.info.update({"max_apdu": max_apdu, "segmentation": segmentation})
 
-    def _plan(self, device: _Device, due: tuple[float, ...]) -> list[ReadRequest]:
-        plan = device.plans.get(due)
+    def _plan(
+        self, device: _Device, due: tuple[float, ...], only: Sequence[PlannedPoint] | None = None
+    ) -> list[ReadRequest]:
+        """The requests for the due points (or ``only`` these: the due points not under COV), planned once."""
+        key = (*due, -1.0) if only is not None else due  # -1: the plan without the points under COV
+        plan = device.plans.get(key)
         if plan is None:
             budget = device.budget if device.budget is not None else _MIN_APDU
-            plan = plan_reads(device.due_points(due), budget=budget, max_properties=self._network.max_properties)
-            device.plans[due] = plan
+            points = only if only is not None else device.due_points(due)
+            plan = plan_reads(points, budget=budget, max_properties=self._network.max_properties)
+            device.plans[key] = plan
         return plan
 
     async def _read_rpm(
@@ -478,8 +538,11 @@ class BacnetNetworkSource:
             status.record_error(result.unavailable)
             device.breaker.failed(f"not answering ({result.unavailable}); its points are BAD")
             status.state = DeviceState.DISABLED
+            if device.cov_active:
+                device.cov_active = False  # poll everything until it answers and is subscribed again
             return
-        device.breaker.succeeded()
+        if device.breaker.succeeded() is not None and device.cov_points:
+            device.cov_resubscribe.set()  # back after an outage: it may have restarted and forgotten us
         if result.rejected is None:
             before = status.state
             since = status.since_ns
@@ -494,6 +557,161 @@ class BacnetNetworkSource:
             return
         if status.record_error(result.rejected):
             log.warning("%s %s: refused every read (%s); its points are BAD", self.name, device.name, result.rejected)
+
+    # ------------------------------------------------------------------ COV
+
+    async def _cov_loop(self, link: Link, device: _Device, stopping: asyncio.Event) -> None:
+        """Subscribe every object of the device, renew at half the lifetime, and subscribe again at once when the
+        safety net or an outage says so. Objects the device refuses COV for are polled as usual (logged once); a
+        device that does not answer is retried within ``backoff_max`` while its points are polled."""
+        cov = device.config.cov
+        assert cov is not None
+        lifetime = round(cov.lifetime)
+        failing = False
+        while not stopping.is_set():
+            wait = lifetime / 2
+            if device.address is None or device.budget is None or not device.breaker.allows(self._clock()):
+                wait = min(wait, 0.5)  # not found or not answering yet: the poll loop does that work
+            else:
+                try:
+                    await self._subscribe_all(link, device, confirmed=cov.confirmed, lifetime=lifetime)
+                    if not device.cov_points:
+                        return  # every object refused: the device is polled as if COV were not configured
+                except DeviceError as exc:
+                    failing = self._cov_failed(device, exc, failing)
+                    wait = min(wait, self._network.backoff_max)
+                else:
+                    if failing:
+                        log.info("%s %s: COV subscriptions in place again", self.name, device.name)
+                    failing = False
+            device.cov_resubscribe.clear()
+            waiters = [asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(device.cov_resubscribe.wait())]
+            try:
+                await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+        if device.cov_active and device.address is not None:
+            # leave nothing subscribed behind a stopped gateway (the lifetime would end it anyway)
+            with contextlib.suppress(DeviceError, TimeoutError):
+                async with asyncio.timeout(self._network.timeout * 2):
+                    for obj in device.cov_points:
+                        await link.unsubscribe_cov(device.address, obj, device.cov_ids[obj])
+            device.cov_active = False
+
+    async def _subscribe_all(self, link: Link, device: _Device, *, confirmed: bool, lifetime: int) -> None:
+        """Subscribe (or renew) each object. An object the device refuses COV for (many devices support it on some
+        object types only) is dropped from COV for the session and polled; a silence raises (all are retried)."""
+        assert device.address is not None
+        for obj, pid in list(device.cov_ids.items()):
+            if obj not in device.cov_points:
+                continue
+            try:
+                async with device.lock:
+                    await link.subscribe_cov(device.address, obj, pid, confirmed=confirmed, lifetime=lifetime)
+            except BacnetRefused as exc:
+                del device.cov_points[obj]
+                refused = device.status.info.get("cov_refused")
+                device.status.info["cov_refused"] = f"{refused}, {obj}" if refused else str(obj)
+                log.warning("%s %s: refuses COV for %s (%s); that object is polled",
+                            self.name, device.name, obj, exc.reason)
+                continue
+            if obj.type in ANALOG_TYPES and obj not in device.cov_increment:
+                try:
+                    async with device.lock:
+                        increment = await link.read_property(device.address, obj, "cov-increment")
+                    device.cov_increment[obj] = float(increment) if isinstance(increment, int | float) else 0.0
+                except BacnetRefused:
+                    device.cov_increment[obj] = 0.0  # not readable: any difference counts
+        if not device.cov_points:
+            device.status.info["cov"] = "refused for every object: polled"
+            return
+        if not device.cov_active:
+            device.verify_at = self._clock() + (device.config.cov.verify if device.config.cov else 0.0)
+            device.plans.clear()  # the plan without the points under COV changes with the objects subscribed
+        device.cov_active = True
+        renewals = device.status.info.get("cov_renewals") or 0
+        device.status.info["cov_renewals"] = int(renewals) + 1
+        device.status.info["cov"] = f"{len(device.cov_points)} objects subscribed"
+
+    def _cov_failed(self, device: _Device, exc: DeviceError, failing: bool) -> bool:
+        device.cov_active = False
+        device.status.count_failure("cov_subscribe")
+        device.status.info["cov"] = f"not subscribed ({exc}); polled"
+        if not failing:
+            log.warning("%s %s: COV subscription failed (%s); polling its points until it is back",
+                        self.name, device.name, exc)
+        return True
+
+    async def _cov_dispatch(self, link: Link, publish: BatchSink, stopping: asyncio.Event) -> None:
+        """Turn notifications into samples: one batch per burst of notifications (a notification's present-value
+        and status-flags arrive together)."""
+        queue = link.notifications
+        while not stopping.is_set():
+            getter = asyncio.ensure_future(queue.get())
+            stopper = asyncio.ensure_future(stopping.wait())
+            try:
+                await asyncio.wait([getter, stopper], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                stopper.cancel()
+                if not getter.done():
+                    getter.cancel()
+            if not getter.done() or getter.cancelled():
+                return
+            notices = [getter.result()]
+            while not queue.empty():
+                notices.append(queue.get_nowait())
+            samples = self._cov_samples(notices)
+            if samples:
+                await publish(samples)
+
+    def _cov_samples(self, notices: list[CovNotice]) -> list[Sample]:
+        ts = time.time_ns()
+        flags: dict[tuple[int, ObjectId], tuple[bool, ...]] = {}
+        for notice in notices:
+            if notice.property == "status-flags" and isinstance(notice.value, tuple):
+                flags[(notice.process_id, notice.object)] = notice.value
+        samples: list[Sample] = []
+        for notice in notices:
+            device = self._cov_by_id.get(notice.process_id)
+            if device is None or notice.property != "present-value" or notice.object not in device.cov_points:
+                continue  # not ours (a stale subscription of an earlier run): dropped
+            count = device.status.info.get("cov_notifications") or 0
+            device.status.info["cov_notifications"] = int(count) + 1
+            object_flags = flags.get((notice.process_id, notice.object))
+            for point in device.cov_points[notice.object]:
+                try:
+                    value = _checked(notice.value, point.kind)
+                except ValueError:
+                    device.status.count_failure("unexpected_value")
+                    samples.append(Sample(point.point, None, ts, Quality.BAD))
+                    continue
+                device.cov_last[point.point] = value
+                faulty = object_flags is not None and (object_flags[1] or (len(object_flags) > 3 and object_flags[3]))
+                samples.append(Sample(point.point, value, ts, Quality.UNCERTAIN if faulty else Quality.GOOD))
+        return samples
+
+    def _check_cov(self, device: _Device, samples: list[Sample]) -> None:
+        """The safety net: a polled value a notification should have brought means the subscription is silent."""
+        silent: list[str] = []
+        by_point = {p.point: p for points in device.cov_points.values() for p in points}
+        for sample in samples:
+            planned = by_point.get(sample.point)
+            if planned is None or sample.value is None:
+                continue
+            last = device.cov_last.get(sample.point)
+            if last is None:
+                silent.append(f"{sample.point}: no notification yet")
+            elif isinstance(sample.value, float) and isinstance(last, float):
+                if abs(sample.value - last) > device.cov_increment.get(planned.object, 0.0):
+                    silent.append(f"{sample.point}: {last} notified, {sample.value} polled")
+            elif sample.value != last:
+                silent.append(f"{sample.point}: {last} notified, {sample.value} polled")
+        if silent:
+            device.status.count_failure("cov_silent")
+            log.warning("%s %s: COV subscription silent (%s); subscribing again",
+                        self.name, device.name, "; ".join(silent[:3]))
+            device.cov_resubscribe.set()
 
     # ------------------------------------------------------------------ writes
 
