@@ -269,3 +269,23 @@ async def test_who_is_to_an_address_finds_the_device(devices: list[Device]) -> N
         (1011, dev.address, 480, "no-segmentation")
     ]
 
+
+
+async def test_an_answer_too_big_for_the_device_is_read_again_in_halves(devices: list[Device]) -> None:
+    objects, points = many_points(120)
+    dev = await start_device(1012, objects, segmentation="no-segmentation")
+    devices.append(dev)
+    net = network(max_properties=500)
+    source = BacnetNetworkSource(net, [(device_config("big", 1012, dev.address), profile(points))])
+    device = source._devices[0]
+    async with BacnetLink(net) as link:
+        source._link = link
+        await source._read_limits(link, device, dev.address)
+        device.budget = 100_000  # as if the device had claimed it could send segmented answers
+        samples = await source.poll_device(link, device, tuple(device.groups))
+
+    assert len(samples) == 120 and all(s.quality is Quality.GOOD for s in samples)
+    assert {s.value for s in samples} == {float(i) + 0.5 for i in range(1, 121)}
+    # one refused request of 240 properties, then halves until each answer fits one APDU
+    assert dev.requests["ReadPropertyMultipleRequest"] > 2
+    assert source.status()[0].failures.get("segmentation_not_supported", 0) >= 1
