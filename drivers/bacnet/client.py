@@ -175,6 +175,15 @@ class BacnetLink:
     def connected(self) -> bool:
         return self._app is not None
 
+    @property
+    def foreign_registration(self) -> str | None:
+        """The BBMD registration of a foreign-device port (None for a normal port): ``registered``, ``pending``,
+        ``unregistered`` or ``refused (code N)``. bacpypes3 renews it before its TTL runs out."""
+        if self._app is None or self._network.foreign is None:
+            return None
+        code = int(getattr(self._app.foreign, "bbmdRegistrationStatus", -2))
+        return {-2: "unregistered", -1: "pending", 0: "registered"}.get(code, f"refused (code {code})")
+
     async def __aenter__(self) -> Self:
         from bacpypes3.ipv4.app import ForeignApplication, NormalApplication
         from bacpypes3.local.device import DeviceObject

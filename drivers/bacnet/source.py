@@ -20,6 +20,11 @@ Behaviour:
 * a device that does not answer (after the network's ``retries``) is skipped by its breaker (``backoff_min``
   doubling to ``backoff_max``, with jitter, ``gateway.reconnect``) and its due points are published BAD at each
   slot, so an outage is explicit interval by interval; one log line when it starts and one when it ends;
+* COV (``cov:`` on a device): each object with a present-value point is subscribed and renewed by this module at
+  half the lifetime; an object the device refuses COV for is polled; the points under COV are polled only every
+  ``cov.verify`` (the safety net), and a polled value no notification brought means a silent subscription:
+  subscribe again at once. A device back after an outage is subscribed again; stopping cancels the subscriptions;
+* a foreign-device port (``foreign:``) shows its BBMD registration in every device's status (``info["bbmd"]``);
 * a write goes through ``writable``/``min``/``max`` of the profile and is sent at the point's priority; the string
   ``"relinquish"`` (or ``relinquish(point)``) writes NULL at that priority. A refusal by the device raises
   ``DeviceRejected`` with the device's reason and is never retried.
@@ -105,6 +110,9 @@ class Link(Protocol):
     ) -> None: ...
 
     async def unsubscribe_cov(self, address: str, obj: ObjectId, process_id: int) -> None: ...
+
+    @property
+    def foreign_registration(self) -> str | None: ...
 
 
 LinkFactory = Callable[[BacnetNetworkConfig], Link]
@@ -314,6 +322,8 @@ class BacnetNetworkSource:
                                 )
                         if self._cov_by_id:
                             group.create_task(self._cov_dispatch(link, publish, stopping), name=f"{self.name}.cov")
+                        if self._network.foreign is not None:
+                            group.create_task(self._watch_registration(link, stopping), name=f"{self.name}.bbmd")
                     return
             except DeviceUnavailable as exc:
                 for device in self._devices:
@@ -339,6 +349,28 @@ class BacnetNetworkSource:
             if wait > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), timeout=wait)
+
+    async def _watch_registration(self, link: Link, stopping: asyncio.Event) -> None:
+        """Show the BBMD registration in every device's status, and log its loss and its return once each."""
+        foreign = self._network.foreign
+        assert foreign is not None
+        registered: bool | None = None
+        while not stopping.is_set():
+            state = link.foreign_registration or "unregistered"
+            for device in self._devices:
+                device.status.info["bbmd"] = f"{foreign.bbmd}: {state}"
+            ok = state == "registered"
+            if ok and registered is False:
+                log.info("%s: registered with BBMD %s again", self.name, foreign.bbmd)
+            elif not ok and state != "pending" and registered is not False:
+                log.warning("%s: not registered with BBMD %s (%s); devices across it cannot be found",
+                            self.name, foreign.bbmd, state)
+            if state != "pending":
+                registered = ok
+            # while pending look again soon: the first answer of the BBMD usually comes within milliseconds
+            wait = 0.2 if state == "pending" else min(foreign.ttl / 2, 5.0)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stopping.wait(), timeout=wait)
 
     # ------------------------------------------------------------------ polling
 

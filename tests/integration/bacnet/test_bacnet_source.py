@@ -289,3 +289,43 @@ async def test_an_answer_too_big_for_the_device_is_read_again_in_halves(devices:
     # one refused request of 240 properties, then halves until each answer fits one APDU
     assert dev.requests["ReadPropertyMultipleRequest"] > 2
     assert source.status()[0].failures.get("segmentation_not_supported", 0) >= 1
+
+
+async def test_a_device_across_a_bbmd_is_found_by_who_is_as_a_foreign_device() -> None:
+    from bacpypes3.ipv4.app import BBMDApplication
+    from bacpypes3.local.analog import AnalogInputObject
+    from bacpypes3.local.device import DeviceObject
+    from bacpypes3.pdu import IPv4Address
+
+    bbmd_port = free_udp_port()
+    # the BBMD is itself a device (instance 4001) with one sensor: a Who-Is distributed through it reaches it
+    bbmd = BBMDApplication(
+        DeviceObject(objectIdentifier=("device", 4001), objectName="bbmd", vendorIdentifier=999),
+        IPv4Address(f"127.0.0.1:{bbmd_port}"),
+    )
+    await asyncio.wait(list(bbmd.server._transport_tasks), timeout=5)
+    bbmd.add_object(AnalogInputObject(objectIdentifier=("analog-input", 1), objectName="t", presentValue=7.5,
+                                      units="degrees-celsius"))
+    net = network(foreign={"bbmd": f"127.0.0.1:{bbmd_port}", "ttl": "30s"})
+    points = {"t": {"object": "analog-input,1", "unit": "degrees-celsius"}}
+    source = BacnetNetworkSource(net, [(device_config("far", 4001, None), profile(points))])
+    batches: list[list[Sample]] = []
+    got = asyncio.Event()
+
+    async def publish(batch: list[Sample]) -> None:
+        batches.append(batch)
+        if batch[0].value == 7.5 and str(source.status()[0].info.get("bbmd")).endswith(": registered"):
+            got.set()
+
+    stopping = asyncio.Event()
+    runner = asyncio.create_task(source.run(publish, stopping))
+    try:
+        await asyncio.wait_for(got.wait(), timeout=30)  # hang guard
+    finally:
+        stopping.set()
+        await asyncio.wait_for(runner, timeout=10)
+        bbmd.close()
+    info = source.status()[0].info
+    assert info["address"] == f"127.0.0.1:{bbmd_port}"
+    assert info["bbmd"] == f"127.0.0.1:{bbmd_port}: registered"
+    assert [entry.fdTTL for entry in bbmd.bbmd.bbmdFDT] == [30]
