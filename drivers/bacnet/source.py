@@ -340,7 +340,13 @@ class BacnetNetworkSource:
             due = device.clock.take_due(now)
             if due:
                 if device.breaker.allows(now):
-                    samples = await self.poll_device(link, device, due)
+                    try:
+                        samples = await self.poll_device(link, device, due)
+                    except Exception as exc:  # a bug or a library surprise must not stop the other devices
+                        log.exception("%s %s: poll failed unexpectedly; its points are BAD", self.name, device.name)
+                        device.status.count_failure("internal_error")
+                        device.status.record_error(f"internal error: {type(exc).__name__}: {exc}")
+                        samples = _bad(device.due_points(due), time.time_ns())
                 else:
                     device.status.count_failure("disabled")
                     samples = _bad(device.due_points(due), time.time_ns())
@@ -480,7 +486,7 @@ class BacnetNetworkSource:
                 for part in split_request(request):
                     await self._read_rpm(link, device, address, part, samples=samples, result=result)
                 return
-            device.status.count_failure(f"{exc.kind}_{exc.reason}".replace("-", "_").replace(" ", "_"))
+            device.status.count_failure(_failure_key(exc))
             result.rejected = result.rejected or str(exc)
             samples.extend(_bad(request.points, time.time_ns()))
             return
@@ -545,7 +551,7 @@ class BacnetNetworkSource:
                     result.requests += 1
                     raw = await link.read_property(address, point.object, point.property, point.index)
             except BacnetRefused as exc:
-                device.status.count_failure(f"{exc.kind}_{exc.reason}".replace("-", "_").replace(" ", "_"))
+                device.status.count_failure(_failure_key(exc))
                 result.rejected = result.rejected or str(exc)
                 samples.append(Sample(point.point, None, time.time_ns(), Quality.BAD))
                 continue
@@ -808,6 +814,14 @@ class BacnetNetworkSource:
         except DeviceError:
             raise
         log.info("%s: %s to %s (%s at priority %d)", self.name, what, point, spec.object, spec.priority)
+
+
+def _failure_key(exc: BacnetRefused) -> str:
+    """``failures`` key of a refusal: ``reject_unrecognized_service``, ``error_object_unknown_object``, or
+    ``malformed_answer`` (whatever the detail: the detail is in ``last_error``)."""
+    if exc.kind == "malformed":
+        return "malformed_answer"
+    return f"{exc.kind}_{exc.reason}".replace("-", "_").replace(" ", "_")
 
 
 def _bad(points: Sequence[PlannedPoint], ts: int) -> list[Sample]:

@@ -3,7 +3,8 @@
 ``start_device(instance, objects, ...)`` binds a bacpypes3 ``NormalApplication`` to ``127.0.0.1:<free port>`` with a
 device object and the given analog/binary/multi-state objects; the driver under test talks to it over real UDP.
 Kinds of device a test can ask for: ``rpm=False`` (rejects ReadPropertyMultiple with unrecognized-service, as old
-controllers do), ``max_apdu``/``segmentation`` (a small controller), and ``GarbageDevice`` (a UDP port that answers
+controllers do), ``rpm_simple_ack=True`` (answers it with an unexpected SimpleACK), ``max_apdu``/``segmentation``
+(a small controller), and ``GarbageDevice`` (a UDP port that answers
 every request with bytes that are not BACnet).
 
 Discovery needs no broadcast: a Who-Is can be sent to a device's own address (unicast), which is what these tests
@@ -68,6 +69,7 @@ async def start_device(
     objects: dict[str, Any],
     *,
     rpm: bool = True,
+    rpm_simple_ack: bool = False,
     max_apdu: int = 1476,
     segmentation: str = "segmented-both",
     port: int | None = None,
@@ -91,6 +93,14 @@ async def start_device(
 
             async def do_ReadPropertyMultipleRequest(self, apdu: Any) -> None:
                 raise UnrecognizedService("no ReadPropertyMultiple here")
+
+        elif rpm_simple_ack:
+
+            async def do_ReadPropertyMultipleRequest(self, apdu: Any) -> None:
+                # a broken firmware: acknowledges the read with a SimpleACK, which carries no values
+                from bacpypes3.apdu import SimpleAckPDU
+
+                await self.response(SimpleAckPDU(context=apdu))
 
     device_object = DeviceObject(
         objectIdentifier=("device", instance),

@@ -329,3 +329,63 @@ async def test_a_device_across_a_bbmd_is_found_by_who_is_as_a_foreign_device() -
     assert info["address"] == f"127.0.0.1:{bbmd_port}"
     assert info["bbmd"] == f"127.0.0.1:{bbmd_port}: registered"
     assert [entry.fdTTL for entry in bbmd.bbmd.bbmdFDT] == [30]
+
+
+async def test_an_unexpected_answer_to_rpm_is_a_clear_refusal_not_a_value(devices: list[Device]) -> None:
+    objects, points = many_points(3)
+    dev = await start_device(1013, objects, rpm_simple_ack=True)
+    devices.append(dev)
+    net = network()
+    source = BacnetNetworkSource(net, [(device_config("odd", 1013, dev.address), profile(points))])
+
+    first = await poll_once(source, net, "odd")
+    second = await poll_once(source, net, "odd")
+
+    for samples in (first, second):
+        assert [(s.value, s.quality) for s in samples] == [(None, Quality.BAD)] * 3
+    status = source.status()[0]
+    assert status.state is DeviceState.OFFLINE
+    assert "not a ReadPropertyMultiple acknowledgement" in str(status.last_error)
+    assert status.failures.get("malformed_answer", 0) == 2
+    assert dev.requests["ReadPropertyMultipleRequest"] == 2  # one per poll: answered, so not retried
+
+
+async def test_a_surprise_in_one_device_poll_does_not_stop_the_others(devices: list[Device]) -> None:
+    objects, points = many_points(2)
+    good = await start_device(1014, objects)
+    bad = await start_device(1015, objects)
+    devices.extend([good, bad])
+
+    class SurprisingLink(BacnetLink):
+        """The real link, except that reads of one device raise what no translation expected (a library bug)."""
+
+        async def read_multiple(self, address: str, request: Any) -> Any:
+            if address == bad.address:
+                raise RuntimeError("bacpypes3 surprise")
+            return await super().read_multiple(address, request)
+
+    net = network()
+    source = BacnetNetworkSource(
+        net,
+        [(device_config("good", 1014, good.address), profile(points)),
+         (device_config("bad", 1015, bad.address), profile(points))],
+        link_factory=SurprisingLink,
+    )
+    seen: dict[str, int] = {"good": 0, "bad": 0}
+    enough = asyncio.Event()
+
+    async def publish(batch: list[Sample]) -> None:
+        seen[batch[0].point.split(".")[0]] += 1
+        if seen["good"] >= 3 and seen["bad"] >= 3:
+            enough.set()
+
+    stopping = asyncio.Event()
+    runner = asyncio.create_task(source.run(publish, stopping))
+    try:
+        await asyncio.wait_for(enough.wait(), timeout=30)  # hang guard
+    finally:
+        stopping.set()
+        await asyncio.wait_for(runner, timeout=10)
+    states = {s.device: s for s in source.status()}
+    assert states["good"].state is DeviceState.ONLINE
+    assert states["bad"].failures["internal_error"] >= 3 and "RuntimeError" in str(states["bad"].last_error)
