@@ -18,7 +18,7 @@ from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Self
 
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
-from gateway.config.types import EnvStr, Ident, PositiveDuration, StrictModel, parse_duration
+from gateway.config.types import Ident, PositiveDuration, StrictModel, parse_duration
 from gateway.registry import PointInfo, ValueKind
 
 #: object types a point may name, in bacpypes3's spelling (ASHRAE 135 clause 12 names, hyphenated)
@@ -332,8 +332,6 @@ class BacnetDeviceConfig(StrictModel):
     cov: CovConfig | None = None
     tags: dict[str, str] = Field(default_factory=dict)
     personal: bool = False
-    #: a password for the device's write access, when it asks for one (kept out of logs)
-    password: EnvStr | None = None
 
     def point_infos(self, profile: StrictModel) -> list[PointInfo]:
         assert isinstance(profile, BacnetProfile)
