@@ -148,7 +148,7 @@ def _gateway(args: list[str], extra_path: Path | None = None) -> subprocess.Comp
 
 def test_the_built_in_plugins_register_through_entry_points() -> None:
     found = plugins()
-    assert list(found.drivers) == ["modbus", "mqtt", "simulator"]
+    assert list(found.drivers) == ["bacnet", "modbus", "mqtt", "simulator"]
     assert list(found.uplinks) == ["influx", "platform"]
     assert all(isinstance(p, DriverPlugin) for p in found.drivers.values())
     assert all(isinstance(p, UplinkPlugin) for p in found.uplinks.values())
@@ -193,7 +193,7 @@ def test_a_driver_that_cannot_be_loaded_stops_only_the_sites_using_it(tally_path
     assert refused.returncode == 1
     assert (
         "driver 'broken' is installed but cannot be loaded (tally_driver.missing:plugin: ModuleNotFoundError: "
-        "No module named 'tally_driver.missing'); installed drivers: modbus, mqtt, simulator, tally"
+        "No module named 'tally_driver.missing'); installed drivers: bacnet, modbus, mqtt, simulator, tally"
     ) in refused.stderr
 
 
@@ -213,10 +213,10 @@ def test_an_unknown_driver_lists_the_installed_ones(tally_path: Path, tmp_path: 
     site.write_text(_SITE.format(device="counter1", hub="hub1").replace("driver: tally", "driver: taly"))
     checked = _gateway(["check", str(site)], tally_path)
     assert checked.returncode == 1
-    expected = "unknown driver 'taly' (did you mean 'tally'?); installed drivers: modbus, mqtt, simulator, tally"
+    expected = "unknown driver 'taly' (did you mean 'tally'?); installed drivers: bacnet, modbus, mqtt, simulator, tally"
     assert expected in checked.stderr
     without = _gateway(["check", str(site)])  # the same file where tally is not installed
-    assert "unknown driver 'taly'; installed drivers: modbus, mqtt, simulator" in without.stderr
+    assert "unknown driver 'taly'; installed drivers: bacnet, modbus, mqtt, simulator" in without.stderr
     assert "tally_hubs" in without.stderr  # its section is an unknown key there
 
 

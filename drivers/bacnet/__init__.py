@@ -1,0 +1,1 @@
+"""BACnet/IP driver (bacpypes3): see README.md."""
