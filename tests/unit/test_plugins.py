@@ -213,7 +213,8 @@ def test_an_unknown_driver_lists_the_installed_ones(tally_path: Path, tmp_path: 
     site.write_text(_SITE.format(device="counter1", hub="hub1").replace("driver: tally", "driver: taly"))
     checked = _gateway(["check", str(site)], tally_path)
     assert checked.returncode == 1
-    expected = "unknown driver 'taly' (did you mean 'tally'?); installed drivers: bacnet, modbus, mqtt, simulator, tally"
+    installed = "bacnet, modbus, mqtt, simulator, tally"
+    expected = f"unknown driver 'taly' (did you mean 'tally'?); installed drivers: {installed}"
     assert expected in checked.stderr
     without = _gateway(["check", str(site)])  # the same file where tally is not installed
     assert "unknown driver 'taly'; installed drivers: bacnet, modbus, mqtt, simulator" in without.stderr
