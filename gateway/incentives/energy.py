@@ -79,6 +79,18 @@ class MeterRules:
     replacements: tuple[Replacement, ...] = ()
 
 
+def counted_beyond(micro: int, other: int, rules: MeterRules) -> int:
+    """How far the count ``micro`` is ahead of ``other`` (negative: behind), the short way round a wrapping counter:
+    just after a wrap, 0.006 kWh is ahead of 65.534 on a 16-bit counter of 0.001 kWh."""
+    ahead = micro - other
+    wrap = rules.wrap_micro
+    if wrap:
+        ahead %= wrap
+        if ahead > wrap // 2:
+            ahead -= wrap
+    return ahead
+
+
 @dataclass(frozen=True, slots=True)
 class Anchor:
     """Where a meter's next interval starts: ``reading`` (at or before ``edge_ns``) and the micro-kWh of the pair

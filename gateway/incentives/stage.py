@@ -46,6 +46,7 @@ from gateway.incentives.energy import (
     Anchor,
     MeterInterval,
     Reading,
+    counted_beyond,
     first_anchor,
     format_micro,
     meter_interval,
@@ -343,9 +344,14 @@ class IncentiveStage:
             account = self._account_of[point]
             latest = self._latest.get(point)
             rules = account.rules[point]
-            if latest is not None and ts_ns < latest.ts_ns and micro > latest.micro_kwh + rules.resolution_micro:
-                # stamped earlier than a reading already stored, yet counted further: the clock that stamped one of
-                # them was wrong; everything from here until the step is caught up cannot be trusted
+            if (
+                latest is not None
+                and ts_ns < latest.ts_ns
+                and counted_beyond(micro, latest.micro_kwh, rules) > rules.resolution_micro
+            ):
+                # stamped earlier than a reading already stored, yet counted further (across a wrap too): the clock
+                # that stamped one of them was wrong; everything from here until the step is caught up cannot be
+                # trusted
                 span = (ts_ns, latest.ts_ns + (latest.ts_ns - ts_ns))
                 marks.append((point, *span))
                 self._marks.setdefault(point, []).append(span)
@@ -439,8 +445,10 @@ class IncentiveStage:
         assert result is not None
         return result
 
-    def _clock_flagged(self, point: str, start: int, end: int) -> bool:
-        return any(low < end and high > start for low, high in self._marks.get(point, ()))
+    def _clock_flagged(self, point: str, first_ts: int, last_ts: int) -> bool:
+        """A clock mark touches the readings the interval used, its edge pairs included: the reading that ends
+        the last pair may itself be one a stepped clock stamped (found by the fault property test, seed 28)."""
+        return any(low <= last_ts and high >= first_ts for low, high in self._marks.get(point, ()))
 
     def _issue(
         self, account: AccountPlan, start: int, end: int, meters: dict[str, MeterInterval | None], now_ns: int
@@ -575,7 +583,7 @@ class IncentiveStage:
             }
             return entry, {GAP}, 0
         flags = set(measured.flags)
-        if self._clock_flagged(point, start, end):
+        if self._clock_flagged(point, min(start, measured.readings[0].ts_ns), max(end, measured.readings[-1].ts_ns)):
             flags.add(CLOCK)
         expected = baseline.micro_kwh if baseline is not None else 0
         # a meter that did not move while the baseline expects energy: frozen, never a saving. An interval closed

@@ -19,6 +19,7 @@ from gateway.incentives.energy import (
     MeterRules,
     Reading,
     Replacement,
+    counted_beyond,
     first_anchor,
     float32_step_micro,
     format_micro,
@@ -180,6 +181,13 @@ def test_an_allocation_from_a_pair_this_interval_does_not_have_never_makes_its_e
     assert result.outliers == (later[0],)
     # everything it holds (0.029 kWh at the anchor to 0.551985 interpolated at the end) and no more
     assert result.micro_kwh == 0 and result.allocated == 551_985 - 29_000 and GAP in result.flags
+
+
+def test_counted_beyond_goes_the_short_way_round_a_wrapping_counter() -> None:
+    sixteen_bits = MeterRules(limit_w=10_000, resolution_micro=1_000, wrap_micro=65_536_000)
+    assert counted_beyond(6_000, 65_534_000, sixteen_bits) == 8_000  # just after the wrap: further, not behind
+    assert counted_beyond(65_534_000, 6_000, sixteen_bits) == -8_000
+    assert counted_beyond(6_000, 65_534_000, RULES) == -65_528_000  # a counter that never wraps
 
 
 def test_an_edge_is_not_interpolated_across_more_than_max_gap() -> None:
