@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from gateway.files import DataDirLock
 from gateway.live import LiveCache
 from gateway.model import Command, Event, Sample
 from gateway.outbox import Outbox
+from gateway.reconnect import ReconnectPolicy, RetryTiming
 from gateway.rule_report import ReloadResult, RuleProblemLog
 from gateway.status import CommandEntry, GatewayStatus
 
@@ -492,16 +492,21 @@ class Gateway:
 
     async def _run_source(self, source: Source, stopping: asyncio.Event) -> None:
         """Run a source; if it crashes (a bug, not a device fault: those it handles), log and restart it."""
-        backoff = 1.0
+        # the shared reconnect policy: 1 s after a first crash, doubling to a minute while it keeps crashing; a source
+        # that ran longer than that before crashing counts as having worked (the delay starts over)
+        policy = ReconnectPolicy(f"{source.name} restarts", RetryTiming(first=1.0, maximum=60.0), logger=log)
         while not stopping.is_set():
+            started = time.monotonic()
             try:
                 await source.run(self._publish_stored, stopping)
                 return
             except Exception:
-                log.exception("%s crashed; restarting in %.0f s", source.name, backoff)
+                if time.monotonic() - started > policy.timing.maximum:
+                    policy.succeeded()
+                wait = policy.failed("crashed")
+                log.exception("%s crashed; restarting in %.1f s", source.name, wait)
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=backoff * random.uniform(0.8, 1.2))
-            backoff = min(backoff * 2, 60.0)
+                await asyncio.wait_for(stopping.wait(), timeout=wait)
 
     # -- the whole lifecycle ----------------------------------------------------------------------------------
 
