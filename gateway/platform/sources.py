@@ -1,0 +1,199 @@
+"""Where the receiver's messages come from: a NATS JetStream durable consumer, or an MQTT shared subscription.
+
+Both deliver at least once and are acknowledged only after the receiver committed a batch (``Source.ack``):
+    ``JetStreamSource``  nats-py, one durable pull consumer shared by every receiver process; a message not acked
+                         within ``ack_wait`` (its receiver died) goes to another. The stream (``PLATFORM`` over
+                         ``{prefix}.>``, the subjects NATS's MQTT gateway maps the contract's topics to) is created
+                         with ``replicas`` copies if it does not exist.
+    ``MqttSharedSource`` paho-mqtt with manual acks on ``$share/{group}/{prefix}/#``, a persistent session per
+                         receiver (a fixed client id): what a killed receiver held unacked is sent to it again when it
+                         comes back (Mosquitto keeps it in its session).
+Library errors stay here: a lost connection is retried by the client libraries themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+log = logging.getLogger("gateway.platform")
+
+
+@dataclass(slots=True)
+class NatsDelivery:
+    topic: str
+    payload: bytes
+    msg: Any
+
+
+class JetStreamSource:
+    def __init__(
+        self,
+        *,
+        servers: Sequence[str],
+        prefix: str = "city",
+        stream: str = "PLATFORM",
+        durable: str = "platform-receiver",
+        replicas: int = 3,
+        batch: int = 500,
+        ack_wait: float = 30.0,
+    ) -> None:
+        if not servers:
+            raise ValueError("at least one NATS server URL is needed")
+        if replicas < 1 or batch < 1 or ack_wait <= 0:
+            raise ValueError("replicas and batch must be 1 or more, ack_wait positive")
+        self.servers = list(servers)
+        self.prefix = prefix
+        self.stream = stream
+        self.durable = durable
+        self.replicas = replicas
+        self.batch = batch
+        self.ack_wait = ack_wait
+        self._nc: Any = None
+        self._sub: Any = None
+
+    async def __aenter__(self) -> JetStreamSource:
+        import nats
+        from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+        from nats.js.errors import BadRequestError
+
+        self._nc = await nats.connect(
+            servers=self.servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5
+        )
+        js = self._nc.jetstream(timeout=10)
+        subject = f"{self.prefix}.>"
+        config = StreamConfig(
+            name=self.stream, subjects=[subject], num_replicas=self.replicas, storage=StorageType.FILE
+        )
+        try:
+            await js.add_stream(config)
+        except BadRequestError:
+            await js.stream_info(self.stream)  # made meanwhile by another receiver: it must exist now
+        self._sub = await js.pull_subscribe(
+            subject,
+            durable=self.durable,
+            stream=self.stream,
+            config=ConsumerConfig(
+                ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait, max_ack_pending=self.batch * 20
+            ),
+        )
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._nc is not None:
+            with contextlib.suppress(Exception):
+                await self._nc.drain()
+
+    async def batches(self, stopping: asyncio.Event) -> AsyncIterator[Sequence[NatsDelivery]]:
+        import nats.errors
+
+        while not stopping.is_set():
+            try:
+                msgs = await self._sub.fetch(self.batch, timeout=0.5)
+            except (TimeoutError, nats.errors.TimeoutError):
+                continue
+            except nats.errors.Error as exc:
+                # a node down, a leader election: the client reconnects by itself; try again shortly
+                log.info("platform: JetStream fetch failed (%s); retrying", exc)
+                await asyncio.sleep(0.5)
+                continue
+            # NATS's MQTT gateway maps topic levels to subject tokens (a/b -> a.b)
+            yield [NatsDelivery(m.subject.replace(".", "/"), m.data, m) for m in msgs]
+
+    async def ack(self, batch: Sequence[Any]) -> None:
+        for delivery in batch:
+            # an ack lost with a node is redelivered after ack_wait and found already seen: harmless
+            with contextlib.suppress(Exception):
+                await delivery.msg.ack()
+
+
+@dataclass(slots=True)
+class MqttDelivery:
+    topic: str
+    payload: bytes
+    mid: int
+    qos: int
+
+
+class MqttSharedSource:
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int = 1883,
+        prefix: str = "city",
+        group: str = "platform-receiver",
+        client_id: str,
+        shared: bool = True,
+        batch: int = 500,
+        username: str | None = None,
+        password: str | None = None,
+    ) -> None:
+        if not client_id:
+            raise ValueError("an MQTT receiver needs a fixed client id: its session keeps what it has not acked")
+        self.host, self.port = host, port
+        self.topic = f"$share/{group}/{prefix}/#" if shared else f"{prefix}/#"
+        self.client_id = client_id
+        self.batch = batch
+        self.username, self.password = username, password
+        self._queue: asyncio.Queue[MqttDelivery] = asyncio.Queue()
+        self._client: Any = None
+        self._lock = threading.Lock()
+
+    async def __aenter__(self) -> MqttSharedSource:
+        import paho.mqtt.client as mqtt
+
+        loop = asyncio.get_running_loop()
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2, client_id=self.client_id, clean_session=False, manual_ack=True
+        )
+        if self.username is not None:
+            client.username_pw_set(self.username, self.password)
+        client.max_inflight_messages_set(1000)
+        topic = self.topic
+
+        def on_connect(c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            if not reason.is_failure:
+                c.subscribe(topic, qos=1)
+
+        def on_message(_c: Any, _u: Any, message: Any) -> None:
+            delivery = MqttDelivery(message.topic, bytes(message.payload), message.mid, message.qos)
+            loop.call_soon_threadsafe(self._queue.put_nowait, delivery)
+
+        client.on_connect = on_connect
+        client.on_message = on_message
+        client.reconnect_delay_set(1, 5)
+        client.connect_async(self.host, self.port, keepalive=30)
+        client.loop_start()
+        self._client = client
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+
+    async def batches(self, stopping: asyncio.Event) -> AsyncIterator[Sequence[MqttDelivery]]:
+        while not stopping.is_set():
+            try:
+                first = await asyncio.wait_for(self._queue.get(), 0.5)
+            except TimeoutError:
+                continue
+            batch = [first]
+            # what has arrived meanwhile joins the batch: one TSDB write and one commit for many messages
+            await asyncio.sleep(0.02)
+            while len(batch) < self.batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            yield batch
+
+    async def ack(self, batch: Sequence[Any]) -> None:
+        for delivery in batch:
+            if delivery.qos > 0:
+                self._client.ack(delivery.mid, delivery.qos)

@@ -1,0 +1,298 @@
+"""The platform side's real services and traffic for tests and bench/fleet.py.
+
+``NatsCluster``: three Debian ``nats-server`` processes on loopback ports, clustered, JetStream on each, MQTT on each
+(MQTT needs JetStream and a ``server_name`` on every node: FIELD-NOTES.md). A node can be killed (SIGKILL) and
+started again on the same ports and store.
+
+``GatewayIdentity``: one simulated gateway as the platform sees it: a site file, an outbox and the real platform
+uplink (``gateway.uplinks.mqtt.MqttUplink`` through ``build_uplinks``: the same code a gateway runs), an Ed25519
+signing key whose public half is written where the receiver looks for it, and a chain of real signed incentive
+records (epoch records, built and signed with ``gateway.incentives.record``) that it appends as ``incentive`` events,
+with a signed checkpoint of the chain head.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gateway.config.site import load_site
+from gateway.incentives.record import (
+    SCHEMA_ID,
+    epoch_id,
+    key_id,
+    make_checkpoint,
+    programme_hash,
+    record_hash,
+    sign,
+)
+from gateway.model import Event, Quality, Sample
+from gateway.outbox import Outbox
+from gateway.uplinks.runner import UplinkRunner, build_uplinks
+from tests.services import free_port, wait_for_port
+
+#: points of the simulator's energy meter profile that every simulated poll reads
+POINTS = ("power_kw", "energy_kwh", "voltage", "current")
+FAST_DELIVERY = "{batch_size: 500, live_window: 0.5s, retry_min: 0.05s, retry_max: 0.5s, timeout: 3s}"
+
+
+class NatsNode:
+    def __init__(self, name: str, directory: Path, cluster_ports: list[int]) -> None:
+        self.name = name
+        self.dir = directory
+        self.client_port = free_port()
+        self.mqtt_port = free_port()
+        self.cluster_ports = cluster_ports
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = directory / f"{name}.log"
+
+    def write_conf(self, cluster_port: int) -> Path:
+        routes = ", ".join(f"nats-route://127.0.0.1:{p}" for p in self.cluster_ports)
+        conf = self.dir / f"{self.name}.conf"
+        conf.write_text(
+            f"server_name: {self.name}\n"
+            f"listen: 127.0.0.1:{self.client_port}\n"
+            f"jetstream {{ store_dir: {self.dir / ('js-' + self.name)} }}\n"
+            f"cluster {{ name: c1, listen: 127.0.0.1:{cluster_port}, routes: [{routes}] }}\n"
+            f"mqtt {{ listen: 127.0.0.1:{self.mqtt_port} }}\n"
+        )
+        return conf
+
+    def start(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            return
+        conf = self.dir / f"{self.name}.conf"
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [shutil.which("nats-server") or "/usr/sbin/nats-server", "-c", str(conf)], stdout=log, stderr=log
+            )
+        wait_for_port(self.client_port, timeout=20)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.client_port}"
+
+
+class NatsCluster:
+    """Three nodes; ``wait_ready`` returns once JetStream has a meta leader (streams can be created)."""
+
+    def __init__(self, size: int = 3) -> None:
+        self.dir = Path(tempfile.mkdtemp(prefix="nats-cluster-"))
+        cluster_ports = [free_port() for _ in range(size)]
+        self.nodes = [NatsNode(f"n{i + 1}", self.dir, cluster_ports) for i in range(size)]
+        for node, port in zip(self.nodes, cluster_ports, strict=True):
+            node.write_conf(port)
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        for node in self.nodes:
+            wait_for_port(node.mqtt_port, timeout=30)
+        self.wait_ready()
+
+    def wait_ready(self, timeout: float = 60.0) -> None:
+        asyncio.run(self._wait_meta_leader(timeout))
+
+    async def _wait_meta_leader(self, timeout: float) -> None:
+        import nats
+
+        deadline = time.monotonic() + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                nc = await nats.connect(servers=self.urls, connect_timeout=2, max_reconnect_attempts=2)
+                try:
+                    await nc.jetstream(timeout=2).account_info()
+                    return
+                finally:
+                    await nc.close()
+            except Exception as exc:  # any failure means: not ready yet
+                last = exc
+                await asyncio.sleep(0.5)
+        raise TimeoutError(f"NATS JetStream not ready: {last}")
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+# -- traffic ------------------------------------------------------------------------------------------------------
+
+
+def programme_body(variant: int) -> dict[str, Any]:
+    """A valid programme (docs/incentives.md); ``variant`` changes it, so each epoch has its own programme hash."""
+    return {
+        "interval_s": 900,
+        "max_gap_s": 300,
+        "settle_s": 60,
+        "max_delay_s": 3600,
+        "max_clock_skew_s": 300,
+        "netting": "day",
+        "timezone": "UTC",
+        "resolution_share": "0.1",
+        "exclude_dates": [f"2026-{1 + variant % 12:02d}-{1 + variant % 28:02d}"],
+        "emission_factor": {"kg_per_kwh": "0.5703", "by_time_of_day": []},
+        "pseudonym_key": "0123456789abcdef",
+        "accounts": [
+            {
+                "account": "acct_" + "b" * 32,
+                "baseline": {"method": "fixed", "kwh": "0.300000"},
+                "meters": [
+                    {
+                        "meter": "meter_" + "b" * 16,
+                        "limit_w": 40000,
+                        "wrap_kwh": None,
+                        "resolution_kwh": "0.001000",
+                        "replacements": [],
+                    }
+                ],
+            }
+        ],
+    }
+
+
+class IncentiveChain:
+    """A gateway's signed record chain: epoch records 1..n (each a new programme), as the ledger would issue them."""
+
+    def __init__(self, *, site: str, gateway: str, key: Ed25519PrivateKey) -> None:
+        self.site, self.gateway, self.key = site, gateway, key
+        self.records: list[dict[str, Any]] = []
+
+    def next(self) -> dict[str, Any]:
+        number = len(self.records) + 1
+        body = programme_body(number)
+        previous = self.records[-1]["programme"] if self.records else None
+        record: dict[str, Any] = {
+            "schema": SCHEMA_ID,
+            "kind": "epoch",
+            "id": epoch_id(self.gateway, number),
+            "seq": number,
+            "prev_hash": record_hash(self.records[-1]) if self.records else "0" * 64,
+            "gateway": self.gateway,
+            "site": self.site,
+            "epoch": number,
+            "programme": programme_hash(body),
+            "key_id": key_id(self.key.public_key()),
+            "programme_body": body,
+            "previous_programme": previous,
+            "reason": "genesis" if number == 1 else "new programme",
+        }
+        record["signature"] = sign(record, self.key)
+        self.records.append(record)
+        return record
+
+    def checkpoint(self) -> dict[str, Any]:
+        last = self.records[-1]
+        return make_checkpoint(
+            gateway=self.gateway, site=self.site, epoch=last["epoch"], seq=last["seq"],
+            head_hash=record_hash(last), ts_ns=time.time_ns(), private_key=self.key,
+        )  # fmt: skip
+
+
+def write_public_key(keys_dir: Path, site: str, gateway: str, key: Ed25519PrivateKey) -> Path:
+    path = keys_dir / site / f"{gateway}.pub.pem"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return path
+
+
+class GatewayIdentity:
+    """One building's gateway, reduced to what the platform sees: the real outbox and platform uplink."""
+
+    def __init__(
+        self, directory: Path, *, site: str, gateway: str, host: str, port: int, prefix: str, keys_dir: Path
+    ) -> None:
+        self.dir = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.site, self.gateway, self.prefix = site, gateway, prefix
+        self.key = Ed25519PrivateKey.generate()
+        write_public_key(keys_dir, site, gateway, self.key)
+        self.chain = IncentiveChain(site=site, gateway=gateway, key=self.key)
+        site_file = directory / "site.yaml"
+        site_file.write_text(
+            "version: 1\n"
+            f"gateway: {{id: {gateway}, site: {site}}}\n"
+            "http: {enabled: false}\n"
+            "devices:\n"
+            "  - {id: m1, driver: simulator, profile: sim-energy-meter, seed: 1, poll: 1s}\n"
+            "uplinks:\n"
+            f"  platform: {{host: 127.0.0.1, port: {port}, prefix: {prefix}, client_id: fleet-{site}-{gateway}, "
+            f"delivery: {FAST_DELIVERY}}}\n"
+        )
+        self.site_config = load_site(site_file)
+        self.outbox = Outbox(directory / "outbox.db")
+        self.runner: UplinkRunner | None = None
+        #: what was committed to the outbox: telemetry (seq, ts ms) per read, and incentive record ids
+        self.reads = 0
+        self.samples = 0
+
+    async def run(self, stopping: asyncio.Event) -> None:
+        from tests.integration.uplinks.common import CommandRecorder
+
+        (self.runner,) = build_uplinks(self.site_config, self.outbox, commands=CommandRecorder())
+        await self.runner.run(stopping)
+
+    async def poll(self, ts_ms: int) -> None:
+        """One device read committed to the outbox (what a poll does): the profile's four points."""
+        ts = ts_ms * 1_000_000
+        value = float(ts_ms % 100_000)
+        samples = [Sample(f"m1.{name}", value + i, ts, Quality.GOOD) for i, name in enumerate(POINTS)]
+        await self.outbox.append(samples)
+        self.reads += 1
+        self.samples += len(samples)
+
+    async def issue_incentive(self, ts_ms: int) -> dict[str, Any]:
+        record = self.chain.next()
+        ts = ts_ms * 1_000_000
+        checkpoint = self.chain.checkpoint()
+        await self.outbox.append_events(
+            [
+                Event(record["id"], "incentive", record["id"], ts, record),
+                Event(f"checkpoint@{record['seq']}", "incentive_checkpoint", "chain", ts, checkpoint),
+            ]
+        )
+        return record
+
+    def delivered(self) -> bool:
+        """Everything in the outbox acknowledged by the broker."""
+        if self.runner is None:
+            return False
+        with contextlib.suppress(Exception):
+            status = self.runner.status()
+            return bool(status.get("backlog_samples", 1) == 0 and status.get("backlog_events", 1) == 0)
+        return False
+
+    async def close(self) -> None:
+        await self.outbox.close()
