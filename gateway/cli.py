@@ -25,6 +25,7 @@ _COMMAND_GROUPS = (
     "rules.cli",  # rules check/test
     "gateway.incentives.cli",  # incentives verify, keys generate
     "gateway.http.cli",  # status
+    "gateway.platform.cli",  # platform receive/report
 )
 
 Handler = Callable[[argparse.Namespace], int]
