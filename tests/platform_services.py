@@ -14,14 +14,19 @@ with a signed checkpoint of the chain head.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
+import os
 import shutil
+import signal
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -38,7 +43,7 @@ from gateway.incentives.record import (
 from gateway.model import Event, Quality, Sample
 from gateway.outbox import Outbox
 from gateway.uplinks.runner import UplinkRunner, build_uplinks
-from tests.services import free_port, wait_for_port
+from tests.services import VictoriaMetrics, free_port, wait_for_port
 
 #: points of the simulator's energy meter profile that every simulated poll reads
 POINTS = ("power_kw", "energy_kwh", "voltage", "current")
@@ -120,7 +125,9 @@ class NatsCluster:
         self.wait_ready()
 
     def wait_ready(self, timeout: float = 60.0) -> None:
-        asyncio.run(self._wait_meta_leader(timeout))
+        # in a thread of its own: callers may be inside an event loop (asyncio.run refuses to nest)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, self._wait_meta_leader(timeout)).result()
 
     async def _wait_meta_leader(self, timeout: float) -> None:
         import nats
@@ -257,6 +264,9 @@ class GatewayIdentity:
         #: what was committed to the outbox: telemetry (seq, ts ms) per read, and incentive record ids
         self.reads = 0
         self.samples = 0
+        #: the read times (ms) committed to the outbox, in order
+        self.committed_ts: list[int] = []
+        self.committed_set: set[int] = set()
 
     async def run(self, stopping: asyncio.Event) -> None:
         from tests.integration.uplinks.common import CommandRecorder
@@ -270,6 +280,8 @@ class GatewayIdentity:
         value = float(ts_ms % 100_000)
         samples = [Sample(f"m1.{name}", value + i, ts, Quality.GOOD) for i, name in enumerate(POINTS)]
         await self.outbox.append(samples)
+        self.committed_ts.append(ts_ms)
+        self.committed_set.add(ts_ms)
         self.reads += 1
         self.samples += len(samples)
 
@@ -296,3 +308,200 @@ class GatewayIdentity:
 
     async def close(self) -> None:
         await self.outbox.close()
+
+
+class DedupVictoriaMetrics(VictoriaMetrics):
+    """VictoriaMetrics that keeps one sample per series and timestamp (``-dedup.minScrapeInterval=1ms``), as
+    InfluxDB does by design: a rewrite of the same point after a receiver crash is the same point."""
+
+    def command(self) -> list[str]:
+        return [*super().command(), "-dedup.minScrapeInterval=1ms"]
+
+
+# -- a fleet run: receivers, gateway identities, traffic, faults, and the exactly-once check -------------------------
+
+
+class ReceiverProcess:
+    """``edge-gateway platform receive`` as its own process (SIGKILL must be a real kill)."""
+
+    def __init__(self, name: str, args: list[str], directory: Path) -> None:
+        self.name, self.args = name, args
+        self.log = directory / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "platform", "receive", *self.args], stdout=log, stderr=log
+            )
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def cpu_seconds(self) -> float:
+        """user + system CPU so far (Linux /proc), 0 once it has exited."""
+        assert self.proc is not None
+        try:
+            fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return 0.0
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def stop(self) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc is not None else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def read_report(db: Path) -> dict[str, Any]:
+    from gateway.platform.progress import Progress
+
+    progress = Progress(db, keys=lambda _gateway: None)
+    try:
+        report = progress.report()
+        report["p99_ms"] = progress.latency_percentile(0.99)
+        report["ledger"] = {
+            gateway: [orjson.loads(raw) for (raw,) in progress.db.execute(
+                "SELECT record FROM ledger WHERE gateway=? ORDER BY seq", (gateway,)
+            )]
+            for (gateway,) in progress.db.execute("SELECT DISTINCT gateway FROM ledger")
+        }  # fmt: skip
+        report["recent_quarantine"] = progress.quarantined(1000)
+        return report
+    finally:
+        progress.close()
+
+
+def tsdb_samples(tsdb: VictoriaMetrics) -> dict[tuple[str, str], list[tuple[int, float]]]:
+    """(site/gateway, field) -> [(ts ms, value)] as the TSDB holds them (every sample, sorted)."""
+    out: dict[tuple[str, str], list[tuple[int, float]]] = {}
+    for series in tsdb.export('{__name__=~"platform_.*"}'):
+        metric = series["metric"]
+        assert isinstance(metric, dict)
+        key = (f"{metric['site']}/{metric['gateway']}", str(metric["__name__"]).removeprefix("platform_"))
+        values, stamps = series["values"], series["timestamps"]
+        assert isinstance(values, list) and isinstance(stamps, list)
+        out.setdefault(key, []).extend(zip(stamps, values, strict=True))
+    for samples in out.values():
+        samples.sort()
+    return out
+
+
+def exactly_once_problems(
+    identities: list[GatewayIdentity], report: dict[str, Any], tsdb: VictoriaMetrics
+) -> dict[str, int]:
+    """lost and duplicated samples at the TSDB plus incentive records at the ledger, against what each identity
+    committed to its outbox (``committed``: ts ms -> value of the first point, the rest derived from it)."""
+    samples = tsdb_samples(tsdb)
+    lost = duplicated = 0
+    for identity in identities:
+        name = f"{identity.site}/{identity.gateway}"
+        for i, point in enumerate(POINTS):
+            expected = sorted((ts, float(ts % 100_000) + i) for ts in identity.committed_ts)
+            got = samples.get((name, point), [])
+            seen: dict[int, int] = {}
+            for ts, value in got:
+                seen[ts] = seen.get(ts, 0) + 1
+                if ts not in identity.committed_set or value != float(ts % 100_000) + i:
+                    duplicated += 1  # a sample nobody committed counts against the receiver too
+            lost += sum(1 for ts, _ in expected if ts not in seen)
+            duplicated += sum(n - 1 for n in seen.values() if n > 1)
+        ledger = report["ledger"].get(name, [])
+        lost += sum(1 for r in identity.chain.records if r not in ledger)
+        duplicated += len(ledger) - len({r["seq"] for r in ledger})
+    return {"lost": lost, "duplicated": duplicated}
+
+
+class Fleet:
+    """Gateway identities publishing through broker ports, receivers sharing the work, faults on a schedule."""
+
+    def __init__(
+        self,
+        work: Path,
+        *,
+        gateways: int,
+        ports: list[int],
+        receiver_args: list[str],
+        receivers: int = 2,
+        prefix: str = "city",
+        mqtt_client_ids: bool = False,
+    ) -> None:
+        self.work, self.prefix = work, prefix
+        self.keys = work / "keys"
+        self.db = work / "receiver" / "progress.db"
+        self.identities = [
+            GatewayIdentity(
+                work / f"gw{i:03d}", site=f"site{i % 7}", gateway=f"gw{i:03d}", host="127.0.0.1",
+                port=ports[i % len(ports)], prefix=prefix, keys_dir=self.keys,
+            )
+            for i in range(gateways)
+        ]  # fmt: skip
+        common = ["--db", str(self.db), "--keys", str(self.keys), "--prefix", prefix, *receiver_args]
+        self.receivers = [
+            ReceiverProcess(
+                f"receiver{n}", [*common, *(["--client-id", f"receiver{n}"] if mqtt_client_ids else [])], work
+            )
+            for n in range(receivers)
+        ]
+        self.started = time.monotonic()
+
+    def start_receivers(self) -> None:
+        for receiver in self.receivers:
+            receiver.start()
+
+    async def drive(
+        self, rounds: int, *, interval: float, incentive_every: int = 10, at_round: dict[int, Any] | None = None
+    ) -> None:
+        """``rounds`` polls per identity, an incentive record every ``incentive_every``; ``at_round`` maps a round
+        to a callable run before it (the faults)."""
+        start_ms = int(time.time() * 1000)
+        for n in range(rounds):
+            action = (at_round or {}).get(n)
+            if action is not None:
+                action()
+            ts = start_ms + n * max(1, int(interval * 1000))
+            for identity in self.identities:
+                await identity.poll(ts)
+                if n % incentive_every == incentive_every - 1:
+                    await identity.issue_incentive(ts)
+            await asyncio.sleep(interval)
+
+    def committed(self) -> tuple[int, int, int]:
+        """(telemetry messages, samples, incentive records) committed to the outboxes."""
+        return (
+            sum(i.reads for i in self.identities),
+            sum(i.samples for i in self.identities),
+            sum(len(i.chain.records) for i in self.identities),
+        )
+
+    def caught_up(self) -> bool:
+        reads, _samples, records = self.committed()
+        report = read_report(self.db) if self.db.exists() else {"counters": {}}
+        counters = report["counters"]
+        return bool(counters.get("telemetry", 0) >= reads and counters.get("incentive", 0) >= records)
+
+    async def wait_caught_up(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.caught_up():
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"receivers did not catch up: committed {self.committed()}, "
+                    f"report {read_report(self.db)['counters'] if self.db.exists() else None}"
+                )
+            await asyncio.sleep(0.25)
+
+    def stop_receivers(self) -> list[int]:
+        return [r.stop() for r in self.receivers]
+
+    async def close(self) -> None:
+        for receiver in self.receivers:
+            receiver.stop()
+        for identity in self.identities:
+            await identity.close()

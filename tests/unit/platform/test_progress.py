@@ -58,9 +58,7 @@ def test_telemetry_v1_and_v2_become_line_protocol_with_millisecond_times() -> No
     parsed, _ = telemetry(7, 1795300001000, power_kw=3.42, energy_kwh=18234)
     assert isinstance(parsed, Parsed)
     assert parsed.key == "t1/m1/7/1795300001000"
-    assert parsed.lines == [
-        "platform,device=m1,gateway=gw1,site=tower energy_kwh=18234.0,power_kw=3.42 1795300001000"
-    ]
+    assert parsed.lines == ["platform,device=m1,gateway=gw1,site=tower energy_kwh=18234.0,power_kw=3.42 1795300001000"]
     v2, _ = message(
         f"{BASE}/telemetry/m1",
         {"v": 2, "seq": 8, "reads": [{"ts": 10, "values": {"a": 1.0}}, {"ts": 12, "values": {"b": True}}]},
