@@ -335,6 +335,14 @@ class ReceiverProcess:
                 [sys.executable, "-m", "gateway", "platform", "receive", *self.args], stdout=log, stderr=log
             )
 
+    def wait_receiving(self, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        while "platform: receiving" not in self.log.read_text(errors="replace"):
+            assert self.proc is not None
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name} did not start; log:\n{self.log.read_text(errors='replace')}")
+            time.sleep(0.05)
+
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()
@@ -411,7 +419,10 @@ def exactly_once_problems(
                 seen[ts] = seen.get(ts, 0) + 1
                 if ts not in identity.committed_set or value != float(ts % 100_000) + i:
                     duplicated += 1  # a sample nobody committed counts against the receiver too
-            lost += sum(1 for ts, _ in expected if ts not in seen)
+            missing = [ts for ts, _ in expected if ts not in seen]
+            lost += len(missing)
+            if missing and os.environ.get("FLEET_DEBUG"):
+                print("missing", name, point, missing, "committed", identity.committed_ts[:3], "...")
             duplicated += sum(n - 1 for n in seen.values() if n > 1)
         ledger = report["ledger"].get(name, [])
         lost += sum(1 for r in identity.chain.records if r not in ledger)
@@ -453,8 +464,12 @@ class Fleet:
         self.started = time.monotonic()
 
     def start_receivers(self) -> None:
+        """Start every receiver and wait until each holds its subscription (the line ``platform: receiving``):
+        what a broker gets before anyone subscribed is not kept for a subscriber that comes later."""
         for receiver in self.receivers:
             receiver.start()
+        for receiver in self.receivers:
+            receiver.wait_receiving()
 
     async def drive(
         self, rounds: int, *, interval: float, incentive_every: int = 10, at_round: dict[int, Any] | None = None
@@ -505,3 +520,16 @@ class Fleet:
             receiver.stop()
         for identity in self.identities:
             await identity.close()
+
+
+async def settled_exactly_once(
+    identities: list[GatewayIdentity], db: Path, tsdb: VictoriaMetrics, timeout: float = 30.0
+) -> dict[str, int]:
+    """``exactly_once_problems`` once nothing is lost, or after ``timeout``: VictoriaMetrics answered the last writes
+    (204) before the receivers committed them, but can take a few seconds more to show them in an export."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = exactly_once_problems(identities, read_report(db), tsdb)
+        if result["lost"] == 0 or time.monotonic() > deadline:
+            return result
+        await asyncio.sleep(0.5)

@@ -94,7 +94,8 @@ async def _run(args: argparse.Namespace, token: str | None) -> int:
     try:
         async with source, InfluxWriter(url=args.tsdb, org=args.org, bucket=args.bucket, token=token) as tsdb:
             receiver = Receiver(source=source, tsdb=tsdb, progress=progress, prefix=args.prefix)
-            log.info("platform: receiving (%s)", "NATS JetStream" if args.nats else f"MQTT {source}")
+            where = f"NATS JetStream {' '.join(args.nats)}" if args.nats else f"MQTT {args.mqtt}"
+            log.info("platform: receiving (%s)", where)
             await receiver.run(stopping)
             log.info("platform: stopped after %d message(s) in %d batch(es)", receiver.messages, receiver.batches)
     finally:

@@ -161,10 +161,15 @@ class MqttSharedSource:
             client.username_pw_set(self.username, self.password)
         client.max_inflight_messages_set(1000)
         topic = self.topic
+        subscribed = asyncio.Event()
 
         def on_connect(c: Any, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
             if not reason.is_failure:
                 c.subscribe(topic, qos=1)
+
+        def on_subscribe(_c: Any, _u: Any, _mid: Any, reasons: Any, _p: Any) -> None:
+            if reasons and not reasons[0].is_failure:
+                loop.call_soon_threadsafe(subscribed.set)
 
         def on_message(_c: Any, _u: Any, message: Any) -> None:
             delivery = MqttDelivery(message.topic, bytes(message.payload), message.mid, message.qos)
@@ -172,10 +177,13 @@ class MqttSharedSource:
 
         client.on_connect = on_connect
         client.on_message = on_message
+        client.on_subscribe = on_subscribe
         client.reconnect_delay_set(1, 5)
         client.connect_async(self.host, self.port, keepalive=30)
         client.loop_start()
         self._client = client
+        # ready only once the broker holds the subscription: from then on its session keeps what arrives
+        await asyncio.wait_for(subscribed.wait(), timeout=30)
         return self
 
     async def __aexit__(self, *exc: object) -> None:

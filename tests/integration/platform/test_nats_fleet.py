@@ -24,8 +24,8 @@ from tests.platform_services import (
     DedupVictoriaMetrics,
     Fleet,
     NatsCluster,
-    exactly_once_problems,
     read_report,
+    settled_exactly_once,
     tsdb_samples,
 )
 
@@ -138,7 +138,7 @@ async def test_exactly_once_through_a_receiver_kill_and_a_node_kill(
             assert entry["telemetry"] == {"first_seq": 1, "last_seq": identity.reads, "gaps": 0}
             assert entry["incentive"]["head_seq"] == len(identity.chain.records)
             assert entry["incentive"]["checkpoint_matches"] is True
-        assert exactly_once_problems(fleet.identities, report, dedup_tsdb) == {"lost": 0, "duplicated": 0}
+        assert await settled_exactly_once(fleet.identities, fleet.db, dedup_tsdb) == {"lost": 0, "duplicated": 0}
 
         # bad input afterwards, through another node: quarantined with its reason, never stored
         publish(cluster.nodes[1].mqtt_port, bad_input(fleet))
@@ -154,7 +154,7 @@ async def test_exactly_once_through_a_receiver_kill_and_a_node_kill(
         assert any("already received with other content" in r for r in reasons)
         assert report["counters"]["incentive"] == records
         assert all(value != 999999.0 for series in tsdb_samples(dedup_tsdb).values() for _ts, value in series)
-        assert exactly_once_problems(fleet.identities, report, dedup_tsdb) == {"lost": 0, "duplicated": 0}
+        assert await settled_exactly_once(fleet.identities, fleet.db, dedup_tsdb) == {"lost": 0, "duplicated": 0}
     finally:
         victim_node.start()
         await fleet.close()
