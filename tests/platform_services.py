@@ -506,8 +506,9 @@ class Fleet:
         deadline = time.monotonic() + timeout
         while not self.caught_up():
             if time.monotonic() > deadline:
+                states = [(i.gateway, i.runner.status() if i.runner is not None else None) for i in self.identities]
                 raise AssertionError(
-                    f"receivers did not catch up: committed {self.committed()}, "
+                    f"receivers did not catch up: uplinks {states}, committed {self.committed()}, "
                     f"report {read_report(self.db)['counters'] if self.db.exists() else None}"
                 )
             await asyncio.sleep(0.25)

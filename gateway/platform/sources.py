@@ -21,6 +21,8 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import nats.errors
+
 log = logging.getLogger("gateway.platform")
 
 
@@ -59,12 +61,31 @@ class JetStreamSource:
 
     async def __aenter__(self) -> JetStreamSource:
         import nats
-        from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
-        from nats.js.errors import BadRequestError
 
         self._nc = await nats.connect(
             servers=self.servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5
         )
+        # a cluster that lost a node, or is electing a leader, answers JetStream requests with timeouts for a
+        # while: keep asking (logged once), as the receiver would after any other outage
+        delay, logged = 0.5, False
+        while True:
+            try:
+                await self._subscribe()
+                break
+            except (TimeoutError, nats.errors.Error) as exc:
+                if not logged:
+                    log.warning("platform: JetStream not ready (%s); retrying", exc or type(exc).__name__)
+                    logged = True
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        if logged:
+            log.info("platform: JetStream ready")
+        return self
+
+    async def _subscribe(self) -> None:
+        from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+        from nats.js.errors import BadRequestError
+
         js = self._nc.jetstream(timeout=10)
         subject = f"{self.prefix}.>"
         config = StreamConfig(
@@ -82,7 +103,6 @@ class JetStreamSource:
                 ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait, max_ack_pending=self.batch * 20
             ),
         )
-        return self
 
     async def __aexit__(self, *exc: object) -> None:
         if self._nc is not None:
@@ -93,8 +113,6 @@ class JetStreamSource:
                 await self._nc.close()
 
     async def batches(self, stopping: asyncio.Event) -> AsyncIterator[Sequence[NatsDelivery]]:
-        import nats.errors
-
         while not stopping.is_set():
             try:
                 msgs = await self._sub.fetch(self.batch, timeout=0.5)
