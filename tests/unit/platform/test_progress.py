@@ -197,3 +197,19 @@ def test_the_progress_database_is_private(tmp_path: Path, progress: Progress) ->
     progress.commit([telemetry(1, 1000)])
     for name in os.listdir(tmp_path / "data"):
         assert stat.S_IMODE((tmp_path / "data" / name).stat().st_mode) == 0o600, name
+
+
+def test_bad_input_is_logged_once_per_gateway_and_episode(progress: Progress, caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.platform.receiver import _Episodes
+
+    episodes = _Episodes({})
+    bad = message(f"{BASE}/telemetry/m1", {"v": 1, "seq": "x"})
+    with caplog.at_level("INFO", logger="gateway.platform"):
+        for _ in range(3):
+            episodes.note(progress.commit([bad]))
+        episodes.note(progress.commit([telemetry(1, 1000)]))  # good input ends the episode
+        episodes.note(progress.commit([bad]))
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("tower/gw1" in w for w in warnings)
+    assert any("good input again after 3 quarantined" in r.getMessage() for r in caplog.records)
+    assert progress.report()["quarantine"] == {"schema": 4}
