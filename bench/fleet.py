@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import re
 import sys
 import tempfile
 import time
@@ -101,6 +102,8 @@ async def run(
         messages = sum(after_burst.get(k, 0) for k in ("telemetry", "incentive", "checkpoint"))
         live = {k: counters.get(k, 0) - after_burst.get(k, 0) for k in counters if k.startswith("latency_ms.")}
         exact = await settled_exactly_once(fleet.identities, fleet.db, tsdb)
+        fleet.stop_receivers()
+        handled_all, busy = receiver_busy([r.log for r in fleet.receivers])
         result: dict[str, object] = {
             "gateways": gateways,
             "polls_per_gateway": polls,
@@ -110,6 +113,7 @@ async def run(
             "seconds": round(elapsed, 2),
             "msgs_per_s": round(messages / elapsed, 1),
             "receiver_cpu_us_per_msg": round(cpu * 1e6 / max(1, handled), 1),
+            "receiver_msgs_per_busy_s": round(handled_all / busy, 1) if busy else None,
             "live_polls_per_gateway": live_polls,
             "live_interval_s": interval,
             "p99_ms": p99(live),
@@ -123,6 +127,18 @@ async def run(
         await fleet.close()
         cluster.close()
         tsdb.close()
+
+
+def receiver_busy(logs: list[Path]) -> tuple[int, float]:
+    """(messages, busy seconds) summed over the receivers' "stopped after" lines (after a clean stop)."""
+    messages, busy = 0, 0.0
+    for log in logs:
+        for match in re.finditer(
+            r"stopped after (\d+) message\(s\) in \d+ batch\(es\), busy ([\d.]+) s", log.read_text()
+        ):
+            messages += int(match.group(1))
+            busy += float(match.group(2))
+    return messages, busy
 
 
 def main() -> None:

@@ -44,6 +44,7 @@ def register(subparsers: Any) -> None:
     receive.add_argument("--batch", type=int, default=500, help="messages per TSDB write and commit")
     receive.add_argument("--replicas", type=int, default=3, help="JetStream stream replicas if it is created")
     receive.add_argument("--ack-wait", type=float, default=30.0, help="seconds before JetStream redelivers")
+    receive.add_argument("--linger", type=float, default=0.05, help="seconds a short JetStream batch is topped up")
     receive.add_argument("--durable", default="platform-receiver", help="the shared JetStream consumer's name")
     receive.add_argument("--group", default="platform-receiver", help="the MQTT shared subscription group")
     receive.add_argument("--client-id", help="MQTT client id (fixed per receiver: its session survives restarts)")
@@ -75,7 +76,7 @@ async def _run(args: argparse.Namespace, token: str | None) -> int:
     if args.nats:
         source = JetStreamSource(
             servers=args.nats, prefix=args.prefix, durable=args.durable, replicas=args.replicas,
-            batch=args.batch, ack_wait=args.ack_wait,
+            batch=args.batch, ack_wait=args.ack_wait, linger=args.linger,
         )  # fmt: skip
     else:
         host, _, port = args.mqtt.rpartition(":")
@@ -97,7 +98,10 @@ async def _run(args: argparse.Namespace, token: str | None) -> int:
             where = f"NATS JetStream {' '.join(args.nats)}" if args.nats else f"MQTT {args.mqtt}"
             log.info("platform: receiving (%s)", where)
             await receiver.run(stopping)
-            log.info("platform: stopped after %d message(s) in %d batch(es)", receiver.messages, receiver.batches)
+            log.info(
+                "platform: stopped after %d message(s) in %d batch(es), busy %.3f s",
+                receiver.messages, receiver.batches, receiver.busy,
+            )  # fmt: skip
     finally:
         progress.close()
     return 0

@@ -72,14 +72,17 @@ def _validator(name: str) -> Any:
     schema = orjson.loads((folder / name).read_bytes())
     cls = jsonschema.validators.validator_for(schema)
     cls.check_schema(schema)
-    return cls(schema, format_checker=cls.FORMAT_CHECKER)
+    return cls(schema)  # the schemas use no "format": no format checker to pay for
 
 
 def schema_problem(name: str, doc: Any) -> str | None:
     """The first violation of schema ``name`` (a file name) by ``doc``, as one line; None when it conforms."""
-    errors = sorted(_validator(name).iter_errors(doc), key=lambda e: list(e.absolute_path))
-    if not errors:
+    validator = _validator(name)
+    # the first error found ends the check: a valid message (nearly all) costs one pass and no sorting
+    error = next(validator.iter_errors(doc), None)
+    if error is None:
         return None
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
     error = errors[0]
     where = "/".join(str(p) for p in error.absolute_path) or "(root)"
     return f"{name}: at {where}: {error.message[:200]}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,8 @@ class Receiver:
         self.episodes = _Episodes({})
         self.batches = 0
         self.messages = 0
+        #: seconds spent handling batches (parse, TSDB write, commit, ack), for capacity figures
+        self.busy = 0.0
 
     async def run(self, stopping: asyncio.Event, *, retry_min: float = 0.2, retry_max: float = 10.0) -> None:
         async for batch in self.source.batches(stopping):
@@ -135,6 +138,7 @@ class Receiver:
     async def handle(
         self, batch: Sequence[Delivery], stopping: asyncio.Event, *, retry_min: float = 0.2, retry_max: float = 10.0
     ) -> BatchResult | None:
+        started = time.perf_counter()
         items: list[tuple[Parsed | Rejected, bytes]] = [
             (parse(d.topic, d.payload, prefix=self.prefix), d.payload) for d in batch
         ]
@@ -161,6 +165,7 @@ class Receiver:
         await self.source.ack(batch)
         self.batches += 1
         self.messages += len(batch)
+        self.busy += time.perf_counter() - started
         return result
 
 
