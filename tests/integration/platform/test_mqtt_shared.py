@@ -73,3 +73,48 @@ async def test_two_receivers_on_a_shared_subscription_through_a_sigkill(
         assert report["counters"]["telemetry"] == reads
     finally:
         await fleet.close()
+
+
+async def test_a_tsdb_outage_holds_the_acks_and_loses_nothing(
+    tmp_path: Path, broker: Mosquitto, dedup_tsdb: DedupVictoriaMetrics
+) -> None:
+    """VictoriaMetrics stopped mid-run: the receivers retry the write, acknowledge nothing meanwhile, say so once
+    each, and when it is back every sample arrives once."""
+    fleet = Fleet(
+        tmp_path,
+        gateways=4,
+        ports=[broker.port],
+        receiver_args=["--mqtt", f"127.0.0.1:{broker.port}", "--tsdb", dedup_tsdb.url, "--batch", "40"],
+        prefix="outage",
+        mqtt_client_ids=True,
+    )
+    fleet.start_receivers()
+    stopping = asyncio.Event()
+    try:
+        async with asyncio.TaskGroup() as tg:
+            for identity in fleet.identities:
+                tg.create_task(identity.run(stopping))
+            at_stop: list[int] = []
+
+            def stop_tsdb() -> None:
+                dedup_tsdb.stop()
+                at_stop.append(read_report(fleet.db)["counters"].get("telemetry", 0))
+
+            await fleet.drive(40, interval=0.05, incentive_every=8, at_round={10: stop_tsdb})
+            # while the TSDB is down nothing more is committed than the batches that had written before the stop
+            # (at most one batch of 40 per receiver)
+            during = read_report(fleet.db)["counters"].get("telemetry", 0)
+            reads, _samples, _records = fleet.committed()
+            assert during - at_stop[0] <= 2 * 40 and during < reads
+            dedup_tsdb.start()
+            await fleet.wait_caught_up(timeout=90)
+            stopping.set()
+        report = read_report(fleet.db)
+        assert report["counters"]["telemetry"] == reads and report["gaps"] == 0
+        assert await settled_exactly_once(fleet.identities, fleet.db, dedup_tsdb) == {"lost": 0, "duplicated": 0}
+        for receiver in fleet.receivers:
+            text = receiver.log.read_text()
+            assert text.count("retrying, nothing acknowledged meanwhile") <= 1, text
+        assert sum("the TSDB takes writes again" in r.log.read_text() for r in fleet.receivers) >= 1
+    finally:
+        await fleet.close()
