@@ -60,10 +60,19 @@ def _receive(args: argparse.Namespace) -> int:
 
     setup_logging()
     token = os.environ.get("PLATFORM_TSDB_TOKEN")
+    if args.batch < 1 or args.ack_wait <= 0 or args.linger < 0:
+        print("edge-gateway platform receive: --batch must be 1 or more, --ack-wait positive", file=sys.stderr)
+        return 1
+    if not args.tsdb.startswith(("http://", "https://")):
+        print(f"edge-gateway platform receive: --tsdb {args.tsdb!r} is not an http(s) URL", file=sys.stderr)
+        return 1
+    if not args.keys.is_dir():
+        print(f"edge-gateway platform receive: --keys {args.keys} is not a directory", file=sys.stderr)
+        return 1
     try:
         return asyncio.run(_run(args, token))
-    except (OSError, sqlite3.Error) as exc:
-        print(f"edge-gateway platform receive: {exc}", file=sys.stderr)
+    except (OSError, sqlite3.Error, TimeoutError) as exc:
+        print(f"edge-gateway platform receive: {exc or type(exc).__name__}", file=sys.stderr)
         return 3
 
 
