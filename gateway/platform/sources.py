@@ -21,8 +21,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import nats.errors
-
 log = logging.getLogger("gateway.platform")
 
 
@@ -63,6 +61,7 @@ class JetStreamSource:
 
     async def __aenter__(self) -> JetStreamSource:
         import nats
+        import nats.errors
 
         self._nc = await nats.connect(
             servers=self.servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5
@@ -115,6 +114,8 @@ class JetStreamSource:
                 await self._nc.close()
 
     async def batches(self, stopping: asyncio.Event) -> AsyncIterator[Sequence[NatsDelivery]]:
+        import nats.errors  # here, not at the top: an MQTT-only receiver does not load the NATS client
+
         while not stopping.is_set():
             try:
                 msgs = await self._sub.fetch(self.batch, timeout=0.5)
