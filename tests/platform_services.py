@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import paho.mqtt.client as mqtt_client
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
@@ -123,6 +124,32 @@ class NatsCluster:
         for node in self.nodes:
             wait_for_port(node.mqtt_port, timeout=30)
         self.wait_ready()
+        self.wake_mqtt()
+
+    def wake_mqtt(self, timeout: float = 60.0) -> None:
+        """One MQTT connection, so the MQTT side creates its streams ($MQTT_msgs among them: the receivers source
+        from it). On a fresh cluster the first CONNECT can time out while those streams are being placed."""
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        deadline = time.monotonic() + timeout
+        while True:
+            client = mqtt_client.Client(CallbackAPIVersion.VERSION2, client_id="fixture-wake")
+            try:
+                client.connect("127.0.0.1", self.nodes[0].mqtt_port, keepalive=10)
+                client.loop_start()
+                connected = time.monotonic() + 10
+                while not client.is_connected() and time.monotonic() < connected:
+                    time.sleep(0.05)
+                if client.is_connected():
+                    return
+            except OSError:
+                pass
+            finally:
+                client.disconnect()
+                client.loop_stop()
+            if time.monotonic() > deadline:
+                raise TimeoutError("NATS's MQTT side did not accept a connection")
+            time.sleep(0.5)
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         # in a thread of its own: callers may be inside an event loop (asyncio.run refuses to nest)

@@ -45,6 +45,13 @@ def register(subparsers: Any) -> None:
     receive.add_argument("--replicas", type=int, default=3, help="JetStream stream replicas if it is created")
     receive.add_argument("--ack-wait", type=float, default=30.0, help="seconds before JetStream redelivers")
     receive.add_argument("--linger", type=float, default=0.05, help="seconds a short JetStream batch is topped up")
+    receive.add_argument(
+        "--capture",
+        choices=("mqtt", "subjects"),
+        default="mqtt",
+        help="what the JetStream stream takes in: 'mqtt' (default) the QoS 1 messages NATS's MQTT side stored before "
+        "its PUBACK ($MQTT_msgs); 'subjects' the plain subjects <prefix>.> (publishers that speak NATS)",
+    )
     receive.add_argument("--durable", default="platform-receiver", help="the shared JetStream consumer's name")
     receive.add_argument("--group", default="platform-receiver", help="the MQTT shared subscription group")
     receive.add_argument("--client-id", help="MQTT client id (fixed per receiver: its session survives restarts)")
@@ -85,7 +92,7 @@ async def _run(args: argparse.Namespace, token: str | None) -> int:
     if args.nats:
         source = JetStreamSource(
             servers=args.nats, prefix=args.prefix, durable=args.durable, replicas=args.replicas,
-            batch=args.batch, ack_wait=args.ack_wait, linger=args.linger,
+            batch=args.batch, ack_wait=args.ack_wait, linger=args.linger, capture=args.capture,
         )  # fmt: skip
     else:
         host, _, port = args.mqtt.rpartition(":")

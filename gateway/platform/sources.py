@@ -2,9 +2,12 @@
 
 Both deliver at least once and are acknowledged only after the receiver committed a batch (``Source.ack``):
     ``JetStreamSource``  nats-py, one durable pull consumer shared by every receiver process; a message not acked
-                         within ``ack_wait`` (its receiver died) goes to another. The stream (``PLATFORM`` over
-                         ``{prefix}.>``, the subjects NATS's MQTT gateway maps the contract's topics to) is created
-                         with ``replicas`` copies if it does not exist.
+                         within ``ack_wait`` (its receiver died) goes to another. The stream (``PLATFORM``) is
+                         created with ``replicas`` copies if it does not exist. By default it *sources* the QoS 1
+                         messages NATS's MQTT side stored in ``$MQTT_msgs`` before answering PUBACK (nats-server 2.9,
+                         ``mqttProcessPub``): the plain-subject copy is fire-and-forget, and a stream capturing
+                         ``{prefix}.>`` lost whole bursts while a node was down (seen in the fleet test).
+                         ``capture="subjects"`` takes ``{prefix}.>`` instead, for publishers that speak NATS.
     ``MqttSharedSource`` paho-mqtt with manual acks on ``$share/{group}/{prefix}/#``, a persistent session per
                          receiver (a fixed client id): what a killed receiver held unacked is sent to it again when it
                          comes back (Mosquitto keeps it in its session).
@@ -22,6 +25,10 @@ from dataclasses import dataclass
 from typing import Any
 
 log = logging.getLogger("gateway.platform")
+
+#: where NATS's MQTT side stores every QoS 1 publish before it answers PUBACK (nats-server 2.9, server/mqtt.go)
+MQTT_MSGS_STREAM = "$MQTT_msgs"
+MQTT_MSGS_PREFIX = "$MQTT.msgs."
 
 
 @dataclass(slots=True)
@@ -43,7 +50,10 @@ class JetStreamSource:
         batch: int = 500,
         ack_wait: float = 30.0,
         linger: float = 0.05,
+        capture: str = "mqtt",
     ) -> None:
+        if capture not in ("mqtt", "subjects"):
+            raise ValueError(f"capture {capture!r} is neither 'mqtt' nor 'subjects'")
         if not servers:
             raise ValueError("at least one NATS server URL is needed")
         if replicas < 1 or batch < 1 or ack_wait <= 0:
@@ -56,6 +66,7 @@ class JetStreamSource:
         self.batch = batch
         self.ack_wait = ack_wait
         self.linger = linger
+        self.capture = capture
         self._nc: Any = None
         self._sub: Any = None
 
@@ -84,26 +95,55 @@ class JetStreamSource:
         return self
 
     async def _subscribe(self) -> None:
-        from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
+        from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig, StreamSource
         from nats.js.errors import BadRequestError
 
         js = self._nc.jetstream(timeout=10)
-        subject = f"{self.prefix}.>"
-        config = StreamConfig(
-            name=self.stream, subjects=[subject], num_replicas=self.replicas, storage=StorageType.FILE
-        )
+        if self.capture == "mqtt":
+            # NATS's MQTT side PUBACKs a QoS 1 publish only once JetStream stored it in $MQTT_msgs (as
+            # $MQTT.msgs.<subject>); the copy on the plain subject is fire-and-forget and is missed by a stream
+            # without a leader (a node down). So the stream sources the stored copies: nothing acked is lost.
+            config = StreamConfig(
+                name=self.stream,
+                sources=[StreamSource(name=MQTT_MSGS_STREAM, filter_subject=f"{MQTT_MSGS_PREFIX}{self.prefix}.>")],
+                num_replicas=self.replicas,
+                storage=StorageType.FILE,
+            )
+        else:
+            config = StreamConfig(
+                name=self.stream, subjects=[f"{self.prefix}.>"], num_replicas=self.replicas, storage=StorageType.FILE
+            )
         try:
             await js.add_stream(config)
         except BadRequestError:
             await js.stream_info(self.stream)  # made meanwhile by another receiver: it must exist now
+        if self.capture == "mqtt":
+            await self._wait_source_active(js)
         self._sub = await js.pull_subscribe(
-            subject,
+            "",
             durable=self.durable,
             stream=self.stream,
             config=ConsumerConfig(
                 ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait, max_ack_pending=self.batch * 20
             ),
         )
+
+    async def _wait_source_active(self, js: Any) -> None:
+        """$MQTT_msgs keeps a message only while something is interested in it: the sourcing must be in place
+        before gateways publish. The MQTT side creates $MQTT_msgs on the first MQTT connection to the cluster."""
+        logged = False
+        while True:
+            info = await js.stream_info(self.stream)
+            sources = info.sources or []
+            if sources and sources[0].active is not None and not sources[0].error:
+                return
+            if not logged:
+                log.warning(
+                    "platform: waiting for the stream %s to source %s (it exists after the first MQTT connection "
+                    "to the cluster)", self.stream, MQTT_MSGS_STREAM,
+                )  # fmt: skip
+                logged = True
+            await asyncio.sleep(0.5)
 
     async def __aexit__(self, *exc: object) -> None:
         if self._nc is not None:
@@ -135,7 +175,7 @@ class JetStreamSource:
                 except (TimeoutError, nats.errors.Error):
                     break
             # NATS's MQTT gateway maps topic levels to subject tokens (a/b -> a.b)
-            yield [NatsDelivery(m.subject.replace(".", "/"), m.data, m) for m in msgs]
+            yield [NatsDelivery(m.subject.removeprefix(MQTT_MSGS_PREFIX).replace(".", "/"), m.data, m) for m in msgs]
 
     async def ack(self, batch: Sequence[Any]) -> None:
         for delivery in batch:
