@@ -49,8 +49,8 @@ def register(subparsers: Any) -> None:
         "--capture",
         choices=("mqtt", "subjects"),
         default="mqtt",
-        help="what the JetStream stream takes in: 'mqtt' (default) the QoS 1 messages NATS's MQTT side stored before "
-        "its PUBACK ($MQTT_msgs); 'subjects' the plain subjects <prefix>.> (publishers that speak NATS)",
+        help="what the JetStream consumer reads: 'mqtt' (default) the QoS 1 messages NATS's MQTT side stored before "
+        "its PUBACK ($MQTT_msgs); 'subjects' a stream over <prefix>.> (publishers that speak NATS)",
     )
     receive.add_argument("--durable", default="platform-receiver", help="the shared JetStream consumer's name")
     receive.add_argument("--group", default="platform-receiver", help="the MQTT shared subscription group")

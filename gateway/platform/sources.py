@@ -2,12 +2,14 @@
 
 Both deliver at least once and are acknowledged only after the receiver committed a batch (``Source.ack``):
     ``JetStreamSource``  nats-py, one durable pull consumer shared by every receiver process; a message not acked
-                         within ``ack_wait`` (its receiver died) goes to another. The stream (``PLATFORM``) is
-                         created with ``replicas`` copies if it does not exist. By default it *sources* the QoS 1
-                         messages NATS's MQTT side stored in ``$MQTT_msgs`` before answering PUBACK (nats-server 2.9,
-                         ``mqttProcessPub``): the plain-subject copy is fire-and-forget, and a stream capturing
-                         ``{prefix}.>`` lost whole bursts while a node was down (seen in the fleet test).
-                         ``capture="subjects"`` takes ``{prefix}.>`` instead, for publishers that speak NATS.
+                         within ``ack_wait`` (its receiver died) goes to another. By default the consumer is on
+                         ``$MQTT_msgs``, where NATS's MQTT side stores every QoS 1 message before it answers PUBACK
+                         (nats-server 2.9, ``mqttProcessPub``), filtered to ``$MQTT.msgs.{prefix}.>``: that
+                         stream's interest retention keeps each message until this durable consumer acks it. The
+                         plain-subject copy is fire-and-forget: a stream capturing ``{prefix}.>`` lost whole
+                         acknowledged bursts while a node was down, and one sourcing ``$MQTT_msgs`` lost a few
+                         (both seen in the fleet test). ``capture="subjects"`` makes a stream (``PLATFORM``,
+                         ``replicas`` copies) over ``{prefix}.>`` for publishers that speak NATS.
     ``MqttSharedSource`` paho-mqtt with manual acks on ``$share/{group}/{prefix}/#``, a persistent session per
                          receiver (a fixed client id): what a killed receiver held unacked is sent to it again when it
                          comes back (Mosquitto keeps it in its session).
@@ -95,55 +97,51 @@ class JetStreamSource:
         return self
 
     async def _subscribe(self) -> None:
-        from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig, StreamSource
+        from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
         from nats.js.errors import BadRequestError
 
         js = self._nc.jetstream(timeout=10)
+        consumer = ConsumerConfig(
+            ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait, max_ack_pending=self.batch * 20
+        )
         if self.capture == "mqtt":
             # NATS's MQTT side PUBACKs a QoS 1 publish only once JetStream stored it in $MQTT_msgs (as
-            # $MQTT.msgs.<subject>); the copy on the plain subject is fire-and-forget and is missed by a stream
-            # without a leader (a node down). So the stream sources the stored copies: nothing acked is lost.
-            config = StreamConfig(
-                name=self.stream,
-                sources=[StreamSource(name=MQTT_MSGS_STREAM, filter_subject=f"{MQTT_MSGS_PREFIX}{self.prefix}.>")],
-                num_replicas=self.replicas,
-                storage=StorageType.FILE,
+            # $MQTT.msgs.<subject>); the copy on the plain subject is fire-and-forget. The durable consumer on
+            # $MQTT_msgs is replicated interest: that stream keeps each message until this consumer acks it.
+            await self._wait_mqtt_stream(js)
+            self._sub = await js.pull_subscribe(
+                f"{MQTT_MSGS_PREFIX}{self.prefix}.>", durable=self.durable, stream=MQTT_MSGS_STREAM, config=consumer
             )
-        else:
-            config = StreamConfig(
-                name=self.stream, subjects=[f"{self.prefix}.>"], num_replicas=self.replicas, storage=StorageType.FILE
-            )
+            return
+        config = StreamConfig(
+            name=self.stream, subjects=[f"{self.prefix}.>"], num_replicas=self.replicas, storage=StorageType.FILE
+        )
         try:
             await js.add_stream(config)
         except BadRequestError:
             await js.stream_info(self.stream)  # made meanwhile by another receiver: it must exist now
-        if self.capture == "mqtt":
-            await self._wait_source_active(js)
         self._sub = await js.pull_subscribe(
-            "",
-            durable=self.durable,
-            stream=self.stream,
-            config=ConsumerConfig(
-                ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait, max_ack_pending=self.batch * 20
-            ),
+            f"{self.prefix}.>", durable=self.durable, stream=self.stream, config=consumer
         )
 
-    async def _wait_source_active(self, js: Any) -> None:
-        """$MQTT_msgs keeps a message only while something is interested in it: the sourcing must be in place
-        before gateways publish. The MQTT side creates $MQTT_msgs on the first MQTT connection to the cluster."""
+    async def _wait_mqtt_stream(self, js: Any) -> None:
+        """$MQTT_msgs exists once the first MQTT client connected to the cluster; until then there is nothing to
+        lose (no MQTT publisher has been acknowledged)."""
+        from nats.js.errors import NotFoundError
+
         logged = False
         while True:
-            info = await js.stream_info(self.stream)
-            sources = info.sources or []
-            if sources and sources[0].active is not None and not sources[0].error:
+            try:
+                await js.stream_info(MQTT_MSGS_STREAM)
                 return
-            if not logged:
-                log.warning(
-                    "platform: waiting for the stream %s to source %s (it exists after the first MQTT connection "
-                    "to the cluster)", self.stream, MQTT_MSGS_STREAM,
-                )  # fmt: skip
-                logged = True
-            await asyncio.sleep(0.5)
+            except NotFoundError:
+                if not logged:
+                    log.warning(
+                        "platform: waiting for %s (NATS's MQTT side creates it on the first MQTT connection)",
+                        MQTT_MSGS_STREAM,
+                    )
+                    logged = True
+                await asyncio.sleep(0.5)
 
     async def __aexit__(self, *exc: object) -> None:
         if self._nc is not None:
