@@ -355,6 +355,7 @@ class ReceiverProcess:
         self.name, self.args = name, args
         self.log = directory / f"{name}.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.kills: list[int] = []
 
     def start(self) -> None:
         with self.log.open("ab") as log:
@@ -373,7 +374,8 @@ class ReceiverProcess:
     def kill(self) -> None:
         assert self.proc is not None
         self.proc.kill()
-        self.proc.wait()
+        #: exit statuses of the kills (-9: it was running and SIGKILL ended it)
+        self.kills.append(self.proc.wait())
 
     def cpu_seconds(self) -> float:
         """user + system CPU so far (Linux /proc), 0 once it has exited."""

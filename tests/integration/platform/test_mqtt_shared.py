@@ -54,6 +54,7 @@ async def test_two_receivers_on_a_shared_subscription_through_a_sigkill(
             )
             await fleet.wait_caught_up(timeout=90)
             stopping.set()
+        assert fleet.receivers[0].kills == [-9]  # it was running when SIGKILL came
         report = read_report(fleet.db)
         reads, samples, records = fleet.committed()
         assert (report["counters"]["telemetry"], report["counters"]["samples"]) == (reads, samples)

@@ -126,6 +126,7 @@ async def test_exactly_once_through_a_receiver_kill_and_a_node_kill(
             await fleet.wait_caught_up(timeout=120)
             stopping.set()
         assert all(r.proc is not None and r.proc.poll() is None for r in fleet.receivers)
+        assert fleet.receivers[0].kills == [-9]  # it was running when SIGKILL came
         report = read_report(fleet.db)
         reads, samples, records = fleet.committed()
         assert report["counters"]["telemetry"] == reads
