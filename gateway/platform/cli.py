@@ -66,6 +66,8 @@ def _receive(args: argparse.Namespace) -> int:
     from gateway.logs import setup_logging
 
     setup_logging()
+    # nats-py logs a traceback per failed connection attempt; the source's error callback says it once instead
+    logging.getLogger("nats.aio.client").setLevel(logging.CRITICAL)
     token = os.environ.get("PLATFORM_TSDB_TOKEN")
     if args.batch < 1 or args.ack_wait <= 0 or args.linger < 0:
         print("edge-gateway platform receive: --batch must be 1 or more, --ack-wait positive", file=sys.stderr)
@@ -106,18 +108,29 @@ async def _run(args: argparse.Namespace, token: str | None) -> int:
     progress = Progress(args.db, keys=PublicKeys(args.keys))
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    receiving = False
+
+    def on_signal() -> None:
+        stopping.set()
+        if not receiving and main is not None:
+            main.cancel()  # still connecting or waiting for the broker: nothing in hand to finish
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
+        loop.add_signal_handler(sig, on_signal)
     try:
         async with source, InfluxWriter(url=args.tsdb, org=args.org, bucket=args.bucket, token=token) as tsdb:
             receiver = Receiver(source=source, tsdb=tsdb, progress=progress, prefix=args.prefix)
             where = f"NATS JetStream {' '.join(args.nats)}" if args.nats else f"MQTT {args.mqtt}"
+            receiving = True
             log.info("platform: receiving (%s)", where)
             await receiver.run(stopping)
             log.info(
                 "platform: stopped after %d message(s) in %d batch(es), busy %.3f s",
                 receiver.messages, receiver.batches, receiver.busy,
             )  # fmt: skip
+    except asyncio.CancelledError:
+        log.info("platform: stopped before receiving anything")
     finally:
         progress.close()
     return 0

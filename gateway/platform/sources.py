@@ -76,9 +76,22 @@ class JetStreamSource:
         import nats
         import nats.errors
 
+        reported: set[str] = set()
+
+        async def on_error(exc: Exception) -> None:
+            # nats-py logs a traceback per failed attempt by default; one line per kind of error is enough
+            if type(exc).__name__ not in reported:
+                reported.add(type(exc).__name__)
+                log.warning("platform: NATS: %s", exc or type(exc).__name__)
+
+        async def on_reconnected() -> None:
+            reported.clear()
+            log.info("platform: NATS connection back")
+
         self._nc = await nats.connect(
-            servers=self.servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5
-        )
+            servers=self.servers, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5,
+            error_cb=on_error, reconnected_cb=on_reconnected,
+        )  # fmt: skip
         # a cluster that lost a node, or is electing a leader, answers JetStream requests with timeouts for a
         # while: keep asking (logged once), as the receiver would after any other outage
         delay, logged = 0.5, False
