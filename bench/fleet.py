@@ -22,6 +22,7 @@ import argparse
 import asyncio
 import json
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -127,6 +128,7 @@ async def run(
         await fleet.close()
         cluster.close()
         tsdb.close()
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def receiver_busy(logs: list[Path]) -> tuple[int, float]:
