@@ -24,6 +24,7 @@ _LATER_GROUPS = (
     "rules.cli",  # rules check/test
     "gateway.incentives.cli",  # incentives verify, keys generate
     "gateway.http.cli",  # status
+    "gateway.platform.cli",  # platform receive/report
 )
 
 

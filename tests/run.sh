@@ -37,11 +37,11 @@ need_debian_packages() {
   "${as_root[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}"
 }
 
-# What the integration tests start or call (mosquitto, victoria-metrics, socat, mbpoll, chromium, ShellCheck,
-# systemd-analyze), and python3-venv: Debian's Python cannot create a virtual environment without it.
+# What the integration tests start or call (mosquitto, victoria-metrics, nats-server, socat, mbpoll, chromium,
+# ShellCheck, systemd-analyze), and python3-venv: Debian's Python cannot create a virtual environment without it.
 if command -v dpkg-query >/dev/null; then
   step "checking Debian packages"
-  need_debian_packages python3-venv mosquitto mosquitto-clients victoria-metrics socat mbpoll chromium shellcheck systemd
+  need_debian_packages python3-venv mosquitto mosquitto-clients victoria-metrics nats-server socat mbpoll chromium shellcheck systemd
 fi
 
 python=${PYTHON:-}
