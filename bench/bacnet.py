@@ -46,15 +46,32 @@ async def measure(addresses: list[str], points: int, cycles: int, rpm: bool) -> 
     net = BacnetNetworkConfig.model_validate(
         {"id": "bench", "address": "127.0.0.1", "port": free_udp_port(), "timeout": "3s", "retries": 1}
     )
-    profile = BacnetProfile.model_validate({
-        "driver": "bacnet", "vendor": "bench", "model": "b", "doc": "bench",
-        "points": {f"t{i}": {"object": f"analog-input,{i}", "unit": "degrees-celsius"} for i in range(1, points + 1)},
-    })
+    profile = BacnetProfile.model_validate(
+        {
+            "driver": "bacnet",
+            "vendor": "bench",
+            "model": "b",
+            "doc": "bench",
+            "points": {
+                f"t{i}": {"object": f"analog-input,{i}", "unit": "degrees-celsius"} for i in range(1, points + 1)
+            },
+        }
+    )
     devices = [
-        (BacnetDeviceConfig.model_validate({
-            "id": f"d{n}", "driver": "bacnet", "profile": "b", "network": "bench", "instance": 10_000 + n,
-            "address": address, "read_multiple": rpm,
-        }), profile)
+        (
+            BacnetDeviceConfig.model_validate(
+                {
+                    "id": f"d{n}",
+                    "driver": "bacnet",
+                    "profile": "b",
+                    "network": "bench",
+                    "instance": 10_000 + n,
+                    "address": address,
+                    "read_multiple": rpm,
+                }
+            ),
+            profile,
+        )
         for n, address in enumerate(addresses)
     ]
     source = BacnetNetworkSource(net, devices)
@@ -97,7 +114,9 @@ def main() -> None:
         return
     child = subprocess.Popen(
         [sys.executable, __file__, "--serve", "--devices", str(args.devices), "--points", str(args.points)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert child.stdout is not None
@@ -108,23 +127,31 @@ def main() -> None:
         assert child.stdin is not None
         child.stdin.close()
         child.wait(timeout=30)
-    print(f"RPM:         {rpm['requests_per_cycle']:.0f} requests/cycle, {rpm['cpu_us_per_point']:.1f} us CPU/point, "
-          f"{rpm['points_per_s']:.0f} points/s, {rpm['bad']} bad")
-    print(f"ReadProperty: {one['requests_per_cycle']:.0f} requests/cycle, {one['cpu_us_per_point']:.1f} us CPU/point, "
-          f"{one['points_per_s']:.0f} points/s, {one['bad']} bad")
-    print(json.dumps({
-        "devices": args.devices,
-        "points_per_device": args.points,
-        "cycles": args.cycles,
-        "requests_per_cycle": rpm["requests_per_cycle"],
-        "one_per_point_requests": one["requests_per_cycle"],
-        "cpu_us_per_point": round(rpm["cpu_us_per_point"], 1),
-        "rp_cpu_us_per_point": round(one["cpu_us_per_point"], 1),
-        "points_per_s": round(rpm["points_per_s"]),
-        "rp_points_per_s": round(one["points_per_s"]),
-        "bad_samples": rpm["bad"] + one["bad"],
-        "rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-    }))
+    print(
+        f"RPM:         {rpm['requests_per_cycle']:.0f} requests/cycle, {rpm['cpu_us_per_point']:.1f} us CPU/point, "
+        f"{rpm['points_per_s']:.0f} points/s, {rpm['bad']} bad"
+    )
+    print(
+        f"ReadProperty: {one['requests_per_cycle']:.0f} requests/cycle, {one['cpu_us_per_point']:.1f} us CPU/point, "
+        f"{one['points_per_s']:.0f} points/s, {one['bad']} bad"
+    )
+    print(
+        json.dumps(
+            {
+                "devices": args.devices,
+                "points_per_device": args.points,
+                "cycles": args.cycles,
+                "requests_per_cycle": rpm["requests_per_cycle"],
+                "one_per_point_requests": one["requests_per_cycle"],
+                "cpu_us_per_point": round(rpm["cpu_us_per_point"], 1),
+                "rp_cpu_us_per_point": round(one["cpu_us_per_point"], 1),
+                "points_per_s": round(rpm["points_per_s"]),
+                "rp_points_per_s": round(one["points_per_s"]),
+                "bad_samples": rpm["bad"] + one["bad"],
+                "rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

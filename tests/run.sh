@@ -73,6 +73,7 @@ step "installing edge-gateway and its dev tools into .venv (pip)"
 
 step "ruff"
 .venv/bin/ruff check .
+.venv/bin/ruff format --check .
 step "mypy (strict)"
 .venv/bin/mypy
 step "pytest on $(.venv/bin/python -c 'import platform; print("Python", platform.python_version())')"

@@ -64,12 +64,17 @@ def register(subparsers: Any) -> None:
 def _local(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         # all interfaces by default: the answers come back to whichever interface faces the BACnet network
-        "--local", default="0.0.0.0", metavar="A[/P]", help="local address to bind (default 0.0.0.0)",  # noqa: S104
+        "--local",
+        default="0.0.0.0",  # noqa: S104
+        metavar="A[/P]",
+        help="local address to bind (default 0.0.0.0)",
     )
     parser.add_argument(
-        "--port", type=int, default=47809,
+        "--port",
+        type=int,
+        default=47809,
         help="local UDP port (default 47809, so a running gateway on 47808 is not disturbed; devices that answer "
-             "Who-Is with a broadcast I-Am reach only 47808)",
+        "Who-Is with a broadcast I-Am reach only 47808)",
     )
     parser.add_argument("--timeout", type=duration, default=3.0, help="answer timeout (default 3s)")
 
@@ -146,8 +151,10 @@ async def discover(network: BacnetNetworkConfig, target: str | None, seconds: fl
             where = target or "the local broadcast address"
             return f"# no I-Am to a Who-Is sent to {where} within {seconds:g}s"
         for i_am in sorted(found, key=lambda i: i.instance):
-            out.append(f"# device {i_am.instance} at {i_am.address}: max-APDU {i_am.max_apdu}, "
-                       f"{i_am.segmentation}, vendor {i_am.vendor}")
+            out.append(
+                f"# device {i_am.instance} at {i_am.address}: max-APDU {i_am.max_apdu}, "
+                f"{i_am.segmentation}, vendor {i_am.vendor}"
+            )
             device = ObjectId("device", i_am.instance)
             try:
                 count = await link.read_property(i_am.address, device, "object-list", 0)
@@ -161,7 +168,7 @@ async def discover(network: BacnetNetworkConfig, target: str | None, seconds: fl
             except BacnetRefused as exc:
                 out.append(f"#   object-list unreadable ({exc})")
                 continue
-            out.append("driver: bacnet\nvendor: FIXME\nmodel: FIXME\ndoc: \"bacnet discover output\"\npoints:")
+            out.append('driver: bacnet\nvendor: FIXME\nmodel: FIXME\ndoc: "bacnet discover output"\npoints:')
             names: set[str] = set()
             for obj in objects:
                 if obj.type not in _POINT_TYPES:
@@ -183,9 +190,11 @@ async def discover(network: BacnetNetworkConfig, target: str | None, seconds: fl
                             unit = f", unit: {unit_name}"
                     except BacnetRefused:
                         pass
-                out.append(f"  {name}: {{object: \"{obj}\"{unit}}}  # {label}")
-            out.append(f"# site: - {{id: dev{i_am.instance}, driver: bacnet, profile: PROFILE, network: NET, "
-                       f"instance: {i_am.instance}, address: \"{i_am.address}\"}}")
+                out.append(f'  {name}: {{object: "{obj}"{unit}}}  # {label}')
+            out.append(
+                f"# site: - {{id: dev{i_am.instance}, driver: bacnet, profile: PROFILE, network: NET, "
+                f'instance: {i_am.instance}, address: "{i_am.address}"}}'
+            )
     return "\n".join(out)
 
 
@@ -217,8 +226,9 @@ def explain_network(network: BacnetNetworkConfig, devices: list[tuple[BacnetDevi
         else:
             # until the device object is read the source assumes the configured or the smallest standard APDU
             max_apdu = device.max_apdu or 480
-            plan = plan_reads(planned, budget=answer_budget(max_apdu, "no-segmentation"),
-                              max_properties=network.max_properties)
+            plan = plan_reads(
+                planned, budget=answer_budget(max_apdu, "no-segmentation"), max_properties=network.max_properties
+            )
             requests = len(plan)
             text = describe_plan(plan, len(planned)) + f" (max-APDU {max_apdu}, no segmentation assumed)"
         total += requests

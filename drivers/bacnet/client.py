@@ -279,9 +279,7 @@ class BacnetLink:
             raise BacnetRefused("malformed", "status-flags is not a bit string", what)
         return result
 
-    async def read_multiple(
-        self, address: str, request: list[tuple[ObjectId, list[PropertyRef]]]
-    ) -> list[ReadResult]:
+    async def read_multiple(self, address: str, request: list[tuple[ObjectId, list[PropertyRef]]]) -> list[ReadResult]:
         """One ReadPropertyMultiple; per-property errors come back as ``PropertyError`` values."""
         from bacpypes3.apdu import ErrorRejectAbortNack
         from bacpypes3.basetypes import ErrorType, PropertyReference
@@ -324,9 +322,7 @@ class BacnetLink:
             results.append((obj, str(prop), index, converted))
         return results
 
-    async def write_property(
-        self, address: str, obj: ObjectId, prop: str, value: Scalar, priority: int | None
-    ) -> None:
+    async def write_property(self, address: str, obj: ObjectId, prop: str, value: Scalar, priority: int | None) -> None:
         """WriteProperty; ``value=None`` writes NULL (relinquishes ``priority``)."""
         from bacpypes3.apdu import ErrorRejectAbortNack
         from bacpypes3.basetypes import BinaryPV
@@ -417,7 +413,8 @@ class BacnetLink:
         peer = Address(address)
         app._cov_contexts.pop((peer, process_id), None)
         request = SubscribeCOVRequest(
-            subscriberProcessIdentifier=process_id, monitoredObjectIdentifier=ObjectIdentifier(str(obj)),
+            subscriberProcessIdentifier=process_id,
+            monitoredObjectIdentifier=ObjectIdentifier(str(obj)),
             destination=peer,
         )
         try:

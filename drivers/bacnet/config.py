@@ -23,21 +23,42 @@ from gateway.registry import PointInfo, ValueKind
 
 #: object types a point may name, in bacpypes3's spelling (ASHRAE 135 clause 12 names, hyphenated)
 ObjectType = Literal[
-    "analog-input", "analog-output", "analog-value",
-    "binary-input", "binary-output", "binary-value",
-    "multi-state-input", "multi-state-output", "multi-state-value",
-    "accumulator", "pulse-converter", "loop", "large-analog-value", "integer-value", "positive-integer-value",
-    "character-string-value", "device",
+    "analog-input",
+    "analog-output",
+    "analog-value",
+    "binary-input",
+    "binary-output",
+    "binary-value",
+    "multi-state-input",
+    "multi-state-output",
+    "multi-state-value",
+    "accumulator",
+    "pulse-converter",
+    "loop",
+    "large-analog-value",
+    "integer-value",
+    "positive-integer-value",
+    "character-string-value",
+    "device",
 ]
 ANALOG_TYPES = frozenset({"analog-input", "analog-output", "analog-value", "large-analog-value", "loop"})
 BINARY_TYPES = frozenset({"binary-input", "binary-output", "binary-value"})
 MULTISTATE_TYPES = frozenset({"multi-state-input", "multi-state-output", "multi-state-value"})
 INTEGER_TYPES = frozenset({"accumulator", "integer-value", "positive-integer-value"})
 #: objects with a priority array: a write to their present-value takes a priority slot and must be relinquished
-COMMANDABLE_TYPES = frozenset({
-    "analog-output", "analog-value", "binary-output", "binary-value", "multi-state-output", "multi-state-value",
-    "large-analog-value", "integer-value", "positive-integer-value",
-})
+COMMANDABLE_TYPES = frozenset(
+    {
+        "analog-output",
+        "analog-value",
+        "binary-output",
+        "binary-value",
+        "multi-state-output",
+        "multi-state-value",
+        "large-analog-value",
+        "integer-value",
+        "positive-integer-value",
+    }
+)
 #: ASHRAE 135 clause 19.2.1.1: priority 6 is reserved for minimum on/off, 1 and 2 for life safety
 RESERVED_PRIORITIES = frozenset({1, 2, 6})
 #: highest device instance (4194303 is the wildcard "any device")
@@ -255,9 +276,7 @@ def _local_interface(value: Any) -> str:
     try:
         ipaddress.IPv4Interface(value)
     except ValueError:
-        raise ValueError(
-            f"{value!r} is not an IPv4 address with an optional /prefix (e.g. 192.168.1.5/24)"
-        ) from None
+        raise ValueError(f"{value!r} is not an IPv4 address with an optional /prefix (e.g. 192.168.1.5/24)") from None
     return value
 
 

@@ -248,8 +248,9 @@ class BacnetNetworkSource:
         self._write_timeout = write_timeout or network.timeout * (network.retries + 1) + 1.0
         self._jitter = jitter
         self._link: Link | None = None
-        self._link_policy = ReconnectPolicy(self.name, RetryTiming(first=1.0, maximum=30.0), clock=clock,
-                                            random=jitter, logger=log)
+        self._link_policy = ReconnectPolicy(
+            self.name, RetryTiming(first=1.0, maximum=30.0), clock=clock, random=jitter, logger=log
+        )
         now = clock()
         #: subscriber process ids are unique per source, so a notification names its device and object
         self._next_process_id = 0
@@ -263,10 +264,17 @@ class BacnetNetworkSource:
             breaker = ReconnectPolicy(
                 f"{self.name} {config.id} (device {config.instance})",
                 RetryTiming(first=network.backoff_min, maximum=network.backoff_max),
-                clock=clock, random=jitter, logger=log,
+                clock=clock,
+                random=jitter,
+                logger=log,
             )
             device = _Device(
-                config, profile, DeviceStatus(config.id, "bacnet"), breaker, groups, _PollClock(list(groups), now),
+                config,
+                profile,
+                DeviceStatus(config.id, "bacnet"),
+                breaker,
+                groups,
+                _PollClock(list(groups), now),
                 config.address,
             )
             device.rpm = config.read_multiple is not False
@@ -369,8 +377,12 @@ class BacnetNetworkSource:
             if ok and registered is False:
                 log.info("%s: registered with BBMD %s again", self.name, foreign.bbmd)
             elif not ok and state != "pending" and registered is not False:
-                log.warning("%s: not registered with BBMD %s (%s); devices across it cannot be found",
-                            self.name, foreign.bbmd, state)
+                log.warning(
+                    "%s: not registered with BBMD %s (%s); devices across it cannot be found",
+                    self.name,
+                    foreign.bbmd,
+                    state,
+                )
             if state != "pending":
                 registered = ok
             # while pending look again soon: the first answer of the BBMD usually comes within milliseconds
@@ -449,8 +461,13 @@ class BacnetNetworkSource:
             names = {0: "segmented-both", 1: "segmented-transmit", 2: "segmented-receive", 3: "no-segmentation"}
             segmentation = names.get(seg, "no-segmentation") if isinstance(seg, int) else str(seg)
         except BacnetRefused as exc:
-            log.warning("%s %s: cannot read its device object (%s); planning with %d-byte answers",
-                        self.name, device.name, exc, _MIN_APDU)
+            log.warning(
+                "%s %s: cannot read its device object (%s); planning with %d-byte answers",
+                self.name,
+                device.name,
+                exc,
+                _MIN_APDU,
+            )
         max_apdu = min(max_apdu, MAX_APDU_BACNET_IP, device.config.max_apdu or MAX_APDU_BACNET_IP)
         device.budget = answer_budget(max_apdu, segmentation)
         device.status.info.update({"max_apdu": max_apdu, "segmentation": segmentation})
@@ -469,8 +486,14 @@ class BacnetNetworkSource:
         return plan
 
     async def _read_rpm(
-        self, link: Link, device: _Device, address: str, request: ReadRequest, *,
-        samples: list[Sample], result: _PollResult,
+        self,
+        link: Link,
+        device: _Device,
+        address: str,
+        request: ReadRequest,
+        *,
+        samples: list[Sample],
+        result: _PollResult,
     ) -> None:
         try:
             async with device.lock:
@@ -494,8 +517,14 @@ class BacnetNetworkSource:
         self._answered(device, request.points, answer, ts, samples=samples, result=result)
 
     def _answered(
-        self, device: _Device, points: Sequence[PlannedPoint], answer: list[ReadResult], ts: int, *,
-        samples: list[Sample], result: _PollResult,
+        self,
+        device: _Device,
+        points: Sequence[PlannedPoint],
+        answer: list[ReadResult],
+        ts: int,
+        *,
+        samples: list[Sample],
+        result: _PollResult,
     ) -> None:
         values: dict[tuple[ObjectId, str, int | None], object] = {}
         flags: dict[ObjectId, tuple[bool, ...]] = {}
@@ -540,8 +569,14 @@ class BacnetNetworkSource:
         device.status.info["flags"] = "; ".join(f"{p}: {f}" for p, f in sorted(device.flags.items())) or None
 
     async def _read_each(
-        self, link: Link, device: _Device, address: str, points: Sequence[PlannedPoint], *,
-        samples: list[Sample], result: _PollResult,
+        self,
+        link: Link,
+        device: _Device,
+        address: str,
+        points: Sequence[PlannedPoint],
+        *,
+        samples: list[Sample],
+        result: _PollResult,
     ) -> None:
         """One ReadProperty per point (devices without ReadPropertyMultiple); no status-flags: that would double
         the requests to a device that is already the slowest kind."""
@@ -556,8 +591,12 @@ class BacnetNetworkSource:
                 samples.append(Sample(point.point, None, time.time_ns(), Quality.BAD))
                 continue
             self._answered(
-                device, [point], [(point.object, point.property, point.index, raw)], time.time_ns(),
-                samples=samples, result=result,
+                device,
+                [point],
+                [(point.object, point.property, point.index, raw)],
+                time.time_ns(),
+                samples=samples,
+                result=result,
             )
 
     def _learn_no_rpm(self, device: _Device, exc: BacnetRefused) -> None:
@@ -566,7 +605,9 @@ class BacnetNetworkSource:
         log.warning(
             "%s %s: refuses ReadPropertyMultiple (%s); reading one property per request from now on (set "
             "read_multiple: false on the device to start there)",
-            self.name, device.name, exc.reason,
+            self.name,
+            device.name,
+            exc.reason,
         )
 
     def _record(self, device: _Device, result: _PollResult, latency: float) -> None:
@@ -585,13 +626,21 @@ class BacnetNetworkSource:
             before = status.state
             since = status.since_ns
             if status.record_ok(latency) or before is DeviceState.DEGRADED:
-                log.info("%s %s: every read answered again after %.1fs", self.name, device.name,
-                         (status.since_ns - since) / 1e9)
+                log.info(
+                    "%s %s: every read answered again after %.1fs",
+                    self.name,
+                    device.name,
+                    (status.since_ns - since) / 1e9,
+                )
             return
         if result.answered:
             if status.record_partial(latency, result.rejected):
-                log.warning("%s %s: degraded, some reads refused (%s); those points are BAD",
-                            self.name, device.name, result.rejected)
+                log.warning(
+                    "%s %s: degraded, some reads refused (%s); those points are BAD",
+                    self.name,
+                    device.name,
+                    result.rejected,
+                )
             return
         if status.record_error(result.rejected):
             log.warning("%s %s: refused every read (%s); its points are BAD", self.name, device.name, result.rejected)
@@ -651,8 +700,9 @@ class BacnetNetworkSource:
                 del device.cov_points[obj]
                 refused = device.status.info.get("cov_refused")
                 device.status.info["cov_refused"] = f"{refused}, {obj}" if refused else str(obj)
-                log.warning("%s %s: refuses COV for %s (%s); that object is polled",
-                            self.name, device.name, obj, exc.reason)
+                log.warning(
+                    "%s %s: refuses COV for %s (%s); that object is polled", self.name, device.name, obj, exc.reason
+                )
                 continue
             if obj.type in ANALOG_TYPES and obj not in device.cov_increment:
                 try:
@@ -677,8 +727,9 @@ class BacnetNetworkSource:
         device.status.count_failure("cov_subscribe")
         device.status.info["cov"] = f"not subscribed ({exc}); polled"
         if not failing:
-            log.warning("%s %s: COV subscription failed (%s); polling its points until it is back",
-                        self.name, device.name, exc)
+            log.warning(
+                "%s %s: COV subscription failed (%s); polling its points until it is back", self.name, device.name, exc
+            )
         return True
 
     async def _cov_dispatch(self, link: Link, publish: BatchSink, stopping: asyncio.Event) -> None:
@@ -747,8 +798,9 @@ class BacnetNetworkSource:
                 silent.append(f"{sample.point}: {last} notified, {sample.value} polled")
         if silent:
             device.status.count_failure("cov_silent")
-            log.warning("%s %s: COV subscription silent (%s); subscribing again",
-                        self.name, device.name, "; ".join(silent[:3]))
+            log.warning(
+                "%s %s: COV subscription silent (%s); subscribing again", self.name, device.name, "; ".join(silent[:3])
+            )
             device.cov_resubscribe.set()
 
     # ------------------------------------------------------------------ writes
@@ -809,8 +861,9 @@ class BacnetNetworkSource:
         except BacnetRefused as exc:
             # a refusal (write-access-denied, value-out-of-range, ...) is the device's answer: never retried
             log.warning("%s: %s to %s at priority %d refused: %s", self.name, what, point, spec.priority, exc)
-            raise DeviceRejected(f"{point}: the device refused the {what} at priority {spec.priority} "
-                                 f"({exc.kind} {exc.reason})") from exc
+            raise DeviceRejected(
+                f"{point}: the device refused the {what} at priority {spec.priority} ({exc.kind} {exc.reason})"
+            ) from exc
         except DeviceError:
             raise
         log.info("%s: %s to %s (%s at priority %d)", self.name, what, point, spec.object, spec.priority)

@@ -215,8 +215,13 @@ class ModbusProfile(StrictModel):
             if spec.bit is not None:
                 key = (spec.table, spec.address, spec.bit)
                 if key in bits:
-                    found.append((name, spec, f"{name} uses the same bit as {bits[key]} ({spec.table} "
-                                              f"{spec.address} bit {spec.bit})"))
+                    found.append(
+                        (
+                            name,
+                            spec,
+                            f"{name} uses the same bit as {bits[key]} ({spec.table} {spec.address} bit {spec.bit})",
+                        )
+                    )
                 bits.setdefault(key, name)
                 continue
             for address in range(spec.address, spec.address + spec.width):

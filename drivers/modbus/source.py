@@ -397,9 +397,7 @@ class ModbusBusSource:
                 next_due = min(d.clock.next_due() for d in self._devices)
                 await self._sleep(next_due - self._clock(), stopping)
 
-    async def _poll_device(
-        self, link: Link, device: _Device, due: tuple[float, ...], publish: BatchSink
-    ) -> None:
+    async def _poll_device(self, link: Link, device: _Device, due: tuple[float, ...], publish: BatchSink) -> None:
         now = self._clock()
         if not device.breaker.allows(now):
             # disabled (its breaker is open): not asked, but its points are still reported BAD for this interval
@@ -491,13 +489,17 @@ class ModbusBusSource:
             log.warning(
                 "%s: refused a read of %d registers (exception 3) and answered %d; reading in smaller pieces and "
                 "learning its limit",
-                where, limit.refused, limit.proven,
+                where,
+                limit.refused,
+                limit.proven,
             )
         if limit.exact:
             log.warning(
                 "%s: answers at most %d registers per read (learned; set max_registers: %d on the device to start "
                 "there)",
-                where, limit.proven, limit.proven,
+                where,
+                limit.proven,
+                limit.proven,
             )
 
     def _learn_no_fill(self, device: _Device, refused: ReadRequest) -> None:
@@ -508,7 +510,10 @@ class ModbusBusSource:
         log.warning(
             "%s %s (unit %d): refused a read through %d unmapped registers (exception 2) and answered the pieces; "
             "no longer reading through holes (set max_fill: 0 in its profile to start there)",
-            self.name, device.config.id, device.config.unit, refused.fill,
+            self.name,
+            device.config.id,
+            device.config.unit,
+            refused.fill,
         )
 
     async def _read_into(self, link: Link, request: ReadRequest, samples: list[Sample]) -> None:
@@ -568,7 +573,9 @@ class ModbusBusSource:
             if status.record_ok(latency) or before is DeviceState.DEGRADED:
                 log.info(
                     "%s %s: every read answered again after %.1fs",
-                    self.name, device.config.id, (status.since_ns - outage_start) / 1e9,
+                    self.name,
+                    device.config.id,
+                    (status.since_ns - outage_start) / 1e9,
                 )
             return
         where = f"{self.name} {device.config.id} (unit {device.config.unit})"

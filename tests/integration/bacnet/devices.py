@@ -48,8 +48,12 @@ def _object(kind: str, instance: int, value: Any, **extra: Any) -> Any:
     from bacpypes3.local.multistate import MultiStateValueObject
 
     name = f"{kind}-{instance}"
-    common: dict[str, Any] = {"objectIdentifier": (kind, instance), "objectName": name, "presentValue": value,
-                              "outOfService": False}
+    common: dict[str, Any] = {
+        "objectIdentifier": (kind, instance),
+        "objectName": name,
+        "presentValue": value,
+        "outOfService": False,
+    }
     common.update(extra)
     if kind == "analog-input":
         return AnalogInputObject(units="degrees-celsius", **common)

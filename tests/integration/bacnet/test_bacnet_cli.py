@@ -51,7 +51,7 @@ async def test_read_one_property_and_a_silent_address() -> None:
 
 def test_plan_counts_requests_per_cycle(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     (tmp_path / "devices").mkdir()
-    points = "\n".join(f"  t{i}: {{object: \"analog-input,{i}\", unit: degrees-celsius}}" for i in range(1, 41))
+    points = "\n".join(f'  t{i}: {{object: "analog-input,{i}", unit: degrees-celsius}}' for i in range(1, 41))
     (tmp_path / "devices" / "p40.yaml").write_text(f"driver: bacnet\nvendor: v\nmodel: m\ndoc: d\npoints:\n{points}\n")
     (tmp_path / "sites").mkdir()
     site = tmp_path / "sites" / "s.yaml"

@@ -26,16 +26,33 @@ POINTS = {
 
 
 def source_for(address: str, cov: dict[str, Any], **network: Any) -> BacnetNetworkSource:
-    net = BacnetNetworkConfig.model_validate({
-        "id": "bms", "address": "127.0.0.1", "port": free_udp_port(), "timeout": "300ms", "retries": 1,
-        "backoff_min": "100ms", "backoff_max": "200ms", **network,
-    })
-    profile = BacnetProfile.model_validate({"driver": "bacnet", "vendor": "t", "model": "t", "doc": "t",
-                                            "points": POINTS})
-    device = BacnetDeviceConfig.model_validate({
-        "id": "zone", "driver": "bacnet", "profile": "t", "network": "bms", "instance": 3001, "address": address,
-        "poll": "100ms", "cov": cov,
-    })
+    net = BacnetNetworkConfig.model_validate(
+        {
+            "id": "bms",
+            "address": "127.0.0.1",
+            "port": free_udp_port(),
+            "timeout": "300ms",
+            "retries": 1,
+            "backoff_min": "100ms",
+            "backoff_max": "200ms",
+            **network,
+        }
+    )
+    profile = BacnetProfile.model_validate(
+        {"driver": "bacnet", "vendor": "t", "model": "t", "doc": "t", "points": POINTS}
+    )
+    device = BacnetDeviceConfig.model_validate(
+        {
+            "id": "zone",
+            "driver": "bacnet",
+            "profile": "t",
+            "network": "bms",
+            "instance": 3001,
+            "address": address,
+            "poll": "100ms",
+            "cov": cov,
+        }
+    )
     return BacnetNetworkSource(net, [(device, profile)])
 
 
@@ -61,8 +78,14 @@ def info(source: BacnetNetworkSource, key: str) -> int:
 
 
 async def test_notifications_arrive_and_the_subscription_outlives_its_lifetime() -> None:
-    dev = await start_device(3001, {"analog-input,1": {"presentValue": 10.0, "covIncrement": 0.5},
-                                    "binary-input,1": "inactive", "binary-value,1": "inactive"})
+    dev = await start_device(
+        3001,
+        {
+            "analog-input,1": {"presentValue": 10.0, "covIncrement": 0.5},
+            "binary-input,1": "inactive",
+            "binary-value,1": "inactive",
+        },
+    )
     source = source_for(dev.address, {"lifetime": "2s", "verify": "1h", "confirmed": False})
     got = Collector()
     stopping = asyncio.Event()
@@ -93,8 +116,11 @@ async def test_notifications_arrive_and_the_subscription_outlives_its_lifetime()
 
 async def test_a_restarted_device_is_found_by_the_safety_net_and_subscribed_again() -> None:
     port = free_udp_port()
-    objects = {"analog-input,1": {"presentValue": 10.0, "covIncrement": 0.5}, "binary-input,1": "inactive",
-               "binary-value,1": "inactive"}
+    objects = {
+        "analog-input,1": {"presentValue": 10.0, "covIncrement": 0.5},
+        "binary-input,1": "inactive",
+        "binary-value,1": "inactive",
+    }
     dev = await start_device(3001, objects, port=port)
     source = source_for(dev.address, {"lifetime": "5min", "verify": "300ms", "confirmed": True})
     got = Collector()
@@ -105,14 +131,25 @@ async def test_a_restarted_device_is_found_by_the_safety_net_and_subscribed_agai
         renewals = info(source, "cov_renewals")
         # the device restarts with another value and no memory of the subscription
         dev.close()
-        dev = await start_device(3001, {"analog-input,1": {"presentValue": 20.0, "covIncrement": 0.5},
-                                        "binary-input,1": "inactive", "binary-value,1": "inactive"}, port=port)
+        dev = await start_device(
+            3001,
+            {
+                "analog-input,1": {"presentValue": 20.0, "covIncrement": 0.5},
+                "binary-input,1": "inactive",
+                "binary-value,1": "inactive",
+            },
+            port=port,
+        )
         await got.until(lambda: info(source, "cov_renewals") > renewals)
         assert source.status()[0].failures.get("cov_silent", 0) >= 1
         before = info(source, "cov_notifications")
         dev.objects["analog-input,1"].presentValue = 25.0
-        await got.until(lambda: info(source, "cov_notifications") > before
-                        and any(s.point == "zone.temp" and s.value == 25.0 for s in got.samples))
+        await got.until(
+            lambda: (
+                info(source, "cov_notifications") > before
+                and any(s.point == "zone.temp" and s.value == 25.0 for s in got.samples)
+            )
+        )
     finally:
         stopping.set()
         await asyncio.wait_for(runner, timeout=10)

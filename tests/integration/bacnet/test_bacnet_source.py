@@ -20,8 +20,15 @@ pytestmark = pytest.mark.integration
 
 
 def network(**extra: Any) -> BacnetNetworkConfig:
-    data = {"id": "bms", "address": "127.0.0.1", "port": free_udp_port(), "timeout": "300ms", "retries": 0,
-            "backoff_min": "50ms", "backoff_max": "100ms"}
+    data = {
+        "id": "bms",
+        "address": "127.0.0.1",
+        "port": free_udp_port(),
+        "timeout": "300ms",
+        "retries": 0,
+        "backoff_min": "50ms",
+        "backoff_max": "100ms",
+    }
     data.update(extra)
     return BacnetNetworkConfig.model_validate(data)
 
@@ -33,8 +40,15 @@ def profile(points: dict[str, dict[str, Any]]) -> BacnetProfile:
 
 
 def device_config(ident: str, instance: int, address: str | None, **extra: Any) -> BacnetDeviceConfig:
-    data = {"id": ident, "driver": "bacnet", "profile": "p", "network": "bms", "instance": instance,
-            "address": address, "poll": "100ms"}
+    data = {
+        "id": ident,
+        "driver": "bacnet",
+        "profile": "p",
+        "network": "bms",
+        "instance": instance,
+        "address": address,
+        "poll": "100ms",
+    }
     data.update(extra)
     return BacnetDeviceConfig.model_validate(data)
 
@@ -146,13 +160,16 @@ async def test_unknown_objects_and_wrong_types_go_bad_alone(devices: list[Device
 
 
 async def test_fault_and_out_of_service_make_points_uncertain(devices: list[Device]) -> None:
-    dev = await start_device(1005, {
-        # bacpypes3 derives status-flags from these, as a real controller does
-        "analog-input,1": {"presentValue": 1.0, "reliability": "no-sensor"},
-        "analog-input,2": {"presentValue": 2.0, "outOfService": True},
-        "analog-input,3": {"presentValue": 3.0, "eventState": "offnormal"},
-        "analog-input,4": 4.0,
-    })
+    dev = await start_device(
+        1005,
+        {
+            # bacpypes3 derives status-flags from these, as a real controller does
+            "analog-input,1": {"presentValue": 1.0, "reliability": "no-sensor"},
+            "analog-input,2": {"presentValue": 2.0, "outOfService": True},
+            "analog-input,3": {"presentValue": 3.0, "eventState": "offnormal"},
+            "analog-input,4": 4.0,
+        },
+    )
     devices.append(dev)
     _objects, points = many_points(4)
     net = network()
@@ -175,11 +192,14 @@ async def test_silent_and_garbage_devices_never_stall_the_others(devices: list[D
     _garbage, garbage_transport, garbage_port = await start_garbage()
     silent_port = free_udp_port()  # nobody listens there
     net = network()
-    source = BacnetNetworkSource(net, [
-        (device_config("good", 1006, good.address), profile(points)),
-        (device_config("silent", 1007, f"127.0.0.1:{silent_port}"), profile(points)),
-        (device_config("garbage", 1008, f"127.0.0.1:{garbage_port}"), profile(points)),
-    ])
+    source = BacnetNetworkSource(
+        net,
+        [
+            (device_config("good", 1006, good.address), profile(points)),
+            (device_config("silent", 1007, f"127.0.0.1:{silent_port}"), profile(points)),
+            (device_config("garbage", 1008, f"127.0.0.1:{garbage_port}"), profile(points)),
+        ],
+    )
     batches: list[list[Sample]] = []
     done = asyncio.Event()
 
@@ -251,9 +271,7 @@ async def test_write_at_priority_then_relinquish(devices: list[Device]) -> None:
 async def test_write_to_a_silent_device_is_unavailable() -> None:
     net = network()
     points = {"sp": {"object": "analog-value,1", "writable": True}}
-    source = BacnetNetworkSource(
-        net, [(device_config("gone", 1010, f"127.0.0.1:{free_udp_port()}"), profile(points))]
-    )
+    source = BacnetNetworkSource(net, [(device_config("gone", 1010, f"127.0.0.1:{free_udp_port()}"), profile(points))])
     async with BacnetLink(net) as link:
         source._link = link
         with pytest.raises(DeviceUnavailable):
@@ -268,7 +286,6 @@ async def test_who_is_to_an_address_finds_the_device(devices: list[Device]) -> N
     assert [(i.instance, i.address, i.max_apdu, i.segmentation) for i in found] == [
         (1011, dev.address, 480, "no-segmentation")
     ]
-
 
 
 async def test_an_answer_too_big_for_the_device_is_read_again_in_halves(devices: list[Device]) -> None:
@@ -304,8 +321,11 @@ async def test_a_device_across_a_bbmd_is_found_by_who_is_as_a_foreign_device() -
         IPv4Address(f"127.0.0.1:{bbmd_port}"),
     )
     await asyncio.wait(list(bbmd.server._transport_tasks), timeout=5)
-    bbmd.add_object(AnalogInputObject(objectIdentifier=("analog-input", 1), objectName="t", presentValue=7.5,
-                                      units="degrees-celsius"))
+    bbmd.add_object(
+        AnalogInputObject(
+            objectIdentifier=("analog-input", 1), objectName="t", presentValue=7.5, units="degrees-celsius"
+        )
+    )
     net = network(foreign={"bbmd": f"127.0.0.1:{bbmd_port}", "ttl": "30s"})
     points = {"t": {"object": "analog-input,1", "unit": "degrees-celsius"}}
     source = BacnetNetworkSource(net, [(device_config("far", 4001, None), profile(points))])
@@ -367,8 +387,10 @@ async def test_a_surprise_in_one_device_poll_does_not_stop_the_others(devices: l
     net = network()
     source = BacnetNetworkSource(
         net,
-        [(device_config("good", 1014, good.address), profile(points)),
-         (device_config("bad", 1015, bad.address), profile(points))],
+        [
+            (device_config("good", 1014, good.address), profile(points)),
+            (device_config("bad", 1015, bad.address), profile(points)),
+        ],
         link_factory=SurprisingLink,
     )
     seen: dict[str, int] = {"good": 0, "bad": 0}

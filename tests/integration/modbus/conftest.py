@@ -74,9 +74,7 @@ def pty_pair(tmp_path: Path) -> Iterator[tuple[str, str]]:
     if socat is None:
         pytest.fail("socat is not installed (Debian package socat)")
     a, b = tmp_path / "gateway", tmp_path / "device"
-    proc = subprocess.Popen(
-        [socat, f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"], stderr=subprocess.DEVNULL
-    )
+    proc = subprocess.Popen([socat, f"pty,raw,echo=0,link={a}", f"pty,raw,echo=0,link={b}"], stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 5
     while not (a.exists() and b.exists()):
         if time.monotonic() > deadline:

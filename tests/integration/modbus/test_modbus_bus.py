@@ -35,8 +35,14 @@ PROFILE = ModbusProfile.model_validate(
             "scaled": {"table": "holding", "address": 5, "type": "i16", "scale": 0.1},
             "bit1": {"table": "holding", "address": 7, "type": "bool", "bit": 0},
             "setpoint": {
-                "table": "holding", "address": 40, "type": "i16", "scale": 0.1,
-                "writable": True, "min": 0, "max": 50, "readback": True,
+                "table": "holding",
+                "address": 40,
+                "type": "i16",
+                "scale": 0.1,
+                "writable": True,
+                "min": 0,
+                "max": 50,
+                "readback": True,
             },
             "inp": {"table": "input", "address": 3, "type": "u16"},
             "coil0": {"table": "coil", "address": 0},
@@ -62,8 +68,16 @@ def expected_values(unit: int) -> dict[str, object]:
 
 def make_source(bus: dict[str, Any], units: list[int], poll: str = "250ms") -> ModbusBusSource:
     config = ModbusBusConfig.model_validate(
-        {"id": "test", "timeout": "200ms", "retries": 0, "reconnect_min": "100ms", "reconnect_max": "400ms",
-         "backoff_min": "1s", "backoff_max": "2s", **bus}
+        {
+            "id": "test",
+            "timeout": "200ms",
+            "retries": 0,
+            "reconnect_min": "100ms",
+            "reconnect_max": "400ms",
+            "backoff_min": "1s",
+            "backoff_max": "2s",
+            **bus,
+        }
     )
     devices = [
         (ModbusDeviceConfig(id=f"dev{u}", driver="modbus", profile="test", bus="test", unit=u, poll=poll), PROFILE)
@@ -201,9 +215,7 @@ async def test_tcp_write_in_bounds_reaches_the_register_and_out_of_bounds_is_nev
     assert run.last("dev1")["setpoint"].value == pytest.approx(42.5), "the refused write never reached the device"
 
 
-async def test_rtu_on_a_pty_pair_several_slaves_one_dead(
-    pty_pair: tuple[str, str], modbus_servers: list[Any]
-) -> None:
+async def test_rtu_on_a_pty_pair_several_slaves_one_dead(pty_pair: tuple[str, str], modbus_servers: list[Any]) -> None:
     from tests.integration.modbus.conftest import ServerProcess
 
     gateway_end, device_end = pty_pair

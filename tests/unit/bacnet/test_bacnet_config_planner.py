@@ -42,10 +42,15 @@ def test_point_kinds_and_units() -> None:
 
 def test_a_profile_reading_one_property_twice_is_refused() -> None:
     with pytest.raises(ValidationError, match="reads the same property as a"):
-        BacnetProfile.model_validate({
-            "driver": "bacnet", "vendor": "v", "model": "m", "doc": "d",
-            "points": {"a": {"object": "analog-input,1"}, "b": {"object": "analog-input, 1"}},
-        })
+        BacnetProfile.model_validate(
+            {
+                "driver": "bacnet",
+                "vendor": "v",
+                "model": "m",
+                "doc": "d",
+                "points": {"a": {"object": "analog-input,1"}, "b": {"object": "analog-input, 1"}},
+            }
+        )
 
 
 @pytest.mark.parametrize(

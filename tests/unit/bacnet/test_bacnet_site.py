@@ -34,13 +34,18 @@ def write_site(tmp_path: Path, body: str) -> Path:
 
 
 def test_a_bacnet_site_loads_and_builds_one_source_per_network(tmp_path: Path) -> None:
-    site = load_site(write_site(tmp_path, """\
+    site = load_site(
+        write_site(
+            tmp_path,
+            """\
 bacnet_networks:
   - {id: bms, address: 127.0.0.1/8, port: 47808}
 devices:
   - {id: vav1, driver: bacnet, profile: test-vav, network: bms, instance: 3001, address: "10.0.0.5"}
   - {id: vav2, driver: bacnet, profile: test-vav, network: bms, instance: 3002}
-"""))
+""",
+        )
+    )
     assert isinstance(site.config.devices[0], BacnetDeviceConfig)
     assert site.registry["vav1.zone_temp"].unit == "°C"
     assert site.registry["vav1.damper"].writable and site.registry["vav1.damper"].max == 100
@@ -50,13 +55,16 @@ devices:
 
 
 def test_unknown_network_and_duplicate_network_ids_are_positioned_errors(tmp_path: Path) -> None:
-    path = write_site(tmp_path, """\
+    path = write_site(
+        tmp_path,
+        """\
 bacnet_networks:
   - {id: bms, address: 127.0.0.1}
   - {id: bms, address: 127.0.0.2}
 devices:
   - {id: vav1, driver: bacnet, profile: test-vav, network: nope, instance: 3001}
-""")
+""",
+    )
     with pytest.raises(ConfigError) as caught:
         load_site(path)
     text = "\n".join(d.format() for d in caught.value.diagnostics)

@@ -38,8 +38,15 @@ PROFILE = ModbusProfile.model_validate(
         "model": "T",
         "doc": "test",
         "points": {
-            "speed": {"table": "holding", "address": 0, "type": "i16", "scale": 0.1,
-                      "writable": True, "min": 0, "max": 50},
+            "speed": {
+                "table": "holding",
+                "address": 0,
+                "type": "i16",
+                "scale": 0.1,
+                "writable": True,
+                "min": 0,
+                "max": 50,
+            },
             "raw": {"table": "holding", "address": 1, "type": "u16", "writable": True},
             "run": {"table": "coil", "address": 0, "writable": True},
             "volts": {"table": "input", "address": 0, "type": "f32"},
