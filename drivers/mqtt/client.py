@@ -39,6 +39,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from drivers.mqtt.config import MqttSourceConfig
 from gateway.errors import DeviceRejected, DeviceUnavailable
+from gateway.mqtt_connection import SecretFileError, tls_context
 
 log = logging.getLogger("drivers.mqtt")
 
@@ -125,17 +126,6 @@ class _BufferedClient(paho.Client):
         return self.read_buffer[pos:end]
 
 
-def tls_context(config: MqttSourceConfig) -> ssl.SSLContext | None:
-    tls = config.tls
-    if tls is None:
-        return None
-    context = ssl.create_default_context(cafile=str(tls.ca_file) if tls.ca_file else None)
-    if tls.cert_file is not None and tls.key_file is not None:
-        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
-    context.check_hostname = tls.check_hostname
-    return context
-
-
 class MqttConnection:
     """One connect-to-disconnect session. A reconnect is a new ``MqttConnection`` (owned by the source's loop)."""
 
@@ -161,12 +151,8 @@ class MqttConnection:
             manual_ack=config.ack_after_publish,
         )
         self.client.connect_timeout = config.connect_timeout
-        if config.username is not None:
-            password = config.resolved_password()
-            self.client.username_pw_set(config.username, password.reveal() if password is not None else None)
-        context = tls_context(config)
-        if context is not None:
-            self.client.tls_set_context(context)
+        #: asked once per connection (gateway/mqtt_connection.py: the place broker failover will choose)
+        self.broker = config.broker()
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe
@@ -315,6 +301,18 @@ class MqttConnection:
 
     # --- session ---------------------------------------------------------------------------------------------
 
+    def _prepare_blocking(self) -> None:
+        # Credentials and TLS are resolved at every connect, in the executor (file reads and OpenSSL's loading stay
+        # off the event loop): a password file or certificate rotated on disk is used by the next connection
+        # without a restart.
+        config = self._config
+        if config.username is not None:
+            password = config.resolved_password()
+            self.client.username_pw_set(config.username, password.reveal() if password is not None else None)
+        context = tls_context(config.tls)
+        if context is not None:
+            self.client.tls_set_context(context)
+
     def _connect_blocking(self) -> None:
         config = self._config
         properties = None
@@ -322,8 +320,8 @@ class MqttConnection:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
             properties.SessionExpiryInterval = int(config.session_expiry) if config.session == "persistent" else 0
         self.client.connect(
-            config.host,
-            config.port,
+            self.broker.host,
+            self.broker.port,
             keepalive=round(config.keepalive),
             clean_start=config.session == "clean" if config.protocol == "5" else paho.MQTT_CLEAN_START_FIRST_ONLY,
             properties=properties,
@@ -331,7 +329,15 @@ class MqttConnection:
 
     async def open(self) -> bool:
         """Connect and wait for CONNACK; returns whether the broker still had our session."""
-        where = f"{self._config.host}:{self._config.port}"
+        where = str(self.broker)
+        try:
+            await self._loop.run_in_executor(None, self._prepare_blocking)
+        except SecretFileError as exc:
+            # retried like an unreachable broker: a file mid-rotation is back at the next attempt
+            raise DeviceUnavailable(f"cannot read the password for {where}: {exc}") from exc
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            files = ", ".join(str(p) for p in self._config.tls.files() if p is not None) if self._config.tls else ""
+            raise DeviceRejected(f"cannot load the TLS files for {where} ({files}): {exc}") from exc
         try:
             await asyncio.wait_for(
                 self._loop.run_in_executor(None, self._connect_blocking), self._config.connect_timeout + 1

@@ -6,31 +6,22 @@ topic filter, topic template, QoS and payload decoder), ``MqttDeviceConfig`` (a 
 ``check_bindings`` (the cross-checks between the two that need the whole site).
 
 Must never import paho or aiomqtt (a site file is validated without loading any protocol library) nor anything of
-the runtime beyond ``gateway.config``, ``gateway.registry`` and ``drivers.mqtt.topics``.
+the runtime beyond ``gateway.config``, ``gateway.mqtt_connection``, ``gateway.registry`` and
+``drivers.mqtt.topics``.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Self
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import BeforeValidator, Field, ValidationInfo, field_validator, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from drivers.mqtt.topics import TopicTemplate, check_topic_filter
-from gateway.config.types import (
-    Duration,
-    EnvStr,
-    Ident,
-    PositiveDuration,
-    Secret,
-    SecretStr,
-    Size,
-    StrictModel,
-    read_secret_file,
-)
+from gateway.config.types import Duration, Ident, PositiveDuration, Size, StrictModel
+from gateway.mqtt_connection import MqttConnectionConfig
 from gateway.registry import PointInfo, ValueKind
 
 #: ``$`` (the whole payload) or ``$.a.b`` (keys separated by dots; a key may hold ``:``, as Shelly's ``switch:0``)
@@ -229,41 +220,18 @@ class MqttAvailability(StrictModel):
         return AVAILABILITY_PAYLOADS[self.format]
 
 
-class MqttTlsConfig(StrictModel):
-    """TLS toward the broker. Without ``ca_file`` the system's trust store is used."""
-
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
-    #: skip hostname verification (a broker addressed by IP with a name-only certificate); never the chain check
-    check_hostname: bool = True
-
-    @model_validator(mode="after")
-    def _pairs(self) -> Self:
-        if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("a client certificate needs both cert_file and key_file")
-        return self
-
-
-class MqttSourceConfig(StrictModel):
-    """One broker connection (a site's ``mqtt_sources:`` entry)."""
+class MqttSourceConfig(MqttConnectionConfig):
+    """One broker connection (a site's ``mqtt_sources:`` entry): the shared connection keys (host, port, keepalive,
+    client_id, tls, username, password/password_file; gateway/mqtt_connection.py) and the sensor side's own.
+    ``client_id`` is required for a persistent session: the broker keys the session on it."""
 
     id: Ident
-    host: EnvStr
-    port: Annotated[int, Field(ge=1, le=65535)] = 1883
     protocol: Protocol = "3.1.1"
-    #: required for a persistent session: the broker keys the session on it
-    client_id: str | None = None
     #: ``persistent`` keeps subscriptions and queued QoS 1/2 messages at the broker while the gateway is away
     session: Literal["clean", "persistent"] = "clean"
     #: MQTT 5 only: how long the broker keeps a persistent session after a disconnect
     session_expiry: PositiveDuration = 86400.0
-    keepalive: Annotated[Duration, Field(ge=1, le=65535)] = 30.0
     connect_timeout: PositiveDuration = 10.0
-    tls: MqttTlsConfig | None = None
-    username: EnvStr | None = None
-    password: SecretStr | None = None
-    password_file: Path | None = None
     max_payload: PayloadSize = DEFAULT_MAX_PAYLOAD
     #: reconnect backoff: doubles from ``reconnect_min`` up to ``reconnect_max``, with jitter, forever
     reconnect_min: PositiveDuration = 0.5
@@ -277,22 +245,8 @@ class MqttSourceConfig(StrictModel):
     #: availability topics: they set the device state and make its points BAD while it is offline
     availability: list[MqttAvailability] = Field(default_factory=list)
 
-    @field_validator("password_file")
-    @classmethod
-    def _secret_file(cls, value: Path | None, info: ValidationInfo) -> Path | None:
-        if value is None:
-            return None
-        base = (info.context or {}).get("base_dir") if isinstance(info.context, dict) else None
-        path = value if value.is_absolute() or base is None else Path(base) / value
-        read_secret_file(path)  # fails at load, with the reason, rather than at the first connect
-        return path
-
     @model_validator(mode="after")
     def _consistent(self) -> Self:
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("give password or password_file, not both")
-        if (self.password is not None or self.password_file is not None) and self.username is None:
-            raise ValueError("a password needs a username")
         if self.session == "persistent" and not self.client_id:
             raise ValueError("session: persistent needs a client_id (the broker keys the session on it)")
         if self.reconnect_min > self.reconnect_max:
@@ -303,12 +257,6 @@ class MqttSourceConfig(StrictModel):
                 raise ValueError(f"duplicate subscription id {sub.id!r}")
             seen.add(sub.id)
         return self
-
-    def resolved_password(self) -> Secret | None:
-        """The password, read from ``password_file`` at each connect so a rotated secret is picked up."""
-        if self.password_file is not None:
-            return read_secret_file(self.password_file)
-        return self.password
 
     def subscription(self, sub_id: str) -> MqttSubscription:
         for sub in self.subscriptions:

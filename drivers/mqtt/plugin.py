@@ -76,14 +76,13 @@ class MqttPlugin(DriverPlugin):
                 continue
             import ssl
 
-            from drivers.mqtt.client import tls_context
+            from gateway.mqtt_connection import tls_context
             from gateway.preflight import tls_message
 
             try:
-                tls_context(source)
+                tls_context(source.tls)
             except (OSError, ssl.SSLError, ValueError) as exc:
-                files = (source.tls.ca_file, source.tls.cert_file, source.tls.key_file)
-                problems.append(site.diagnostic(("mqtt_sources", index, "tls"), tls_message(files, exc)))
+                problems.append(site.diagnostic(("mqtt_sources", index, "tls"), tls_message(source.tls.files(), exc)))
         return problems
 
 

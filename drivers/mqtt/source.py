@@ -292,10 +292,9 @@ class MqttSource:
                     self.session_state = "connected"
                     policy.succeeded()
                     log.info(
-                        "%s: connected to %s:%s (%s session%s), subscribed to %d filters",
+                        "%s: connected to %s (%s session%s), subscribed to %d filters",
                         self.name,
-                        self.config.host,
-                        self.config.port,
+                        connection.broker,
                         self.config.session,
                         ", resumed" if session_present else "",
                         len(subscriptions),

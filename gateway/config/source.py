@@ -28,7 +28,7 @@ from typing import Annotated, Any, TypeVar, Union, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from gateway.config.types import Rejected
+from gateway.config.types import Rejected, StrictModel
 from gateway.errors import ConfigError, Diagnostic
 
 Loc = tuple[str | int, ...]
@@ -501,6 +501,24 @@ def model_keys(model: type[BaseModel], loc: Iterable[str | int]) -> set[str]:
     """The keys (field names and aliases) a mapping at ``loc`` inside ``model`` may have; empty when unknown.
 
     Parts of ``loc`` that match no field (pydantic's union tags such as ``simulator``) are skipped."""
+    keys: set[str] = set()
+    for kind in _models_at(model, loc):
+        for name, field in kind.model_fields.items():
+            keys.add(field.alias or name)
+    return keys
+
+
+def renamed_key(model: type[BaseModel], loc: Iterable[str | int], key: str) -> str | None:
+    """The new name of ``key`` when a model at ``loc`` declares it renamed (``StrictModel.renamed_keys``)."""
+    for kind in _models_at(model, loc):
+        new = kind.renamed_keys.get(key) if issubclass(kind, StrictModel) else None
+        if new is not None:
+            return new
+    return None
+
+
+def _models_at(model: type[BaseModel], loc: Iterable[str | int]) -> list[type[BaseModel]]:
+    """The models a mapping at ``loc`` inside ``model`` may be validated by."""
     current: list[Any] = [model]
     for part in loc:
         found: list[Any] = []
@@ -516,12 +534,7 @@ def model_keys(model: type[BaseModel], loc: Iterable[str | int]) -> set[str]:
                 found.extend(_members(args[1]))
         if found:
             current = found
-    keys: set[str] = set()
-    for kind in current:
-        if isinstance(kind, type) and issubclass(kind, BaseModel):
-            for name, field in kind.model_fields.items():
-                keys.add(field.alias or name)
-    return keys
+    return [kind for kind in current if isinstance(kind, type) and issubclass(kind, BaseModel)]
 
 
 def pydantic_diagnostics(
@@ -540,7 +553,10 @@ def pydantic_diagnostics(
             loc = _data_loc(full, smap)
         if kind == "extra_forbidden":
             msg = f"unknown key {loc[-1]!r}" if loc else "unknown key"
-            if loc and model is not None:
+            new = renamed_key(model, err["loc"][:-1], str(loc[-1])) if loc and model is not None else None
+            if new is not None:
+                msg = f"{'.'.join(str(p) for p in loc)} was renamed {new}"
+            elif loc and model is not None:
                 msg += did_you_mean(str(loc[-1]), model_keys(model, err["loc"][:-1]))
             out.append(smap.diagnostic(loc, msg, key=True))
             continue

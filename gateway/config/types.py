@@ -6,8 +6,9 @@ import math
 import os
 import re
 import types
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Union, get_args, get_origin
 
 from pydantic import (
     BaseModel,
@@ -79,6 +80,9 @@ class StrictModel(BaseModel):
     """
 
     model_config = ConfigDict(extra="forbid", strict=False, frozen=True, populate_by_name=False)
+    #: keys this model had under another name, old -> new: a site still using one gets "X was renamed Y" at the key
+    #: instead of a bare "unknown key" (gateway.config.source.pydantic_diagnostics)
+    renamed_keys: ClassVar[Mapping[str, str]] = {}
 
     @model_validator(mode="before")
     @classmethod

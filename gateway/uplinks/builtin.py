@@ -6,7 +6,6 @@ Imports the config models only: influxdb-client and paho are imported by ``build
 from __future__ import annotations
 
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from gateway.config.types import StrictModel
@@ -90,14 +89,13 @@ class PlatformPlugin(UplinkPlugin):
         if config.tls is not None:
             import ssl
 
+            from gateway.mqtt_connection import tls_context
             from gateway.preflight import tls_message
-            from gateway.uplinks.mqtt import tls_context
 
             try:
-                tls_context(config)
+                tls_context(config.tls)
             except (OSError, ssl.SSLError, ValueError) as exc:
-                files: tuple[Path | None, ...] = (config.tls.ca, config.tls.cert, config.tls.key)
-                problems.append(site.diagnostic(("uplinks", "platform", "tls"), tls_message(files, exc)))
+                problems.append(site.diagnostic(("uplinks", "platform", "tls"), tls_message(config.tls.files(), exc)))
         return problems
 
 

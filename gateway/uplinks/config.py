@@ -2,28 +2,22 @@
 
 Owns validation only; imports no protocol library (loading a site file must stay cheap). Secrets are ``SecretStr``
 (``${ENV}`` allowed) or ``*_file`` paths read at load time, so a missing token file is a config error with a
-position, not a runtime surprise. Neither ever appears in a repr or a log line.
+position, not a runtime surprise; the platform's ``password_file`` is also re-read at every connect (the shared MQTT
+connection model, gateway/mqtt_connection.py). Neither ever appears in a repr or a log line.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from gateway.config.types import Duration, EnvStr, PositiveDuration, Secret, SecretStr, StrictModel, read_secret_file
+from gateway.mqtt_connection import MqttConnectionConfig, site_relative_path
 
-
-def _resolve_path(value: Any, info: ValidationInfo) -> Any:
-    """Relative paths in a site file are relative to the site file, not to the working directory."""
-    if value is None:
-        return None
-    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
-    path = Path(value)
-    if base is not None and not path.is_absolute():
-        path = Path(base) / path
-    return path
+#: relative paths in a site file are relative to the site file, not to the working directory
+_resolve_path = site_relative_path
 
 
 class DeliveryConfig(StrictModel):
@@ -92,45 +86,16 @@ class InfluxConfig(StrictModel):
         return self.token
 
 
-class TlsConfig(StrictModel):
-    """``tls: {ca, cert, key}``: ``ca`` alone for server-verified TLS; ``cert`` + ``key`` add a client certificate
-    (mTLS). With ``tls: {}`` the system trust store is used."""
+class PlatformConfig(MqttConnectionConfig):
+    """``platform:`` the city-platform MQTT broker and the topic contract's prefix. The connection keys (host, port,
+    keepalive, client_id, tls, username, password/password_file) are the ones ``mqtt_sources:`` entries have
+    (gateway/mqtt_connection.py); ``client_id`` defaults to ``edge-gateway-{site}-{gateway}``."""
 
-    ca: Path | None = None
-    cert: Path | None = None
-    key: Path | None = None
-    #: only for a lab broker with a self-signed certificate and no CA file: never in production
-    insecure_skip_verify: bool = False
-
-    _paths = field_validator("ca", "cert", "key", mode="before")(_resolve_path)
-
-    @model_validator(mode="after")
-    def _pairs(self) -> TlsConfig:
-        if (self.cert is None) != (self.key is None):
-            raise ValueError("a client certificate needs both cert and key")
-        for name in ("ca", "cert", "key"):
-            path = getattr(self, name)
-            if path is not None and not path.is_file():
-                raise ValueError(f"tls {name} file not found: {path}")
-        return self
-
-
-class PlatformConfig(StrictModel):
-    """``platform:`` the city-platform MQTT broker and the topic contract's prefix."""
-
-    host: EnvStr
-    port: Annotated[int, Field(ge=1, le=65535)] | None = None
     #: topics are ``{prefix}/{site}/{gateway}/...``
     prefix: str = "city"
-    client_id: str | None = None
-    username: EnvStr | None = None
-    password: SecretStr | None = None
-    password_file: Path | None = None
-    tls: TlsConfig | None = None
     qos: Literal[0, 1] = 1
     #: unacknowledged QoS 1 messages at once (paho collapses with tens of thousands outstanding)
     max_inflight_messages: Annotated[int, Field(ge=1, le=10_000)] = 1000
-    keepalive: PositiveDuration = 30.0
     #: telemetry payload version (docs: gateway/uplinks/README.md). 1: one message per device and read time (a
     #: device read in two requests sends two per poll). 2: one message per device and poll, its reads listed with
     #: their own times; half the messages or fewer, for a platform that reads ``"v": 2``
@@ -148,7 +113,7 @@ class PlatformConfig(StrictModel):
     #: the platform's Ed25519 public key (PEM): when set, only commands signed with it are applied (docs/commands.md)
     command_public_key_file: Path | None = None
 
-    _password_path = field_validator("password_file", "command_public_key_file", mode="before")(_resolve_path)
+    _key_path = field_validator("command_public_key_file", mode="before")(_resolve_path)
 
     @field_validator("prefix")
     @classmethod
@@ -158,22 +123,10 @@ class PlatformConfig(StrictModel):
         return value
 
     @model_validator(mode="after")
-    def _one_password(self) -> PlatformConfig:
-        if self.password is not None and self.password_file is not None:
-            raise ValueError("give either password or password_file, not both")
-        if self.password_file is not None:
-            object.__setattr__(self, "password", read_secret_file(self.password_file))
-        if self.password is not None and self.username is None:
-            raise ValueError("a password needs a username")
+    def _key_file(self) -> PlatformConfig:
         if self.command_public_key_file is not None and not self.command_public_key_file.is_file():
             raise ValueError(f"command_public_key_file not found: {self.command_public_key_file}")
         return self
-
-    @property
-    def effective_port(self) -> int:
-        if self.port is not None:
-            return self.port
-        return 8883 if self.tls is not None else 1883
 
 
 class UplinksConfig(StrictModel):

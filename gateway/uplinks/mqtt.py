@@ -40,6 +40,7 @@ import paho.mqtt.client as mqtt
 
 from gateway import __version__
 from gateway.errors import UplinkError
+from gateway.mqtt_connection import tls_context
 from gateway.reconnect import ReconnectPolicy, RetryTiming
 from gateway.uplinks import contract
 from gateway.uplinks.base import StreamKind, UplinkBatch
@@ -184,19 +185,6 @@ class _PublishWindow:
             self._congested_since = None
 
 
-def tls_context(config: PlatformConfig) -> ssl.SSLContext | None:
-    if config.tls is None:
-        return None
-    tls = config.tls
-    context = ssl.create_default_context(cafile=str(tls.ca) if tls.ca is not None else None)
-    if tls.cert is not None and tls.key is not None:
-        context.load_cert_chain(str(tls.cert), str(tls.key))
-    if tls.insecure_skip_verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
-
-
 class MqttUplink:
     kinds: frozenset[StreamKind] = frozenset({"telemetry", "events"})
 
@@ -243,7 +231,12 @@ class MqttUplink:
     # -- connection ---------------------------------------------------------------------------------------------
 
     def _make_client(self) -> aiomqtt.Client:
-        password = self.config.password.reveal() if self.config.password is not None else None
+        # Called for every connection: the password file is re-read and the TLS context rebuilt each time, so a
+        # rotated password or renewed certificate is used without a restart (gateway/mqtt_connection.py). Their
+        # errors are OSErrors (SecretFileError, ssl.SSLError, FileNotFoundError): a failed connect, retried.
+        secret = self.config.resolved_password()
+        password = secret.reveal() if secret is not None else None
+        broker = self.config.broker()
         will = aiomqtt.Will(
             f"{self.base}/status",
             contract.will_payload(connected_ms=_now_ms(), version=__version__),
@@ -251,14 +244,14 @@ class MqttUplink:
             retain=True,
         )
         client = aiomqtt.Client(
-            self.config.host,
-            port=self.config.effective_port,
+            broker.host,
+            port=broker.port,
             identifier=self.client_id,
             username=self.config.username,
             password=password,
             will=will,
             keepalive=int(self.config.keepalive),
-            tls_context=tls_context(self.config),
+            tls_context=tls_context(self.config.tls),
             max_inflight_messages=self.config.max_inflight_messages,
             timeout=self.config.delivery.timeout,
         )
@@ -288,8 +281,9 @@ class MqttUplink:
                 self.connected.clear()
             if closing.is_set():
                 return
-            broker = f"{self.config.host}:{self.config.effective_port}"
-            wait = self._reconnect.failed(f"platform broker {broker} unavailable: {failure or 'session ended'}")
+            wait = self._reconnect.failed(
+                f"platform broker {self.config.broker()} unavailable: {failure or 'session ended'}"
+            )
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await closing.wait()
@@ -314,12 +308,7 @@ class MqttUplink:
             if self._reconnect.down:
                 self._reconnect.succeeded()  # logs the end of the outage, with its length
             else:
-                log.info(
-                    "connected to platform broker %s:%d as %s",
-                    self.config.host,
-                    self.config.effective_port,
-                    self.client_id,
-                )
+                log.info("connected to platform broker %s as %s", self.config.broker(), self.client_id)
             try:
                 await self._serve(client, closing)
             finally:

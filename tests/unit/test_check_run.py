@@ -86,7 +86,7 @@ def _constructed(tmp: Path) -> dict[str, Path]:
     (open_keys / "incentive-signing.pem").chmod(0o644)
     not_a_cert = tmp / "ca.pem"
     not_a_cert.write_text("not a certificate\n")
-    platform = "uplinks:\n  platform: {host: 127.0.0.1, port: 1, tls: {ca: %s}}\n"
+    platform = "uplinks:\n  platform: {host: 127.0.0.1, port: 1, tls: {ca_file: %s}}\n"
     sites = {
         "loopback": _SIM_SITE.format(http="{listen: 127.0.0.1:0}", extra=""),
         "public_without_token": _SIM_SITE.format(http="{listen: 0.0.0.0:0}", extra=""),

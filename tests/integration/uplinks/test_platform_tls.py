@@ -102,10 +102,10 @@ def tls_broker() -> object:
 def site_for(tmp_path: Path, broker: TlsMosquitto, *, client_cert: bool) -> object:
     (tmp_path / "mqtt.password").write_text("pa55-w0rd\n")
     pki = broker.dir
-    cert = f", cert: '{pki / 'client.pem'}', key: '{pki / 'client.key'}'" if client_cert else ""
+    cert = f", cert_file: '{pki / 'client.pem'}', key_file: '{pki / 'client.key'}'" if client_cert else ""
     uplinks = (
         f"  platform: {{host: 127.0.0.1, port: {broker.port}, prefix: tls, username: gw1,"
-        f" password_file: mqtt.password, tls: {{ca: '{pki / 'ca.pem'}'{cert}}}, delivery: {FAST_DELIVERY}}}\n"
+        f" password_file: mqtt.password, tls: {{ca_file: '{pki / 'ca.pem'}'{cert}}}, delivery: {FAST_DELIVERY}}}\n"
     )
     return load_site(write_site(tmp_path, uplinks))
 

@@ -36,7 +36,9 @@ def test_a_full_configuration_loads_with_secrets_from_files_never_shown(tmp_path
     assert influx.url == "https://eu-central-1-1.aws.cloud2.influxdata.com"
     assert influx.token is not None and influx.token.reveal() == "s3cr3t-token"
     assert influx.delivery.retry_max == 120.0
-    assert platform.password is not None and platform.password.reveal() == "pw-123"
+    # the platform's password file is read at every connect (gateway/mqtt_connection.py), not copied at load
+    password = platform.resolved_password()
+    assert password is not None and password.reveal() == "pw-123"
     assert platform.effective_port == 8883  # TLS
     shown = repr(site.config.uplinks) + str(site.config.uplinks.model_dump())
     assert "s3cr3t" not in shown and "pw-123" not in shown
@@ -62,8 +64,9 @@ def test_token_from_the_environment(tmp_path: Path) -> None:
          10, "retry_max must be at least retry_min"),
         ("  platform: {host: h, prefix: 'city/#'}\n", 6, "without wildcards"),
         ("  platform: {host: h, password: x}\n", 6, "needs a username"),
-        ("  platform: {host: h, tls: {cert: c.pem}}\n", 6, "both cert and key"),
-        ("  platform: {host: h, tls: {ca: nowhere.pem}}\n", 6, "tls ca file not found"),
+        ("  platform: {host: h, tls: {cert_file: c.pem}}\n", 6, "both cert_file and key_file"),
+        ("  platform: {host: h, tls: {ca: nowhere.pem}}\n", 6, "uplinks.platform.tls.ca was renamed ca_file"),
+        ("  platform: {host: h, password_file: nowhere.pw, username: u}\n", 6, "cannot read secret file"),
         ("  platform: {host: h, qos: 2}\n", 6, "qos"),
     ],
 )  # fmt: skip
