@@ -45,11 +45,20 @@ class Sample(NamedTuple):
 
 
 class Command(NamedTuple):
-    """A request to write ``value`` to ``point``. ``origin`` is a rule id, ``platform`` or ``cli``."""
+    """A request to write ``value`` to ``point``. ``origin`` is a rule id, ``platform`` or ``cli``.
+
+    ``priority`` is the BACnet priority slot (1-16) named by the point's allowlist entry, None for the driver's
+    own (a BACnet point's profile priority); the allowlist fills it in (``rules.loader.Allowlist.check``), so a
+    sender cannot pick a slot, and a driver without priorities refuses a command that carries one. ``relinquish``
+    asks to release that slot (BACnet: write NULL at that priority) instead of writing a value; ``value`` is then
+    None, and the allowlist entry must permit it.
+    """
 
     point: str
-    value: Value
+    value: Value | None
     origin: str
+    priority: int | None = None
+    relinquish: bool = False
 
 
 class Event(NamedTuple):

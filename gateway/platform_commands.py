@@ -8,6 +8,10 @@ Request (``cmd/write``)::
 
     {"v": 1, "id": "dr-2026-11-27-0042", "point": "ahu3.vent_setpoint_pct", "value": 40, "ts": 1795300000000}
 
+or, instead of ``value``, ``"relinquish": true``: release the point's BACnet priority slot (write NULL at its
+allowlist entry's priority); applied only when that entry has ``relinquish: true``, and refused by drivers without
+priorities (Modbus, MQTT).
+
 ``id`` is the platform's idempotency key, journalled (``gateway.command_journal``) for 7 days: a repeat of the same
 payload is answered with the original result event (same id, same bytes) and touches no device, even after the
 outbox has compacted that result away or the gateway has restarted; a different payload under a used id is refused.
@@ -24,6 +28,8 @@ published on ``events/command_result`` with ``subject`` = the command id and bod
 
     {"command_id": "...", "action": "write", "point": "...", "value": 40,
      "status": "applied" | "refused" | "failed" | "invalid" | "unknown", "message": "why, for anything but applied"}
+
+with ``"value": null, "relinquish": true`` for a relinquish (the key is absent for a write of a value).
 """
 
 from __future__ import annotations
@@ -58,7 +64,7 @@ _NONCE_RE = re.compile(r"[A-Za-z0-9_\-]{16,128}\Z")
 RESULT_EVENT_TYPE = "command_result"
 #: the largest integer every JSON implementation (IEEE double) holds exactly
 MAX_SAFE_INTEGER = 2**53
-_BASE_KEYS = frozenset({"v", "id", "point", "value", "ts"})
+_BASE_KEYS = frozenset({"v", "id", "point", "value", "relinquish", "ts"})
 _SIGNED_KEYS = frozenset({"expires", "nonce", "signature"})
 
 #: a long-running gateway forgets expired journal entries this often (and at every start)
@@ -280,8 +286,14 @@ class PlatformCommands:
         point, value = raw.get("point"), raw.get("value")
         if not isinstance(point, str) or not is_point_id(point):
             return "invalid", "point must be a point id (device.point)", None
-        if value is None or not isinstance(value, int | float | bool | str):
-            return "invalid", "value must be a number, a boolean or a string", None
+        relinquish = "relinquish" in raw
+        if relinquish and raw["relinquish"] is not True:
+            # one spelling per intent: a write carries a value, a relinquish carries "relinquish": true
+            return "invalid", "relinquish, when given, must be true (leave it out to write a value)", None
+        if relinquish and "value" in raw:
+            return "invalid", 'a command has a value or "relinquish": true, not both', None
+        if not relinquish and (value is None or not isinstance(value, int | float | bool | str)):
+            return "invalid", 'value must be a number, a boolean or a string (or "relinquish": true)', None
         now_ms = self.time_ns() / 1e6
         ts = raw.get("ts")
         if ts is None:
@@ -327,7 +339,11 @@ class PlatformCommands:
 
     async def _apply(self, raw: dict[str, Any]) -> tuple[str, str | None]:
         try:
-            await self.handler(Command(raw["point"], raw["value"], "platform"))
+            if raw.get("relinquish") is True:
+                # the slot released is the allowlist entry's; the platform cannot name another
+                await self.handler(Command(raw["point"], None, "platform", relinquish=True))
+            else:
+                await self.handler(Command(raw["point"], raw["value"], "platform"))
         except WriteRejected as exc:
             return "refused", str(exc)
         except DeviceError as exc:
@@ -368,6 +384,8 @@ class PlatformCommands:
             "status": status,
             "message": message,
         }
+        if raw.get("relinquish") is True:
+            body["relinquish"] = True
         return {"id": _result_id(key), "subject": key, "ts": self.time_ns(), "body": body}
 
     async def _answer_unverified(  # noqa: PLR0917 (private)
@@ -393,7 +411,8 @@ class PlatformCommands:
         if status != "applied":
             log.warning("platform command %s (%s) %s: %s", command_id or "without id", action, status, message)
         else:
-            log.info("platform command %s applied: %s = %r", command_id, raw.get("point"), raw.get("value"))
+            what = "relinquished" if raw.get("relinquish") is True else f"= {raw.get('value')!r}"
+            log.info("platform command %s applied: %s %s", command_id, raw.get("point"), what)
 
     async def _send(self, key: str, result: dict[str, Any]) -> None:
         await self._append(result)

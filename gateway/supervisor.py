@@ -225,7 +225,7 @@ class Gateway:
         try:
             if self.rules is None:
                 raise WriteRejected(f"{command.point}: no rule file allows writes on this gateway")
-            self.rules.allowlist.check(command)
+            command = self.rules.allowlist.check(command)  # stamped with the entry's priority
             info = self.registry.get(command.point)
             if info is None or not info.physical:
                 raise WriteRejected(f"{command.point}: unknown device point")

@@ -161,25 +161,53 @@ def minutes_of(text: str) -> int:
     return int(hours) * 60 + int(minutes)
 
 
+#: BACnet priorities an allowlist entry may not take (ASHRAE 135 clause 19.2.1.1: 1-2 life safety, 6 minimum on/off);
+#: the same set as ``drivers.bacnet.config.RESERVED_PRIORITIES``, repeated because rules never import a driver (a
+#: test keeps the two equal)
+RESERVED_PRIORITIES = frozenset({1, 2, 6})
+
+
 class AllowEntry(StrictModel):
-    """One write rules (and the platform) may make: a point and its bounds."""
+    """One write rules (and the platform) may make: a point and its bounds, and for a point with a priority array
+    (BACnet) the slot it is written at and whether it may be relinquished."""
 
     point: PointId
     min: float | None = None
     max: float | None = None
     #: for bool or str points: the values that may be written
     values: list[bool | int | float | str] | None = None
+    #: BACnet priority slot of this point's writes and relinquishes; None: the device profile's (default 8). A
+    #: driver without priorities (Modbus, MQTT) refuses every write of an entry that sets one
+    priority: Annotated[int, Field(ge=1, le=16)] | None = None
+    #: rules (``write: {point, relinquish: true}``) and the platform (``"relinquish": true``) may release the slot
+    relinquish: bool = False
 
     @model_validator(mode="after")
     def _bounds(self) -> AllowEntry:
         if self.min is not None and self.max is not None and self.min > self.max:
             raise ValueError(f"min {self.min} is above max {self.max}")
+        if self.priority in RESERVED_PRIORITIES:
+            raise ValueError(
+                f"priority {self.priority} is reserved (1-2 life safety, 6 minimum on/off); use 8 (manual operator) "
+                "or a slot between 9 and 16"
+            )
         return self
 
 
 class WriteAction(StrictModel):
+    """``write: {point, value}``, or ``write: {point, relinquish: true}`` to release the point's priority slot."""
+
     point: PointId
-    value: ActionValue
+    value: ActionValue | None = None
+    relinquish: bool = False
+
+    @model_validator(mode="after")
+    def _value_or_relinquish(self) -> WriteAction:
+        if self.relinquish and self.value is not None:
+            raise ValueError("a write has a value or relinquish: true, not both")
+        if not self.relinquish and self.value is None:
+            raise ValueError("a write needs a value (or relinquish: true to release the point's priority slot)")
+        return self
 
 
 class SetAction(StrictModel):

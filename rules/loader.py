@@ -85,11 +85,12 @@ class VirtualPoint:
 
 @dataclass(frozen=True, slots=True)
 class CompiledWrite:
-    """``write:``: a command to a device point, checked against the allowlist again at run time."""
+    """``write:``: a command to a device point, checked against the allowlist again at run time. ``value`` None is
+    a relinquish (``write: {point, relinquish: true}``)."""
 
     index: int
     point: str
-    value: Evaluator
+    value: Evaluator | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +165,10 @@ class AllowedWrite:
     min: float | None
     max: float | None
     values: tuple[Value, ...] | None
+    #: the BACnet priority slot of this point's writes; None leaves it to the driver (the profile's priority)
+    priority: int | None = None
+    #: whether a relinquish (release of that slot) is allowed
+    relinquish: bool = False
 
 
 class Allowlist:
@@ -175,11 +180,24 @@ class Allowlist:
     def __contains__(self, point: object) -> bool:
         return point in self.entries
 
-    def check(self, command: Command) -> None:
+    def check(self, command: Command) -> Command:
+        """The command as it goes to the driver, stamped with its entry's priority; raises ``WriteRejected``.
+
+        The priority comes only from the entry, never from the sender: whoever may write a point writes it in the
+        one slot its entry names, and a relinquish releases that same slot.
+        """
         entry = self.entries.get(command.point)
         if entry is None:
             raise WriteRejected(f"write to {command.point} refused: not in the rules' allow list")
+        if command.relinquish:
+            if not entry.relinquish:
+                raise WriteRejected(
+                    f"relinquish of {command.point} refused: its allow entry does not permit it (add relinquish: true)"
+                )
+            return command._replace(value=None, priority=entry.priority)
         value = command.value
+        if value is None:
+            raise WriteRejected(f"write to {command.point} refused: no value")
         if entry.kind in ("float", "int"):
             if isinstance(value, bool) or not isinstance(value, int | float):
                 raise WriteRejected(f"write to {command.point} refused: {value!r} is not a number")
@@ -195,6 +213,7 @@ class Allowlist:
             raise WriteRejected(f"write to {command.point} refused: {value!r} is not text")
         if entry.values is not None and value not in entry.values:
             raise WriteRejected(f"write to {command.point} refused: {value!r} is not one of {list(entry.values)}")
+        return command._replace(priority=entry.priority)
 
 
 @dataclass(frozen=True)
@@ -548,6 +567,8 @@ class _Builder:
                 min=low if low is not None else info.min,
                 max=high if high is not None else info.max,
                 values=tuple(entry.values) if entry.values is not None else None,
+                priority=entry.priority,
+                relinquish=entry.relinquish,
             )
         return Allowlist(entries)
 
@@ -677,10 +698,17 @@ class _Builder:
             why = "unknown point" if known is None else "not in the allow list of any rule file"
             self.errors.append(smap.diagnostic((*aloc, "point"), f"write to {point} refused at load: {why}"))
             return None
+        entry = allowlist.entries[point]
+        if write.relinquish:
+            if not entry.relinquish:
+                why = f"relinquish of {point} refused at load: its allow entry does not permit it (relinquish: true)"
+                self.errors.append(smap.diagnostic((*aloc, "relinquish"), why))
+                return None
+            return CompiledWrite(index, point, None)
+        assert write.value is not None  # WriteAction: a value unless relinquish
         value = self.compile_value(write.value, smap, (*aloc, "value"), lets, used)
         if value is None:
             return None
-        entry = allowlist.entries[point]
         if not self.open_world and value[1] not in (_REGISTRY_KINDS[entry.kind], "any"):
             why = f"{point} takes a {entry.kind}, this value is not one"
             self.errors.append(smap.diagnostic((*aloc, "value"), why))

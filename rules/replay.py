@@ -212,7 +212,11 @@ class ReplayReport:
                 yield f"{when}  {t.new.upper():<8} {t.rule} ({t.reason})"
         for command in out.commands:
             self.writes += 1
-            yield f"{when}  WRITE    {command.point} = {_show(command.value)} [{command.origin}]"
+            slot = "" if command.priority is None else f" (priority {command.priority})"
+            if command.relinquish:
+                yield f"{when}  RELINQ   {command.point}{slot} [{command.origin}]"
+            else:
+                yield f"{when}  WRITE    {command.point} = {_show(command.value)}{slot} [{command.origin}]"
         for topic, payload in out.publishes:
             self.publishes += 1
             yield f"{when}  PUBLISH  {topic} {payload.decode()}"

@@ -720,9 +720,12 @@ class RuleRuntime:
 
     def _write(self, rule: CompiledRule, st: _RuleState, action: CompiledWrite, now_ns: int, out: Outputs) -> None:
         """A write goes out only through the allowlist; a refusal is reported and the rule keeps running."""
-        command = Command(action.point, action.value(self._values), rule.id)
+        if action.value is None:
+            command = Command(action.point, None, rule.id, relinquish=True)
+        else:
+            command = Command(action.point, action.value(self._values), rule.id)
         try:
-            self.allowlist.check(command)
+            command = self.allowlist.check(command)
         except WriteRejected as exc:
             st.last_error = str(exc)
             out.problems.append(Problem(rule.id, str(exc), now_ns))

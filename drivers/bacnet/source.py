@@ -25,9 +25,10 @@ Behaviour:
   ``cov.verify`` (the safety net), and a polled value no notification brought means a silent subscription:
   subscribe again at once. A device back after an outage is subscribed again; stopping cancels the subscriptions;
 * a foreign-device port (``foreign:``) shows its BBMD registration in every device's status (``info["bbmd"]``);
-* a write goes through ``writable``/``min``/``max`` of the profile and is sent at the point's priority; the string
-  ``"relinquish"`` (or ``relinquish(point)``) writes NULL at that priority. A refusal by the device raises
-  ``DeviceRejected`` with the device's reason and is never retried.
+* a write goes through ``writable``/``min``/``max`` of the profile and is sent at the command's priority (its
+  allowlist entry's) or else the point's profile priority; a command with ``relinquish`` (or ``relinquish(point)``)
+  writes NULL at that same priority. A refusal by the device raises ``DeviceRejected`` with the device's reason and
+  is never retried.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from drivers.bacnet.config import (
     BINARY_TYPES,
     MAX_APDU_BACNET_IP,
     MULTISTATE_TYPES,
+    RESERVED_PRIORITIES,
     BacnetDeviceConfig,
     BacnetNetworkConfig,
     BacnetPoint,
@@ -66,8 +68,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("drivers.bacnet")
 
-#: the command value that relinquishes a point's priority slot (writes NULL)
-RELINQUISH = "relinquish"
 #: Reject/Error reasons meaning "I do not do ReadPropertyMultiple"
 _NO_RPM = frozenset({"unrecognized-service", "services service-request-denied", "services optional-functionality"})
 #: Abort reasons meaning "that answer is too big for me"
@@ -806,18 +806,24 @@ class BacnetNetworkSource:
     # ------------------------------------------------------------------ writes
 
     async def write(self, command: Command) -> None:
-        """Write one value at the point's priority, or relinquish it (value ``"relinquish"``). Raises
-        WriteRejected (never sent), DeviceUnavailable (not running, no address, no answer) or DeviceRejected (the
-        device refused: the reason is in the message; not retried)."""
+        """Write one value at the command's priority (else the point's profile priority), or relinquish that slot
+        (``command.relinquish``). Raises WriteRejected (never sent), DeviceUnavailable (not running, no address, no
+        answer) or DeviceRejected (the device refused: the reason is in the message; not retried)."""
         target = self._points.get(command.point)
         if target is None:
             raise WriteRejected(f"{command.point} is not a point of {self.name}")
         device, spec = target
         if not spec.writable:
             raise WriteRejected(f"{command.point} is not writable (profile {device.config.profile})")
+        priority = spec.priority if command.priority is None else command.priority
+        if not 1 <= priority <= 16 or priority in RESERVED_PRIORITIES:
+            # the allowlist and the profile refuse these at load; a command built elsewhere must not slip through
+            raise WriteRejected(
+                f"{command.point}: priority {priority} is not one a gateway may write (9-16, 3-5, 7, 8)"
+            )
         value = command.value
         wire: Scalar
-        if value == RELINQUISH:
+        if command.relinquish:
             wire = None
         elif spec.object.type in BINARY_TYPES:
             if not isinstance(value, bool) and value not in (0, 1):
@@ -838,13 +844,14 @@ class BacnetNetworkSource:
                 wire = int(value)
             else:
                 wire = float(value)
-        await self._send_write(device, spec, command.point, wire)
+        await self._send_write(device, spec, command.point, wire, priority)
 
-    async def relinquish(self, point: str, origin: str = "cli") -> None:
-        """Write NULL at the point's priority: the device falls back to lower priorities or its default."""
-        await self.write(Command(point, RELINQUISH, origin))
+    async def relinquish(self, point: str, origin: str = "cli", priority: int | None = None) -> None:
+        """Write NULL at ``priority`` (default the point's profile priority): the device falls back to lower
+        priorities or its relinquish-default."""
+        await self.write(Command(point, None, origin, priority=priority, relinquish=True))
 
-    async def _send_write(self, device: _Device, spec: BacnetPoint, point: str, value: Scalar) -> None:
+    async def _send_write(self, device: _Device, spec: BacnetPoint, point: str, value: Scalar, priority: int) -> None:
         link = self._link
         if link is None:
             raise DeviceUnavailable(f"{self.name} is not running; write to {point} not sent")
@@ -855,18 +862,18 @@ class BacnetNetworkSource:
         what = "relinquish" if value is None else f"write {value!r}"
         try:
             async with asyncio.timeout(self._write_timeout), device.lock:
-                await link.write_property(device.address, spec.object, spec.property, value, spec.priority)
+                await link.write_property(device.address, spec.object, spec.property, value, priority)
         except TimeoutError:
             raise DeviceUnavailable(f"{what} to {point} not done within {self._write_timeout:g}s") from None
         except BacnetRefused as exc:
             # a refusal (write-access-denied, value-out-of-range, ...) is the device's answer: never retried
-            log.warning("%s: %s to %s at priority %d refused: %s", self.name, what, point, spec.priority, exc)
+            log.warning("%s: %s to %s at priority %d refused: %s", self.name, what, point, priority, exc)
             raise DeviceRejected(
-                f"{point}: the device refused the {what} at priority {spec.priority} ({exc.kind} {exc.reason})"
+                f"{point}: the device refused the {what} at priority {priority} ({exc.kind} {exc.reason})"
             ) from exc
         except DeviceError:
             raise
-        log.info("%s: %s to %s (%s at priority %d)", self.name, what, point, spec.object, spec.priority)
+        log.info("%s: %s to %s (%s at priority %d)", self.name, what, point, spec.object, priority)
 
 
 def _failure_key(exc: BacnetRefused) -> str:

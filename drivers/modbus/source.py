@@ -634,6 +634,14 @@ class ModbusBusSource:
         target = self._points.get(command.point)
         if target is None:
             raise WriteRejected(f"{command.point} is not a point of {self.name}")
+        if command.relinquish or command.priority is not None:
+            # Modbus has no priority array: a register holds one value, so a slot to release or pick does not exist;
+            # saying so beats writing the value as if the priority had been honoured
+            what = "a relinquish" if command.relinquish else f"priority {command.priority}"
+            raise WriteRejected(
+                f"{command.point}: Modbus has no write priorities, {what} cannot be honoured (remove priority/"
+                "relinquish from its allow entry, or write a value)"
+            )
         device, spec = target
         if not spec.writable:
             raise WriteRejected(f"{command.point} is not writable (profile {device.config.profile})")

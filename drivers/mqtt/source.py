@@ -176,6 +176,15 @@ class MqttSource:
             raise WriteRejected(f"{command.point} is not a point of {self.name}")
         if spec.command is None:
             raise WriteRejected(f"{command.point} is not writable (it has no command topic)")
+        if command.relinquish or command.priority is not None:
+            # an MQTT command topic carries a value; there is no priority slot to pick or to release
+            what = "a relinquish" if command.relinquish else f"priority {command.priority}"
+            raise WriteRejected(
+                f"{command.point}: MQTT points have no write priorities, {what} cannot be honoured (remove "
+                "priority/relinquish from its allow entry, or write a value)"
+            )
+        if command.value is None:
+            raise WriteRejected(f"{command.point}: a write needs a value")
         payload = encode_command(spec, spec.command, command.value, command.point)
         connection = self._connection
         if connection is None or not connection.connected:
