@@ -85,6 +85,10 @@ class SimulatorSource:
         spec = device.profile.points[name]
         if not spec.writable or not isinstance(device.model, AhuModel):
             raise WriteRejected(f"{command.point}: not writable")
+        if command.relinquish or command.priority is not None:
+            # like Modbus: a simulated register holds one value, there is no priority slot to pick or release
+            what = "a relinquish" if command.relinquish else f"priority {command.priority}"
+            raise WriteRejected(f"{command.point}: the simulator has no write priorities, {what} cannot be honoured")
         value = command.value
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise WriteRejected(f"{command.point}: needs a number, got {value!r}")

@@ -1,4 +1,4 @@
-"""Modbus and MQTT have no priority array: a relinquish, or a write at a BACnet priority (an allowlist entry's
+"""Modbus, MQTT and the simulator have no priority array: a relinquish, or a write at a BACnet priority (an allowlist entry's
 ``priority:``), is refused with a clear WriteRejected before anything is queued or published, rather than written
 as if the priority had been honoured."""
 
@@ -84,3 +84,20 @@ async def test_mqtt_refuses_relinquish_and_priorities(command: Command, message:
         await source.write(command)
     with pytest.raises(DeviceUnavailable, match="not connected"):
         await source.write(Command("lamp.on", True, "rule"))
+
+
+@pytest.mark.parametrize(
+    ("command", "message"),
+    [
+        (Command("ahu3.vent_setpoint_pct", None, "platform", relinquish=True), "no write priorities, a relinquish"),
+        (Command("ahu3.vent_setpoint_pct", 40, "rule", priority=12), "no write priorities, priority 12"),
+    ],
+)
+async def test_the_simulator_refuses_relinquish_and_priorities(command: Command, message: str) -> None:
+    from drivers.simulator.source import build_sources
+    from gateway.config.site import FIRMWARE_CONFIGS, load_site
+
+    (source,) = build_sources(load_site(FIRMWARE_CONFIGS / "sites" / "demo.yaml"))
+    with pytest.raises(WriteRejected, match=message):
+        await source.write(command)
+    await source.write(Command("ahu3.vent_setpoint_pct", 40, "rule"))  # a plain write still works
