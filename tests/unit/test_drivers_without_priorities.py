@@ -1,6 +1,6 @@
-"""Modbus, MQTT and the simulator have no priority array: a relinquish, or a write at a BACnet priority (an allowlist entry's
-``priority:``), is refused with a clear WriteRejected before anything is queued or published, rather than written
-as if the priority had been honoured."""
+"""Modbus, MQTT and the simulator have no priority array: a relinquish, or a write at a BACnet priority (an
+allowlist entry's ``priority:``), is refused with a clear WriteRejected before anything is queued or published,
+rather than written as if the priority had been honoured."""
 
 from __future__ import annotations
 
