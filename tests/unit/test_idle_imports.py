@@ -2,7 +2,8 @@
 
 ``run`` imports the command groups only up to its own (not the incentive key tools with cryptography, the rules
 tools or the drivers' sub-commands), and the status server imports prometheus-client at the first ``/metrics``
-scrape, not at start. Each check runs in a fresh interpreter: ``sys.modules`` of this test process says nothing.
+scrape, not at start. Each import check runs in a fresh interpreter: ``sys.modules`` of this test process says
+nothing. The SQLite connections a gateway keeps open have bounded page caches.
 """
 
 from __future__ import annotations
@@ -13,6 +14,13 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+
+import gateway.incentives.ledger as ledger_module
+import gateway.outbox as outbox_module
+import rules.state as state_module
+from gateway.incentives.ledger import Ledger
+from gateway.outbox import Outbox
+from rules.state import RuleStateStore
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -108,3 +116,24 @@ def test_prometheus_client_is_imported_at_the_first_scrape(tmp_path: Path) -> No
         "scrape 200 1 3",
         "after True True",
     ]
+
+
+async def test_sqlite_page_caches_are_bounded(tmp_path: Path) -> None:
+    """Each long-lived connection has its documented page-cache bound, not SQLite's 2000 KiB default."""
+    outbox = Outbox(tmp_path / "outbox.db")
+    try:
+        for db in (outbox._db, outbox._reader):  # both connections: the writer thread's and the readers'
+            assert db.execute("PRAGMA cache_size").fetchone() == (-outbox_module.CACHE_KIB,)
+    finally:
+        await outbox.close()
+    ledger = Ledger.open(tmp_path, durable=False)
+    try:
+        assert ledger._db.execute("PRAGMA cache_size").fetchone() == (-ledger_module.CACHE_KIB,)
+    finally:
+        ledger.close()
+    store = RuleStateStore(tmp_path / "rules.db")
+    try:
+        assert store._db.execute("PRAGMA cache_size").fetchone() == (-state_module.CACHE_KIB,)
+    finally:
+        store.close()
+    assert outbox_module.CACHE_KIB < 2000 and ledger_module.CACHE_KIB < 2000 and state_module.CACHE_KIB < 2000
