@@ -368,6 +368,8 @@ class Outbox:
         self._jobs: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
         self._append_listeners: list[Callable[[], None]] = []
+        # the default stack size on purpose: the 8 MiB is address space, not memory (the idle gateway's writer stack
+        # is 12 KiB resident, 2026-12-03), and threading.stack_size would change it for every later thread too
         self._thread = threading.Thread(target=self._writer_loop, name="outbox-writer", daemon=True)
         self._thread.start()
 
