@@ -10,6 +10,11 @@ the bench listens on, and the samples stored are not reported (there is no API t
     .venv/bin/python bench/idle.py                # 60 s measured after 5 s warm-up
     .venv/bin/python bench/idle.py --seconds 20 --watch
     .venv/bin/python bench/idle.py --seconds 20 --http off
+    .venv/bin/python bench/idle.py --imports      # where the RSS goes: the import steps of a running gateway
+
+``--imports`` runs no gateway: it imports what ``run`` imports, step by step, each cumulative step in a fresh
+interpreter (median of 3), and prints its peak RSS (``VmHWM``, what ``ru_maxrss`` reports for a process started
+from a small one) after each step and the step's delta.
 
 Figures go to stdout; the last line is one JSON object with ``cpu_percent`` (of one core) and ``rss_mib``.
 ThingsBoard IoT Gateway idles at about 7% of a core on this machine (FIELD-NOTES.md); the target here is < 1%.
@@ -112,6 +117,45 @@ def wait_notify_ready(sock: socket.socket, proc: subprocess.Popen[bytes], timeou
     raise TimeoutError("the gateway never sent READY=1")
 
 
+#: (label, statement): cumulative, in the order ``edge-gateway run`` imports them; the last two are what a running
+#: gateway imports only when asked (the first /metrics scrape) or no longer at all (the incentive key tools)
+IMPORT_STEPS = (
+    ("bare interpreter", "pass"),
+    ("import pydantic", "import pydantic"),
+    ("asyncio, uvloop", "import asyncio, uvloop"),
+    ("yaml, sqlite3", "import yaml, sqlite3"),
+    ("gateway.cli, gateway.commands (config layer, site loader)", "import gateway.cli, gateway.commands"),
+    ("every plugin loaded (entry points)", "from gateway.plugins import plugins; plugins()"),
+    ("gateway.supervisor", "import gateway.supervisor"),
+    ("aiohttp", "import aiohttp"),
+    ("aiohttp.web", "import aiohttp.web"),
+    ("gateway.http.server", "import gateway.http.server"),
+    ("gateway.metrics + prometheus-client (at the first /metrics scrape)", "import gateway.metrics"),
+    ("gateway.incentives.cli (cryptography; not imported by run)", "import gateway.incentives.cli"),
+)
+
+
+def import_steps() -> int:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at this (larger) process's peak, kept across fork and exec
+    report = "\nfor line in open('/proc/self/status'):\n    if line.startswith('VmHWM:'): print(line.split()[1])"
+    steps: list[dict[str, object]] = []
+    previous: float | None = None
+    for n, (label, _statement) in enumerate(IMPORT_STEPS):
+        code = "\n".join(statement for _, statement in IMPORT_STEPS[: n + 1]) + report
+        runs = sorted(
+            int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True).stdout) / 1024
+            for _ in range(3)
+        )
+        mib = runs[1]
+        delta = "" if previous is None else f"{mib - previous:+.1f}"
+        print(f"{label:70s} {mib:6.1f} MiB {delta}")
+        steps.append({"step": label, "rss_mib": round(mib, 1)})
+        previous = mib
+    print(json.dumps({"bench": "idle-imports", "python": platform.python_version(), "steps": steps}))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=10)
@@ -120,7 +164,10 @@ def main() -> int:
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--watch", action="store_true", help="poll /api/points every second (one open page)")
     parser.add_argument("--http", choices=("on", "off"), default="on", help="run the status server (default on)")
+    parser.add_argument("--imports", action="store_true", help="measure the import steps only (no gateway runs)")
     args = parser.parse_args()
+    if args.imports:
+        return import_steps()
     if args.watch and args.http == "off":
         parser.error("--watch needs the status server (--http on)")
     http = args.http == "on"
