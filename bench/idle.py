@@ -3,10 +3,18 @@
 Runs the real command (``python -m gateway run SITE --http 127.0.0.1:PORT``) in its own process, waits until
 ``/readyz`` says ready, lets it settle, then measures its CPU (user + system, all threads, from /proc) over the
 measurement window and its resident memory at the end. ``--watch`` adds one open status page: a client that polls
-``/api/points`` every second, as the page's JavaScript does.
+``/api/points`` every second, as the page's JavaScript does. ``--http off`` runs it without the status server (no
+aiohttp, no prometheus-client): readiness then comes from the gateway's systemd ``READY=1`` on a ``NOTIFY_SOCKET``
+the bench listens on, and the samples stored are not reported (there is no API to ask).
 
     .venv/bin/python bench/idle.py                # 60 s measured after 5 s warm-up
     .venv/bin/python bench/idle.py --seconds 20 --watch
+    .venv/bin/python bench/idle.py --seconds 20 --http off
+    .venv/bin/python bench/idle.py --imports      # where the RSS goes: the import steps of a running gateway
+
+``--imports`` runs no gateway: it imports what ``run`` imports, step by step, each cumulative step in a fresh
+interpreter (median of 3), and prints its peak RSS (``VmHWM``, what ``ru_maxrss`` reports for a process started
+from a small one) after each step and the step's delta.
 
 Figures go to stdout; the last line is one JSON object with ``cpu_percent`` (of one core) and ``rss_mib``.
 ThingsBoard IoT Gateway idles at about 7% of a core on this machine (FIELD-NOTES.md); the target here is < 1%.
@@ -18,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -92,6 +101,61 @@ def wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> 
     raise TimeoutError("the gateway never became ready")
 
 
+def wait_notify_ready(sock: socket.socket, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
+    """Wait for ``READY=1`` on the bench's NOTIFY_SOCKET (the sd_notify protocol, gateway/systemd.py)."""
+    deadline = time.monotonic() + timeout
+    sock.settimeout(0.2)
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError("the gateway exited before it was ready")
+        try:
+            message = sock.recv(4096)
+        except TimeoutError:
+            continue
+        if b"READY=1" in message.split(b"\n"):
+            return
+    raise TimeoutError("the gateway never sent READY=1")
+
+
+#: (label, statement): cumulative, in the order ``edge-gateway run`` imports them; the last two are what a running
+#: gateway imports only when asked (the first /metrics scrape) or no longer at all (the incentive key tools)
+IMPORT_STEPS = (
+    ("bare interpreter", "pass"),
+    ("import pydantic", "import pydantic"),
+    ("asyncio, uvloop", "import asyncio, uvloop"),
+    ("yaml, sqlite3", "import yaml, sqlite3"),
+    ("gateway.cli, gateway.commands (config layer, site loader)", "import gateway.cli, gateway.commands"),
+    ("every plugin loaded (entry points)", "from gateway.plugins import plugins; plugins()"),
+    ("gateway.supervisor", "import gateway.supervisor"),
+    ("aiohttp", "import aiohttp"),
+    ("aiohttp.web", "import aiohttp.web"),
+    ("gateway.http.server", "import gateway.http.server"),
+    ("gateway.metrics + prometheus-client (at the first /metrics scrape)", "import gateway.metrics"),
+    ("gateway.incentives.cli (cryptography; not imported by run)", "import gateway.incentives.cli"),
+)
+
+
+def import_steps() -> int:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # VmHWM, not ru_maxrss: a child's ru_maxrss starts at this (larger) process's peak, kept across fork and exec
+    report = "\nfor line in open('/proc/self/status'):\n    if line.startswith('VmHWM:'): print(line.split()[1])"
+    steps: list[dict[str, object]] = []
+    previous: float | None = None
+    for n, (label, _statement) in enumerate(IMPORT_STEPS):
+        code = "\n".join(statement for _, statement in IMPORT_STEPS[: n + 1]) + report
+        runs = sorted(
+            int(subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, check=True).stdout) / 1024
+            for _ in range(3)
+        )
+        mib = runs[1]
+        delta = "" if previous is None else f"{mib - previous:+.1f}"
+        print(f"{label:70s} {mib:6.1f} MiB {delta}")
+        steps.append({"step": label, "rss_mib": round(mib, 1)})
+        previous = mib
+    print(json.dumps({"bench": "idle-imports", "python": platform.python_version(), "steps": steps}))
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--devices", type=int, default=10)
@@ -99,7 +163,14 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=60.0, help="measurement window")
     parser.add_argument("--warmup", type=float, default=5.0)
     parser.add_argument("--watch", action="store_true", help="poll /api/points every second (one open page)")
+    parser.add_argument("--http", choices=("on", "off"), default="on", help="run the status server (default on)")
+    parser.add_argument("--imports", action="store_true", help="measure the import steps only (no gateway runs)")
     args = parser.parse_args()
+    if args.imports:
+        return import_steps()
+    if args.watch and args.http == "off":
+        parser.error("--watch needs the status server (--http on)")
+    http = args.http == "on"
 
     with tempfile.TemporaryDirectory(prefix="bench-idle-") as tmp:
         site = write_site(Path(tmp), args.devices, args.poll)
@@ -107,13 +178,25 @@ def main() -> int:
         url = f"http://127.0.0.1:{port}"
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         env.pop("NOTIFY_SOCKET", None)
-        command = [sys.executable, "-m", "gateway", "run", str(site), "--http", f"127.0.0.1:{port}"]
+        env.pop("WATCHDOG_USEC", None)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if not http:
+            notify.bind(str(Path(tmp) / "notify"))
+            env["NOTIFY_SOCKET"] = str(Path(tmp) / "notify")
+        command = [sys.executable, "-m", "gateway", "run", str(site), "--http", f"127.0.0.1:{port}" if http else "off"]
         command += ["--data-dir", str(Path(tmp) / "data")]
-        log = (Path(tmp) / "gateway.log").open("wb")
+        log_path = Path(tmp) / "gateway.log"
+        log = log_path.open("wb")
         proc = subprocess.Popen(command, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+        stored: int | None = None
         try:
-            wait_ready(url, proc)
-            points = len(json.loads(get(url + "/api/points")))
+            if http:
+                wait_ready(url, proc)
+                points = len(json.loads(get(url + "/api/points")))
+            else:
+                wait_notify_ready(notify, proc)
+                up = re.search(rb" (\d+) points", log_path.read_bytes())
+                points = int(up.group(1)) if up else 0
             time.sleep(args.warmup)
             cpu_start, wall_start = cpu_seconds(proc.pid), time.monotonic()
             next_poll = wall_start
@@ -124,8 +207,10 @@ def main() -> int:
                 time.sleep(min(0.2, max(0.0, wall_start + args.seconds - now)))
             cpu_used, wall = cpu_seconds(proc.pid) - cpu_start, time.monotonic() - wall_start
             rss = rss_mib(proc.pid)
-            stored = json.loads(get(url + "/api/queues"))["outbox"]["appended_samples"]
+            if http:
+                stored = json.loads(get(url + "/api/queues"))["outbox"]["appended_samples"]
         finally:
+            notify.close()
             proc.send_signal(signal.SIGTERM)
             try:
                 proc.wait(timeout=30)
@@ -140,7 +225,7 @@ def main() -> int:
     print(
         f"workload: {args.devices} simulated devices, {points} points, poll {args.poll} ({samples_per_s:.0f} samples/s)"
     )
-    print(f"status page polled every second: {'yes' if args.watch else 'no'}")
+    print(f"status server: {args.http}; status page polled every second: {'yes' if args.watch else 'no'}")
     print(
         f"measured {wall:.1f} s after {args.warmup:.0f} s warm-up: CPU {cpu_used:.2f} s = {cpu_percent:.2f}% of a core"
     )
@@ -152,6 +237,7 @@ def main() -> int:
                 "devices": args.devices,
                 "points": points,
                 "poll": args.poll,
+                "http": http,
                 "watch": args.watch,
                 "seconds": round(wall, 1),
                 "cpu_percent": round(cpu_percent, 3),

@@ -4,6 +4,11 @@ Owns argument parsing and exit codes only; each command group lives beside the c
 through a ``register(subparsers)`` function listed by ``command_groups()`` (the drivers' from their plugins; imported
 lazily, so ``--help`` and ``check`` do not load protocol libraries they do not need).
 
+The groups are imported in order only until one has registered the command word on the command line: ``run`` is a
+core command, so a running gateway never imports ``incentives``'s key handling (cryptography, about 6 MiB RSS), the
+rules tools or the drivers' sub-commands it does not use. ``--help``, no command or an unknown word imports every
+group, so the help text and the "invalid choice" error list every command, as before.
+
 Exit codes: 0 ok, 1 the input was wrong (config errors, verification failures), 2 usage error, 3 runtime failure.
 """
 
@@ -14,6 +19,7 @@ import importlib
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from gateway import __version__
 
@@ -39,7 +45,31 @@ def command_groups() -> list[str]:
 Handler = Callable[[argparse.Namespace], int]
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _WordFinder(argparse.ArgumentParser):
+    """Reads only the global options and the command word; a problem is left for the real parser to report."""
+
+    def error(self, message: str) -> NoReturn:
+        raise argparse.ArgumentError(None, message)
+
+
+def _command_word(argv: Sequence[str] | None) -> str | None:
+    """The sub-command named on the command line, found without importing any group; None when there is none or
+    the global options cannot be read (then every group is imported and argparse reports the problem)."""
+    pre = _WordFinder(add_help=False, allow_abbrev=False)
+    pre.add_argument("--log-level")
+    pre.add_argument("--log-format")
+    pre.add_argument("command", nargs="?")
+    try:
+        known, _rest = pre.parse_known_args(sys.argv[1:] if argv is None else argv)
+    except argparse.ArgumentError:
+        return None
+    word = known.command
+    return word if isinstance(word, str) and not word.startswith("-") else None
+
+
+def build_parser(argv: Sequence[str] | None = None, *, every_group: bool = True) -> argparse.ArgumentParser:
+    """The parser; with ``every_group=False`` only the groups up to the one that adds ``argv``'s command word."""
+    command = None if every_group else _command_word(argv)
     parser = argparse.ArgumentParser(
         prog="edge-gateway",
         description="Smart-building IoT edge gateway: Modbus and MQTT in, local rules, InfluxDB and MQTT out.",
@@ -50,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for module_name in command_groups():
         importlib.import_module(module_name).register(sub)
+        if command is not None and command in sub.choices:
+            break  # the rest cannot change how this command parses (a later duplicate name would be refused)
     return parser
 
 
@@ -59,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Ctrl-C (SIGINT) anywhere, even while the commands are being imported, is 130 and no traceback. A closed
     pipe (``edge-gateway tail | head -2``) ends the command quietly with 0: ``head`` got what it asked for."""
     try:
-        parser = build_parser()
+        parser = build_parser(argv, every_group=False)
         args = parser.parse_args(argv)
         handler: Handler | None = getattr(args, "handler", None)
         if handler is None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 from prometheus_client.registry import Collector
 
@@ -42,6 +42,9 @@ from gateway import __version__
 from gateway.driver_api import DeviceState, DeviceStatus
 from gateway.http import views
 from gateway.status import GatewayStatus, StatusSource
+
+#: the content type of ``exposition()``
+CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 #: the keys of ``UplinkRunner.status()`` each metric is read from, first match wins (short aliases are accepted so
 #: that a simpler uplink can report too)

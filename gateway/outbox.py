@@ -69,6 +69,12 @@ Kind = Literal["telemetry", "events"]
 #: upper one is about SQLite's own default checkpoint point, 1,000 pages)
 WAL_LIMIT_MIN = 64 * 1024
 WAL_LIMIT_MAX = 4 * 1024**2
+#: SQLite page cache per connection (KiB; the outbox has two). SQLite's default, 2000 KiB, fills once a backlog
+#: larger than that has passed through and then stays: about 4 MiB RSS for the two. Appends touch the b-tree's right
+#: edge and reads go forward from a cursor, so beyond the interior pages the cache only saves a pread from the OS page
+#: cache; at 512 KiB (128 pages) a 13 MiB backlog appends and reads back in the same CPU time (measured 2026-12-03,
+#: bench/RESULTS.md) and the caches cost 1 MiB.
+CACHE_KIB = 512
 #: fixed part of the disk margin: the -shm index (32 KiB while the WAL stays under 4,096 pages), the schema's pages
 #: and a batch in flight
 DISK_OVERHEAD = 160 * 1024
@@ -362,6 +368,8 @@ class Outbox:
         self._jobs: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
         self._append_listeners: list[Callable[[], None]] = []
+        # the default stack size on purpose: the 8 MiB is address space, not memory (the idle gateway's writer stack
+        # is 12 KiB resident, 2026-12-03), and threading.stack_size would change it for every later thread too
         self._thread = threading.Thread(target=self._writer_loop, name="outbox-writer", daemon=True)
         self._thread.start()
 
@@ -378,6 +386,7 @@ class Outbox:
         page_size = db.execute("PRAGMA page_size").fetchone()[0]
         db.execute(f"PRAGMA wal_autocheckpoint={max(1, self.wal_limit // page_size)}")
         db.execute(f"PRAGMA journal_size_limit={self.wal_limit}")
+        db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")  # negative: KiB, not pages
         return db
 
     def _load_stats(self) -> None:

@@ -54,6 +54,10 @@ class SavedRuleState:
     next_due_ns: int | None
 
 
+#: SQLite page cache of the rule state connection, KiB (see ``RuleStateStore``)
+CACHE_KIB = 256
+
+
 class RuleStateStore:
     """``RuleStateStore(path)``: load, save and prune rule state rows. Raises ``StoreError`` on I/O failure."""
 
@@ -64,6 +68,9 @@ class RuleStateStore:
             self._db = create_private_sqlite(path, isolation_level=None, check_same_thread=False)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            # one row per rule and per saved window: 256 KiB of page cache holds it all for hundreds of rules, and
+            # bounds what SQLite's default (2000 KiB) would keep in RSS for a large rule set (-N: KiB, not pages)
+            self._db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             self._db.execute(_SCHEMA)
             self._db.execute(_VALUES_SCHEMA)
         except (sqlite3.Error, OSError) as exc:

@@ -1,7 +1,8 @@
 """The gateway's HTTP server (aiohttp): status page, JSON API, ``/healthz``, ``/readyz`` and ``/metrics``.
 
 Owns routing, authentication and the server's lifecycle; what is shown comes from ``views`` (data), ``page`` (HTML)
-and ``gateway.metrics`` (Prometheus). Must never import a driver or a protocol library.
+and ``gateway.metrics`` (Prometheus, imported at the first scrape of ``/metrics``). Must never import a driver or a
+protocol library.
 
 Routes::
 
@@ -53,15 +54,16 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway import metrics
 from gateway.config.types import Secret
 from gateway.errors import GatewayError
 from gateway.http import page, views
 from gateway.http.access import check_listen
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+    from gateway.status import StatusSource
     from gateway.supervisor import Gateway
 
 log = logging.getLogger(__name__)
@@ -73,7 +75,29 @@ SHUTDOWN_GRACE_SECONDS = 0.5
 _OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 
 GATEWAY_KEY = web.AppKey("gateway", object)
-REGISTRY_KEY = web.AppKey("metrics_registry", object)
+
+
+class MetricsEndpoint:
+    """``/metrics``, with its registry built at the first scrape.
+
+    ``gateway.metrics`` and prometheus-client (about 1 MiB RSS) are imported then, not at start: a gateway nobody
+    scrapes never loads them. The exposition is the same either way: every figure is read from a status snapshot at
+    scrape time, and the process figures from /proc."""
+
+    def __init__(self, gateway: StatusSource) -> None:
+        self._gateway = gateway
+        self._registry: CollectorRegistry | None = None
+
+    def scrape(self) -> tuple[bytes, str]:
+        """The exposition and its content type."""
+        from gateway import metrics  # lazy: see the class docstring
+
+        if self._registry is None:
+            self._registry = metrics.build_registry(self._gateway)
+        return metrics.exposition(self._registry), metrics.CONTENT_TYPE
+
+
+METRICS_KEY = web.AppKey("metrics", MetricsEndpoint)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -199,9 +223,8 @@ async def _readyz(request: web.Request) -> web.Response:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    registry = request.app[REGISTRY_KEY]
-    body = metrics.exposition(registry)  # type: ignore[arg-type]
-    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+    body, content_type = request.app[METRICS_KEY].scrape()
+    return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 # -- authentication -------------------------------------------------------------------------------------------------
@@ -342,7 +365,7 @@ def create_app(gateway: Gateway, *, token: Secret | None = None, allowed_hosts: 
         middlewares.append(_auth_middleware(token))
     app = web.Application(middlewares=middlewares)
     app[GATEWAY_KEY] = gateway
-    app[REGISTRY_KEY] = metrics.build_registry(gateway)
+    app[METRICS_KEY] = MetricsEndpoint(gateway)
     app.router.add_get("/", _index)
     app.router.add_static("/static", STATIC_DIR, show_index=False)
     for path, handler in (

@@ -114,6 +114,10 @@ def version_problem(db: sqlite3.Connection, path: Path) -> str | None:
     return None
 
 
+#: SQLite page cache of the ledger's connection, KiB (see ``Ledger.open``)
+CACHE_KIB = 256
+
+
 class Ledger:
     """One SQLite connection; every method is a short statement or one transaction. Callers serialise access."""
 
@@ -133,6 +137,9 @@ class Ledger:
                 raise StoreError(problem)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute(f"PRAGMA synchronous={'FULL' if durable else 'NORMAL'}")
+            # a few records a day, read back by interval: 256 KiB of page cache, not SQLite's 2000 KiB, which a
+            # ledger of a few years would otherwise fill and keep in RSS (-N: KiB, not pages)
+            db.execute(f"PRAGMA cache_size=-{CACHE_KIB}")
             db.executescript(_SCHEMA)
             columns = {row[1] for row in db.execute("PRAGMA table_info(anchors)")}
             if "run_since_ns" not in columns:  # a version 2 ledger from before 2026-12-03: NULL means "at the anchor"
