@@ -228,10 +228,19 @@ class UplinkRunner:
             if deadline is not None:
                 wait = min(wait, max(deadline - now, 0.0))
             await self.clock.wait(self._wake, wait)
-            if self._appended and self.delivery.linger > 0 and self._link_up and not self._stopping_phase:
+            if (
+                self._appended
+                and self.delivery.linger > 0
+                and self._link_up
+                and not self._stopping_phase
+                and not self._tasks
+                and not self._cursor.has_backlog
+            ):
                 # Woken by new data while idle: the other devices' polls of this cycle are being committed now.
                 # One request for all of them costs one outbox read, one cursor write and one task, where a
                 # request per stored batch cost those for every device (issue 19: most of the platform uplink's CPU).
+                # Only when idle: while requests are in flight or a backlog is replayed, new data joins the next
+                # request anyway, and a linger there cut the replay rate to a third (bench/outbox.py, 2026-12-03).
                 await self.clock.wait(self._no_linger, self.delivery.linger)
         await self._finish_in_flight(deadline)
 
