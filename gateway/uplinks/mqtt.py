@@ -227,6 +227,8 @@ class MqttUplink:
         )
         self.published = 0
         self.commands_received = 0
+        #: which broker of the list the uplink uses, and how often it moved on (gateway/mqtt_connection.py)
+        self.brokers = config.rotation()
 
     # -- connection ---------------------------------------------------------------------------------------------
 
@@ -236,7 +238,7 @@ class MqttUplink:
         # errors are OSErrors (SecretFileError, ssl.SSLError, FileNotFoundError): a failed connect, retried.
         secret = self.config.resolved_password()
         password = secret.reveal() if secret is not None else None
-        broker = self.config.broker()
+        broker = self.config.broker(self.brokers)
         will = aiomqtt.Will(
             f"{self.base}/status",
             contract.will_payload(connected_ms=_now_ms(), version=__version__),
@@ -281,9 +283,20 @@ class MqttUplink:
                 self.connected.clear()
             if closing.is_set():
                 return
-            wait = self._reconnect.failed(
-                f"platform broker {self.config.broker()} unavailable: {failure or 'session ended'}"
-            )
+            failed_broker = self.config.broker(self.brokers)
+            reason = f"platform broker {failed_broker} unavailable: {failure or 'session ended'}"
+            # a broker list moves on at once to the next broker and backs off once every one has failed in a row
+            # (gateway/mqtt_connection.py, BrokerRotation). Nothing is lost by moving: the runner acks the outbox
+            # only over PUBACKs, so what the old broker did not acknowledge is sent again to the new one.
+            if self.brokers.failed():
+                log.log(
+                    logging.DEBUG if self._reconnect.down else logging.WARNING,
+                    "%s; failing over to %s",
+                    reason,
+                    self.brokers.current,
+                )
+                continue
+            wait = self._reconnect.failed(reason)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await closing.wait()
@@ -308,7 +321,7 @@ class MqttUplink:
             if self._reconnect.down:
                 self._reconnect.succeeded()  # logs the end of the outage, with its length
             else:
-                log.info("connected to platform broker %s as %s", self.config.broker(), self.client_id)
+                log.info("connected to platform broker %s as %s", self.config.broker(self.brokers), self.client_id)
             try:
                 await self._serve(client, closing)
             finally:
@@ -378,6 +391,10 @@ class MqttUplink:
         except aiomqtt.MqttError as exc:
             log.warning("could not publish offline status on stop: %s", exc)
 
+    def broker_status(self) -> dict[str, str | int]:
+        """The broker in use (or being tried) and the failovers so far, for /api/uplinks and /metrics."""
+        return {"broker": str(self.brokers.current), "failovers": self.brokers.failovers}
+
     async def close(self) -> None:
         """The connection is owned by ``maintain``, which ends it; the command side (its journal) is released."""
         if self.on_close is not None:
@@ -389,7 +406,7 @@ class MqttUplink:
     async def send(self, batch: UplinkBatch) -> None:
         client, window = self._client, self._window
         if client is None or self._lost.is_set():
-            raise UplinkError(f"not connected to platform broker {self.config.host}", retryable=True)
+            raise UplinkError(f"not connected to platform broker {self.config.broker(self.brokers)}", retryable=True)
         if batch.kind == "telemetry":
             v2 = self.config.telemetry_version == 2
             build = contract.telemetry_messages_v2 if v2 else contract.telemetry_messages
