@@ -278,6 +278,8 @@ class MqttUplink:
                         session.cancel()
             except* (aiomqtt.MqttError, OSError, ssl.SSLError) as group:
                 failure = group.exceptions[0]
+                while isinstance(failure, BaseExceptionGroup):  # the session's own task group: say the cause
+                    failure = failure.exceptions[0]
             finally:
                 self._client = None
                 self.connected.clear()
