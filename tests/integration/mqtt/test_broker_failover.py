@@ -20,6 +20,7 @@ import pytest
 
 from drivers.mqtt.config import MqttSourceConfig
 from drivers.mqtt.source import MqttSource
+from gateway.model import Sample
 from gateway.mqtt_connection import BrokerAddress
 from gateway.outbox import Outbox
 from gateway.uplinks.runner import build_uplinks
@@ -164,3 +165,47 @@ async def test_with_every_broker_down_the_source_backs_off_and_comes_back_on_whi
         second.start()
         await wait_until(lambda: source.connected, timeout=15, what="back, on the broker that returned")
         assert source.brokers.current == BrokerAddress("127.0.0.1", second.port)
+
+
+class GatedCollector(Collector):
+    """A sink that holds each batch until ``gate`` opens: the outbox still committing when the broker dies."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.holding = asyncio.Event()
+
+    async def __call__(self, batch: list[Sample]) -> None:
+        self.holding.set()
+        await self.gate.wait()
+        self.batches.append(batch)
+
+
+async def test_messages_stored_after_the_failover_are_not_acked_and_come_back_from_their_brokers_session(
+    two_brokers: tuple[Mosquitto, Mosquitto],
+) -> None:
+    # The source acks a QoS 1 message only after the outbox committed it, and only on the connection it came on. A
+    # batch whose commit ends after the first broker died is stored, but its messages stay unacknowledged in the
+    # first broker's persistent session, which delivers them again when the source is back on it: nothing is lost,
+    # at worst a sample is stored twice (with the same timestamp: idempotent downstream).
+    first, second = two_brokers
+    config = failover_config(first, second, session="persistent", client_id="failover-acks")
+    source = MqttSource(config, [LIVING])
+    sink = GatedCollector()
+    async with running(source, sink):
+        await wait_until(lambda: source.connected, what="connected to the first broker")
+        await publish(first.port, [("zigbee2mqtt/Living Room", z2m(float(i))) for i in range(10)])
+        await asyncio.wait_for(sink.holding.wait(), 10)  # received, being committed, not acknowledged
+        await asyncio.sleep(1.5)  # mosquitto autosaves its session store every second (autosave_interval 1)
+        first.kill()
+        await wait_until(lambda: source.connected and source.connects == 2, what="failed over to the second broker")
+        sink.gate.set()  # the commit ends on the second broker's watch: its acks must not be sent anywhere
+        await wait_until(lambda: len(sink.values("living_room.temperature")) == 10, what="the batch stored")
+
+        first.start()  # the first broker back, with the session it saved
+        second.kill()
+        await wait_until(lambda: source.connected and source.connects == 3, timeout=15, what="back on the first")
+        assert source.brokers.current == BrokerAddress("127.0.0.1", first.port)
+        await wait_until(lambda: len(sink.values("living_room.temperature")) == 20, what="redelivered by its session")
+    assert sink.values("living_room.temperature") == [float(i) for i in range(10)] * 2
+    assert source.brokers.failovers == 2
