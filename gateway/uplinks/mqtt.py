@@ -249,6 +249,10 @@ class MqttUplink:
             broker.host,
             port=broker.port,
             identifier=self.client_id,
+            # a persistent session: the broker keeps the command subscription, and the QoS 1 commands sent while
+            # the gateway was away, until it is back on that broker (on a cluster, on any node). Publishing does
+            # not depend on it: the outbox resends whatever was not acknowledged.
+            clean_session=False,
             username=self.config.username,
             password=password,
             will=will,

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from drivers.mqtt.config import MqttSourceConfig
@@ -23,10 +24,11 @@ from drivers.mqtt.source import MqttSource
 from gateway.model import Sample
 from gateway.mqtt_connection import BrokerAddress
 from gateway.outbox import Outbox
+from gateway.uplinks.mqtt import MqttUplink
 from gateway.uplinks.runner import build_uplinks
 from tests.integration.mqtt.test_mqtt_broker import LIVING, Collector, publish, running, wait_until, z2m
 from tests.integration.uplinks.common import CommandRecorder, load, readings, wait_for
-from tests.integration.uplinks.test_platform_mosquitto import platform
+from tests.integration.uplinks.test_platform_mosquitto import now_ms, platform
 from tests.services import Mosquitto
 
 pytestmark = pytest.mark.integration
@@ -210,3 +212,39 @@ async def test_messages_stored_after_the_failover_are_not_acked_and_come_back_fr
         await wait_until(lambda: len(sink.values("living_room.temperature")) == 20, what="redelivered by its session")
     assert sink.values("living_room.temperature") == [float(i) for i in range(10)] * 2
     assert source.brokers.failovers == 2
+
+
+async def test_the_uplinks_persistent_session_keeps_commands_sent_while_it_was_on_the_other_broker(
+    tmp_path: Path, two_brokers: tuple[Mosquitto, Mosquitto]
+) -> None:
+    # The platform uplink connects with a persistent session: the first broker keeps its command subscription while
+    # the uplink is on the second, so a command sent to the first meanwhile is applied when the uplink comes back.
+    first, second = two_brokers
+    site = load(
+        tmp_path,
+        f"  platform: {{brokers: ['127.0.0.1:{first.port}', '127.0.0.1:{second.port}'], prefix: ps,"
+        f" delivery: {DELIVERY}}}\n",
+    )
+    outbox = Outbox(tmp_path / "outbox.db")
+    recorder = CommandRecorder()
+    (runner,) = build_uplinks(site, outbox, commands=recorder)
+    uplink = runner.uplink
+    assert isinstance(uplink, MqttUplink)
+    stopping = asyncio.Event()
+    async with asyncio.TaskGroup() as tg:
+        tg.create_task(runner.run(stopping))
+        await wait_for(uplink.connected.is_set, what="connected to the first")
+        await asyncio.to_thread(first.stop)  # graceful: mosquitto saves the uplink's session on the way down
+        await wait_for(lambda: runner.status()["broker"] == f"127.0.0.1:{second.port}", what="on the second")
+        await wait_for(uplink.connected.is_set, what="connected to the second")
+        await asyncio.to_thread(first.start)
+        command = orjson.dumps({"v": 1, "id": "dr-away", "point": "m1.power_kw", "value": 40, "ts": now_ms()})
+        await publish(first.port, [("ps/tower/gw1/cmd/write", command)])  # queued for the absent session
+        assert recorder.commands == []
+        second.kill()
+        await wait_for(lambda: len(recorder.commands) == 1, timeout=20, what="the command, from the kept session")
+        status = runner.status()
+        stopping.set()
+    await outbox.close()
+    assert status["broker"] == f"127.0.0.1:{first.port}" and status["failovers"] == 2
+    assert recorder.commands[0].point == "m1.power_kw" and recorder.commands[0].value == 40
