@@ -1,7 +1,8 @@
 """The MQTT sensor source the supervisor runs: one per ``mqtt_sources:`` entry (one broker connection).
 
-Owns: ``MqttSource`` (reconnect loop with bounded backoff and resubscription, the pending batch and its flusher,
-manual acks after hand-off, writes to command topics, status and counters) and ``build_sources(site)``.
+Owns: ``MqttSource`` (reconnect loop with bounded backoff, failover over a ``brokers:`` list and resubscription, the
+pending batch and its flusher, manual acks after hand-off, writes to command topics, status and counters) and
+``build_sources(site)``.
 
 Must not import the supervisor, bus or outbox: batches leave through the ``publish`` sink it is given. paho is reached
 only through ``drivers.mqtt.client``.

@@ -21,6 +21,10 @@ A lost connection fails every publish in flight at once (``send`` raises a retry
 were not acknowledged, so the runner sends them again from the outbox after the reconnection, with the same seq and
 ids. Without this, each would wait for its delivery timeout on a client that is already gone.
 
+Brokers: ``brokers:`` lists several (the nodes of a cluster); ``maintain`` connects to the rotation's current one
+and moves to the next after a failed connect or a lost session (``gateway.mqtt_connection.BrokerRotation``: at once
+until every broker has failed in a row, then with the shared backoff). The session is persistent on each broker.
+
 The Last Will is composed when the connection opens and sent by the broker unchanged, so its only time is the
 connection's start (``since``, see ``contract.will_payload``); the time of death is when the platform receives it.
 """
