@@ -99,6 +99,7 @@ class GatewayCollector(Collector):
         yield from self._message_metrics(snap)
         yield from self._queue_metrics(snap)
         yield from self._uplink_metrics(snap)
+        yield from self._broker_metrics(snap)
         yield from self._rule_metrics(snap)
         yield from self._incentive_metrics(snap)
 
@@ -246,6 +247,25 @@ class GatewayCollector(Collector):
         yield up
         yield from gauges.values()
         yield from counters.values()
+
+    def _broker_metrics(self, snap: GatewayStatus) -> Iterator[Metric]:
+        """MQTT connections over a broker list (gateway/mqtt_connection.py): the broker in use and the failovers,
+        for the sensor sources and the uplinks alike, labelled by the source's or uplink's name."""
+        failovers = CounterMetricFamily(
+            "edge_gateway_mqtt_failovers", "Moves to the next broker of the list", labels=["connection"]
+        )
+        info = GaugeMetricFamily(
+            "edge_gateway_mqtt_broker_info", "1 for the broker in use (or being tried)", labels=["connection", "broker"]
+        )
+        found = [(name, c) for name, c in snap.source_counters.items()]
+        found += [(str(status["name"]), status) for status in views.uplinks(snap)]
+        for name, status in found:
+            broker = status.get("broker")
+            if not isinstance(broker, str):
+                continue  # not an MQTT connection
+            failovers.add_metric([name], _count(status, "failovers"))
+            info.add_metric([name, broker], 1)
+        yield from (failovers, info)
 
     def _rule_metrics(self, snap: GatewayStatus) -> Iterator[Metric]:
         evaluations = CounterMetricFamily("edge_gateway_rule_evaluations", "Rule evaluations", labels=["rule"])

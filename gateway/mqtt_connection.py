@@ -3,7 +3,15 @@ uplink (``uplinks.platform``): broker address, keepalive, client id, TLS, creden
 
 Owns: ``MqttTlsConfig`` (``tls: {ca_file, cert_file, key_file, check_hostname, insecure_skip_verify}``),
 ``MqttConnectionConfig`` (the keys both sides share; each side's config model subclasses it and adds its own),
-``BrokerAddress`` and ``tls_context`` (the one SSL context builder both clients use).
+``BrokerAddress``, ``BrokerRotation`` (the failover state of one connection over a ``brokers:`` list) and
+``tls_context`` (the one SSL context builder both clients use).
+
+Brokers: either ``host`` (+ ``port``) or ``brokers:``, a list of ``host:port`` entries or ``mqtt://host:port`` /
+``mqtts://host:port`` URLs (the nodes of one clustered broker, or a primary and its standby). A connection starts at
+the first entry and, after a failed connect or a lost session, moves to the next one, round robin
+(``BrokerRotation``). Of the moves in a row, the first ``len(brokers) - 1`` are immediate (the next node is most
+likely up) and the next one waits the shared reconnect policy's delay (``gateway/reconnect.py``), so a whole cluster
+away (or brokers that accept and then drop every connection) is retried with backoff, never in a tight loop.
 
 Secrets: ``password`` (``${ENV}`` allowed) or ``password_file``. The file is read once at load, so a missing or
 unreadable file is a config error with its position, and again at every connect (``resolved_password``), so a
@@ -107,13 +115,96 @@ class BrokerAddress(NamedTuple):
         return f"{self.host}:{self.port}"
 
 
+_URL_SCHEMES = {"mqtt": False, "tcp": False, "mqtts": True, "ssl": True}
+
+
+def parse_broker(entry: str, *, default_port: int) -> tuple[BrokerAddress, bool | None]:
+    """One ``brokers:`` entry: ``host``, ``host:port``, ``[v6addr]:port`` or ``mqtt(s)://host[:port]``. Returns the
+    address and whether the URL's scheme asks for TLS (None without a scheme). Raises ValueError with the reason."""
+    text = entry.strip()
+    if not text:
+        raise ValueError("an empty broker entry")
+    wants_tls: bool | None = None
+    if "://" in text:
+        scheme, _, text = text.partition("://")
+        if scheme.lower() not in _URL_SCHEMES:
+            raise ValueError(f"{entry!r}: unknown scheme {scheme!r} (use mqtt:// or mqtts://)")
+        wants_tls = _URL_SCHEMES[scheme.lower()]
+        if wants_tls:
+            default_port = TLS_PORT
+        text = text.rstrip("/")
+        if "/" in text or "@" in text or "?" in text:
+            raise ValueError(f"{entry!r}: a broker URL is scheme://host:port only (credentials: username, password)")
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ValueError(f"{entry!r}: an IPv6 address is written [address]:port")
+        port_text = rest[1:] if rest else ""
+    elif text.count(":") > 1:
+        raise ValueError(f"{entry!r}: an IPv6 address is written [address]:port")
+    else:
+        host, colon, port_text = text.partition(":")
+        if colon and not port_text:
+            raise ValueError(f"{entry!r}: the port after ':' is missing")
+    if not host or any(c.isspace() for c in host):
+        raise ValueError(f"{entry!r}: not a host name")
+    port = default_port
+    if port_text:
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"{entry!r}: the port must be a number from 1 to 65535")
+        port = int(port_text)
+    return BrokerAddress(host, port), wants_tls
+
+
+class BrokerRotation:
+    """Which broker of a list one connection uses, and how it fails over. Pure (no I/O, no clock); one per
+    connection loop, owned by the side's client, which asks ``current`` at every connect.
+
+    ``failed()`` moves to the next broker (round robin) and says whether that move may be made at once: of the moves
+    in a row, the first ``len(brokers) - 1`` are immediate and the next one waits the shared backoff, then the count
+    starts again. The count is not reset by a successful session: a pair of brokers that accept and then drop every
+    connection costs at most one connect each per backoff delay (the policy's delay is reset by success, so the
+    wait after a long good session is the short first one). A single broker never moves and always backs off."""
+
+    __slots__ = ("_hops", "brokers", "failovers", "index")
+
+    def __init__(self, brokers: tuple[BrokerAddress, ...]) -> None:
+        if not brokers:
+            raise ValueError("a broker rotation needs at least one broker")
+        self.brokers = brokers
+        self.index = 0
+        #: moves to another broker since start (status, /metrics)
+        self.failovers = 0
+        self._hops = 0
+
+    @property
+    def current(self) -> BrokerAddress:
+        return self.brokers[self.index]
+
+    def failed(self) -> bool:
+        """The current broker failed (connect refused or session lost): move on. True: connect again now; False:
+        wait the reconnect policy's delay first."""
+        if len(self.brokers) == 1:
+            return False
+        self.index = (self.index + 1) % len(self.brokers)
+        self.failovers += 1
+        self._hops += 1
+        if self._hops >= len(self.brokers):
+            self._hops = 0
+            return False
+        return True
+
+
 class MqttConnectionConfig(StrictModel):
     """The keys of one broker connection, the same on both sides. Subclasses add what only their side has
     (subscriptions and sessions for sensors; the topic prefix, QoS and commands for the platform)."""
 
-    host: EnvStr
+    #: one broker: ``host`` (+ ``port``), or several: ``brokers`` (exactly one of the two)
+    host: EnvStr | None = None
     #: default 8883 with ``tls``, 1883 without
     port: Annotated[int, Field(ge=1, le=65535)] | None = None
+    #: ``host:port`` entries or ``mqtt://`` / ``mqtts://`` URLs, tried in order, round robin on failure
+    brokers: list[EnvStr] | None = None
     #: whole seconds on the wire; at least 1 (0 would switch keepalive off, and a stuck broker would go unnoticed)
     keepalive: Annotated[Duration, Field(ge=1, le=65535)] = 30.0
     client_id: str | None = None
@@ -131,6 +222,33 @@ class MqttConnectionConfig(StrictModel):
         return path
 
     @model_validator(mode="after")
+    def _broker_form(self) -> Self:
+        if self.brokers is None:
+            if self.host is None:
+                raise ValueError("give the broker: host (and port), or brokers: [host:port, ...]")
+            if not self.host.strip():
+                raise ValueError("host is empty")
+            return self
+        if self.host is not None or self.port is not None:
+            raise ValueError("give either host/port or brokers, not both")
+        if not self.brokers:
+            raise ValueError("brokers is empty: list at least one host:port")
+        seen: set[BrokerAddress] = set()
+        for i, entry in enumerate(self.brokers):
+            try:
+                address, wants_tls = parse_broker(entry, default_port=self.effective_port)
+            except ValueError as exc:
+                raise ValueError(f"brokers[{i}]: {exc}") from None
+            if wants_tls is True and self.tls is None:
+                raise ValueError(f"brokers[{i}]: {entry!r} is an mqtts:// URL but there is no tls: section")
+            if wants_tls is False and self.tls is not None:
+                raise ValueError(f"brokers[{i}]: {entry!r} is a plain mqtt:// URL but tls: is configured")
+            if address in seen:
+                raise ValueError(f"brokers[{i}]: {address} is listed twice")
+            seen.add(address)
+        return self
+
+    @model_validator(mode="after")
     def _credentials(self) -> Self:
         if self.password is not None and self.password_file is not None:
             raise ValueError("give either password or password_file, not both")
@@ -144,10 +262,23 @@ class MqttConnectionConfig(StrictModel):
             return self.port
         return TLS_PORT if self.tls is not None else PLAIN_PORT
 
-    def broker(self) -> BrokerAddress:
-        """Where to connect. The one place a list of brokers (failover, issue 17) will be expanded: both clients
-        ask this at every connect and name it in their log lines."""
-        return BrokerAddress(self.host, self.effective_port)
+    def broker_list(self) -> tuple[BrokerAddress, ...]:
+        """Every broker of this connection, in the order they are tried (one for ``host``)."""
+        if self.brokers is None:
+            assert self.host is not None  # _broker_form
+            return (BrokerAddress(self.host, self.effective_port),)
+        return tuple(parse_broker(entry, default_port=self.effective_port)[0] for entry in self.brokers)
+
+    def broker(self, rotation: BrokerRotation | None = None) -> BrokerAddress:
+        """Where to connect: the rotation's current broker (both clients ask this at every connect and name it in
+        their log lines), or the first one without a rotation."""
+        if rotation is not None:
+            return rotation.current
+        return self.broker_list()[0]
+
+    def rotation(self) -> BrokerRotation:
+        """A fresh failover state over this connection's brokers (one per connection loop)."""
+        return BrokerRotation(self.broker_list())
 
     def resolved_password(self) -> Secret | None:
         """The password, read from ``password_file`` at each call (each connect) so a rotated secret is used."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal, Protocol, TypedDict, runtime_checkable
+from typing import TYPE_CHECKING, Literal, NotRequired, Protocol, TypedDict, runtime_checkable
 
 from gateway.driver_api import DeviceStatus
 from gateway.model import Sample
@@ -46,6 +46,17 @@ class UplinkStatus(TypedDict):
     in_flight: int
     retry_in_s: float
     last_error: str | None
+    #: uplinks over a broker connection (``BrokerReporting``): the broker in use or being tried, failovers so far
+    broker: NotRequired[str]
+    failovers: NotRequired[int]
+
+
+@runtime_checkable
+class BrokerReporting(Protocol):
+    """An uplink over an MQTT broker list (gateway/mqtt_connection.py) says which broker it uses and how often it
+    failed over: ``{"broker": "host:port", "failovers": n}``."""
+
+    def broker_status(self) -> Mapping[str, str | int]: ...
 
 
 class UplinkFailure(TypedDict):

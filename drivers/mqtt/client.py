@@ -39,7 +39,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from drivers.mqtt.config import MqttSourceConfig
 from gateway.errors import DeviceRejected, DeviceUnavailable
-from gateway.mqtt_connection import SecretFileError, tls_context
+from gateway.mqtt_connection import BrokerAddress, SecretFileError, tls_context
 
 log = logging.getLogger("drivers.mqtt")
 
@@ -136,6 +136,7 @@ class MqttConnection:
         on_message: Callable[[paho.Client, Any, paho.MQTTMessage], None],
         on_publish: PublishHandler,
         loop: asyncio.AbstractEventLoop,
+        broker: BrokerAddress | None = None,
     ) -> None:
         self._config = config
         self._loop = loop
@@ -151,8 +152,9 @@ class MqttConnection:
             manual_ack=config.ack_after_publish,
         )
         self.client.connect_timeout = config.connect_timeout
-        #: asked once per connection (gateway/mqtt_connection.py: the place broker failover will choose)
-        self.broker = config.broker()
+        #: chosen by the source's broker rotation for this connection (gateway/mqtt_connection.py), the first of
+        #: the list without one
+        self.broker = broker if broker is not None else config.broker()
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_subscribe = self._on_subscribe

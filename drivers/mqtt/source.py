@@ -1,7 +1,8 @@
 """The MQTT sensor source the supervisor runs: one per ``mqtt_sources:`` entry (one broker connection).
 
-Owns: ``MqttSource`` (reconnect loop with bounded backoff and resubscription, the pending batch and its flusher,
-manual acks after hand-off, writes to command topics, status and counters) and ``build_sources(site)``.
+Owns: ``MqttSource`` (reconnect loop with bounded backoff, failover over a ``brokers:`` list and resubscription, the
+pending batch and its flusher, manual acks after hand-off, writes to command topics, status and counters) and
+``build_sources(site)``.
 
 Must not import the supervisor, bus or outbox: batches leave through the ``publish`` sink it is given. paho is reached
 only through ``drivers.mqtt.client``.
@@ -68,6 +69,8 @@ class MqttSource:
         self.samples_published = 0
         self.batches_published = 0
         self.reads_paused = 0
+        #: which broker of the list this source uses, and how often it moved on (gateway/mqtt_connection.py)
+        self.brokers = config.rotation()
 
     # --- the driver contract -------------------------------------------------------------------------------------
 
@@ -98,10 +101,15 @@ class MqttSource:
                 status.state = DeviceState.ONLINE
             else:
                 status.state = DeviceState.UNKNOWN
+            status.info.update(self.broker_info())
             if status.state is not DeviceState.OFFLINE and counters.rejected and status.last_error is None:
                 status.last_error = self._last_rejection(device)
             out.append(status)
         return out
+
+    def broker_info(self) -> dict[str, int | float | str | None]:
+        """The broker in use (or being tried) and the failovers so far, for /api/devices and /metrics."""
+        return {"broker": str(self.brokers.current), "failovers": self.brokers.failovers}
 
     def _last_rejection(self, device: str) -> str:
         counters = self.ingest.counters[device]
@@ -133,6 +141,7 @@ class MqttSource:
                     total[key][reason] = total[key].get(reason, 0) + n
         total["unmapped"] = sum(stats.unmapped for stats in self.ingest.stats.values()) + self.ingest.unrouted
         total["availability_unrecognised"] = self.ingest.availability_unrecognised
+        total.update(self.broker_info())
         return total
 
     def subscription_stats(self) -> dict[str, SubscriptionStats]:
@@ -148,6 +157,7 @@ class MqttSource:
             "samples_published": self.samples_published,
             "batches_published": self.batches_published,
             "reads_paused": self.reads_paused,
+            "failovers": self.brokers.failovers,
             "pending_samples": len(self._pending),
             "subscriptions": {
                 sub_id: {
@@ -284,7 +294,11 @@ class MqttSource:
         try:
             while not stopping.is_set():
                 connection = MqttConnection(
-                    self.config, on_message=self._on_message, on_publish=self._on_publish, loop=loop
+                    self.config,
+                    on_message=self._on_message,
+                    on_publish=self._on_publish,
+                    loop=loop,
+                    broker=self.config.broker(self.brokers),
                 )
                 reason: str
                 try:
@@ -317,6 +331,20 @@ class MqttSource:
                 self.last_error = reason
                 if policy.down:
                     log.debug("%s: reconnect failed: %s", self.name, reason)
+                failed_broker = connection.broker
+                # a broker list moves on at once to the next broker, and backs off once every one has failed in a
+                # row (gateway/mqtt_connection.py, BrokerRotation); a single broker always backs off
+                if self.brokers.failed():
+                    # once per outage at warning level, like the policy's own line: not once per hop
+                    log.log(
+                        logging.DEBUG if policy.down else logging.WARNING,
+                        "%s: broker %s failed (%s); failing over to %s",
+                        self.name,
+                        failed_broker,
+                        reason,
+                        self.brokers.current,
+                    )
+                    continue
                 wait = policy.failed(f"broker connection down: {reason}")
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(stop_wait), wait)

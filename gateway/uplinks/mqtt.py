@@ -21,6 +21,10 @@ A lost connection fails every publish in flight at once (``send`` raises a retry
 were not acknowledged, so the runner sends them again from the outbox after the reconnection, with the same seq and
 ids. Without this, each would wait for its delivery timeout on a client that is already gone.
 
+Brokers: ``brokers:`` lists several (the nodes of a cluster); ``maintain`` connects to the rotation's current one
+and moves to the next after a failed connect or a lost session (``gateway.mqtt_connection.BrokerRotation``: at once
+until every broker has failed in a row, then with the shared backoff). The session is persistent on each broker.
+
 The Last Will is composed when the connection opens and sent by the broker unchanged, so its only time is the
 connection's start (``since``, see ``contract.will_payload``); the time of death is when the platform receives it.
 """
@@ -227,6 +231,8 @@ class MqttUplink:
         )
         self.published = 0
         self.commands_received = 0
+        #: which broker of the list the uplink uses, and how often it moved on (gateway/mqtt_connection.py)
+        self.brokers = config.rotation()
 
     # -- connection ---------------------------------------------------------------------------------------------
 
@@ -236,7 +242,7 @@ class MqttUplink:
         # errors are OSErrors (SecretFileError, ssl.SSLError, FileNotFoundError): a failed connect, retried.
         secret = self.config.resolved_password()
         password = secret.reveal() if secret is not None else None
-        broker = self.config.broker()
+        broker = self.config.broker(self.brokers)
         will = aiomqtt.Will(
             f"{self.base}/status",
             contract.will_payload(connected_ms=_now_ms(), version=__version__),
@@ -247,6 +253,10 @@ class MqttUplink:
             broker.host,
             port=broker.port,
             identifier=self.client_id,
+            # a persistent session: the broker keeps the command subscription, and the QoS 1 commands sent while
+            # the gateway was away, until it is back on that broker (on a cluster, on any node). Publishing does
+            # not depend on it: the outbox resends whatever was not acknowledged.
+            clean_session=False,
             username=self.config.username,
             password=password,
             will=will,
@@ -276,14 +286,27 @@ class MqttUplink:
                         session.cancel()
             except* (aiomqtt.MqttError, OSError, ssl.SSLError) as group:
                 failure = group.exceptions[0]
+                while isinstance(failure, BaseExceptionGroup):  # the session's own task group: say the cause
+                    failure = failure.exceptions[0]
             finally:
                 self._client = None
                 self.connected.clear()
             if closing.is_set():
                 return
-            wait = self._reconnect.failed(
-                f"platform broker {self.config.broker()} unavailable: {failure or 'session ended'}"
-            )
+            failed_broker = self.config.broker(self.brokers)
+            reason = f"platform broker {failed_broker} unavailable: {failure or 'session ended'}"
+            # a broker list moves on at once to the next broker and backs off once every one has failed in a row
+            # (gateway/mqtt_connection.py, BrokerRotation). Nothing is lost by moving: the runner acks the outbox
+            # only over PUBACKs, so what the old broker did not acknowledge is sent again to the new one.
+            if self.brokers.failed():
+                log.log(
+                    logging.DEBUG if self._reconnect.down else logging.WARNING,
+                    "%s; failing over to %s",
+                    reason,
+                    self.brokers.current,
+                )
+                continue
+            wait = self._reconnect.failed(reason)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(wait):
                     await closing.wait()
@@ -308,7 +331,7 @@ class MqttUplink:
             if self._reconnect.down:
                 self._reconnect.succeeded()  # logs the end of the outage, with its length
             else:
-                log.info("connected to platform broker %s as %s", self.config.broker(), self.client_id)
+                log.info("connected to platform broker %s as %s", self.config.broker(self.brokers), self.client_id)
             try:
                 await self._serve(client, closing)
             finally:
@@ -378,6 +401,10 @@ class MqttUplink:
         except aiomqtt.MqttError as exc:
             log.warning("could not publish offline status on stop: %s", exc)
 
+    def broker_status(self) -> dict[str, str | int]:
+        """The broker in use (or being tried) and the failovers so far, for /api/uplinks and /metrics."""
+        return {"broker": str(self.brokers.current), "failovers": self.brokers.failovers}
+
     async def close(self) -> None:
         """The connection is owned by ``maintain``, which ends it; the command side (its journal) is released."""
         if self.on_close is not None:
@@ -389,7 +416,7 @@ class MqttUplink:
     async def send(self, batch: UplinkBatch) -> None:
         client, window = self._client, self._window
         if client is None or self._lost.is_set():
-            raise UplinkError(f"not connected to platform broker {self.config.host}", retryable=True)
+            raise UplinkError(f"not connected to platform broker {self.config.broker(self.brokers)}", retryable=True)
         if batch.kind == "telemetry":
             v2 = self.config.telemetry_version == 2
             build = contract.telemetry_messages_v2 if v2 else contract.telemetry_messages

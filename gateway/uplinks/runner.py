@@ -42,7 +42,7 @@ from gateway.errors import StoreError, UplinkError
 from gateway.model import Command
 from gateway.outbox import Outbox, UplinkCursor
 from gateway.reconnect import ReconnectPolicy, RetryTiming
-from gateway.status import UplinkState, UplinkStatus
+from gateway.status import BrokerReporting, UplinkState, UplinkStatus
 from gateway.uplinks.base import Clock, ConnectionAware, Uplink, UplinkBatch
 from gateway.uplinks.config import DeliveryConfig
 
@@ -482,7 +482,7 @@ class UplinkRunner:
             self._last_depths = (depth, events_depth, oldest_age)
         except StoreError:  # the outbox is closed (shutting down): report the last figures seen
             depth, events_depth, oldest_age = self._last_depths
-        return {
+        status: UplinkStatus = {
             "name": self.name,
             "state": self.state,
             "backlog_samples": depth,
@@ -500,6 +500,11 @@ class UplinkRunner:
             "retry_in_s": round(max(0.0, self._retry_at - self.clock.monotonic()), 3),
             "last_error": self.last_error,
         }
+        if isinstance(self.uplink, BrokerReporting):
+            broker = self.uplink.broker_status()
+            status["broker"] = str(broker["broker"])
+            status["failovers"] = int(broker["failovers"])
+        return status
 
 
 def build_uplinks(
