@@ -2,8 +2,8 @@
 
 Owns: ``BacnetNetworkConfig`` (a site's ``bacnet_networks:`` entry), ``BacnetDeviceConfig`` (a ``devices:`` entry with
 ``driver: bacnet``), ``BacnetProfile`` and ``BacnetPoint`` (``firmware_configs/devices/bacnet-<vendor>-<model>.yaml``),
-``ENGINEERING_UNITS`` (BACnet engineering units -> our unit names) and ``device_points`` (a device's points with
-their kinds and units, what a plugin registry needs).
+and ``ENGINEERING_UNITS`` (BACnet engineering units -> our unit names); ``BacnetDeviceConfig.point_infos`` gives a
+device's points with their kinds and units, what the plugin (drivers/bacnet/plugin.py) hands the registry.
 
 Must never import bacpypes3 (a site file is validated without loading any protocol library) nor anything of the
 runtime beyond ``gateway.config`` and ``gateway.registry``.
@@ -373,8 +373,3 @@ class BacnetDeviceConfig(StrictModel):
 
     def interval_of(self, spec: BacnetPoint) -> float:
         return spec.poll if spec.poll is not None else self.poll
-
-
-def device_points(device: BacnetDeviceConfig, profile: BacnetProfile) -> list[PointInfo]:
-    """The points a device exposes, with their kinds and units (for a plugin registry and the CLI)."""
-    return device.point_infos(profile)
