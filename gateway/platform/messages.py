@@ -11,7 +11,9 @@ Keys (docs/platform-contract.md, "Sequence numbers, backfill and deduplication")
     publications   ``p/{topic}/{id}``
 A resend repeats the same bytes' meaning: the digest is taken over the canonical JSON (sorted keys), so a message
 seen again with the same key and the same digest is a duplicate, and one with another digest is a replay that
-says something else (quarantined).
+says something else (quarantined). Telemetry's ``historical`` flag is left out of the digest: it says how the message
+travelled, not what it says, and a message whose first send was never acknowledged (a broker node died with it in
+flight) is resent from the backlog, flagged historical.
 """
 
 from __future__ import annotations
@@ -156,7 +158,7 @@ def _telemetry(gateway: str, topic: str, device: str, doc: dict[str, Any]) -> Pa
         gateway,
         topic,
         key=key,
-        digest=digest_of(doc),
+        digest=digest_of({k: v for k, v in doc.items() if k != "historical"}),
         seq=seq,
         lines=lines,
         samples=samples,

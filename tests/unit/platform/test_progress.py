@@ -68,6 +68,24 @@ def test_telemetry_v1_and_v2_become_line_protocol_with_millisecond_times() -> No
     assert v2.lines[1] == "platform,device=m1,gateway=gw1,site=tower b=true 12"
 
 
+def test_a_resend_flagged_historical_is_a_duplicate_not_a_replay(progress: Progress) -> None:
+    """A broker node dies with a message in flight, unacknowledged: the gateway resends it from its backlog, flagged
+    historical. Same key, same readings: the receiver must count it as a duplicate (found by the fleet test)."""
+    for version, doc in (
+        (1, {"v": 1, "seq": 5, "ts": 5000, "values": {"power_kw": 2.0}}),
+        (2, {"v": 2, "seq": 6, "reads": [{"ts": 6000, "values": {"power_kw": 2.0}}]}),
+    ):
+        live = progress.commit([message(f"{BASE}/telemetry/m1", doc)])
+        assert live.counts["telemetry"] == 1, version
+        resent = progress.commit([message(f"{BASE}/telemetry/m1", {**doc, "historical": True})])
+        assert resent.counts["duplicate.telemetry"] == 1 and not resent.rejected, version
+        # the flag never hides other content
+        changed = copy.deepcopy(doc)
+        (changed if version == 1 else changed["reads"][0])["values"]["power_kw"] = 3.0  # type: ignore[index]
+        forged = progress.commit([message(f"{BASE}/telemetry/m1", {**changed, "historical": True})])
+        assert [r[1] for r in forged.rejected] == ["replay"], version
+
+
 @pytest.mark.parametrize(
     ("topic", "payload", "problem"),
     [
