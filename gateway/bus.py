@@ -74,6 +74,23 @@ class Subscription:
         self._queue.append(batch)
         self._not_empty.set()
 
+    def take_queued(self, max_samples: int) -> list[Batch]:
+        """The batches already waiting, oldest first, without waiting for more: as many as fit in ``max_samples``
+        (counting the ones the caller holds is the caller's job), so a consumer that is slower than its producers
+        (the outbox, one transaction at a time) takes what queued meanwhile in one go."""
+        queue = self._queue
+        taken: list[Batch] = []
+        budget = max_samples
+        while queue and len(queue[0]) <= budget:
+            batch = queue.popleft()
+            budget -= len(batch)
+            taken.append(batch)
+        if taken:
+            self._not_full.set()
+            self.stats.delivered_batches += len(taken)
+            self.stats.delivered_samples += max_samples - budget
+        return taken
+
     def close(self) -> None:
         self._closed = True
         self._not_empty.set()

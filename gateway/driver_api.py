@@ -27,6 +27,58 @@ from gateway.model import Command, Sample
 BatchSink = Callable[[list[Sample]], Awaitable[bool | None]]
 
 
+class PublishAhead:
+    """Hands a source's batches to the sink without waiting for each commit, at most ``limit`` outstanding.
+
+    The gateway's sink returns once the outbox has committed a batch. A source that acknowledges nothing upstream
+    (a Modbus poll, a BACnet read) need not wait for that before it reads the next device: waiting put a transaction
+    between every two polls, and gave the outbox one transaction per poll. Handed on, the polls queue on the bus while
+    a transaction runs, and the store loop commits what queued in one (issue 19). The bound keeps the old
+    back-pressure: a source ``limit`` batches ahead of the disk waits, as a blocked bus makes it wait anyway.
+
+    Order is kept: each batch enters the bus in the order handed (tasks start in creation order, and a full bus wakes
+    its waiters first come, first served). ``drain`` waits for every batch handed on; a sink's exception comes out of
+    the next ``hand`` or ``drain``, as it came out of the ``await publish(...)`` it replaces."""
+
+    __slots__ = ("_failed", "_limit", "_pending", "_publish")
+
+    def __init__(self, publish: BatchSink, *, limit: int = 32) -> None:
+        if limit < 1:
+            raise ValueError("a source may have at least one batch outstanding")
+        self._publish = publish
+        self._limit = limit
+        self._pending: set[asyncio.Task[bool | None]] = set()
+        self._failed: BaseException | None = None
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    async def hand(self, batch: list[Sample]) -> None:
+        self._raise_failure()
+        while len(self._pending) >= self._limit:
+            await asyncio.wait(self._pending, return_when=asyncio.FIRST_COMPLETED)
+            self._raise_failure()
+        task = asyncio.ensure_future(self._publish(batch))
+        self._pending.add(task)
+        task.add_done_callback(self._done)
+
+    async def drain(self) -> None:
+        """Wait until the sink has taken (and stored) everything handed on."""
+        while self._pending:
+            await asyncio.wait(set(self._pending))
+        self._raise_failure()
+
+    def _done(self, task: asyncio.Task[bool | None]) -> None:
+        self._pending.discard(task)
+        if not task.cancelled() and task.exception() is not None and self._failed is None:
+            self._failed = task.exception()
+
+    def _raise_failure(self) -> None:
+        failed, self._failed = self._failed, None
+        if failed is not None:
+            raise failed
+
+
 class DeviceState(StrEnum):
     UNKNOWN = "unknown"  # not yet polled
     ONLINE = "online"

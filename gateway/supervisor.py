@@ -60,6 +60,9 @@ FINAL_FLUSH_SECONDS = 1.0
 #: after a stop is requested, how long appends to a store that refuses them (failing disk) are retried; then what
 #: it still refuses is given up, counted and reported, so a stop ends in seconds rather than when systemd kills it
 STOP_STORE_GRACE_SECONDS = 2.0
+#: the most samples the store loop groups into one outbox row: the platform uplink's default request size, so a
+#: grouped row never makes a request larger than an uplink's own batching would (a single larger poll is stored as is)
+STORE_GROUP_SAMPLES = 2000
 #: a stage in an expected fault (its store refusing) counts as working again after this long without a failure: one
 #: successful step proves little, since many steps (a batch with no meter reading) never touch the disk
 STAGE_RECOVERY_SECONDS = 10.0
@@ -253,11 +256,21 @@ class Gateway:
     # -- bus consumers ----------------------------------------------------------------------------------------
 
     async def _store_loop(self, sub: Subscription, outbox: Outbox) -> None:
+        """Commit what the sources publish. Group commit: the batches that queued while the last transaction ran
+        are stored together, as one outbox row in one transaction (up to STORE_GROUP_SAMPLES), so the writer's
+        cost follows the rate of transactions, not of polls; nothing waits to be grouped."""
         async for batch in sub:
-            stored = await self._store(outbox.append, batch)
-            waiter = self._awaiting_store.pop(id(batch), None)
-            if waiter is not None and not waiter.done():
-                waiter.set_result(stored)
+            group = sub.take_queued(STORE_GROUP_SAMPLES - len(batch))
+            if group:
+                group.insert(0, batch)
+                stored = await self._store(outbox.append, [sample for each in group for sample in each])
+            else:
+                group = [batch]
+                stored = await self._store(outbox.append, batch)
+            for each in group:
+                waiter = self._awaiting_store.pop(id(each), None)
+                if waiter is not None and not waiter.done():
+                    waiter.set_result(stored)
 
     async def _publish_stored(self, batch: list[Sample]) -> bool:
         """The sink every source gets: publish on the bus, then wait until the outbox has committed the batch.

@@ -55,7 +55,7 @@ from drivers.modbus.planner import (
     plan_device,
     split_request,
 )
-from gateway.driver_api import BatchSink, DeviceState, DeviceStatus
+from gateway.driver_api import BatchSink, DeviceState, DeviceStatus, PublishAhead
 from gateway.errors import DeviceError, DeviceRejected, DeviceUnavailable, WriteRejected
 from gateway.model import Command, Quality, Sample
 from gateway.reconnect import ReconnectPolicy, RetryTiming
@@ -343,6 +343,8 @@ class ModbusBusSource:
         self._wake = asyncio.Event()
         self._running = True
         reporter: _OutageReporter | None = None
+        # a poll acknowledges nothing upstream: the next device is read while the last poll is being stored
+        ahead = PublishAhead(publish)
         try:
             while not stopping.is_set():
                 try:
@@ -358,7 +360,7 @@ class ModbusBusSource:
                             for device in self._devices:
                                 device.clock.restart(now)
                         try:
-                            await self._poll_loop(link, publish, stopping)
+                            await self._poll_loop(link, ahead.hand, stopping)
                         finally:
                             self._link_up = False
                 except (DeviceUnavailable, _LinkLost) as exc:
@@ -377,6 +379,7 @@ class ModbusBusSource:
                 await reporter.stop()
             self._running = False
             self._fail_writes(DeviceUnavailable(f"{self.name} stopped"))
+            await ahead.drain()  # everything read is published before run returns
 
     async def _poll_loop(self, link: Link, publish: BatchSink, stopping: asyncio.Event) -> None:
         while not stopping.is_set():

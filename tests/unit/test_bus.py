@@ -102,3 +102,19 @@ async def test_close_releases_a_blocked_publisher() -> None:
 def test_queue_size_must_be_positive() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         Bus().subscribe("x", maxsize=0)
+
+
+async def test_take_queued_hands_over_what_waits_within_a_sample_budget_in_order() -> None:
+    bus = Bus()
+    sub = bus.subscribe("outbox", maxsize=4)
+    for i in range(4):
+        await bus.publish(_batch(i, n=3))
+    blocked = asyncio.ensure_future(bus.publish(_batch(4, n=3)))  # the queue is full: the publisher waits
+    await asyncio.sleep(0)
+    assert not blocked.done()
+    taken = sub.take_queued(7)  # room for two batches of three, not a third
+    assert [b[0].ts for b in taken] == [0, 1]
+    await asyncio.wait_for(blocked, 1)  # taking made room
+    assert [b[0].ts for b in sub.take_queued(100)] == [2, 3, 4]
+    assert sub.take_queued(100) == [] and sub.take_queued(0) == []
+    assert (sub.stats.delivered_batches, sub.stats.delivered_samples) == (5, 15)
