@@ -233,14 +233,14 @@ class UplinkRunner:
                 and self.delivery.linger > 0
                 and self._link_up
                 and not self._stopping_phase
-                and not self._tasks
                 and not self._cursor.has_backlog
             ):
-                # Woken by new data while idle: the other devices' polls of this cycle are being committed now.
-                # One request for all of them costs one outbox read, one cursor write and one task, where a
-                # request per stored batch cost those for every device (issue 19: most of the platform uplink's CPU).
-                # Only when idle: while requests are in flight or a backlog is replayed, new data joins the next
-                # request anyway, and a linger there cut the replay rate to a third (bench/outbox.py, 2026-12-03).
+                # Woken by new live data: the other devices' polls of this cycle are being committed now. One
+                # request for all of them costs one outbox read, one cursor write and one task, where a request per
+                # stored batch cost those for every device (issue 19: most of the platform uplink's CPU). Also while
+                # a live request is in flight: with a free slot, each commit during its round trip launched a
+                # request of its own. Never while a backlog replays: a linger there cut the replay rate to a third
+                # (bench/outbox.py, 2026-12-03), and live data joins the next request anyway.
                 await self.clock.wait(self._no_linger, self.delivery.linger)
         await self._finish_in_flight(deadline)
 

@@ -38,6 +38,7 @@ class HandingSource:
 
     async def run(self, publish: BatchSink, stopping: asyncio.Event) -> None:
         await self.go.wait()
+
         async def recording(batch: list[Sample]) -> bool | None:
             said = await publish(batch)
             self.sink_said.append(said)

@@ -312,6 +312,37 @@ async def test_polls_committed_while_the_runner_lingers_leave_in_one_request(tmp
     await outbox.close()
 
 
+async def test_polls_committed_during_a_live_request_wait_for_the_linger_too(tmp_path: Path) -> None:
+    # with a free in-flight slot, each commit during a live request's round trip used to launch a request of its own
+    clock = LingerClock()
+    outbox = open_outbox(tmp_path, clock)
+    uplink = RecordingUplink(clock=clock)
+    runner = make_runner(outbox, uplink, clock, DELIVERY.model_copy(update={"linger": 0.25, "max_inflight": 4}))
+    clock.linger_event = runner._no_linger
+    stopping, task = await start(runner)
+    await outbox.append(make_samples(0, 5))
+    await until(lambda: len(uplink.accepted) == 1)  # proves the link
+    clock.gate.set()
+    uplink.hold = lambda batch: batch.first_seq == 2  # the next request stays in flight until released
+    uplink.backlog_gate.clear()
+    await outbox.append(make_samples(5, 5))
+    await until(lambda: len(runner._tasks) == 1)
+    lingers = len(clock.lingers)
+    clock.gate.clear()
+    for i in range(2, 8):  # committed while that request is in flight
+        await outbox.append(make_samples(i * 5, 5))
+    await until(lambda: len(clock.lingers) == lingers + 1)  # the runner lingers instead of launching at once
+    assert len(runner._tasks) == 1
+    clock.gate.set()
+    uplink.backlog_gate.set()
+    await until(lambda: outbox.uplink_cursor("test").delivered_to == 8)
+    assert [len(b.telemetry) for b in uplink.accepted] == [1, 1, 6]  # the six commits in one request
+    assert [s.value for s in uplink.samples()] == [float(i) for i in range(40)]
+    stopping.set()
+    await task
+    await outbox.close()
+
+
 async def test_no_linger_while_a_backlog_replays(tmp_path: Path) -> None:
     # Live data committed during a replay joins the next request anyway; a linger there held the replay back (the
     # outbox bench's replay fell to a third, 2026-12-03)
