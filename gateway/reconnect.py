@@ -19,7 +19,8 @@ How it behaves, and why:
 It is pure: time comes from ``clock`` and randomness from ``random``, both injectable, and it never sleeps. The
 caller waits ``failed()``'s answer its own way (an ``asyncio.Event`` wait that a write or a stop can cut short), so
 tests drive it on a fake clock without real sleeps: the uplink runner and the supervisor wait through a ``Clock``
-(``gateway/uplinks/base.py``) that tests replace, and take their ``RetryTiming`` as an argument. A connection loop adopts it like this::
+(``gateway/uplinks/base.py``) that tests replace, and take their ``RetryTiming`` as an argument. A connection loop
+adopts it like this::
 
     policy = ReconnectPolicy("uplink[influx]", RetryTiming(first=0.5, maximum=30))
     while not stopping.is_set():
