@@ -44,19 +44,36 @@ from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
+from gateway.config.site_types import DeviceEntry
 from gateway.config.types import StrictModel
 from gateway.errors import ConfigError, Diagnostic
 
 if TYPE_CHECKING:
-    from gateway.config.site import Site, SiteConfig
+    from gateway.config.site_types import Site, SiteConfig
     from gateway.config.source import SourceMap
     from gateway.driver_api import Source
     from gateway.model import Command
     from gateway.outbox import Outbox
     from gateway.registry import PointInfo
     from gateway.status import UplinkRunnerPart
+
+# DeviceEntry lives with the site's types (gateway/config/site_types.py); a plugin imports it from here
+__all__ = [
+    "DRIVER_GROUP",
+    "UPLINK_GROUP",
+    "DeviceEntry",
+    "DriverPlugin",
+    "Placer",
+    "Plugins",
+    "SiteSection",
+    "UplinkContext",
+    "UplinkPlugin",
+    "driver",
+    "plugins",
+    "unknown_driver_message",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +82,6 @@ UPLINK_GROUP = "edge_gateway.uplinks"
 
 #: the position of a section's item in the file: items before it may have been left out as broken (site.py)
 Placer = Callable[[str, int], int]
-
-
-class DeviceEntry(Protocol):
-    """What every ``devices:`` entry has, whichever driver reads it."""
-
-    @property
-    def id(self) -> str: ...
-
-    @property
-    def driver(self) -> str: ...
-
-    @property
-    def personal(self) -> bool: ...
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -177,6 +177,9 @@ class Gateway:
 
     # -- status for the HTTP server and the CLI ---------------------------------------------------------------
 
+    def knows_point(self, point: str) -> bool:
+        return point in self.registry or point in self.live.latest
+
     def device_status(self) -> list[DeviceStatus]:
         return [status for source in self.sources for status in source.status()]
 
