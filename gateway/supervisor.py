@@ -98,12 +98,10 @@ class CommandLog:
 def build_sources(site: Site) -> list[Source]:
     """One source per bus / broker / simulator, from the plugins of the drivers this site uses (each imports its
     protocol library only then), in the registry's order."""
-    from gateway.plugins import plugins
+    from gateway.plugins import drivers_named
 
     used = {device.driver for device in site.config.devices}
-    return [
-        source for name, plugin in plugins().drivers.items() if name in used for source in plugin.build_sources(site)
-    ]
+    return [source for plugin in drivers_named(used).values() for source in plugin.build_sources(site)]
 
 
 def load_rules(site: Site, registry: PointRegistry, state_path: Path | None) -> RuleRuntime | None:
