@@ -122,10 +122,10 @@ _Entry = TypeVar("_Entry", bound=StrictModel)
 
 
 class SiteConfig(StrictModel):
-    """A site file. The model validated is ``site_model()``: this class with the devices union and the top-level
-    sections of every installed driver plugin (``modbus_buses:``, ``mqtt_sources:``) and one key per uplink plugin
-    under ``uplinks:``, assembled from the registry (gateway/plugins.py). The fields are declared there, in the
-    file's order; here they are typed for the code that reads them."""
+    """A site file. The model validated is ``site_model(drivers)``: this class with the devices union and the
+    top-level sections (``modbus_buses:``, ``mqtt_sources:``) of the driver plugins the file uses, and one key per
+    uplink plugin under ``uplinks:``, assembled from the registry (gateway/plugins.py). The fields are declared
+    there, in the file's order; here they are typed for the code that reads them."""
 
     if TYPE_CHECKING:
         version: Literal[1]
