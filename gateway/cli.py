@@ -18,7 +18,7 @@ import argparse
 import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NoReturn
 
 from gateway import __version__
@@ -34,12 +34,14 @@ _LATER_GROUPS = (
 )
 
 
-def command_groups() -> list[str]:
-    """Every module that adds sub-commands, the installed drivers' (``modbus``, ``mqtt`` ...) included."""
+def command_groups() -> Iterator[str]:
+    """Every module that adds sub-commands, the installed drivers' (``modbus``, ``mqtt`` ...) included. The driver
+    plugins (and their config models) are loaded only when the core groups did not hold the command."""
+    yield from _CORE_GROUPS
     from gateway.plugins import plugins
 
-    drivers = [plugin.cli for plugin in plugins().drivers.values() if plugin.cli is not None]
-    return [*_CORE_GROUPS, *drivers, *_LATER_GROUPS]
+    yield from (plugin.cli for plugin in plugins().drivers.values() if plugin.cli is not None)
+    yield from _LATER_GROUPS
 
 
 Handler = Callable[[argparse.Namespace], int]

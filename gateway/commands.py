@@ -143,8 +143,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0 when every site would start as `run` starts it (warnings are printed, on stderr, and do not fail it),
     1 otherwise; with ``--strict`` a warning (a literal secret in a site file) fails the check too."""
+    from gateway.plugins import plugins
     from gateway.preflight import load_checked_site, raise_for
 
+    # every installed plugin is tried, so one that cannot be loaded is logged even where no site uses it (`run`
+    # loads only the drivers its site names)
+    _ = plugins().broken
     failed = 0
     for path in args.sites:
         try:

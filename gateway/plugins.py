@@ -29,9 +29,11 @@ An uplink plugin (``UplinkPlugin``) declares ``name``, ``config_model`` and ``bu
 runner the supervisor runs (a ``gateway.status.UplinkRunnerPart``, normally ``gateway.uplinks.runner.UplinkRunner``
 around the plugin's ``Uplink``), and optionally ``preflight``. docs/architecture.md walks through adding either.
 
-A plugin module is imported by ``--help``, ``check`` and ``run`` alike: it may import its config models (pydantic,
-nothing else), never a protocol library. Plugins are listed sorted by name, so the order of sections, sub-commands
-and sources does not depend on the order pip installed the packages in.
+A plugin module may import its config models (pydantic, nothing else), never a protocol library. It is imported
+only when asked for: the site loader and the supervisor ask for the drivers a site file names (``drivers_named``),
+so a Modbus-only site never imports the BACnet or MQTT config models; ``--help`` and ``check`` load every plugin
+(``plugins()``), ``check`` to report one that cannot be loaded. Plugins are listed sorted by name, so the order of
+sections, sub-commands and sources does not depend on the order pip installed the packages in.
 
 Must never import a protocol library, the supervisor or the site loader at module level.
 """
@@ -39,24 +41,43 @@ Must never import a protocol library, the supervisor or the site loader at modul
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from functools import cache
-from importlib.metadata import entry_points
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from functools import cache, cached_property
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
+from gateway.config.site_types import DeviceEntry
 from gateway.config.types import StrictModel
 from gateway.errors import ConfigError, Diagnostic
 
 if TYPE_CHECKING:
-    from gateway.config.site import Site, SiteConfig
+    from gateway.config.site_types import Site, SiteConfig
     from gateway.config.source import SourceMap
     from gateway.driver_api import Source
     from gateway.model import Command
     from gateway.outbox import Outbox
     from gateway.registry import PointInfo
     from gateway.status import UplinkRunnerPart
+
+# DeviceEntry lives with the site's types (gateway/config/site_types.py); a plugin imports it from here
+__all__ = [
+    "DRIVER_GROUP",
+    "UPLINK_GROUP",
+    "DeviceEntry",
+    "DriverPlugin",
+    "Placer",
+    "Plugins",
+    "SiteSection",
+    "UplinkContext",
+    "UplinkPlugin",
+    "driver",
+    "drivers_named",
+    "find_driver",
+    "plugins",
+    "unknown_driver_message",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,19 +86,6 @@ UPLINK_GROUP = "edge_gateway.uplinks"
 
 #: the position of a section's item in the file: items before it may have been left out as broken (site.py)
 Placer = Callable[[str, int], int]
-
-
-class DeviceEntry(Protocol):
-    """What every ``devices:`` entry has, whichever driver reads it."""
-
-    @property
-    def id(self) -> str: ...
-
-    @property
-    def driver(self) -> str: ...
-
-    @property
-    def personal(self) -> bool: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -161,48 +169,92 @@ class UplinkPlugin:
         return []
 
 
-@dataclass(frozen=True)
-class Plugins:
-    drivers: Mapping[str, DriverPlugin]
-    uplinks: Mapping[str, UplinkPlugin]
-    #: entry points that could not be loaded: name -> why (reported by ``check``, not fatal for other sites)
-    broken: Mapping[str, str] = field(default_factory=dict)
-
-
 _P = TypeVar("_P", DriverPlugin, UplinkPlugin)
 
+#: (group, name) -> the plugin loaded, or None when it cannot be (then ``_broken`` says why)
+_loaded: dict[tuple[str, str], DriverPlugin | UplinkPlugin | None] = {}
+#: entry points that could not be loaded: name -> why (reported by ``check``, not fatal for other sites)
+_broken: dict[str, str] = {}
 
-def _load(group: str, kind: type[_P], broken: dict[str, str]) -> dict[str, _P]:
-    found: dict[str, _P] = {}
+
+@cache
+def _entry_points(group: str) -> Mapping[str, EntryPoint]:
+    """The group's entry points by name, sorted; reading them imports no plugin (they are package metadata)."""
+    found: dict[str, EntryPoint] = {}
     for point in sorted(entry_points(group=group), key=lambda p: p.name):
-        if point.name in found:
-            continue  # the same distribution seen twice on sys.path (an editable install beside a build): first wins
-        try:
-            plugin = point.load()
-        except Exception as exc:  # a broken third-party plugin must not stop a site that does not use it
-            broken[point.name] = f"{point.value}: {type(exc).__name__}: {exc}"
-            log.warning("plugin %s (%s) cannot be loaded: %s", point.name, group, exc)
-            continue
-        if not isinstance(plugin, kind) or plugin.name != point.name:
-            broken[point.name] = f"{point.value} is not a {kind.__name__} named {point.name!r}"
-            log.warning("plugin %s (%s): %s", point.name, group, broken[point.name])
-            continue
-        found[point.name] = plugin
+        # the same distribution seen twice on sys.path (an editable install beside a build): first wins
+        found.setdefault(point.name, point)
     return found
+
+
+def _load(group: str, name: str, kind: type[_P]) -> _P | None:
+    """The plugin registered as ``name``, imported at the first ask (once per process); None when there is none or
+    it cannot be loaded."""
+    key = (group, name)
+    if key not in _loaded:
+        _loaded[key] = _import(group, name, kind)
+    plugin = _loaded[key]
+    return plugin if isinstance(plugin, kind) else None
+
+
+def _import(group: str, name: str, kind: type[_P]) -> _P | None:
+    point = _entry_points(group).get(name)
+    if point is None:
+        return None
+    try:
+        plugin = point.load()
+    except Exception as exc:  # a broken third-party plugin must not stop a site that does not use it
+        _broken[name] = f"{point.value}: {type(exc).__name__}: {exc}"
+        log.warning("plugin %s (%s) cannot be loaded: %s", name, group, exc)
+        return None
+    if not isinstance(plugin, kind) or plugin.name != name:
+        _broken[name] = f"{point.value} is not a {kind.__name__} named {name!r}"
+        log.warning("plugin %s (%s): %s", name, group, _broken[name])
+        return None
+    return plugin
+
+
+def find_driver(name: str) -> DriverPlugin | None:
+    """The plugin of ``driver: name``, importing that plugin (and its config models) only; None when it is not
+    installed or cannot be loaded."""
+    return _load(DRIVER_GROUP, name, DriverPlugin)
+
+
+def drivers_named(names: Iterable[str]) -> dict[str, DriverPlugin]:
+    """The plugins of the drivers named that can be loaded, sorted by name; no other driver is imported."""
+    found = {name: find_driver(name) for name in sorted(set(names))}
+    return {name: plugin for name, plugin in found.items() if plugin is not None}
+
+
+class Plugins:
+    """Every installed plugin, sorted by name. Each group is loaded at its first use: ``uplinks`` imports no driver.
+    A site's loader and supervisor ask for the drivers it names (``drivers_named``), not for ``drivers``."""
+
+    @cached_property
+    def drivers(self) -> Mapping[str, DriverPlugin]:
+        return drivers_named(_entry_points(DRIVER_GROUP))
+
+    @cached_property
+    def uplinks(self) -> Mapping[str, UplinkPlugin]:
+        found = {name: _load(UPLINK_GROUP, name, UplinkPlugin) for name in _entry_points(UPLINK_GROUP)}
+        return {name: plugin for name, plugin in found.items() if plugin is not None}
+
+    @property
+    def broken(self) -> Mapping[str, str]:
+        """Entry points that could not be loaded: name -> why (loads every plugin to know)."""
+        _ = self.drivers, self.uplinks
+        return dict(_broken)
 
 
 @cache
 def plugins() -> Plugins:
-    """Every installed driver and uplink plugin, sorted by name (loaded once per process)."""
-    broken: dict[str, str] = {}
-    drivers = _load(DRIVER_GROUP, DriverPlugin, broken)
-    uplinks = _load(UPLINK_GROUP, UplinkPlugin, broken)
-    return Plugins(drivers, uplinks, broken)
+    """The registry of every installed driver and uplink plugin (one per process)."""
+    return Plugins()
 
 
 def driver(name: str) -> DriverPlugin:
     """The plugin of ``driver: name``; ConfigError naming the installed drivers when there is none."""
-    found = plugins().drivers.get(name)
+    found = find_driver(name)
     if found is None:
         raise ConfigError([Diagnostic("", 0, 0, unknown_driver_message(name))])
     return found
@@ -211,10 +263,9 @@ def driver(name: str) -> DriverPlugin:
 def unknown_driver_message(name: str) -> str:
     from gateway.config.source import did_you_mean
 
-    found = plugins()
-    installed = sorted(found.drivers)
-    if name in found.broken:
-        return f"driver {name!r} is installed but cannot be loaded ({found.broken[name]}); installed drivers: " + (
+    installed = sorted(plugins().drivers)
+    if name in _broken:
+        return f"driver {name!r} is installed but cannot be loaded ({_broken[name]}); installed drivers: " + (
             ", ".join(installed) or "none"
         )
     if not installed:

@@ -211,15 +211,14 @@ def tls_message(files: tuple[Path | None, ...], exc: Exception) -> str:
 
 def _drivers(site: Site) -> list[Diagnostic]:
     """The sources each used driver builds (bindings it checks then), and each driver's own checks."""
-    from gateway.plugins import plugins
+    from gateway.plugins import drivers_named
     from gateway.supervisor import build_sources
 
     build_sources(site)  # builds objects only: nothing is opened until a source runs
     used = {device.driver for device in site.config.devices}
     problems: list[Diagnostic] = []
-    for name, plugin in plugins().drivers.items():
-        if name in used:
-            problems.extend(_collect(partial(plugin.preflight, site)))
+    for plugin in drivers_named(used).values():
+        problems.extend(_collect(partial(plugin.preflight, site)))
     return problems
 
 

@@ -1,8 +1,8 @@
 """One reconnect policy for every connection the gateway keeps: backoff with jitter, reset on proven success.
 
 Owns ``ReconnectPolicy``. DESIGN.md ("Extension seams") asks for one policy serving every driver and uplink; this
-module is it. The Modbus driver uses it for its links and for each slave's breaker; the supervisor, the MQTT
-clients and the uplinks can adopt it as they are next touched (issue 13, item 3).
+module is it. The drivers use it for their links and for each slave's (or device's) breaker, the uplink runner and
+the platform uplink for their connections, and the supervisor to restart a source that crashed.
 
 How it behaves, and why:
 
@@ -18,7 +18,9 @@ How it behaves, and why:
 
 It is pure: time comes from ``clock`` and randomness from ``random``, both injectable, and it never sleeps. The
 caller waits ``failed()``'s answer its own way (an ``asyncio.Event`` wait that a write or a stop can cut short), so
-tests drive it on a fake clock without real sleeps. A connection loop adopts it like this::
+tests drive it on a fake clock without real sleeps: the uplink runner and the supervisor wait through a ``Clock``
+(``gateway/uplinks/base.py``) that tests replace, and take their ``RetryTiming`` as an argument. A connection loop
+adopts it like this::
 
     policy = ReconnectPolicy("uplink[influx]", RetryTiming(first=0.5, maximum=30))
     while not stopping.is_set():

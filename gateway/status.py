@@ -19,6 +19,7 @@ from gateway.model import Sample
 from gateway.registry import PointInfo
 
 if TYPE_CHECKING:
+    from gateway.config.site_types import Site
     from gateway.outbox import OutboxStats
     from gateway.rule_report import ReloadResult
     from rules.runtime import RuleStatus as RuleState
@@ -179,6 +180,25 @@ class StatusSource(Protocol):
     def status_snapshot(
         self, *, watch: bool = False, records: bool = False, history: bool = False, point: str | None = None
     ) -> GatewayStatus: ...
+
+
+class ServedGateway(StatusSource, Protocol):
+    """What the status server (gateway/http/server.py) reads of the gateway it serves (``gateway.supervisor.Gateway``):
+    a snapshot for every view, and, without taking one, what the probes and the history route need. A protocol, so
+    the server does not import the supervisor that starts it."""
+
+    @property
+    def site(self) -> Site: ...
+
+    @property
+    def started(self) -> asyncio.Event: ...
+
+    @property
+    def started_ns(self) -> int: ...
+
+    def knows_point(self, point: str) -> bool:
+        """A point of the registry, or one that has a value (a rule's derived point)."""
+        ...
 
 
 @runtime_checkable

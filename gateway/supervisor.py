@@ -46,6 +46,7 @@ from gateway.outbox import Outbox
 from gateway.reconnect import ReconnectPolicy, RetryTiming
 from gateway.rule_report import ReloadResult, RuleProblemLog
 from gateway.status import CommandEntry, GatewayStatus
+from gateway.uplinks.base import Clock
 
 if TYPE_CHECKING:
     from gateway.incentives.stage import IncentiveStage
@@ -67,6 +68,9 @@ STORE_GROUP_SAMPLES = 2000
 #: successful step proves little, since many steps (a batch with no meter reading) never touch the disk
 STAGE_RECOVERY_SECONDS = 10.0
 TICK_SECONDS = 1.0
+#: a crashed source is restarted 1 s after a first crash, doubling to a minute while it keeps crashing; a source that
+#: ran longer than the maximum before crashing counts as having worked (the delay starts over)
+SOURCE_RESTART_TIMING = RetryTiming(first=1.0, maximum=60.0)
 
 
 #: what the outbox stores: samples, or events
@@ -97,12 +101,10 @@ class CommandLog:
 def build_sources(site: Site) -> list[Source]:
     """One source per bus / broker / simulator, from the plugins of the drivers this site uses (each imports its
     protocol library only then), in the registry's order."""
-    from gateway.plugins import plugins
+    from gateway.plugins import drivers_named
 
     used = {device.driver for device in site.config.devices}
-    return [
-        source for name, plugin in plugins().drivers.items() if name in used for source in plugin.build_sources(site)
-    ]
+    return [source for plugin in drivers_named(used).values() for source in plugin.build_sources(site)]
 
 
 def load_rules(site: Site, registry: PointRegistry, state_path: Path | None) -> RuleRuntime | None:
@@ -126,8 +128,14 @@ class Gateway:
         data_dir: Path,
         http_listen: str | None = None,
         sources: Sequence[Source] | None = None,
+        clock: Clock | None = None,
+        restart_timing: RetryTiming = SOURCE_RESTART_TIMING,
     ) -> None:
         self.site = site
+        #: monotonic time and waiting for the restart backoff, the ticker and the stop grace; tests pass a fake one
+        #: (the uplink runner's seam, gateway/uplinks/base.py) so none of them waits in real time
+        self.clock = clock or Clock()
+        self.restart_timing = restart_timing
         self.data_dir = Path(data_dir)
         self.http_listen = http_listen if http_listen is not None else site.config.http.listen
         self.registry = site.registry
@@ -161,12 +169,17 @@ class Gateway:
         self._awaiting_store: dict[int, asyncio.Future[bool]] = {}
         self._command_queue: asyncio.Queue[Command | None] = asyncio.Queue(maxsize=1000)
         self._reload_requested = asyncio.Event()
+        #: never set: a store retry waits on time alone
+        self._no_wake = asyncio.Event()
         #: callbacks run once the gateway is up (systemd READY=1, tests)
         self.on_ready: list[Callable[[], None]] = []
         #: extra long-running tasks (the systemd watchdog): started with the others, cancelled at the end
         self.extra_tasks: list[tuple[str, Callable[[asyncio.Event], Coroutine[object, None, None]]]] = []
 
     # -- status for the HTTP server and the CLI ---------------------------------------------------------------
+
+    def knows_point(self, point: str) -> bool:
+        return point in self.registry or point in self.live.latest
 
     def device_status(self) -> list[DeviceStatus]:
         return [status for source in self.sources for status in source.status()]
@@ -314,12 +327,12 @@ class Gateway:
                 return True
             except StoreError as exc:
                 stop_at = self._stop_requested_at
-                if stop_at is not None and time.monotonic() - stop_at >= STOP_STORE_GRACE_SECONDS:
+                if stop_at is not None and self.clock.monotonic() - stop_at >= STOP_STORE_GRACE_SECONDS:
                     self.store_lost += len(items)
                     self._last_store_error = str(exc)
                     return False
             # while stopping, retry often enough to give up soon after the grace ends
-            await asyncio.sleep(delay if self._stop_requested_at is None else min(delay, 0.25))
+            await self.clock.wait(self._no_wake, delay if self._stop_requested_at is None else min(delay, 0.25))
             delay = min(delay * 2, 5.0)
 
     async def _emit_derived(self, samples: list[Sample]) -> None:
@@ -369,7 +382,7 @@ class Gateway:
         if isinstance(exc, GatewayError):
             message = str(exc)
             previous = self._stage_faults.get(stage)
-            self._stage_faults[stage] = (message, time.monotonic())
+            self._stage_faults[stage] = (message, self.clock.monotonic())
             if previous is None or previous[0] != message:
                 log.error("%s failed: %s (retrying; logged once)", stage, message)
             return
@@ -377,7 +390,7 @@ class Gateway:
 
     def _stage_ok(self, stage: str) -> None:
         fault = self._stage_faults.get(stage)
-        if fault is not None and time.monotonic() - fault[1] >= STAGE_RECOVERY_SECONDS:
+        if fault is not None and self.clock.monotonic() - fault[1] >= STAGE_RECOVERY_SECONDS:
             del self._stage_faults[stage]
             log.info("%s works again (no failure for %.0f s)", stage, STAGE_RECOVERY_SECONDS)
 
@@ -432,8 +445,7 @@ class Gateway:
             watcher = RuleFileWatcher(self.site.rule_files)
         ticks = 0
         while not stopping.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=TICK_SECONDS)
+            await self.clock.wait(stopping, TICK_SECONDS)
             ticks += 1
             # an edited rule file reloads like SIGHUP does (checked every 2 s: a stat per file, no inotify needed)
             if watcher is not None and ticks % 2 == 0 and watcher.changed():
@@ -505,21 +517,19 @@ class Gateway:
 
     async def _run_source(self, source: Source, stopping: asyncio.Event) -> None:
         """Run a source; if it crashes (a bug, not a device fault: those it handles), log and restart it."""
-        # the shared reconnect policy: 1 s after a first crash, doubling to a minute while it keeps crashing; a source
-        # that ran longer than that before crashing counts as having worked (the delay starts over)
-        policy = ReconnectPolicy(f"{source.name} restarts", RetryTiming(first=1.0, maximum=60.0), logger=log)
+        clock = self.clock
+        policy = ReconnectPolicy(f"{source.name} restarts", self.restart_timing, clock=clock.monotonic, logger=log)
         while not stopping.is_set():
-            started = time.monotonic()
+            started = clock.monotonic()
             try:
                 await source.run(self._publish_stored, stopping)
                 return
             except Exception:
-                if time.monotonic() - started > policy.timing.maximum:
+                if clock.monotonic() - started > policy.timing.maximum:
                     policy.succeeded()
                 wait = policy.failed("crashed")
                 log.exception("%s crashed; restarting in %.1f s", source.name, wait)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), timeout=wait)
+            await clock.wait(stopping, wait)
 
     # -- the whole lifecycle ----------------------------------------------------------------------------------
 
@@ -635,7 +645,7 @@ class Gateway:
                 callback()
 
             await stop.wait()
-            self._stop_requested_at = time.monotonic()
+            self._stop_requested_at = self.clock.monotonic()
             log.info("stopping: drivers first, then draining the bus")
             sources_stopping.set()
             await asyncio.gather(*source_tasks, ticker)

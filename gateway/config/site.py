@@ -7,32 +7,45 @@ raises ``ConfigError`` listing every problem found as ``file:line:col: message``
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from functools import cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeVar, Union
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BeforeValidator, Field, ValidationError, create_model, field_validator
+from pydantic import BeforeValidator, Field, ValidationError, create_model
+from pydantic_core import PydanticCustomError
 
+from gateway.config.site_types import (
+    BuildingAggregateConfig,
+    DeviceEntry,
+    GatewayIdentity,
+    HttpConfig,
+    PrivacyConfig,
+    Site,
+    SiteConfig,
+    StorageConfig,
+)
 from gateway.config.source import Loc, SourceMap, load_yaml, validate
-from gateway.config.types import Ident, LiteralSecret, PointId, PositiveDuration, Size, StrictModel, parse_size
+from gateway.config.types import LiteralSecret, StrictModel, parse_size
 from gateway.errors import ConfigError, Diagnostic
 from gateway.incentives.config import IncentivesConfig
-from gateway.plugins import DeviceEntry, DriverPlugin, plugins, unknown_driver_message
+from gateway.plugins import DriverPlugin, drivers_named, find_driver, plugins, unknown_driver_message
 from gateway.registry import DuplicatePoint, PointInfo, PointRegistry
 from gateway.uplinks.config import UplinksConfig
 
-# parse_size is re-exported: driver configs parse sizes with the same rules
+# parse_size is re-exported: driver configs parse sizes with the same rules; the site's types (gateway/config/
+# site_types.py) are re-exported for the callers that load a site and read it
 __all__ = [
     "FIRMWARE_CONFIGS",
+    "BuildingAggregateConfig",
     "Site",
     "SiteConfig",
     "aggregate_meters",
     "load_profile",
     "load_site",
     "parse_size",
+    "site_drivers",
     "site_model",
 ]
 
@@ -42,135 +55,20 @@ FIRMWARE_CONFIGS = Path(
 )
 
 
-class GatewayIdentity(StrictModel):
-    #: used in MQTT topics and as a tag on every series: keep it stable once data flows
-    id: Ident
-    site: Ident
-    name: str | None = None
-    timezone: str = "UTC"
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_zone(cls, value: str) -> str:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ValueError(f"unknown time zone {value!r} (use an IANA name like Asia/Shanghai)") from None
-        return value
-
-
-class StorageConfig(StrictModel):
-    """The outbox. ``durability: process`` survives a crash or kill -9; ``power`` also survives a power cut
-    (fsync on every commit, several times slower on SD cards)."""
-
-    durability: Literal["process", "power"] = "process"
-    telemetry_budget: Size = 256 * 1024**2
-    event_budget: Size = 64 * 1024**2
-
-
-#: a ``Host`` header value: a DNS name, an IPv4 address or a bracketed IPv6 address, and an optional port
-_HOST_ENTRY = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?)(?::[0-9]{1,5})?")
-
-
-class HttpConfig(StrictModel):
-    listen: str = "127.0.0.1:8080"
-    enabled: bool = True
-    #: required for any bind other than loopback
-    token_file: Path | None = None
-    #: extra names the page may be reached by, as the browser sends them in ``Host`` (``gateway.example.org`` or
-    #: ``gateway.example.org:8443``; without a port, on any port, e.g. behind a proxy). Always allowed: ``localhost``,
-    #: ``127.0.0.1`` and ``[::1]`` with the port the server listens on, and the address a request arrived at. Any
-    #: other ``Host`` is refused (421), so a web page cannot read the status page through DNS rebinding.
-    allowed_hosts: list[str] = Field(default_factory=list)
-
-    @field_validator("allowed_hosts")
-    @classmethod
-    def _host_names(cls, names: list[str]) -> list[str]:
-        for name in names:
-            if not _HOST_ENTRY.fullmatch(name):
-                raise ValueError(f"{name!r} is not a host name, optionally with :port (e.g. gateway.example.org:8443)")
-        return [name.lower() for name in names]
-
-
-class BuildingAggregateConfig(StrictModel):
-    """The one way household meters reach the platform outside incentive records: their sum, as one building point.
-
-    Sent once per ``every`` (aligned to the UTC grid), and only when *every* meter has a good reading no older than
-    ``max_age`` (default ``every``): a sum over a changing set of meters would give one meter away as the difference
-    of two sums, and a sum sent after each single reading would give away that reading's increase. At least
-    ``min_meters`` meters (3 or more: with two, each household learns the other's figures by subtracting its own).
-    """
-
-    point: PointId = "building.energy_kwh_total"
-    #: default: every meter of ``incentives.accounts``
-    meters: list[PointId] | None = None
-    min_meters: Annotated[int, Field(ge=3)] = 3
-    every: PositiveDuration = 900.0
-    max_age: PositiveDuration | None = None
-
-    @property
-    def freshness(self) -> float:
-        return self.max_age if self.max_age is not None else self.every
-
-
-class PrivacyConfig(StrictModel):
-    """``privacy:``. What is personal is said on points and devices (``personal: true``) and by
-    ``incentives.accounts``; this block holds what the platform may get instead."""
-
-    building_aggregate: BuildingAggregateConfig | None = None
-
-
-_Entry = TypeVar("_Entry", bound=StrictModel)
-
-
-class SiteConfig(StrictModel):
-    """A site file. The model validated is ``site_model()``: this class with the devices union and the top-level
-    sections of every installed driver plugin (``modbus_buses:``, ``mqtt_sources:``) and one key per uplink plugin
-    under ``uplinks:``, assembled from the registry (gateway/plugins.py). The fields are declared there, in the
-    file's order; here they are typed for the code that reads them."""
-
-    if TYPE_CHECKING:
-        version: Literal[1]
-        gateway: GatewayIdentity
-        storage: StorageConfig
-        http: HttpConfig
-        devices: list[DeviceEntry]
-        uplinks: UplinksConfig
-        rules: list[str]
-        incentives: IncentivesConfig | None
-        privacy: PrivacyConfig
-        profile_dirs: list[str]
-
-    def section(self, key: str, model: type[_Entry]) -> list[_Entry]:
-        """The entries of a driver's top-level section (``modbus_buses``), typed; [] when no plugin declares it."""
-        items = self.__dict__.get(key)
-        if not isinstance(items, list):
-            return []
-        return [item for item in items if isinstance(item, model)]
-
-    def section_ids(self, key: str) -> list[str]:
-        """The ids of a section's entries, in file order."""
-        items = self.__dict__.get(key)
-        ids: list[str] = []
-        for item in items if isinstance(items, list) else []:
-            ident = item.__dict__.get("id") if isinstance(item, StrictModel) else None
-            if isinstance(ident, str):
-                ids.append(ident)
-        return ids
-
-
 def _known_driver(value: object) -> object:
     """An unknown (or missing) ``driver:`` is one clear message listing the installed drivers, instead of pydantic's
     union-tag error."""
-    if isinstance(value, dict):
-        name = value.get("driver")
-        if name is None:
-            installed = ", ".join(sorted(plugins().drivers)) or "none"
-            raise ValueError(f"missing required key 'driver' (installed drivers: {installed})")
-        if not isinstance(name, str) or name not in plugins().drivers:
-            raise ValueError(unknown_driver_message(str(name)))
+    if not isinstance(value, dict):
+        # what the devices union answers, also when the schema holds one driver's model (a site using one driver)
+        raise PydanticCustomError(
+            "model_attributes_type", "Input should be a valid dictionary or object to extract fields from"
+        )
+    name = value.get("driver")
+    if name is None:
+        installed = ", ".join(sorted(plugins().drivers)) or "none"
+        raise ValueError(f"missing required key 'driver' (installed drivers: {installed})")
+    if not isinstance(name, str) or find_driver(name) is None:
+        raise ValueError(unknown_driver_message(str(name)))
     return value
 
 
@@ -182,11 +80,40 @@ def uplinks_model() -> type[UplinksConfig]:
     return model
 
 
+#: the top-level keys of a site file whichever drivers it uses (the fixed fields of ``site_model``)
+_CORE_KEYS = frozenset(
+    {"version", "gateway", "storage", "http", "devices", "uplinks", "rules", "incentives", "privacy", "profile_dirs"}
+)
+
+
+def site_drivers(data: object) -> dict[str, DriverPlugin]:
+    """The drivers a site file's schema is assembled from: the ones its devices name, so a site does not import the
+    config models of drivers it does not use (issue 13, item 8).
+
+    A top-level key that is neither a core key nor a section of those drivers (the section of a driver no device
+    uses yet, or a typo) brings in every installed driver: the key is then validated, or refused with its "did you
+    mean", exactly as by the schema of every driver. So is a file that is not a mapping."""
+    if not isinstance(data, dict):
+        return dict(plugins().drivers)
+    devices = data.get("devices")
+    entries = devices if isinstance(devices, list) else []
+    named = drivers_named(e["driver"] for e in entries if isinstance(e, dict) and isinstance(e.get("driver"), str))
+    sections = {section.key for plugin in named.values() for section in plugin.sections}
+    if any(key not in _CORE_KEYS and key not in sections for key in data):
+        return dict(plugins().drivers)
+    return named
+
+
+def site_model(drivers: Iterable[str] | None = None) -> type[SiteConfig]:
+    """``SiteConfig`` assembled from the plugins of ``drivers`` (default: every installed driver) and every uplink
+    plugin; the field order is the documented order of a site file."""
+    return _site_model(tuple(sorted(plugins().drivers if drivers is None else set(drivers))))
+
+
 @cache
-def site_model() -> type[SiteConfig]:
-    """``SiteConfig`` assembled from the installed plugins; the field order is the documented order of a site file."""
-    registry = plugins()
-    models = tuple(plugin.device_model for plugin in registry.drivers.values())
+def _site_model(drivers: tuple[str, ...]) -> type[SiteConfig]:
+    plugins_used = drivers_named(drivers)
+    models = tuple(plugin.device_model for plugin in plugins_used.values())
     device: Any
     if not models:
         device = Annotated[dict[str, object], BeforeValidator(_known_driver)]
@@ -200,7 +127,7 @@ def site_model() -> type[SiteConfig]:
         "storage": (StorageConfig, StorageConfig()),
         "http": (HttpConfig, HttpConfig()),
     }
-    for plugin in registry.drivers.values():
+    for plugin in plugins_used.values():
         for section in plugin.sections:
             fields[section.key] = (list[section.model], Field(default_factory=list))  # type: ignore[name-defined]
     uplinks = uplinks_model()
@@ -217,32 +144,13 @@ def site_model() -> type[SiteConfig]:
     return model
 
 
-def _sections(config: SiteConfig) -> list[tuple[DriverPlugin, str, str, str | None]]:
-    """(plugin, key, what, device_field) of every driver section."""
+def _sections(drivers: Mapping[str, DriverPlugin]) -> list[tuple[DriverPlugin, str, str, str | None]]:
+    """(plugin, key, what, device_field) of every section of the site's drivers."""
     return [
         (plugin, section.key, section.what, section.device_field)
-        for plugin in plugins().drivers.values()
+        for plugin in drivers.values()
         for section in plugin.sections
     ]
-
-
-@dataclass(frozen=True)
-class Site:
-    """A validated site with everything it references resolved."""
-
-    path: Path
-    config: SiteConfig
-    #: device id -> its validated profile (absent for drivers without profiles)
-    profiles: Mapping[str, StrictModel]
-    registry: PointRegistry
-    rule_files: tuple[Path, ...]
-    source_map: SourceMap
-    #: problems that do not stop the gateway (a literal secret); ``check --strict`` treats them as errors
-    warnings: tuple[Diagnostic, ...] = ()
-
-    def diagnostic(self, loc: Loc, message: str) -> Diagnostic:
-        """Position a problem found after loading (e.g. an incentive meter that names no point)."""
-        return self.source_map.diagnostic(loc, message)
 
 
 def _profile_paths(site_path: Path, config: SiteConfig) -> list[Path]:
@@ -270,17 +178,13 @@ def load_profile(name: str, model: type[StrictModel], search: list[Path]) -> Str
     raise FileNotFoundError(name)
 
 
-def _same_place(section: str, position: int) -> int:
-    return position
-
-
 def _duplicate_ids(
-    config: SiteConfig, smap: SourceMap, place: Callable[[str, int], int] = _same_place
+    config: SiteConfig, smap: SourceMap, place: Callable[[str, int], int], drivers: Mapping[str, DriverPlugin]
 ) -> list[Diagnostic]:
     """Duplicate ids are errors (not last-one-wins), positioned at the second occurrence."""
     errors: list[Diagnostic] = []
     tables = [("devices", "device", [d.id for d in config.devices])]
-    tables += [(key, what, config.section_ids(key)) for _plugin, key, what, _field in _sections(config)]
+    tables += [(key, what, config.section_ids(key)) for _plugin, key, what, _field in _sections(drivers)]
     for key, what, ids in tables:
         first: dict[str, int] = {}
         for position, ident in enumerate(ids):
@@ -295,12 +199,14 @@ def _duplicate_ids(
     return errors
 
 
-def _plugin_site_errors(config: SiteConfig, smap: SourceMap, place: Callable[[str, int], int]) -> list[Diagnostic]:
+def _plugin_site_errors(
+    config: SiteConfig, smap: SourceMap, place: Callable[[str, int], int], drivers: Mapping[str, DriverPlugin]
+) -> list[Diagnostic]:
     """Each driver's whole-site checks (MQTT: subscriptions named, one device per topic level), for the drivers
     the site uses."""
     used = {device.driver for device in config.devices}
     errors: list[Diagnostic] = []
-    for name, plugin in plugins().drivers.items():
+    for name, plugin in drivers.items():
         if name in used or any(config.section_ids(section.key) for section in plugin.sections):
             errors.extend(plugin.check_site(config, smap, place))
     return errors
@@ -471,9 +377,9 @@ class SiteError(ConfigError):
 _STUB_SITE: dict[str, object] = {"version": 1, "gateway": {"id": "salvaged", "site": "salvaged"}}
 
 
-def _item_sections() -> tuple[str, ...]:
+def _item_sections(drivers: Mapping[str, DriverPlugin]) -> tuple[str, ...]:
     """Sections checked item by item (one bad device must not take the others with it)."""
-    keys = [section.key for plugin in plugins().drivers.values() for section in plugin.sections]
+    keys = [section.key for plugin in drivers.values() for section in plugin.sections]
     return (*keys, "devices", "rules", "profile_dirs")
 
 
@@ -489,9 +395,9 @@ class _Salvage:
     broken: dict[str, set[str]]
 
 
-def _valid_alone(section: dict[str, object], context: object) -> bool:
+def _valid_alone(model: type[SiteConfig], section: dict[str, object], context: object) -> bool:
     try:
-        site_model().model_validate({**_STUB_SITE, **section}, context=context)
+        model.model_validate({**_STUB_SITE, **section}, context=context)
     except ValidationError:
         return False
     return True
@@ -508,20 +414,20 @@ def _texts(value: object) -> set[str]:
     return set()
 
 
-def _salvage(data: object, context: object) -> _Salvage | None:
+def _salvage(data: object, context: object, drivers: Mapping[str, DriverPlugin]) -> _Salvage | None:
     """The parts of a site file that validate on their own, validated together; None when even that fails."""
     if not isinstance(data, dict):
         return None
     kept: dict[str, object] = dict(_STUB_SITE)
     index: dict[str, list[int]] = {}
     broken: dict[str, set[str]] = {}
-    model = site_model()
-    item_sections = _item_sections()
+    model = site_model(drivers)
+    item_sections = _item_sections(drivers)
     for key, value in data.items():
         if key not in model.model_fields:
             continue  # an unknown key: reported, and nothing to keep
         if key in item_sections and isinstance(value, list):
-            items = [(i, item) for i, item in enumerate(value) if _valid_alone({key: [item]}, context)]
+            items = [(i, item) for i, item in enumerate(value) if _valid_alone(model, {key: [item]}, context)]
             good = {i for i, _ in items}
             if len(good) < len(value):
                 broken.setdefault(key, set())
@@ -530,7 +436,7 @@ def _salvage(data: object, context: object) -> _Salvage | None:
                     broken.setdefault(key, set()).add(item["id"])
             kept[key] = [item for _, item in items]
             index[key] = [i for i, _ in items]
-        elif _valid_alone({key: value}, context):
+        elif _valid_alone(model, {key: value}, context):
             kept[key] = value
         else:
             broken.setdefault(key, set()).update(_texts(value))  # version and gateway keep the stub's
@@ -548,14 +454,15 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
     recovered: list[Diagnostic] = []
     data, smap = load_yaml(path, recovered=recovered)
     context = {"env": env if env is not None else os.environ, "base_dir": path.parent}
+    drivers = site_drivers(data)
     salvage: _Salvage | None = None
     try:
-        config = validate(site_model(), data, smap, context=context)
+        config = validate(site_model(drivers), data, smap, context=context)
     except ConfigError as exc:
         # every problem of the file is reported; the devices, buses and sections that did validate are still
         # checked (profiles, ids, rule files), so one bad device does not hide the next one's missing profile
         recovered.extend(exc.diagnostics)
-        salvage = _salvage(data, context)
+        salvage = _salvage(data, context, drivers)
         if salvage is None:
             raise ConfigError(recovered) from None
         config = salvage.config
@@ -566,10 +473,10 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
         """The item's index in the file (items before it may have been left out as broken)."""
         return index[section][position] if section in index else position
 
-    errors: list[Diagnostic] = [*recovered, *_duplicate_ids(config, smap, place)]
+    errors: list[Diagnostic] = [*recovered, *_duplicate_ids(config, smap, place, drivers)]
     # a device on a bus (or source) that is itself broken is not blamed for it; the device is still checked
-    section_ids = {key: {*config.section_ids(key), *broken.get(key, set())} for _p, key, _w, _f in _sections(config)}
-    section_names = {key: (what, device_field) for _p, key, what, device_field in _sections(config)}
+    section_ids = {key: {*config.section_ids(key), *broken.get(key, set())} for _p, key, _w, _f in _sections(drivers)}
+    section_names = {key: (what, device_field) for _p, key, what, device_field in _sections(drivers)}
     #: devices whose points are not in the registry (broken, or their profile or bus is): a rule file naming
     #: their points is not checked against them
     unchecked: set[str] = set(broken.get("devices", set()))
@@ -586,7 +493,7 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
             continue  # reported by _duplicate_ids
         seen_devices.add(device.id)
         unchecked.add(device.id)  # until its points are in the registry
-        plugin = plugins().drivers[device.driver]  # the union admits only installed drivers
+        plugin = drivers[device.driver]  # the union admits only the drivers the devices name
         unknown = _unknown_reference(device, plugin, section_ids, section_names, smap, loc)
         if unknown is not None:
             errors.append(unknown)
@@ -627,7 +534,7 @@ def load_site(path: Path | str, *, env: Mapping[str, str] | None = None) -> Site
         except (DuplicatePoint, ValueError) as exc:
             errors.append(smap.diagnostic(loc, str(exc)))
 
-    errors.extend(_plugin_site_errors(config, smap, place))
+    errors.extend(_plugin_site_errors(config, smap, place, drivers))
     if config.privacy.building_aggregate is not None:
         aggregate, problems = _building_aggregate(
             config, config.privacy.building_aggregate, registry, smap, frozenset(unchecked)

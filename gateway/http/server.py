@@ -63,8 +63,7 @@ from gateway.http.access import check_listen
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
 
-    from gateway.status import StatusSource
-    from gateway.supervisor import Gateway
+    from gateway.status import ServedGateway, StatusSource
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +154,8 @@ def json_response(data: Any, *, status: int = 200) -> web.Response:
 # -- handlers -------------------------------------------------------------------------------------------------------
 
 
-def _gateway(request: web.Request) -> Gateway:
-    gateway: Gateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
+def _gateway(request: web.Request) -> ServedGateway:
+    gateway: ServedGateway = request.app[GATEWAY_KEY]  # type: ignore[assignment]
     return gateway
 
 
@@ -182,7 +181,7 @@ async def _api_history(request: web.Request) -> web.Response:
     except ValueError:
         message = f"since_ms must be an integer (Unix milliseconds), got {since_text!r}"
         return json_response({"error": message}, status=400)
-    if point is not None and point not in gateway.registry and point not in gateway.live.latest:
+    if point is not None and not gateway.knows_point(point):
         return json_response({"error": f"unknown point {point!r}"}, status=404)
     return json_response(views.history(gateway, point=point, since_ns=since_ns))
 
@@ -357,7 +356,9 @@ async def _security_headers(request: web.Request, handler: Handler) -> web.Strea
 # -- the application ------------------------------------------------------------------------------------------------
 
 
-def create_app(gateway: Gateway, *, token: Secret | None = None, allowed_hosts: Iterable[str] = ()) -> web.Application:
+def create_app(
+    gateway: ServedGateway, *, token: Secret | None = None, allowed_hosts: Iterable[str] = ()
+) -> web.Application:
     """The aiohttp application for ``gateway`` (tests drive it with aiohttp's TestServer). ``allowed_hosts``: the
     names allowed in ``Host`` besides loopback names and the address a request arrived at (``HostAllowlist``)."""
     middlewares = [_security_headers, _host_middleware(HostAllowlist(allowed_hosts))]
@@ -386,7 +387,7 @@ def create_app(gateway: Gateway, *, token: Secret | None = None, allowed_hosts: 
     return app
 
 
-def serve(gateway: Gateway, listen: str, stopping: asyncio.Event) -> Coroutine[Any, Any, None]:
+def serve(gateway: ServedGateway, listen: str, stopping: asyncio.Event) -> Coroutine[Any, Any, None]:
     """Check the address and token and bind now (raising ConfigError or HttpServerError); the returned coroutine
     serves until ``stopping`` is set, then closes within ``SHUTDOWN_GRACE_SECONDS``."""
     host, port, token = check_listen(gateway.site, listen)
@@ -394,7 +395,7 @@ def serve(gateway: Gateway, listen: str, stopping: asyncio.Event) -> Coroutine[A
     return _serve(gateway, sock, token, stopping)
 
 
-async def _serve(gateway: Gateway, sock: socket.socket, token: Secret | None, stopping: asyncio.Event) -> None:
+async def _serve(gateway: ServedGateway, sock: socket.socket, token: Secret | None, stopping: asyncio.Event) -> None:
     app = create_app(gateway, token=token, allowed_hosts=gateway.site.config.http.allowed_hosts)
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_GRACE_SECONDS)
     try:

@@ -14,7 +14,7 @@ import re
 from datetime import date, datetime, time
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Protocol
 
 from pydantic import BeforeValidator, Field, PlainSerializer, field_validator, model_validator
 
@@ -22,7 +22,8 @@ from gateway.config.types import Duration, PointId, PositiveDuration, StrictMode
 from gateway.errors import Diagnostic
 
 if TYPE_CHECKING:
-    from gateway.config.site import Site
+    from gateway.config.source import Loc
+    from gateway.registry import PointRegistry
 
 DAY_SECONDS = 86_400
 
@@ -268,7 +269,25 @@ class IncentivesConfig(StrictModel):
         return self.counter.resolution_kwh if self.counter is not None else self.resolution_kwh
 
 
-def validate_against(site: Site) -> list[Diagnostic]:
+class _WithIncentives(Protocol):
+    @property
+    def incentives(self) -> IncentivesConfig | None: ...
+
+
+class CheckedSite(Protocol):
+    """What ``validate_against`` reads of a loaded site (``gateway.config.site_types.Site`` is one). A protocol, not
+    the ``Site`` class: the site's schema holds this module's models, so naming ``Site`` here made an import cycle."""
+
+    @property
+    def config(self) -> _WithIncentives: ...
+
+    @property
+    def registry(self) -> PointRegistry: ...
+
+    def diagnostic(self, loc: Loc, message: str) -> Diagnostic: ...
+
+
+def validate_against(site: CheckedSite) -> list[Diagnostic]:
     """Cross-checks that need the whole site or several accounts: every meter is a known numeric kWh point and
     belongs to one account only; account ids are unique (positioned at the offending entry)."""
     config = site.config.incentives

@@ -21,6 +21,7 @@ import rules.state as state_module
 from gateway.incentives.ledger import Ledger
 from gateway.outbox import Outbox
 from rules.state import RuleStateStore
+from tests.services import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,6 +77,31 @@ def test_an_abbreviated_global_option_is_still_parsed_as_before() -> None:
     done = _run_fresh("from gateway.cli import main\nraise SystemExit(main(['--log-l', 'bogus', 'run', 'x.yaml']))")
     assert done.returncode == 2
     assert "argument --log-level: invalid choice: 'bogus'" in done.stderr
+
+
+_MODBUS_SITE = """\
+version: 1
+gateway: {id: gw1, site: plant}
+http: {enabled: false}
+modbus_buses:
+  - {id: line1, type: tcp, host: 127.0.0.1, port: PORT, timeout: 200ms}
+devices:
+  - {id: meter1, driver: modbus, bus: line1, profile: eastron-sdm630, unit: 1, poll: 1s}
+"""
+
+
+def test_a_modbus_only_site_runs_without_importing_another_driver(tmp_path: Path) -> None:
+    """The site schema is assembled from the drivers the file names: the BACnet, MQTT and simulator plugins and
+    their config models stay unimported, and so do their protocol libraries. (``check`` does load every plugin, to
+    report one that cannot be loaded.)"""
+    site = tmp_path / "site.yaml"
+    site.write_text(_MODBUS_SITE.replace("PORT", str(free_port())))  # nothing listens: the run retries, then stops
+    argv = ["run", str(site), "--data-dir", str(tmp_path / "data"), "--duration", "1", "--http", "off"]
+    loaded = _modules_after(f"from gateway.cli import main\nassert main({argv!r}) == 0")
+    assert {"drivers.modbus.plugin", "drivers.modbus.config"} <= loaded  # the site was loaded, its driver too
+    other_drivers = {m for m in loaded if m.startswith(("drivers.bacnet", "drivers.mqtt", "drivers.simulator"))}
+    assert not other_drivers
+    assert not {m for m in loaded if m.partition(".")[0] in {"bacpypes3", "paho", "aiomqtt"}}
 
 
 def test_prometheus_client_is_imported_at_the_first_scrape(tmp_path: Path) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from gateway.config.site import site_drivers, site_model
 from gateway.plugins import DriverPlugin, UplinkPlugin, plugins
 
 REPO = Path(__file__).resolve().parents[2]
@@ -153,6 +154,24 @@ def test_the_built_in_plugins_register_through_entry_points() -> None:
     assert all(isinstance(p, DriverPlugin) for p in found.drivers.values())
     assert all(isinstance(p, UplinkPlugin) for p in found.uplinks.values())
     assert found.broken == {}
+
+
+def test_a_site_schema_holds_only_the_drivers_the_file_uses() -> None:
+    """A site imports the config models of the drivers its devices name (issue 13, item 8); a top-level key none of
+    them declares brings in every driver, so it is checked (a section no device uses) or refused with its "did you
+    mean" (a typo) as by the whole schema."""
+    modbus_device = {"id": "m1", "driver": "modbus", "bus": "b1"}
+    base = {"version": 1, "gateway": {"id": "g", "site": "s"}, "devices": [modbus_device, "not a device"]}
+    everything = ["bacnet", "modbus", "mqtt", "simulator"]
+    assert list(site_drivers({**base, "modbus_buses": []})) == ["modbus"]
+    assert list(site_drivers({**base, "mqtt_sources": []})) == everything
+    assert list(site_drivers({**base, "modbus_bus": []})) == everything
+    assert list(site_drivers([base])) == everything
+    assert list(site_drivers({"devices": [{"driver": "modbsu"}]})) == []  # refused by the unknown-driver message
+    fields = site_model(["modbus"]).model_fields
+    assert "modbus_buses" in fields
+    assert "mqtt_sources" not in fields
+    assert "bacnet_networks" not in fields
 
 
 def test_an_installed_driver_is_checked_and_run(tally_path: Path, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,19 @@ from gateway.driver_api import BatchSink, DeviceStatus
 from gateway.errors import ConfigError, StoreError, WriteRejected
 from gateway.model import Command, Quality, Sample
 from gateway.outbox import Outbox
+from gateway.reconnect import RetryTiming
 from gateway.registry import PointInfo
 from gateway.supervisor import STAGE_RECOVERY_SECONDS, STOP_STORE_GRACE_SECONDS, Gateway
+from tests.unit.uplinks.helpers import FakeClock
+
+
+async def _until(condition: Callable[[], bool], seconds: float = 5.0) -> None:
+    """Let the gateway's tasks (and the outbox's writer thread) run until ``condition`` holds."""
+    for _ in range(int(seconds * 1000)):
+        if condition():
+            return
+        await asyncio.sleep(0.001)
+    raise AssertionError("the condition never held")
 
 
 def _demo() -> Site:
@@ -100,21 +112,68 @@ async def test_shutdown_stops_drivers_first_and_stores_their_last_batch(tmp_path
     assert values == [1.0, 2.0]
 
 
-async def test_a_crashing_source_is_restarted(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    log: list[str] = []
-    source = ScriptedSource(log, crash_first=True)
-    gateway = Gateway(_probe_site(tmp_path), data_dir=tmp_path / "data", sources=[source])
+#: restart delays apart from the ticker's 1 s waits on the same fake clock
+RESTART = RetryTiming(first=3.0, maximum=24.0, jitter=0.1)
+
+
+def _restart_waits(clock: FakeClock) -> list[float]:
+    return [w for w in clock.waits if w > 2.0]
+
+
+async def test_a_crashing_source_is_restarted_after_its_backoff(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    source = ScriptedSource([], crash_first=True)
+    clock = FakeClock(auto_advance=True)  # a wait nothing cuts short jumps the clock instead of sleeping
+    site = _probe_site(tmp_path)
+    gateway = Gateway(site, data_dir=tmp_path / "data", sources=[source], clock=clock, restart_timing=RESTART)
     stop = asyncio.Event()
     runner = asyncio.ensure_future(gateway.run(stop))
     await asyncio.wait_for(gateway.started.wait(), 5)
-    for _ in range(300):  # restarted after its ~1 s backoff
-        if source.runs >= 2:
-            break
-        await asyncio.sleep(0.01)
+    await _until(lambda: source.runs >= 2)
     stop.set()
     await asyncio.wait_for(runner, 3)
     assert source.runs == 2
-    assert "scripted crashed" in caplog.text
+    [wait] = _restart_waits(clock)
+    assert 2.7 <= wait <= 3.3
+    assert f"scripted crashed; restarting in {wait:.1f} s" in caplog.text
+
+
+class CrashingSource(ScriptedSource):
+    """Crashes on every run, after working for ``lasts[run]`` seconds of the fake clock."""
+
+    def __init__(self, clock: FakeClock, lasts: list[float]) -> None:
+        super().__init__([])
+        self.clock = clock
+        self.lasts = lasts
+
+    async def run(self, publish: BatchSink, stopping: asyncio.Event) -> None:
+        self.clock.advance(self.lasts[self.runs] if self.runs < len(self.lasts) else 0.0)
+        self.runs += 1
+        raise RuntimeError(f"bug number {self.runs}")
+
+
+async def test_restarts_back_off_while_a_source_keeps_crashing_and_start_over_after_a_long_run(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gateway.supervisor")
+    clock = FakeClock(auto_advance=True)
+    source = CrashingSource(clock, lasts=[0, 0, 0, 0, 0, 25.0, 0])  # the sixth run works longer than the maximum
+    site = _probe_site(tmp_path)
+    gateway = Gateway(site, data_dir=tmp_path / "data", sources=[source], clock=clock, restart_timing=RESTART)
+    stop = asyncio.Event()
+    runner = asyncio.ensure_future(gateway.run(stop))
+    await asyncio.wait_for(gateway.started.wait(), 5)
+    await _until(lambda: source.runs >= 8)  # seven restarts, each after its wait
+    stop.set()
+    await asyncio.wait_for(runner, 3)
+    waits = _restart_waits(clock)[:7]
+    expected = [3.0, 6.0, 12.0, 24.0, 24.0, 3.0, 6.0]  # doubling to the cap; the long run resets the delay
+    assert all(0.9 * e <= w <= 1.1 * e for w, e in zip(waits, expected, strict=True)), waits
+    # one line when a crash loop starts and one when it is over, not one per restart (each crash logs its traceback)
+    assert caplog.text.count("scripted restarts: crashed; retrying in the background") == 2
+    assert caplog.text.count("scripted restarts: back after") == 1
+    assert caplog.text.count("scripted crashed; restarting in") >= 7
 
 
 async def test_writes_are_refused_without_an_allowlist(tmp_path: Path) -> None:
@@ -150,10 +209,7 @@ async def test_rule_outputs_reach_the_outbox_and_the_driver(tmp_path: Path) -> N
     stop = asyncio.Event()
     runner = asyncio.ensure_future(gateway.run(stop))
     await asyncio.wait_for(gateway.started.wait(), 5)
-    for _ in range(200):
-        if "write probe.value" in log:
-            break
-        await asyncio.sleep(0.01)
+    await _until(lambda: "write probe.value" in log)
     stop.set()
     await asyncio.wait_for(runner, 3)
     assert "write probe.value" in log
@@ -184,7 +240,8 @@ async def test_a_hostile_rule_file_on_reload_is_refused_and_the_running_rules_st
     )
     site = load_site(site_path)
     site.registry.add(PointInfo("probe.value"))
-    gateway = Gateway(site, data_dir=tmp_path / "data", sources=[ScriptedSource([])])
+    # the ticker (which runs the reload) waits its second on a fake clock: a few milliseconds of real time
+    gateway = Gateway(site, data_dir=tmp_path / "data", sources=[ScriptedSource([])], clock=FakeClock())
     stop = asyncio.Event()
     runner = asyncio.ensure_future(gateway.run(stop))
     await asyncio.wait_for(gateway.started.wait(), 5)
@@ -194,10 +251,7 @@ async def test_a_hostile_rule_file_on_reload_is_refused_and_the_running_rules_st
     )
     with caplog.at_level(logging.ERROR, logger="gateway.supervisor"):
         gateway.request_reload()
-        for _ in range(300):  # the reload runs at the next tick (1 s)
-            if any("rule reload refused" in r.getMessage() for r in caplog.records):
-                break
-            await asyncio.sleep(0.01)
+        await _until(lambda: any("rule reload refused" in r.getMessage() for r in caplog.records))
     stop.set()
     await asyncio.wait_for(runner, 3)
     # the watcher may see the change too: each reload is refused the same way
@@ -225,20 +279,21 @@ class CountingSource(ScriptedSource):
 
 async def test_a_full_disk_holds_data_back_instead_of_losing_it(tmp_path: Path) -> None:
     source = CountingSource()
-    gateway = Gateway(_probe_site(tmp_path), data_dir=tmp_path / "data", sources=[source])
+    clock = FakeClock(auto_advance=True)  # the store's retry waits take no real time
+    gateway = Gateway(_probe_site(tmp_path), data_dir=tmp_path / "data", sources=[source], clock=clock)
     stop = asyncio.Event()
     runner = asyncio.ensure_future(gateway.run(stop))
     await asyncio.wait_for(gateway.started.wait(), 5)
-    await asyncio.sleep(0.05)
     assert gateway.outbox is not None
-    db = gateway.outbox._db  # the real SQLite file refuses to grow: what a full disk looks like to the writer
+    outbox = gateway.outbox
+    await _until(lambda: outbox.stats.telemetry_samples >= 5)
+    db = outbox._db  # the real SQLite file refuses to grow: what a full disk looks like to the writer
     pages = db.execute("PRAGMA page_count").fetchone()[0]
     db.execute(f"PRAGMA max_page_count = {pages}")
-    await asyncio.sleep(0.5)
-    assert not gateway.outbox.writable()
-    stored_during_outage = gateway.outbox.stats.telemetry_samples
+    await _until(lambda: not outbox.writable())
+    stored_during_outage = outbox.stats.telemetry_samples
     db.execute("PRAGMA max_page_count = 1073741823")  # space freed
-    await asyncio.sleep(0.3)
+    await _until(lambda: outbox.stats.telemetry_samples >= stored_during_outage + 5)
     stop.set()
     await asyncio.wait_for(runner, 5)
     values = [s.value for s in await _stored(tmp_path / "data" / "outbox.db")]
@@ -268,22 +323,23 @@ async def test_a_stop_while_the_disk_refuses_ends_in_seconds_and_counts_what_was
     # The queue is full and the source is blocked on it when the stop comes: the store must give up after its grace,
     # or the source never returns, the bus never closes and the stop waits for systemd's SIGKILL.
     source = FloodingSource()
-    gateway = Gateway(_probe_site(tmp_path), data_dir=tmp_path / "data", sources=[source])
+    clock = FakeClock(auto_advance=True)  # the store's retry waits and the grace take no real time
+    gateway = Gateway(_probe_site(tmp_path), data_dir=tmp_path / "data", sources=[source], clock=clock)
     stop = asyncio.Event()
     runner = asyncio.ensure_future(gateway.run(stop))
     await asyncio.wait_for(gateway.started.wait(), 5)
     assert gateway.outbox is not None
-    db = gateway.outbox._db
+    outbox = gateway.outbox
+    db = outbox._db
     db.execute(f"PRAGMA max_page_count = {db.execute('PRAGMA page_count').fetchone()[0]}")  # the disk is full
-    for _ in range(500):
-        if not gateway.outbox.writable() and gateway._awaiting_store:
-            break
-        await asyncio.sleep(0.01)
+    await _until(lambda: not outbox.writable() and bool(gateway._awaiting_store))
     assert gateway._awaiting_store  # the source is now blocked on its sink, waiting for a commit
     stop.set()
-    started = time.monotonic()
-    await asyncio.wait_for(runner, STOP_STORE_GRACE_SECONDS + 5)
-    assert time.monotonic() - started < STOP_STORE_GRACE_SECONDS + 3
+    await asyncio.wait_for(runner, 5)
+    # given up once the grace was over, and soon after: a retry wait under way at the stop (at most 5 s) runs out,
+    # then the store retries every 0.25 s at most
+    assert gateway._stop_requested_at is not None
+    assert STOP_STORE_GRACE_SECONDS <= clock.monotonic() - gateway._stop_requested_at <= STOP_STORE_GRACE_SECONDS + 5
     stored = await _stored(tmp_path / "data" / "outbox.db")
     assert gateway.store_lost > 0
     assert len(stored) + gateway.store_lost == len(source.published)  # every sample is stored or counted as lost
@@ -321,10 +377,7 @@ async def test_the_sink_returns_only_once_the_outbox_has_committed_the_batch(tmp
     stop = asyncio.Event()
     runner = asyncio.ensure_future(gateway.run(stop))
     await asyncio.wait_for(gateway.started.wait(), 5)
-    for _ in range(500):
-        if len(source.seen_on_return) == 50:
-            break
-        await asyncio.sleep(0.01)
+    await _until(lambda: len(source.seen_on_return) == 50)
     stop.set()
     await asyncio.wait_for(runner, 5)
     assert source.seen_on_return == [(True, True)] * 50
@@ -351,14 +404,17 @@ def test_an_expected_stage_fault_is_logged_once_and_a_bug_every_time(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="gateway.supervisor")
-    gateway = Gateway(_probe_site(tmp_path), data_dir=tmp_path / "data", sources=[])
+    clock = FakeClock()
+    gateway = Gateway(_probe_site(tmp_path), data_dir=tmp_path / "data", sources=[], clock=clock)
     for _ in range(3):  # a failing disk under the incentive ledger, batch after batch
         gateway._stage_failed("incentive stage", StoreError("disk I/O error"), "a batch")
         gateway._stage_ok("incentive stage")  # a batch that never touched the disk proves nothing
     assert caplog.text.count("incentive stage failed: disk I/O error") == 1
     assert "works again" not in caplog.text
-    message, _ = gateway._stage_faults["incentive stage"]
-    gateway._stage_faults["incentive stage"] = (message, time.monotonic() - STAGE_RECOVERY_SECONDS)
+    clock.advance(STAGE_RECOVERY_SECONDS - 0.1)
+    gateway._stage_ok("incentive stage")
+    assert "works again" not in caplog.text
+    clock.advance(0.1)
     gateway._stage_ok("incentive stage")
     assert "incentive stage works again" in caplog.text
     assert "Traceback" not in caplog.text
