@@ -64,6 +64,9 @@ STOP_STORE_GRACE_SECONDS = 2.0
 #: the most samples the store loop groups into one outbox row: the platform uplink's default request size, so a
 #: grouped row never makes a request larger than an uplink's own batching would (a single larger poll is stored as is)
 STORE_GROUP_SAMPLES = 2000
+#: how long the store loop waits, after a batch arrives at an idle outbox, for the rest of a poll cycle to join it in
+#: one transaction: a Modbus bus commits its devices' polls together, not one transaction each (issue 19)
+STORE_LINGER_SECONDS = 0.02
 #: a stage in an expected fault (its store refusing) counts as working again after this long without a failure: one
 #: successful step proves little, since many steps (a batch with no meter reading) never touch the disk
 STAGE_RECOVERY_SECONDS = 10.0
@@ -269,10 +272,14 @@ class Gateway:
     # -- bus consumers ----------------------------------------------------------------------------------------
 
     async def _store_loop(self, sub: Subscription, outbox: Outbox) -> None:
-        """Commit what the sources publish. Group commit: the batches that queued while the last transaction ran
-        are stored together, as one outbox row in one transaction (up to STORE_GROUP_SAMPLES), so the writer's
-        cost follows the rate of transactions, not of polls; nothing waits to be grouped."""
+        """Commit what the sources publish. Group commit: a batch that finds the queue empty waits
+        STORE_LINGER_SECONDS for the rest of its poll cycle, and what queued meanwhile (or while the last transaction
+        ran) is stored with it, as one outbox row in one transaction (up to STORE_GROUP_SAMPLES). The writer's cost
+        then follows the rate of transactions, not of polls. No wait when more is queued already (the store is
+        behind: grouping happens by itself) nor once a stop was requested."""
         async for batch in sub:
+            if not sub.depth() and len(batch) < STORE_GROUP_SAMPLES and self._stop_requested_at is None:
+                await self.clock.wait(self._no_wake, STORE_LINGER_SECONDS)
             group = sub.take_queued(STORE_GROUP_SAMPLES - len(batch))
             if group:
                 group.insert(0, batch)

@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 from drivers.simulator.config import SimulatorDeviceConfig, SimulatorProfile
 from drivers.simulator.models import MODELS, AhuModel, Model
 from gateway.config.site import Site
-from gateway.driver_api import BatchSink, DeviceStatus
+from gateway.driver_api import BatchSink, DeviceStatus, PublishAhead
 from gateway.errors import WriteRejected
 from gateway.model import Command, Quality, Sample
 
@@ -59,6 +59,20 @@ class SimulatorSource:
         # (due time, device id): a heap keeps every device on its own interval without one task each
         due = [(start, dev_id) for dev_id in self._devices]
         heapq.heapify(due)
+        # a simulated poll acknowledges nothing: the next device is polled while the last one is being stored
+        ahead = PublishAhead(publish)
+        try:
+            await self._poll(due, ahead, loop, stopping)
+        finally:
+            await ahead.drain()
+
+    async def _poll(
+        self,
+        due: list[tuple[float, str]],
+        ahead: PublishAhead,
+        loop: asyncio.AbstractEventLoop,
+        stopping: asyncio.Event,
+    ) -> None:
         while not stopping.is_set():
             when, dev_id = due[0]
             delay = when - loop.time()
@@ -70,7 +84,7 @@ class SimulatorSource:
                     pass
             heapq.heappop(due)
             device = self._devices[dev_id]
-            await publish(self.poll_device(device, time.time_ns()))
+            await ahead.hand(self.poll_device(device, time.time_ns()))
             interval = device.config.poll
             nxt = when + interval
             if nxt < loop.time():  # fell behind (machine suspended?): skip missed polls rather than burst
