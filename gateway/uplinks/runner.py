@@ -293,13 +293,22 @@ class UplinkRunner:
         # The backlog is opened only once the link is proven (a request accepted since the last failure): while it
         # is down, or before the first success, old data goes out in order, so a backlog never starts mid-outage
         # and live data after it is really live.
-        if self._link_up and not self._cursor.has_backlog and not self._live and not self._stopping_phase:
-            peek = self.outbox.read_telemetry_upto(self._live_read, upto_seq=None, max_samples=1)
-            if peek and peek[0].created_ns < now_ns - window_ns:
-                await self._open_backlog()
         rows = self.outbox.read_telemetry_upto(self._live_read, upto_seq=None, max_samples=self.delivery.batch_size)
         if not rows:
             return None
+        if (
+            rows[0].created_ns < now_ns - window_ns
+            and self._link_up
+            and not self._cursor.has_backlog
+            and not self._live
+            and not self._stopping_phase
+        ):
+            # what is stored from here is old: it becomes backlog, and live data starts after it (read once: a
+            # separate peek decoded a whole stored batch on every launch, issue 19)
+            await self._open_backlog()
+            rows = self.outbox.read_telemetry_upto(self._live_read, upto_seq=None, max_samples=self.delivery.batch_size)
+            if not rows:
+                return None
         flight = _Flight(rows[0].seq, rows[-1].seq)
         self._live.append(flight)
         self._live_read = flight.last
