@@ -138,7 +138,7 @@ class LiveCache:
     def _drop_history(self) -> None:
         dropped, self.history = self.history, {}
         if dropped:
-            del dropped  # the last reference: the rings are freed here, before the heap is trimmed
+            del dropped  # its last reference (snapshots copy the rings): freed here, before the heap is trimmed
             self._release()
 
     def update(self, batch: Sequence[Sample]) -> None:
