@@ -15,7 +15,8 @@ K poll cycles of one batch per device, stamped with the real clock, then measure
     .venv/bin/python bench/memory.py --no-trace         # the process's RSS without tracemalloc's bookkeeping
     GATEWAY_SOURCE=/path/to/other/checkout .venv/bin/python bench/memory.py   # the same measurement of another tree
 
-``--no-http`` runs without the status server (a gateway whose page is off keeps no sparkline history). The last
+The status page counts as open (the live cache keeps the sparklines' history, the worst case); ``--unwatched``
+leaves it unopened and ``--no-http`` runs without the status server (neither keeps any sparkline history). The last
 line is one JSON object: ``bytes_per_point`` per structure and in total, ``traced_mib``, ``rss_mib``.
 """
 
@@ -159,6 +160,8 @@ async def measure(args: argparse.Namespace, directory: Path) -> dict[str, Any]:
     source = CycleSource([f"d{i:05d}" for i in range(devices)], args.cycles, done)
     listen = "off" if args.no_http else f"127.0.0.1:{free_port()}"
     gateway = Gateway(site, data_dir=directory / "data", http_listen=listen, sources=[source])
+    if not args.unwatched:
+        gateway.live.watched()  # the status page is open: the sparklines' history is kept (the worst case)
     stop = asyncio.Event()
     runner = asyncio.create_task(gateway.run(stop))
     started = time.monotonic()
@@ -211,6 +214,9 @@ def main() -> int:
     parser.add_argument("--windows", type=int, default=100, help="rule points averaging a point over --window")
     parser.add_argument("--window", default="5min")
     parser.add_argument("--no-http", action="store_true", help="status server off (no sparkline history kept)")
+    parser.add_argument(
+        "--unwatched", action="store_true", help="status server on, nobody looking (no history until a reader comes)"
+    )
     parser.add_argument(
         "--no-trace", action="store_true", help="without tracemalloc: an RSS not inflated by its bookkeeping"
     )

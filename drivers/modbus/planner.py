@@ -1,8 +1,8 @@
 """The request planner: the points due together become the fewest reads the register map allows.
 
-Owns ``ReadRequest`` (one read: unit, table, first address, count, and the points it carries with their compiled
-decoders, per point and for the whole block), ``plan_reads`` and the human explanation of a plan. Pure: no I/O,
-no pymodbus.
+Owns ``ReadRequest`` (one read: unit, table, first address, count, the points it carries and the compiled decoder
+of the whole block; a point's own decoder is compiled only when asked for), ``plan_reads`` and the human
+explanation of a plan. Pure: no I/O, no pymodbus.
 
 Rules (DESIGN.md, "Modbus, the way field engineers need it"): points are merged per unit id and per table; a
 read may run through a hole of at most ``max_fill`` unmapped registers (``max_fill_bits`` for coils and discrete
@@ -38,8 +38,18 @@ class PlannedPoint:
     spec: ModbusPoint
     #: registers (or bits) from the read's first address
     offset: int
-    #: (wire, swapped) -> value; None for coils and discrete inputs, which are read as ``bits[offset]``
-    decoder: Decoder | None
+    #: the profile's byte and word order (a point's own ``order`` overrides it)
+    profile_order: str = "ABCD"
+
+    @property
+    def decoder(self) -> Decoder | None:
+        """(wire, swapped) -> value; None for coils and discrete inputs, which are read as ``bits[offset]``.
+
+        Compiled on each call, not kept: the poll path decodes a whole read with its request's ``block``, so only
+        ``modbus read`` and tests decode point by point, and a closure per point would be held for nothing."""
+        if self.spec.table in BIT_TABLES:
+            return None
+        return compile_decoder(self.spec, self.offset, self.profile_order)
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,10 +127,7 @@ def _request(
     for point, spec in group:
         offset = spec.address - start
         used.update(range(spec.address, spec.address + spec.width))
-        decoder: Decoder | None = None
-        if table not in BIT_TABLES:
-            decoder = compile_decoder(spec, offset, profile_order)
-        planned.append(PlannedPoint(point, spec, offset, decoder))
+        planned.append(PlannedPoint(point, spec, offset, profile_order))
     count = end - start
     block = None if table in BIT_TABLES else BlockDecoder([(p.spec, p.offset) for p in planned], profile_order)
     return ReadRequest(

@@ -55,6 +55,7 @@ class PlatformPoints:
         self._registry = registry
         #: point -> (device, name) when it may be sent, () when it is known and personal; unknown points are absent
         self.names: dict[str, tuple[str, str] | tuple[()]] = {}
+        self._devices: dict[str, str] = {}  # one device string for all its points, not one per point
 
     def __contains__(self, point: object) -> bool:
         return isinstance(point, str) and bool(self.names.get(point) or self.resolve(point))
@@ -68,7 +69,7 @@ class PlatformPoints:
             self.names[point] = ()
             return ()
         device, _, name = point.partition(".")
-        names = self.names[point] = (device, name)
+        names = self.names[point] = (self._devices.setdefault(device, device), name)
         return names
 
 

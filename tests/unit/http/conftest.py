@@ -65,6 +65,7 @@ async def gateway(tmp_path: Path, now: int) -> AsyncIterator[Gateway]:
     gw.outbox = Outbox(tmp_path / "outbox.db")
     gw.started_ns = now - 5_000_000_000
     gw.started.set()
+    gw.live.watched()  # the page is open: history is kept from here on (gateway/live.py)
     gw.live.update(
         [
             Sample("zone1.co2", 612.5, now - 2_000_000_000, Quality.GOOD),
