@@ -82,6 +82,9 @@ DISK_OVERHEAD = 160 * 1024
 #: ``size`` and so in the budgets, or a stream of one-sample batches (or of small events, whose id is also indexed)
 #: would fill half as much again as its budget
 ROW_OVERHEAD = 24
+#: committed telemetry kept in memory for the uplinks' live reads (``Outbox._remember``): two seconds at 5,000
+#: points/s, more than the uplinks' default request (2,000 and 5,000 samples)
+RECENT_SAMPLES = 10_000
 _QUALITIES = tuple(Quality)
 
 _SCHEMA = """
@@ -242,8 +245,9 @@ class _AppendSamples:
     blob: bytes
     count: int
 
-    def apply(self, outbox: Outbox, now_ns: int) -> None:
-        outbox._insert_telemetry(self.blob, self.count, now_ns)
+    def apply(self, outbox: Outbox, now_ns: int) -> tuple[int, int]:
+        """The row's (seq, created_ns)."""
+        return outbox._insert_telemetry(self.blob, self.count, now_ns), now_ns
 
 
 @dataclass(frozen=True, slots=True)
@@ -370,6 +374,11 @@ class Outbox:
         self._jobs: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._closed = False
         self._append_listeners: list[Callable[[], None]] = []
+        #: the newest committed telemetry rows, as appended: seq -> batch (see ``_remember``)
+        self._recent: dict[int, TelemetryBatch] = {}
+        self._recent_samples = 0
+        #: the highest seq the budget has dropped (written by the writer thread): no recent row at or below it is used
+        self._dropped_upto = 0
         # the default stack size on purpose: the 8 MiB is address space, not memory (the idle gateway's writer stack
         # is 12 KiB resident, 2026-12-03), and threading.stack_size would change it for every later thread too
         self._thread = threading.Thread(target=self._writer_loop, name="outbox-writer", daemon=True)
@@ -487,12 +496,13 @@ class Outbox:
 
     # -- what the jobs do (writer thread, inside its transaction) -------------------------------------------------
 
-    def _insert_telemetry(self, blob: bytes, count: int, now_ns: int) -> None:
+    def _insert_telemetry(self, blob: bytes, count: int, now_ns: int) -> int:
         size = len(blob) + ROW_OVERHEAD
-        self._db.execute(
+        seq = self._db.execute(
             "INSERT INTO telemetry (created_ns, n, size, payload) VALUES (?, ?, ?, ?)",
             (now_ns, count, size, blob),
-        )
+        ).lastrowid
+        assert seq is not None  # an INSERT into a rowid table always has one
         self.stats.telemetry_batches += 1
         self.stats.telemetry_samples += count
         self.stats.telemetry_bytes += size
@@ -501,6 +511,7 @@ class Outbox:
             self.stats.oldest_telemetry_ns = now_ns
         if self.stats.telemetry_bytes > self._effective_telemetry_budget():
             self._drop_oldest_telemetry()
+        return seq
 
     def _insert_events(self, rows: list[tuple[str, str, bytes]], now_ns: int) -> int:
         added = 0
@@ -578,6 +589,9 @@ class Outbox:
         if not removed_batches:
             return
         db.execute("DELETE FROM telemetry WHERE seq <= ?", (last_seq,))
+        # read by the event loop (an int assignment is atomic); set before the commit, so the recent rows never
+        # serve a row that a commit has deleted (a rolled-back drop only sends a few reads to the database)
+        self._dropped_upto = max(self._dropped_upto, last_seq)
         self.stats.telemetry_batches -= removed_batches
         self.stats.telemetry_samples -= removed_samples
         self.stats.telemetry_bytes -= freed
@@ -694,8 +708,26 @@ class Outbox:
         """Store one batch of telemetry; returns once it is committed."""
         if not samples:
             return
-        await self._submit(_AppendSamples(encode_samples(samples), len(samples)))
+        blob = encode_samples(samples)
+        seq, created_ns = await self._submit(_AppendSamples(blob, len(samples)))
+        self._remember(seq, created_ns, samples, blob)
         self._notify_appended()
+
+    def _remember(self, seq: int, created_ns: int, samples: Sequence[Sample], blob: bytes) -> None:
+        """Keep a committed row in memory for the uplinks' live reads (``read_telemetry_upto``).
+
+        Reading back and decoding what was just written cost about 1 us per point at 5,000 points/s (issue 19):
+        the uplinks read the live rows within a fraction of a second of their commit. A row is kept only if it reads
+        back exactly as stored: JSON has no NaN or infinity (a value stored as one reads back None), so a row with
+        such a value is left to the database. At most RECENT_SAMPLES are kept, oldest out first."""
+        if b"null" in blob and any(type(s.value) is float and s.value - s.value != 0.0 for s in samples):
+            return  # NaN or +-inf: stored as null
+        recent = self._recent
+        recent[seq] = TelemetryBatch(seq, created_ns, list(samples))
+        self._recent_samples += len(samples)
+        while self._recent_samples > RECENT_SAMPLES and len(recent) > 1:
+            oldest = next(iter(recent))
+            self._recent_samples -= len(recent.pop(oldest).samples)
 
     async def append_events(self, events: Sequence[Event]) -> int:
         """Store events (idempotent by id); returns how many were new."""
@@ -763,20 +795,38 @@ class Outbox:
 
     def read_telemetry_upto(self, after_seq: int, *, upto_seq: int | None, max_samples: int) -> list[TelemetryBatch]:
         """Stored batches after ``after_seq`` (and at most ``upto_seq``), oldest first, until ``max_samples`` are
-        collected (at least one batch, however large)."""
-        sql = "SELECT seq, created_ns, n, payload FROM telemetry WHERE seq > ?"
-        params: tuple[int, ...] = (after_seq,)
-        if upto_seq is not None:
-            sql += " AND seq <= ?"
-            params = (after_seq, upto_seq)
+        collected (at least one batch, however large). Rows still in memory (``_remember``) are served from there,
+        in seq order; from the first row that is not (older, or not kept), the rest come from the database."""
         out: list[TelemetryBatch] = []
         total = 0
+        seq = after_seq
+        recent = self._recent
+        if after_seq >= self._dropped_upto:
+            while upto_seq is None or seq < upto_seq:
+                batch = recent.get(seq + 1)
+                if batch is None:
+                    break
+                n = len(batch.samples)
+                if out and total + n > max_samples:
+                    return out
+                out.append(batch)
+                total += n
+                seq += 1
+                if total >= max_samples:
+                    return out
+            if upto_seq is not None and seq >= upto_seq:
+                return out
+        sql = "SELECT seq, created_ns, n, payload FROM telemetry WHERE seq > ?"
+        params: tuple[int, ...] = (seq,)
+        if upto_seq is not None:
+            sql += " AND seq <= ?"
+            params = (seq, upto_seq)
         rows = self._reader.execute(sql + " ORDER BY seq", params)
         try:
-            for seq, created, n, payload in rows:
+            for row_seq, created, n, payload in rows:
                 if out and total + n > max_samples:
                     break
-                out.append(TelemetryBatch(seq, created, decode_samples(payload)))
+                out.append(TelemetryBatch(row_seq, created, decode_samples(payload)))
                 total += n
                 if total >= max_samples:
                     break
