@@ -28,7 +28,7 @@ import math
 import re
 import struct
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, KeysView
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import ROUND_HALF_EVEN, Context, Decimal
@@ -73,6 +73,11 @@ _FACTOR = re.compile(r"(0|[1-9]\d*)(\.\d+)?")
 _DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
 _CLOCK = re.compile(r"([01]\d|2[0-3]):([0-5]\d)")
 _WIDE = Context(prec=120)
+#: the programme numbers that drive loops, bounded as the gateway's config bounds them (``config.py``, which this
+#: module must not import): a signed ``lookback_days`` of billions once made verify walk back billions of days
+_INTERVAL_S_RANGE = (60, 86_400)
+_LIKE_DAYS_RANGE = (1, 60)
+_LOOKBACK_DAYS_RANGE = (1, 366)
 
 _COMMON: dict[str, type] = {
     "schema": str,
@@ -245,6 +250,13 @@ def _int(value: Any, what: str, *, minimum: int = 0) -> int:
     return value
 
 
+def _bounded(value: Any, what: str, bounds: tuple[int, int]) -> int:
+    low, high = bounds
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise _Bad(f"{what} is {value!r:.40}, not an integer in the allowed range {low}..{high}")
+    return value
+
+
 def _members(value: dict[str, Any], expected: frozenset[str] | set[str], what: str) -> None:
     if value.keys() == expected:
         return
@@ -384,7 +396,9 @@ def _clock(value: Any, what: str) -> int:
 def _parse_programme(body: Any) -> _Programme:
     programme = _obj(body, "programme_body")
     _members(programme, _PROGRAMME_MEMBERS, "programme_body")
-    interval_s = _int(programme["interval_s"], "interval_s", minimum=1)
+    interval_s = _bounded(programme["interval_s"], "interval_s", _INTERVAL_S_RANGE)
+    if _INTERVAL_S_RANGE[1] % interval_s:
+        raise _Bad(f"interval_s {interval_s} does not divide a day (86400 s)")
     max_gap_s = _int(programme["max_gap_s"], "max_gap_s")
     for name in ("settle_s", "max_delay_s", "max_clock_skew_s"):
         _int(programme[name], name)
@@ -444,11 +458,14 @@ def _parse_account(entry: Any) -> _AccountRules:
         baseline = _BaselineRules("fixed", kwh=_micro(rules["kwh"], f"account {account}: baseline kwh"))
     elif rules.get("method") == "like_days":
         _members(rules, {"method", "days", "min_days", "lookback_days"}, f"account {account}: baseline")
+        days = _bounded(rules["days"], f"account {account}: baseline days", _LIKE_DAYS_RANGE)
         baseline = _BaselineRules(
             "like_days",
-            days=_int(rules["days"], "baseline days", minimum=1),
-            min_days=_int(rules["min_days"], "baseline min_days", minimum=1),
-            lookback_days=_int(rules["lookback_days"], "baseline lookback_days", minimum=1),
+            days=days,
+            min_days=_bounded(rules["min_days"], f"account {account}: baseline min_days", (1, days)),
+            lookback_days=_bounded(
+                rules["lookback_days"], f"account {account}: baseline lookback_days", _LOOKBACK_DAYS_RANGE
+            ),
         )
     else:
         raise _Bad(f"account {account}: baseline method is neither 'fixed' nor 'like_days'")
@@ -1361,10 +1378,9 @@ class _Verifier:
                     f"{where}: hash chain broken: prev_hash is not the hash of seq {seq - 1} (line {before.line})"
                 )
 
-    def _gaps(self) -> set[int]:
+    def _gaps(self) -> _MissingSeqs:
         """Reports missing seqs between the first and last record; returns every missing seq below the last."""
         seqs = sorted(self.by_seq)
-        missing: set[int] = set(range(1, seqs[0])) if seqs else set()
         allowed: range = range(0)
         if self.from_seq is not None and seqs:
             allowed = range(seqs[0] + 1, self.from_seq)
@@ -1373,15 +1389,12 @@ class _Verifier:
         for before, after in pairwise(seqs):
             if after == before + 1:
                 continue
-            missing.update(range(before + 1, after))
-            run: list[int] = [s for s in range(before + 1, after) if s not in allowed]
-            # allowed is one contiguous run, so what is left is at most two runs
-            for low, high in _runs(run):
+            for low, high in _outside(before + 1, after - 1, allowed):
                 parts.append(str(low) if low == high else f"{low}..{high}")
                 count += high - low + 1
         if count:
             self.problem(f"gap: seq {', '.join(parts)} missing ({count} record(s))")
-        return missing
+        return _MissingSeqs(self.by_seq.keys(), seqs[-1] if seqs else 0)
 
     def _overlaps(self) -> None:
         for spans in self.spans.values():
@@ -1397,7 +1410,7 @@ class _Verifier:
                 if reach is None or span.end > reach.end:
                     reach = span
 
-    def _settlement_lists(self, missing: set[int]) -> None:
+    def _settlement_lists(self, missing: _MissingSeqs) -> None:
         for settlement in self.settlements:
             listed: set[str] = set()
             for rid, seq, delta, co2e in settlement.entries:
@@ -1435,7 +1448,7 @@ class _Verifier:
                         f"{_show_day(settlement.day)} is missing from the settlement"
                     )
 
-    def _absent_days(self, missing: set[int]) -> None:
+    def _absent_days(self, missing: _MissingSeqs) -> None:
         for pending in self.pending_days:
             used = self.intervals.get((pending.account, pending.start))
             if used is not None:
@@ -1589,14 +1602,32 @@ def _co2e(
             out(f"{name} {_fmt(stated)} is not {figure} x emission factor ({_fmt(expected)})")
 
 
-def _runs(values: list[int]) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for value in values:
-        if runs and runs[-1][1] == value - 1:
-            runs[-1] = (runs[-1][0], value)
-        else:
-            runs.append((value, value))
+def _outside(low: int, high: int, allowed: range) -> list[tuple[int, int]]:
+    """The runs of ``low..high`` outside ``allowed`` (one contiguous run, so at most two are left), found by
+    arithmetic: a signed seq may jump by 2**62."""
+    if not allowed:
+        return [(low, high)]
+    runs = []
+    if low < allowed.start:
+        runs.append((low, min(high, allowed.start - 1)))
+    if high >= allowed.stop:
+        runs.append((max(low, allowed.stop), high))
     return runs
+
+
+@dataclass(frozen=True, slots=True)
+class _MissingSeqs:
+    """The seqs below ``last`` that the stream lacks, as a rule rather than a set: a signed seq of 2**62 must not
+    make verify allocate the numbers below it."""
+
+    present: KeysView[int]
+    last: int
+
+    def __contains__(self, seq: object) -> bool:
+        return isinstance(seq, int) and 1 <= seq < self.last and seq not in self.present
+
+    def __bool__(self) -> bool:
+        return self.last > len(self.present)  # every present seq is in 1..last
 
 
 @lru_cache(maxsize=1 << 12)
