@@ -26,6 +26,7 @@ Imports no broker library and no HTTP client.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -66,6 +67,8 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 
 #: upper bounds (ms) of the end-to-end latency histogram: a read's time to the commit that recorded it (the
 #: gateway's clock against the receiver's: on one machine in tests and the bench; across machines, NTP-bounded)
+#: how long a receiver starting beside another waits for it to finish setting up the shared database
+SETUP_WAIT_SECONDS = 30.0
 LATENCY_BUCKETS_MS = (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000)
 
 KeyLookup = Callable[[str], Ed25519PublicKey | None]
@@ -90,9 +93,24 @@ class Progress:
         self.keys = keys
         # autocommit mode: transactions are opened explicitly (BEGIN IMMEDIATE) so two receivers never interleave
         self.db = create_private_sqlite(self.path, isolation_level=None, timeout=60.0, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.executescript(_SCHEMA)
+        self._set_up()
+
+    def _set_up(self) -> None:
+        """WAL mode and the schema. Two receivers started together (they share this file) may find the other one
+        switching the journal mode: SQLite answers that with "database is locked" at once, without waiting for its
+        busy timeout, so that one case is retried here for a while (a receiver exited instead, found by the
+        shared-subscription test under load)."""
+        deadline = time.monotonic() + SETUP_WAIT_SECONDS
+        while True:
+            try:
+                self.db.execute("PRAGMA journal_mode=WAL")
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.executescript(_SCHEMA)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
 
     def close(self) -> None:
         self.db.close()

@@ -231,3 +231,27 @@ def test_bad_input_is_logged_once_per_gateway_and_episode(progress: Progress, ca
     assert len(warnings) == 2 and all("tower/gw1" in w for w in warnings)
     assert any("good input again after 3 quarantined" in r.getMessage() for r in caplog.records)
     assert progress.report()["quarantine"] == {"schema": 4}
+
+
+def test_a_receiver_starting_while_another_holds_the_database_waits_for_it(tmp_path: Path) -> None:
+    """Two receivers share one progress database and may start together: the second must wait, not exit. (This
+    covers the wait on a held lock; the retry of an immediate "database is locked" from the journal-mode switch,
+    seen once under load in the shared-subscription test, could not be provoked on demand.)"""
+    import sqlite3
+    import threading
+    import time
+
+    path = tmp_path / "data" / "progress.db"
+    path.parent.mkdir()
+    other = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    other.execute("CREATE TABLE held (x)")
+    other.execute("BEGIN EXCLUSIVE")  # what the first receiver holds while it switches to WAL and creates tables
+    threading.Timer(0.5, lambda: (other.execute("COMMIT"), other.close())).start()
+    started = time.monotonic()
+    store = Progress(path, keys=PublicKeys(tmp_path / "keys"))
+    try:
+        assert time.monotonic() - started >= 0.4  # it waited for the lock
+        assert store.db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert store.report()["counters"] == {}
+    finally:
+        store.close()
