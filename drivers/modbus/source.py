@@ -541,10 +541,13 @@ class ModbusBusSource:
                 self._last_frame_end = self._clock()
         assert block is not None  # a register read: the bit tables returned above
         values = block.decode(wire)
-        for position in block.float_positions:
-            value = values[position]
-            if not math.isfinite(value):  # type: ignore[arg-type]  # float_positions hold floats only
-                # NaN/inf is how devices say "no valid reading": forwarded as BAD, never as a number
+        positions = block.float_positions
+        if positions:
+            # NaN/inf is how devices say "no valid reading": forwarded as BAD, never as a number. One C-level sum
+            # answers "all finite?" for the whole read (a NaN or infinity, or an overflow of large doubles, makes it
+            # non-finite; a finite sum means every term is); only a read that fails it is looked at point by point.
+            floats = values if len(positions) == len(values) else [values[p] for p in positions]
+            if not math.isfinite(sum(floats)):  # type: ignore[arg-type]  # float_positions hold floats only
                 _extend_with_bad_floats(request, values, ts, samples)
                 return
         samples.extend(

@@ -30,9 +30,12 @@ from pymodbus.constants import ExcCodes  # noqa: E402
 from pymodbus.server import ModbusSerialServer, ModbusTcpServer  # noqa: E402
 from pymodbus.simulator import DataType, SimData, SimDevice  # noqa: E402
 
+#: holding registers set by ``--words`` on every unit (address -> word), over the unit*1000+address pattern
+WORDS: dict[int, int] = {}
+
 
 def _device(unit: int, holding: int, inputs: int, action: object = None, hole: range = range(0)) -> SimDevice:
-    values = [(unit * 1000 + i) & 0xFFFF for i in range(holding)]
+    values = [WORDS.get(i, (unit * 1000 + i) & 0xFFFF) for i in range(holding)]
     # registers in ``hole`` are not mapped: a read touching them is answered with exception 2
     mapped = [(0, values[: hole.start])] if hole else [(0, values)]
     if hole:
@@ -79,7 +82,11 @@ async def main() -> None:
     parser.add_argument("--hole", default="")
     parser.add_argument("--holding", type=int, default=200)
     parser.add_argument("--input", type=int, default=100)
+    parser.add_argument("--words", default="", help="ADDR:HEXWORD,... holding registers of every unit")
     args = parser.parse_args()
+    for item in filter(None, args.words.split(",")):
+        address, word = item.split(":")
+        WORDS[int(address)] = int(word, 16)
     devices = [_device(int(u), args.holding, args.input) for u in args.units.split(",") if u]
     devices += [_device(int(u), args.holding, args.input, _hang) for u in args.dead.split(",") if u]
     for item in filter(None, args.refuse.split(",")):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import struct
 import time
 from collections.abc import Callable
 from typing import Any
@@ -231,3 +233,60 @@ async def test_rtu_on_a_pty_pair_several_slaves_one_dead(pty_pair: tuple[str, st
     assert run.last("dev2")["first"].value == 2000
     assert all(s.quality is Quality.BAD for s in run.last("dev3").values())
     assert {s.device: s.state for s in source.status()}["dev3"] is DeviceState.DISABLED
+
+
+FLOATS = ModbusProfile.model_validate(
+    {
+        "driver": "modbus",
+        "vendor": "Test",
+        "model": "Floats",
+        "doc": "tests/integration/modbus/modbus_server.py --words",
+        "points": {
+            "nan": {"table": "holding", "address": 100, "type": "f32"},
+            "plus_inf": {"table": "holding", "address": 102, "type": "f32"},
+            "fine": {"table": "holding", "address": 104, "type": "f32"},
+            "minus_inf": {"table": "holding", "address": 106, "type": "f32"},
+            "huge_a": {"table": "holding", "address": 110, "type": "f64"},
+            "huge_b": {"table": "holding", "address": 114, "type": "f64"},
+        },
+    }
+)
+
+
+def _words(address: int, raw: bytes) -> list[str]:
+    return [f"{address + k // 2}:{raw[k : k + 2].hex().upper()}" for k in range(0, len(raw), 2)]
+
+
+#: NaN, +inf, 21.5, -inf as f32, then two finite doubles whose sum overflows (1.5e308 each), big-endian words
+WORDS = ",".join(
+    [
+        *_words(100, struct.pack(">f", math.nan)),
+        *_words(102, struct.pack(">f", math.inf)),
+        *_words(104, struct.pack(">f", 21.5)),
+        *_words(106, struct.pack(">f", -math.inf)),
+        *_words(110, struct.pack(">d", 1.5e308)),
+        *_words(114, struct.pack(">d", 1.5e308)),
+    ]
+)
+
+
+async def test_nan_and_infinity_are_bad_per_point_and_large_finite_doubles_stay_good(tcp_server: Any) -> None:
+    # one read holds them all: the read's quick all-finite check must not pass a NaN, and an overflow of its sum
+    # (two finite doubles) must not turn good values BAD
+    server = tcp_server("--units", "1", "--holding", "200", "--words", WORDS)
+    config = ModbusBusConfig.model_validate({"id": "test", "type": "tcp", "host": "127.0.0.1", "port": server.port})
+    device = ModbusDeviceConfig(id="dev1", driver="modbus", profile="floats", bus="test", unit=1, poll="250ms")
+    source = ModbusBusSource(config, [(device, FLOATS)])
+    async with Runner(source) as run:
+        await run.wait_until(lambda: bool(run.of("dev1")))
+    got = run.last("dev1")
+    assert {name: (s.quality, s.reason) for name, s in got.items() if s.quality is Quality.BAD} == {
+        "nan": (Quality.BAD, "not_finite"),
+        "plus_inf": (Quality.BAD, "not_finite"),
+        "minus_inf": (Quality.BAD, "not_finite"),
+    }
+    assert {name: s.value for name, s in got.items() if s.quality is Quality.GOOD} == {
+        "fine": 21.5,
+        "huge_a": 1.5e308,
+        "huge_b": 1.5e308,
+    }
