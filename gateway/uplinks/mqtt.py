@@ -322,7 +322,22 @@ class MqttUplink:
 
     async def _session(self, closing: asyncio.Event) -> None:
         """One connection, from connect to goodbye (closing) or loss (raises)."""
-        async with self._make_client() as client:
+        client = self._make_client()
+        # aiomqtt keeps the loss in a future that only its own publish and message calls await; it replaces it with
+        # a fresh one when the connection was lost while it was being opened, and paho may report a loss after the
+        # session has ended (a broker node killed: the keepalive runs out later). This uplink publishes through paho,
+        # so nobody retrieved those, and asyncio logged "Future exception was never retrieved" at garbage
+        # collection. The loss is handled here (maintain reconnects and logs it once): mark each retrieved, now or
+        # when it completes.
+        first = client._disconnected
+        try:
+            await self._connected_session(client, closing)
+        finally:
+            for disconnected in {first, client._disconnected}:
+                disconnected.add_done_callback(_retrieved)
+
+    async def _connected_session(self, client: aiomqtt.Client, closing: asyncio.Event) -> None:
+        async with client:
             await self._announce(client)
             lost = self._lost = asyncio.Event()
             window = self._window = _PublishWindow(self.config.max_inflight_messages, name="uplink[platform]")
@@ -458,6 +473,11 @@ class MqttUplink:
         finally:
             if not ack.done.done():
                 ack.done.cancel()  # cancelled (the runner's timeout): acks still arriving are counted and ignored
+
+
+def _retrieved(future: asyncio.Future[None]) -> None:
+    if not future.cancelled():
+        future.exception()  # read: asyncio no longer reports it as never retrieved
 
 
 def _cork_writes(paho: mqtt.Client) -> None:

@@ -16,11 +16,11 @@ UNRETRIEVED: list[tuple[str, BaseException | None]] = []
 
 @pytest.fixture(autouse=True)
 async def _unretrieved_aiomqtt_futures() -> AsyncIterator[None]:
-    """aiomqtt leaves a future holding "Unexpected disconnection" unretrieved when a broker node dies under an
-    uplink (gateway/uplinks/mqtt.py, outside this area). Garbage-collected at pytest's exit, asyncio's "never
-    retrieved" log line met closed log streams inside an AST parse and crashed the run (SystemError, CPython
-    3.11.2). Those, and only those, are recorded here instead of logged; anything else goes to asyncio's default
-    handler."""
+    """aiomqtt keeps a connection loss in a future that only its own calls await; the platform uplink publishes
+    through paho and marks it retrieved itself (gateway/uplinks/mqtt.py, ``_session``). Left unretrieved, asyncio's
+    "never retrieved" line, garbage-collected at pytest's exit, once met closed log streams inside an AST parse and
+    crashed the run (SystemError, CPython 3.11.2). Such futures are recorded here instead of logged, and a test that
+    leaves one fails; anything else goes to asyncio's default handler."""
     loop = asyncio.get_running_loop()
 
     def handler(running: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -31,5 +31,8 @@ async def _unretrieved_aiomqtt_futures() -> AsyncIterator[None]:
         running.default_exception_handler(context)
 
     loop.set_exception_handler(handler)
+    UNRETRIEVED.clear()
     yield
     gc.collect()
+    left, UNRETRIEVED[:] = list(UNRETRIEVED), []
+    assert not left, f"aiomqtt futures nobody retrieved: {left}"
