@@ -371,7 +371,7 @@ class OutboxTail:
                     for seq, payload in rows.fetchall():
                         last = seq
                         self.tally.messages += 1
-                        for point, value, ts, _quality in self._decode(payload):
+                        for point, value, ts, _quality, _reason in self._decode(payload):
                             device, _, name = point.partition(".")
                             self.tally.check(
                                 int(device[1:]), TABLES.index(name[0]), int(name[1:]), value, ts // 1_000_000

@@ -106,6 +106,33 @@ def test_thingsboard_gateway_api_payload_is_counted_and_checked() -> None:
     assert (tally.delivered, tally.bad) == (2, 1)
 
 
+async def test_the_outbox_tail_reads_the_gateway_s_stored_rows(tmp_path: Path) -> None:
+    """``--no-uplink`` counts what the gateway stored: the tail must read the outbox's own format (five fields since
+    samples carry a reason; a tail written for four read nothing and reported 0 delivered)."""
+    import time
+
+    from gateway.model import Quality, Sample
+    from gateway.outbox import Outbox
+
+    outbox = Outbox(tmp_path / "outbox.db")
+    ns = TS_MS * 1_000_000
+    await outbox.append(
+        [
+            Sample("d001.h002", _served(1, 0, 2), ns, Quality.GOOD),
+            Sample("d009.i000", _served(9, 1, 0), ns, Quality.GOOD),
+            Sample("d002.h001", 12345.0, ns, Quality.GOOD, "wrong on purpose"),
+        ]
+    )
+    await outbox.close()
+    tally = h.Tally()
+    tail = h.OutboxTail(tmp_path / "outbox.db", tally)
+    deadline = time.monotonic() + 5
+    while tally.messages == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    tail.close()
+    assert (tally.messages, tally.delivered, tally.bad) == (1, 2, 1)
+
+
 def test_rss_slope_is_least_squares_per_minute() -> None:
     assert h.slope_per_min([(0.0, 100.0), (30.0, 100.5), (60.0, 101.0)]) == pytest.approx(1.0)
     assert h.slope_per_min([(0.0, 50.0)]) == 0.0
