@@ -203,6 +203,7 @@ class UplinkRunner:
         while True:
             self._wake.clear()
             self._appended = False  # what was appended so far is read in this round
+            events_mark = self.outbox.stats.appended_events
             now = self.clock.monotonic()
             if stopping.is_set() and deadline is None:
                 deadline = now + self.final_flush
@@ -234,13 +235,15 @@ class UplinkRunner:
                 and self._link_up
                 and not self._stopping_phase
                 and not self._cursor.has_backlog
+                and ("events" not in self.uplink.kinds or self.outbox.stats.appended_events == events_mark)
             ):
                 # Woken by new live data: the other devices' polls of this cycle are being committed now. One
                 # request for all of them costs one outbox read, one cursor write and one task, where a request per
                 # stored batch cost those for every device (issue 19: most of the platform uplink's CPU). Also while
                 # a live request is in flight: with a free slot, each commit during its round trip launched a
                 # request of its own. Never while a backlog replays: a linger there cut the replay rate to a third
-                # (bench/outbox.py, 2026-12-03), and live data joins the next request anyway.
+                # (bench/outbox.py, 2026-12-03), and live data joins the next request anyway. Nor when an event came:
+                # alarms and rule publications go at once (bench/latency.py: 119 ms to the subscriber with a linger).
                 await self.clock.wait(self._no_linger, self.delivery.linger)
         await self._finish_in_flight(deadline)
 

@@ -343,6 +343,28 @@ async def test_polls_committed_during_a_live_request_wait_for_the_linger_too(tmp
     await outbox.close()
 
 
+async def test_an_event_is_sent_at_once_not_after_a_linger(tmp_path: Path) -> None:
+    # alarms and rule publications must not wait for the rest of a poll cycle
+    clock = LingerClock()
+    outbox = open_outbox(tmp_path, clock)
+    uplink = RecordingUplink(clock=clock)
+    runner = make_runner(outbox, uplink, clock, DELIVERY.model_copy(update={"linger": 0.25}))
+    clock.linger_event = runner._no_linger
+    stopping, task = await start(runner)
+    await outbox.append(make_samples(0, 5))
+    await until(lambda: len(uplink.accepted) == 1)  # proves the link
+    await outbox.append_events([Event("alarm-1", "alarm", "zone3.co2", 1, {"n": 1})])
+    await until(lambda: outbox.cursor("test", "events") == 1)  # delivered while the gate stays closed
+    assert clock.lingers == []
+    await outbox.append(make_samples(5, 5))  # telemetry still lingers
+    await until(lambda: clock.lingers == [0.25])
+    clock.gate.set()
+    await until(lambda: outbox.uplink_cursor("test").delivered_to == 2)
+    stopping.set()
+    await task
+    await outbox.close()
+
+
 async def test_no_linger_while_a_backlog_replays(tmp_path: Path) -> None:
     # Live data committed during a replay joins the next request anyway; a linger there held the replay back (the
     # outbox bench's replay fell to a third, 2026-12-03)
