@@ -12,13 +12,16 @@ library only then, so an MQTT-only gateway never loads pymodbus.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol, runtime_checkable
 
 from gateway.model import Command, Sample
+from gateway.reconnect import ReconnectPolicy, RetryTiming
 
 #: where a source delivers its batches. The gateway's sink returns once the outbox has committed the batch (True),
 #: or has given it up while stopping with the disk refusing it (False, counted as lost): a source that acknowledges
@@ -169,3 +172,47 @@ class Source(Protocol):
     def status(self) -> list[DeviceStatus]:
         """Current status of each device."""
         ...
+
+
+class PollClock:
+    """Due times of one device's poll groups (one per interval), kept in phase: a late poll does not shift the
+    following ones, and polls missed while busy are skipped, not bunched up. Pure: time is passed in."""
+
+    __slots__ = ("due",)
+
+    def __init__(self, intervals: Sequence[float], start: float) -> None:
+        self.due = dict.fromkeys(intervals, start)
+
+    def take_due(self, now: float) -> tuple[float, ...]:
+        """The intervals due at ``now``, each advanced to its next slot after ``now``."""
+        taken: list[float] = []
+        for interval, due in self.due.items():
+            if due <= now:
+                taken.append(interval)
+                missed = math.floor((now - due) / interval) + 1
+                self.due[interval] = due + missed * interval
+        return tuple(taken)
+
+    def next_due(self) -> float:
+        return min(self.due.values())
+
+    def restart(self, now: float) -> None:
+        """Make every interval due at ``now`` (after a reconnect: read at once, not at the next slot)."""
+        self.due = dict.fromkeys(self.due, now)
+
+
+def device_breaker(
+    name: str,
+    backoff_min: float,
+    backoff_max: float,
+    *,
+    clock: Callable[[], float],
+    jitter: Callable[[], float],
+    logger: logging.Logger,
+) -> ReconnectPolicy:
+    """The breaker of one device on a shared bus or network: a silent device is skipped from ``backoff_min`` up to
+    ``backoff_max`` seconds (doubling, with jitter) so it never stalls the others. ``logger`` is the driver's, so its
+    one line per outage names the driver that saw it."""
+    return ReconnectPolicy(
+        name, RetryTiming(first=backoff_min, maximum=backoff_max), clock=clock, random=jitter, logger=logger
+    )

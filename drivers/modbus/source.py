@@ -55,7 +55,7 @@ from drivers.modbus.planner import (
     plan_device,
     split_request,
 )
-from gateway.driver_api import BatchSink, DeviceState, DeviceStatus, PublishAhead
+from gateway.driver_api import BatchSink, DeviceState, DeviceStatus, PollClock, PublishAhead, device_breaker
 from gateway.errors import DeviceError, DeviceRejected, DeviceUnavailable, WriteRejected
 from gateway.model import Command, Quality, Sample
 from gateway.reconnect import ReconnectPolicy, RetryTiming
@@ -96,33 +96,6 @@ def _default_link(bus: ModbusBusConfig) -> Link:
     from drivers.modbus.client import ModbusLink  # pymodbus loads only when a Modbus bus actually runs
 
     return ModbusLink(bus)
-
-
-class PollClock:
-    """Due times of one device's poll groups (one per interval), kept in phase: a late poll does not shift the
-    following ones, and polls missed while busy are skipped, not bunched up. Pure: time is passed in."""
-
-    __slots__ = ("due",)
-
-    def __init__(self, intervals: Sequence[float], start: float) -> None:
-        self.due = dict.fromkeys(intervals, start)
-
-    def take_due(self, now: float) -> tuple[float, ...]:
-        """The intervals due at ``now``, each advanced to its next slot after ``now``."""
-        taken: list[float] = []
-        for interval, due in self.due.items():
-            if due <= now:
-                taken.append(interval)
-                missed = math.floor((now - due) / interval) + 1
-                self.due[interval] = due + missed * interval
-        return tuple(taken)
-
-    def next_due(self) -> float:
-        return min(self.due.values())
-
-    def restart(self, now: float) -> None:
-        """Make every interval due at ``now`` (after a reconnect: read at once, not at the next slot)."""
-        self.due = dict.fromkeys(self.due, now)
 
 
 #: exception codes after which a coalesced read is split and retried in smaller pieces: 3 (illegal data value:
@@ -297,11 +270,12 @@ class ModbusBusSource:
             if config.bus != bus.id:
                 raise ValueError(f"device {config.id} is on bus {config.bus}, not {bus.id}")
             groups = device_points(config, profile)
-            breaker = ReconnectPolicy(
+            breaker = device_breaker(
                 f"{self.name} {config.id} (unit {config.unit})",
-                RetryTiming(first=bus.backoff_min, maximum=bus.backoff_max),
+                bus.backoff_min,
+                bus.backoff_max,
                 clock=clock,
-                random=jitter,
+                jitter=jitter,
                 logger=log,
             )
             status = DeviceStatus(config.id, "modbus")

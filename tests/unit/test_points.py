@@ -3,12 +3,16 @@ has no tags of its own."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+import pytest
 
 from drivers.bacnet.config import BacnetDeviceConfig, BacnetProfile
 from drivers.modbus.config import ModbusDeviceConfig, ModbusProfile
 from drivers.simulator.config import SimulatorDeviceConfig, SimulatorProfile
 from gateway.config.source import load_yaml, validate
+from gateway.driver_api import device_breaker
 from gateway.registry import PointInfo
 
 DEVICES = Path(__file__).resolve().parents[2] / "firmware_configs" / "devices"
@@ -104,3 +108,18 @@ def test_simulated_points_share_the_device_tags() -> None:
     assert infos[0].tags == {"device": "meter1", "zone": "z3"}
     assert all(info.measurement == "energy_meter" for info in infos)
     assert [info.max_power_kw for info in infos] == [spec.max_power_kw for spec in profile.points.values()]
+
+
+def test_a_device_breaker_backs_off_between_its_bounds_and_logs_as_its_driver(caplog: pytest.LogCaptureFixture) -> None:
+    now = [100.0]
+    breaker = device_breaker(
+        "modbus[b] m1 (unit 1)", 2.0, 5.0, clock=lambda: now[0], jitter=lambda: 0.5, logger=logging.getLogger("x.y")
+    )
+    with caplog.at_level(logging.WARNING, logger="x.y"):
+        waits = [breaker.failed("no answer") for _ in range(4)]
+    # jitter 0.5 is the middle of the spread: the waits are the bare doubling, capped at backoff_max
+    assert waits == [2.0, 4.0, 5.0, 5.0]
+    assert not breaker.allows(104.0) and breaker.allows(105.0)
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("x.y", "modbus[b] m1 (unit 1): no answer; retrying in the background")
+    ]
