@@ -58,7 +58,7 @@ from drivers.bacnet.config import (
     ObjectId,
 )
 from drivers.bacnet.planner import PlannedPoint, ReadRequest, answer_budget, plan_reads, split_request
-from gateway.driver_api import BatchSink, DeviceState, DeviceStatus, PollClock, device_breaker
+from gateway.driver_api import BatchSink, DeviceState, DeviceStatus, PollClock, Section, device_breaker, site_sections
 from gateway.errors import DeviceError, DeviceRejected, DeviceUnavailable, WriteRejected
 from gateway.model import Command, Quality, Sample
 from gateway.reconnect import ReconnectPolicy, RetryTiming
@@ -869,20 +869,18 @@ def _bad(points: Sequence[PlannedPoint], ts: int) -> list[Sample]:
     return [Sample(p.point, None, ts, Quality.BAD) for p in points]
 
 
-def networks_of(site: Site) -> list[BacnetNetworkConfig]:
-    return site.config.section("bacnet_networks", BacnetNetworkConfig)
+def network_devices(site: Site) -> list[Section[BacnetNetworkConfig, BacnetDeviceConfig, BacnetProfile]]:
+    """Each BACnet network of the site with its devices and their profiles, in the order of the site file."""
+    return site_sections(
+        site,
+        "bacnet_networks",
+        section=BacnetNetworkConfig,
+        device=BacnetDeviceConfig,
+        profile=BacnetProfile,
+        belongs=lambda network, device: device.network == network.id,
+    )
 
 
 def build_sources(site: Site) -> list[BacnetNetworkSource]:
     """One source per BACnet network that has devices, in the order of the site file."""
-    sources: list[BacnetNetworkSource] = []
-    for network in networks_of(site):
-        devices: list[tuple[BacnetDeviceConfig, BacnetProfile]] = []
-        for device in site.config.devices:
-            if isinstance(device, BacnetDeviceConfig) and device.network == network.id:
-                profile = site.profiles[device.id]
-                assert isinstance(profile, BacnetProfile)
-                devices.append((device, profile))
-        if devices:
-            sources.append(BacnetNetworkSource(network, devices))
-    return sources
+    return [BacnetNetworkSource(network, devices) for network, devices in network_devices(site) if devices]

@@ -55,7 +55,16 @@ from drivers.modbus.planner import (
     plan_device,
     split_request,
 )
-from gateway.driver_api import BatchSink, DeviceState, DeviceStatus, PollClock, PublishAhead, device_breaker
+from gateway.driver_api import (
+    BatchSink,
+    DeviceState,
+    DeviceStatus,
+    PollClock,
+    PublishAhead,
+    Section,
+    device_breaker,
+    site_sections,
+)
 from gateway.errors import DeviceError, DeviceRejected, DeviceUnavailable, WriteRejected
 from gateway.model import Command, Quality, Sample
 from gateway.reconnect import ReconnectPolicy, RetryTiming
@@ -715,16 +724,18 @@ def _bad_points(points: Sequence[str], ts: int, reason: str) -> list[Sample]:
     return [Sample(point, None, ts, Quality.BAD, reason) for point in points]
 
 
+def bus_devices(site: Site) -> list[Section[ModbusBusConfig, ModbusDeviceConfig, ModbusProfile]]:
+    """Each bus of the site with its devices and their profiles, in the order of the site file."""
+    return site_sections(
+        site,
+        "modbus_buses",
+        section=ModbusBusConfig,
+        device=ModbusDeviceConfig,
+        profile=ModbusProfile,
+        belongs=lambda bus, device: device.bus == bus.id,
+    )
+
+
 def build_sources(site: Site) -> list[ModbusBusSource]:
     """One source per bus that has devices, in the order of the site file."""
-    sources: list[ModbusBusSource] = []
-    for bus in site.config.section("modbus_buses", ModbusBusConfig):
-        devices: list[tuple[ModbusDeviceConfig, ModbusProfile]] = []
-        for device in site.config.devices:
-            if isinstance(device, ModbusDeviceConfig) and device.bus == bus.id:
-                profile = site.profiles[device.id]
-                assert isinstance(profile, ModbusProfile)
-                devices.append((device, profile))
-        if devices:
-            sources.append(ModbusBusSource(bus, devices))
-    return sources
+    return [ModbusBusSource(bus, devices) for bus, devices in bus_devices(site) if devices]
