@@ -12,13 +12,23 @@ library only then, so an MQTT-only gateway never loads pymodbus.
 from __future__ import annotations
 
 import asyncio
+import logging
+import math
+import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol, runtime_checkable
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 
+from gateway.errors import ConfigError
 from gateway.model import Command, Sample
+from gateway.reconnect import ReconnectPolicy, RetryTiming
+
+if TYPE_CHECKING:
+    from gateway.config.site_types import DeviceEntry, Site
+    from gateway.config.types import StrictModel
 
 #: where a source delivers its batches. The gateway's sink returns once the outbox has committed the batch (True),
 #: or has given it up while stopping with the disk refusing it (False, counted as lost): a source that acknowledges
@@ -169,3 +179,102 @@ class Source(Protocol):
     def status(self) -> list[DeviceStatus]:
         """Current status of each device."""
         ...
+
+
+class PollClock:
+    """Due times of one device's poll groups (one per interval), kept in phase: a late poll does not shift the
+    following ones, and polls missed while busy are skipped, not bunched up. Pure: time is passed in."""
+
+    __slots__ = ("due",)
+
+    def __init__(self, intervals: Sequence[float], start: float) -> None:
+        self.due = dict.fromkeys(intervals, start)
+
+    def take_due(self, now: float) -> tuple[float, ...]:
+        """The intervals due at ``now``, each advanced to its next slot after ``now``."""
+        taken: list[float] = []
+        for interval, due in self.due.items():
+            if due <= now:
+                taken.append(interval)
+                missed = math.floor((now - due) / interval) + 1
+                self.due[interval] = due + missed * interval
+        return tuple(taken)
+
+    def next_due(self) -> float:
+        return min(self.due.values())
+
+    def restart(self, now: float) -> None:
+        """Make every interval due at ``now`` (after a reconnect: read at once, not at the next slot)."""
+        self.due = dict.fromkeys(self.due, now)
+
+
+def device_breaker(
+    name: str,
+    backoff_min: float,
+    backoff_max: float,
+    *,
+    clock: Callable[[], float],
+    jitter: Callable[[], float],
+    logger: logging.Logger,
+) -> ReconnectPolicy:
+    """The breaker of one device on a shared bus or network: a silent device is skipped from ``backoff_min`` up to
+    ``backoff_max`` seconds (doubling, with jitter) so it never stalls the others. ``logger`` is the driver's, so its
+    one line per outage names the driver that saw it."""
+    return ReconnectPolicy(
+        name, RetryTiming(first=backoff_min, maximum=backoff_max), clock=clock, random=jitter, logger=logger
+    )
+
+
+_SectionT = TypeVar("_SectionT", bound="StrictModel")
+_DeviceT = TypeVar("_DeviceT", bound="DeviceEntry")
+_ProfileT = TypeVar("_ProfileT")
+#: a section (a bus, a network) and its devices with their profiles
+Section = tuple[_SectionT, list[tuple[_DeviceT, _ProfileT]]]
+
+
+def site_sections(
+    site: Site,
+    key: str,
+    *,
+    section: type[_SectionT],
+    device: type[_DeviceT],
+    profile: type[_ProfileT],
+    belongs: Callable[[_SectionT, _DeviceT], bool],
+) -> list[Section[_SectionT, _DeviceT, _ProfileT]]:
+    """Each ``key`` entry of the site (``modbus_buses``, ``bacnet_networks``) with the devices ``belongs`` to it and
+    their profiles, all in the order of the site file. An entry without devices is kept: ``plan`` names it, while
+    ``build_sources`` makes no source of it."""
+    sections: list[Section[_SectionT, _DeviceT, _ProfileT]] = []
+    for entry in site.config.section(key, section):
+        devices: list[tuple[_DeviceT, _ProfileT]] = []
+        for candidate in site.config.devices:
+            if isinstance(candidate, device) and belongs(entry, candidate):
+                found = site.profiles[candidate.id]
+                assert isinstance(found, profile)  # load_site validated each device with its driver's model
+                devices.append((candidate, found))
+        sections.append((entry, devices))
+    return sections
+
+
+def print_site_plans(
+    site_path: Path,
+    load: Callable[[Path], Site],
+    key: str,
+    sections: Callable[[Site], list[Section[_SectionT, _DeviceT, _ProfileT]]],
+    explain: Callable[[_SectionT, list[tuple[_DeviceT, _ProfileT]]], str],
+) -> int:
+    """The ``plan`` command of a polling driver: ``explain`` each of the site file's ``sections`` (its ``key``
+    entries) with its devices. Returns the exit status (1: the site file has errors, printed to stderr). ``load`` is
+    ``gateway.config.site.load_site``, passed in because that module reaches this one (through the plugins)."""
+    try:
+        site = load(site_path)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    found = sections(site)
+    if not found:
+        print(f"{site_path}: no {key}")
+        return 0
+    for entry, devices in found:
+        print(explain(entry, devices))
+    return 0

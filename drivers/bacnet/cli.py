@@ -28,6 +28,7 @@ from drivers.bacnet.config import (
 )
 from drivers.bacnet.planner import PlannedPoint, answer_budget, describe_plan, plan_reads
 from gateway.arguments import duration
+from gateway.driver_api import print_site_plans
 from gateway.errors import ConfigError, DeviceError
 
 #: object types discover turns into points (the rest of an object list: schedules, calendars, programs, ...)
@@ -240,24 +241,7 @@ def explain_network(network: BacnetNetworkConfig, devices: list[tuple[BacnetDevi
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from drivers.bacnet.source import network_devices
     from gateway.config.site import load_site
 
-    try:
-        site = load_site(args.site)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    networks = site.config.section("bacnet_networks", BacnetNetworkConfig)
-    if not networks:
-        print(f"{args.site}: no bacnet_networks")
-        return 0
-    for network in networks:
-        devices = [
-            (device, profile)
-            for device in site.config.devices
-            if isinstance(device, BacnetDeviceConfig) and device.network == network.id
-            for profile in [site.profiles[device.id]]
-            if isinstance(profile, BacnetProfile)
-        ]
-        print(explain_network(network, devices))
-    return 0
+    return print_site_plans(args.site, load_site, "bacnet_networks", network_devices, explain_network)

@@ -19,6 +19,7 @@ from typing import Annotated, Any, ClassVar, Literal, NamedTuple, Self
 from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from gateway.config.types import Ident, PositiveDuration, StrictModel, parse_duration
+from gateway.points import profile_point_infos
 from gateway.registry import PointInfo, ValueKind
 
 #: object types a point may name, in bacpypes3's spelling (ASHRAE 135 clause 12 names, hyphenated)
@@ -354,22 +355,16 @@ class BacnetDeviceConfig(StrictModel):
 
     def point_infos(self, profile: StrictModel) -> list[PointInfo]:
         assert isinstance(profile, BacnetProfile)
-        base_tags = {"device": self.id, "vendor": profile.vendor, "model": profile.model, **self.tags}
-        return [
-            PointInfo(
-                id=f"{self.id}.{name}",
-                unit=spec.our_unit,
-                kind=spec.kind,
-                writable=spec.writable,
-                min=spec.min,
-                max=spec.max,
-                description=spec.description,
-                measurement=profile.measurement_name,
-                tags={**base_tags, **spec.tags},
-                personal=self.personal or spec.personal,
-            )
-            for name, spec in profile.points.items()
-        ]
+        return profile_point_infos(
+            self.id,
+            profile.points,
+            measurement=profile.measurement_name,
+            base_tags={"device": self.id, "vendor": profile.vendor, "model": profile.model, **self.tags},
+            personal=self.personal,
+            # a profile names BACnet engineering units; the registry holds the gateway's
+            unit_of=lambda spec: spec.our_unit,
+            tags_of=lambda spec: spec.tags,
+        )
 
     def interval_of(self, spec: BacnetPoint) -> float:
         return spec.poll if spec.poll is not None else self.poll

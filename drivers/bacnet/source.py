@@ -58,7 +58,7 @@ from drivers.bacnet.config import (
     ObjectId,
 )
 from drivers.bacnet.planner import PlannedPoint, ReadRequest, answer_budget, plan_reads, split_request
-from gateway.driver_api import BatchSink, DeviceState, DeviceStatus
+from gateway.driver_api import BatchSink, DeviceState, DeviceStatus, PollClock, Section, device_breaker, site_sections
 from gateway.errors import DeviceError, DeviceRejected, DeviceUnavailable, WriteRejected
 from gateway.model import Command, Quality, Sample
 from gateway.reconnect import ReconnectPolicy, RetryTiming
@@ -124,26 +124,6 @@ def _default_link(network: BacnetNetworkConfig) -> Link:
     return BacnetLink(network)
 
 
-class _PollClock:
-    """Due times of one device's poll groups, kept in phase; polls missed while busy are skipped, not bunched."""
-
-    __slots__ = ("due",)
-
-    def __init__(self, intervals: Sequence[float], start: float) -> None:
-        self.due = dict.fromkeys(intervals, start)
-
-    def take_due(self, now: float) -> tuple[float, ...]:
-        taken: list[float] = []
-        for interval, due in self.due.items():
-            if due <= now:
-                taken.append(interval)
-                self.due[interval] = due + (math.floor((now - due) / interval) + 1) * interval
-        return tuple(taken)
-
-    def next_due(self) -> float:
-        return min(self.due.values())
-
-
 @dataclass(eq=False)
 class _Device:
     config: BacnetDeviceConfig
@@ -151,7 +131,7 @@ class _Device:
     status: DeviceStatus
     breaker: ReconnectPolicy
     groups: dict[float, list[PlannedPoint]]
-    clock: _PollClock
+    clock: PollClock
     address: str | None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     #: None until the device object was read (max-APDU, segmentation)
@@ -261,11 +241,12 @@ class BacnetNetworkSource:
             if config.network != network.id:
                 raise ValueError(f"device {config.id} is on network {config.network}, not {network.id}")
             groups = planned_points(config, profile)
-            breaker = ReconnectPolicy(
+            breaker = device_breaker(
                 f"{self.name} {config.id} (device {config.instance})",
-                RetryTiming(first=network.backoff_min, maximum=network.backoff_max),
+                network.backoff_min,
+                network.backoff_max,
                 clock=clock,
-                random=jitter,
+                jitter=jitter,
                 logger=log,
             )
             device = _Device(
@@ -274,7 +255,7 @@ class BacnetNetworkSource:
                 DeviceStatus(config.id, "bacnet"),
                 breaker,
                 groups,
-                _PollClock(list(groups), now),
+                PollClock(list(groups), now),
                 config.address,
             )
             device.rpm = config.read_multiple is not False
@@ -888,20 +869,18 @@ def _bad(points: Sequence[PlannedPoint], ts: int) -> list[Sample]:
     return [Sample(p.point, None, ts, Quality.BAD) for p in points]
 
 
-def networks_of(site: Site) -> list[BacnetNetworkConfig]:
-    return site.config.section("bacnet_networks", BacnetNetworkConfig)
+def network_devices(site: Site) -> list[Section[BacnetNetworkConfig, BacnetDeviceConfig, BacnetProfile]]:
+    """Each BACnet network of the site with its devices and their profiles, in the order of the site file."""
+    return site_sections(
+        site,
+        "bacnet_networks",
+        section=BacnetNetworkConfig,
+        device=BacnetDeviceConfig,
+        profile=BacnetProfile,
+        belongs=lambda network, device: device.network == network.id,
+    )
 
 
 def build_sources(site: Site) -> list[BacnetNetworkSource]:
     """One source per BACnet network that has devices, in the order of the site file."""
-    sources: list[BacnetNetworkSource] = []
-    for network in networks_of(site):
-        devices: list[tuple[BacnetDeviceConfig, BacnetProfile]] = []
-        for device in site.config.devices:
-            if isinstance(device, BacnetDeviceConfig) and device.network == network.id:
-                profile = site.profiles[device.id]
-                assert isinstance(profile, BacnetProfile)
-                devices.append((device, profile))
-        if devices:
-            sources.append(BacnetNetworkSource(network, devices))
-    return sources
+    return [BacnetNetworkSource(network, devices) for network, devices in network_devices(site) if devices]

@@ -21,6 +21,7 @@ from drivers.modbus.codec import decode_raw, wire_buffers
 from drivers.modbus.config import ModbusBusConfig, ModbusDeviceConfig, ModbusPoint, ModbusProfile
 from drivers.modbus.planner import explain_bus, plan_device, split_request
 from gateway.arguments import duration, host_port, int_range
+from gateway.driver_api import print_site_plans
 from gateway.errors import ConfigError, DeviceError, DeviceRejected
 from gateway.http.page import format_reading, format_unit
 from gateway.model import Sample
@@ -281,32 +282,16 @@ async def _read_profile(
 
 
 def _plan(args: argparse.Namespace) -> int:
+    from drivers.modbus.source import bus_devices
     from gateway.config.site import load_site
 
-    try:
-        site = load_site(args.site)
-    except ConfigError as exc:
-        print(exc, file=sys.stderr)
-        return 1
-    buses = site.config.section("modbus_buses", ModbusBusConfig)
-    if not buses:
-        print(f"{args.site}: no modbus_buses")
-        return 0
-    for bus in buses:
-        devices = [
-            (device, profile)
-            for device in site.config.devices
-            if isinstance(device, ModbusDeviceConfig) and device.bus == bus.id
-            for profile in [site.profiles[device.id]]
-            if isinstance(profile, ModbusProfile)
-        ]
+    def explain(bus: ModbusBusConfig, devices: list[tuple[ModbusDeviceConfig, ModbusProfile]]) -> str:
         if not args.probe or not devices:
-            print(explain_bus(bus, devices))
-            continue
+            return explain_bus(bus, devices)
         learned, report = asyncio.run(_probe_bus(bus, devices, args.seconds))
-        print(explain_bus(bus, devices, learned=learned))
-        print("\n".join(report))
-    return 0
+        return "\n".join([explain_bus(bus, devices, learned=learned), *report])
+
+    return print_site_plans(args.site, load_site, "modbus_buses", bus_devices, explain)
 
 
 async def _probe_bus(

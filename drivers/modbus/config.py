@@ -21,6 +21,7 @@ from pydantic import BeforeValidator, Field, ValidationError, model_validator
 from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from gateway.config.types import Duration, EnvStr, Ident, PositiveDuration, StrictModel, parse_duration
+from gateway.points import profile_point_infos
 from gateway.registry import PointInfo, ValueKind
 
 Table = Literal["holding", "input", "coil", "discrete"]
@@ -337,23 +338,16 @@ class ModbusDeviceConfig(StrictModel):
 
     def point_infos(self, profile: StrictModel) -> list[PointInfo]:
         assert isinstance(profile, ModbusProfile)
-        base_tags = {"device": self.id, "vendor": profile.vendor, "model": profile.model, **self.tags}
-        return [
-            PointInfo(
-                id=f"{self.id}.{name}",
-                unit=spec.unit,
-                kind=spec.kind,
-                writable=spec.writable,
-                min=spec.min,
-                max=spec.max,
-                description=spec.description,
-                measurement=profile.measurement_name,
-                tags={**base_tags, **spec.tags},
-                personal=self.personal or spec.personal,
-                max_power_kw=spec.max_power_kw,
-            )
-            for name, spec in profile.points.items()
-        ]
+        return profile_point_infos(
+            self.id,
+            profile.points,
+            measurement=profile.measurement_name,
+            base_tags={"device": self.id, "vendor": profile.vendor, "model": profile.model, **self.tags},
+            personal=self.personal,
+            unit_of=lambda spec: spec.unit,
+            tags_of=lambda spec: spec.tags,
+            rating_of=lambda spec: spec.max_power_kw,
+        )
 
     def interval_of(self, spec: ModbusPoint) -> float:
         return spec.poll if spec.poll is not None else self.poll

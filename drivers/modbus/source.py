@@ -55,7 +55,16 @@ from drivers.modbus.planner import (
     plan_device,
     split_request,
 )
-from gateway.driver_api import BatchSink, DeviceState, DeviceStatus, PublishAhead
+from gateway.driver_api import (
+    BatchSink,
+    DeviceState,
+    DeviceStatus,
+    PollClock,
+    PublishAhead,
+    Section,
+    device_breaker,
+    site_sections,
+)
 from gateway.errors import DeviceError, DeviceRejected, DeviceUnavailable, WriteRejected
 from gateway.model import Command, Quality, Sample
 from gateway.reconnect import ReconnectPolicy, RetryTiming
@@ -96,33 +105,6 @@ def _default_link(bus: ModbusBusConfig) -> Link:
     from drivers.modbus.client import ModbusLink  # pymodbus loads only when a Modbus bus actually runs
 
     return ModbusLink(bus)
-
-
-class PollClock:
-    """Due times of one device's poll groups (one per interval), kept in phase: a late poll does not shift the
-    following ones, and polls missed while busy are skipped, not bunched up. Pure: time is passed in."""
-
-    __slots__ = ("due",)
-
-    def __init__(self, intervals: Sequence[float], start: float) -> None:
-        self.due = dict.fromkeys(intervals, start)
-
-    def take_due(self, now: float) -> tuple[float, ...]:
-        """The intervals due at ``now``, each advanced to its next slot after ``now``."""
-        taken: list[float] = []
-        for interval, due in self.due.items():
-            if due <= now:
-                taken.append(interval)
-                missed = math.floor((now - due) / interval) + 1
-                self.due[interval] = due + missed * interval
-        return tuple(taken)
-
-    def next_due(self) -> float:
-        return min(self.due.values())
-
-    def restart(self, now: float) -> None:
-        """Make every interval due at ``now`` (after a reconnect: read at once, not at the next slot)."""
-        self.due = dict.fromkeys(self.due, now)
 
 
 #: exception codes after which a coalesced read is split and retried in smaller pieces: 3 (illegal data value:
@@ -297,11 +279,12 @@ class ModbusBusSource:
             if config.bus != bus.id:
                 raise ValueError(f"device {config.id} is on bus {config.bus}, not {bus.id}")
             groups = device_points(config, profile)
-            breaker = ReconnectPolicy(
+            breaker = device_breaker(
                 f"{self.name} {config.id} (unit {config.unit})",
-                RetryTiming(first=bus.backoff_min, maximum=bus.backoff_max),
+                bus.backoff_min,
+                bus.backoff_max,
                 clock=clock,
-                random=jitter,
+                jitter=jitter,
                 logger=log,
             )
             status = DeviceStatus(config.id, "modbus")
@@ -741,16 +724,18 @@ def _bad_points(points: Sequence[str], ts: int, reason: str) -> list[Sample]:
     return [Sample(point, None, ts, Quality.BAD, reason) for point in points]
 
 
+def bus_devices(site: Site) -> list[Section[ModbusBusConfig, ModbusDeviceConfig, ModbusProfile]]:
+    """Each bus of the site with its devices and their profiles, in the order of the site file."""
+    return site_sections(
+        site,
+        "modbus_buses",
+        section=ModbusBusConfig,
+        device=ModbusDeviceConfig,
+        profile=ModbusProfile,
+        belongs=lambda bus, device: device.bus == bus.id,
+    )
+
+
 def build_sources(site: Site) -> list[ModbusBusSource]:
     """One source per bus that has devices, in the order of the site file."""
-    sources: list[ModbusBusSource] = []
-    for bus in site.config.section("modbus_buses", ModbusBusConfig):
-        devices: list[tuple[ModbusDeviceConfig, ModbusProfile]] = []
-        for device in site.config.devices:
-            if isinstance(device, ModbusDeviceConfig) and device.bus == bus.id:
-                profile = site.profiles[device.id]
-                assert isinstance(profile, ModbusProfile)
-                devices.append((device, profile))
-        if devices:
-            sources.append(ModbusBusSource(bus, devices))
-    return sources
+    return [ModbusBusSource(bus, devices) for bus, devices in bus_devices(site) if devices]

@@ -10,6 +10,7 @@ from typing import Annotated, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from gateway.config.types import Ident, PositiveDuration, StrictModel
+from gateway.points import profile_point_infos
 from gateway.registry import PointInfo, ValueKind
 
 #: the point names each simulated model produces; a profile must list exactly these
@@ -71,19 +72,12 @@ class SimulatorDeviceConfig(StrictModel):
 
     def point_infos(self, profile: StrictModel) -> list[PointInfo]:
         assert isinstance(profile, SimulatorProfile)
-        return [
-            PointInfo(
-                id=f"{self.id}.{name}",
-                unit=spec.unit,
-                kind=spec.kind,
-                writable=spec.writable,
-                min=spec.min,
-                max=spec.max,
-                description=spec.description,
-                measurement=profile.model,
-                tags={"device": self.id, **self.tags},
-                personal=self.personal or spec.personal,
-                max_power_kw=spec.max_power_kw,
-            )
-            for name, spec in profile.points.items()
-        ]
+        return profile_point_infos(
+            self.id,
+            profile.points,
+            measurement=profile.model,
+            base_tags={"device": self.id, **self.tags},
+            personal=self.personal,
+            unit_of=lambda spec: spec.unit,
+            rating_of=lambda spec: spec.max_power_kw,
+        )
