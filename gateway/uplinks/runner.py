@@ -116,6 +116,9 @@ class UplinkRunner:
         self._appended = False
         #: set once stopping is seen: a linger never delays the final flush
         self._no_linger = asyncio.Event()
+        self._lingering = False
+        #: the outbox's count of appended events when this round began: a change means an event is waiting
+        self._events_mark = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._cursor = UplinkCursor()
         self._events_acked = 0
@@ -148,6 +151,8 @@ class UplinkRunner:
     def _on_append(self) -> None:
         self._appended = True
         self._wake.set()
+        if self._lingering and "events" in self.uplink.kinds and self.outbox.stats.appended_events != self._events_mark:
+            self._no_linger.set()  # an alarm or a rule publication ends a telemetry linger in progress
 
     def _connection_restored(self) -> None:
         if self._retry_at > self.clock.monotonic():
@@ -203,7 +208,7 @@ class UplinkRunner:
         while True:
             self._wake.clear()
             self._appended = False  # what was appended so far is read in this round
-            events_mark = self.outbox.stats.appended_events
+            self._events_mark = self.outbox.stats.appended_events
             now = self.clock.monotonic()
             if stopping.is_set() and deadline is None:
                 deadline = now + self.final_flush
@@ -235,7 +240,7 @@ class UplinkRunner:
                 and self._link_up
                 and not self._stopping_phase
                 and not self._cursor.has_backlog
-                and ("events" not in self.uplink.kinds or self.outbox.stats.appended_events == events_mark)
+                and ("events" not in self.uplink.kinds or self.outbox.stats.appended_events == self._events_mark)
             ):
                 # Woken by new live data: the other devices' polls of this cycle are being committed now. One
                 # request for all of them costs one outbox read, one cursor write and one task, where a request per
@@ -244,7 +249,13 @@ class UplinkRunner:
                 # request of its own. Never while a backlog replays: a linger there cut the replay rate to a third
                 # (bench/outbox.py, 2026-12-03), and live data joins the next request anyway. Nor when an event came:
                 # alarms and rule publications go at once (bench/latency.py: 119 ms to the subscriber with a linger).
-                await self.clock.wait(self._no_linger, self.delivery.linger)
+                if not stopping.is_set():
+                    self._no_linger.clear()  # set by the last event that ended a linger (a stop keeps it set)
+                self._lingering = True
+                try:
+                    await self.clock.wait(self._no_linger, self.delivery.linger)
+                finally:
+                    self._lingering = False
         await self._finish_in_flight(deadline)
 
     async def _finish_in_flight(self, deadline: float | None) -> None:

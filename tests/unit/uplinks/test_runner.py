@@ -283,7 +283,11 @@ class LingerClock(FakeClock):
     async def wait(self, event: asyncio.Event, seconds: float) -> bool:
         if event is self.linger_event:
             self.lingers.append(seconds)
-            await self.gate.wait()
+            # the linger's time never runs out here: it ends when the test opens the gate, or the runner ends it
+            waiters = {asyncio.ensure_future(self.gate.wait()), asyncio.ensure_future(event.wait())}
+            _done, pending = await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in pending:
+                waiter.cancel()
             return event.is_set()
         return await super().wait(event, seconds)
 
@@ -358,8 +362,12 @@ async def test_an_event_is_sent_at_once_not_after_a_linger(tmp_path: Path) -> No
     assert clock.lingers == []
     await outbox.append(make_samples(5, 5))  # telemetry still lingers
     await until(lambda: clock.lingers == [0.25])
-    clock.gate.set()
+    # an alarm during that linger ends it: the alarm and the lingering telemetry go now, the gate still closed
+    await outbox.append_events([Event("alarm-2", "alarm", "zone3.co2", 2, {"n": 2})])
+    await until(lambda: outbox.cursor("test", "events") == 2)
     await until(lambda: outbox.uplink_cursor("test").delivered_to == 2)
+    assert not clock.gate.is_set()
+    clock.gate.set()
     stopping.set()
     await task
     await outbox.close()
