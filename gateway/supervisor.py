@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Literal, TypeVar
 
 import orjson
 
@@ -280,17 +280,26 @@ class Gateway:
         async for batch in sub:
             if not sub.depth() and len(batch) < STORE_GROUP_SAMPLES and self._stop_requested_at is None:
                 await self.clock.wait(self._no_wake, STORE_LINGER_SECONDS)
-            group = sub.take_queued(STORE_GROUP_SAMPLES - len(batch))
-            if group:
-                group.insert(0, batch)
-                stored = await self._store(outbox.append, [sample for each in group for sample in each])
-            else:
-                group = [batch]
-                stored = await self._store(outbox.append, batch)
-            for each in group:
+            group = [batch, *sub.take_queued(STORE_GROUP_SAMPLES - len(batch))]
+            for each, stored in zip(group, await self._store_group(outbox.append, group), strict=True):
                 waiter = self._awaiting_store.pop(id(each), None)
                 if waiter is not None and not waiter.done():
                     waiter.set_result(stored)
+
+    async def _store_group(
+        self, append: Callable[[Sequence[Sample]], Awaitable[object]], group: list[list[Sample]]
+    ) -> list[bool]:
+        """Store ``group`` as one row; what ``_store`` says of each batch. A batch that cannot be encoded (an integer
+        beyond 64 bits from a rule) must cost only itself, as it did before batches were grouped: the group is then
+        stored batch by batch."""
+        if len(group) == 1:
+            return [await self._store(append, group[0])]
+        try:
+            return [
+                await self._store(append, [sample for each in group for sample in each], unencodable="raise")
+            ] * len(group)
+        except (TypeError, ValueError):
+            return [await self._store(append, each) for each in group]
 
     async def _publish_stored(self, batch: list[Sample]) -> bool:
         """The sink every source gets: publish on the bus, then wait until the outbox has committed the batch.
@@ -310,7 +319,13 @@ class Gateway:
         finally:
             self._awaiting_store.pop(id(batch), None)
 
-    async def _store(self, append: Callable[[Sequence[_Record]], Awaitable[object]], items: Sequence[_Record]) -> bool:
+    async def _store(
+        self,
+        append: Callable[[Sequence[_Record]], Awaitable[object]],
+        items: Sequence[_Record],
+        *,
+        unencodable: Literal["drop", "raise"] = "drop",
+    ) -> bool:
         """Append to the outbox, retrying while the disk refuses (full, read-only, I/O error).
 
         While this retries, the bus queue fills and the drivers wait: back-pressure rather than silent loss. The
@@ -326,6 +341,8 @@ class Gateway:
                 await append(items)
                 return True
             except (TypeError, ValueError) as exc:
+                if unencodable == "raise":
+                    raise  # the caller stores the parts one by one
                 # not encodable (e.g. an integer beyond 64 bits computed by a rule): retrying cannot help, and
                 # letting it escape would stop the gateway; drop this batch, counted and logged. True: a redelivery
                 # of the same message would be refused the same way.

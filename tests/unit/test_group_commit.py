@@ -139,3 +139,39 @@ async def test_a_sink_failure_comes_out_of_the_next_hand_or_drain() -> None:
     assert len(ahead) == 0
     with pytest.raises(ValueError, match="at least one"):
         PublishAhead(refusing, limit=0)
+
+
+class PoisonedSource(HandingSource):
+    """Hands batches on like HandingSource; one of them holds an integer beyond 64 bits (a rule could compute one)."""
+
+    async def run(self, publish: BatchSink, stopping: asyncio.Event) -> None:
+        await self.go.wait()
+        ahead = PublishAhead(publish, limit=self.count)
+        for i in range(self.count):
+            value: float | int = 2**70 if i == 3 else float(i)
+            if i != 3:
+                self.handed.append(float(i))
+            await ahead.hand([Sample("probe.value", value, time.time_ns())])
+        await ahead.drain()
+        self.done.set()
+        await stopping.wait()
+
+
+async def test_an_unencodable_batch_in_a_group_costs_only_itself(tmp_path: Path) -> None:
+    source = PoisonedSource(8, 1)
+    gateway = Gateway(_probe_site(tmp_path), data_dir=tmp_path / "data", sources=[source])
+    stop = asyncio.Event()
+    runner = asyncio.ensure_future(gateway.run(stop))
+    await asyncio.wait_for(gateway.started.wait(), 5)
+    blocker = sqlite3.connect(tmp_path / "data" / "outbox.db", isolation_level=None, check_same_thread=False)
+    blocker.execute("BEGIN IMMEDIATE")  # the batches queue and are grouped, the poisoned one among them
+    source.go.set()
+    await asyncio.sleep(0.3)
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    await asyncio.wait_for(source.done.wait(), 10)
+    stop.set()
+    await asyncio.wait_for(runner, 5)
+    rows = await _rows(tmp_path / "data" / "outbox.db")
+    assert [v for row in rows for v in row] == source.handed  # the seven others, in order, once
+    assert gateway.unencodable == 1
