@@ -40,6 +40,7 @@ as the Modbus driver does for each slave on a shared bus.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random as _random
 import time
@@ -136,3 +137,25 @@ class ReconnectPolicy:
         """The range the next ``failed()`` will return (for status pages and tests)."""
         jitter = self.timing.jitter
         return self._delay * (1 - jitter), self._delay * (1 + jitter)
+
+
+class Clock:
+    """Wall and monotonic time plus waiting: what the supervisor and the uplink runners wait on. Tests pass a fake one
+    so backoffs, lingers and grace periods run without sleeping."""
+
+    def time_ns(self) -> int:
+        return time.time_ns()
+
+    def monotonic(self) -> float:
+        return time.monotonic()
+
+    async def wait(self, event: asyncio.Event, seconds: float) -> bool:
+        """Wait for ``event`` at most ``seconds``; True if it was set."""
+        if event.is_set():
+            return True
+        try:
+            async with asyncio.timeout(seconds):
+                await event.wait()
+        except TimeoutError:
+            return False
+        return True

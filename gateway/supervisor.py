@@ -43,10 +43,9 @@ from gateway.files import DataDirLock
 from gateway.live import LiveCache
 from gateway.model import Command, Event, Sample
 from gateway.outbox import Outbox
-from gateway.reconnect import ReconnectPolicy, RetryTiming
+from gateway.reconnect import Clock, ReconnectPolicy, RetryTiming
 from gateway.rule_report import ReloadResult, RuleProblemLog
 from gateway.status import CommandEntry, GatewayStatus
-from gateway.uplinks.base import Clock
 
 if TYPE_CHECKING:
     from gateway.incentives.stage import IncentiveStage
@@ -136,7 +135,7 @@ class Gateway:
     ) -> None:
         self.site = site
         #: monotonic time and waiting for the restart backoff, the ticker and the stop grace; tests pass a fake one
-        #: (the uplink runner's seam, gateway/uplinks/base.py) so none of them waits in real time
+        #: (gateway.reconnect.Clock, as the uplink runners use) so none of them waits in real time
         self.clock = clock or Clock()
         self.restart_timing = restart_timing
         self.data_dir = Path(data_dir)

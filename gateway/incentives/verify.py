@@ -75,7 +75,8 @@ _CLOCK = re.compile(r"([01]\d|2[0-3]):([0-5]\d)")
 _WIDE = Context(prec=120)
 #: the programme numbers that drive loops, bounded as the gateway's config bounds them (``config.py``, which this
 #: module must not import): a signed ``lookback_days`` of billions once made verify walk back billions of days
-_INTERVAL_S_RANGE = (60, 86_400)
+_DAY_S = 86_400
+_INTERVAL_S_RANGE = (60, _DAY_S)
 _LIKE_DAYS_RANGE = (1, 60)
 _LOOKBACK_DAYS_RANGE = (1, 366)
 
@@ -151,7 +152,7 @@ def _utc_ns_or_none(text: str) -> int | None:
         return None
     if int(hour) > 23 or int(minute) > 59 or int(second) > 59:
         return None
-    seconds = (ordinal - _EPOCH_ORDINAL) * 86_400 + int(hour) * 3600 + int(minute) * 60 + int(second)
+    seconds = (ordinal - _EPOCH_ORDINAL) * _DAY_S + int(hour) * 3600 + int(minute) * 60 + int(second)
     return seconds * NS + (int(fraction.ljust(9, "0")) if fraction else 0)
 
 
@@ -397,7 +398,7 @@ def _parse_programme(body: Any) -> _Programme:
     programme = _obj(body, "programme_body")
     _members(programme, _PROGRAMME_MEMBERS, "programme_body")
     interval_s = _bounded(programme["interval_s"], "interval_s", _INTERVAL_S_RANGE)
-    if _INTERVAL_S_RANGE[1] % interval_s:
+    if _DAY_S % interval_s:
         raise _Bad(f"interval_s {interval_s} does not divide a day (86400 s)")
     max_gap_s = _int(programme["max_gap_s"], "max_gap_s")
     for name in ("settle_s", "max_delay_s", "max_clock_skew_s"):

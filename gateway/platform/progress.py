@@ -65,10 +65,10 @@ CREATE TABLE IF NOT EXISTS quarantine (id INTEGER PRIMARY KEY AUTOINCREMENT, rec
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 """
 
-#: upper bounds (ms) of the end-to-end latency histogram: a read's time to the commit that recorded it (the
-#: gateway's clock against the receiver's: on one machine in tests and the bench; across machines, NTP-bounded)
 #: how long a receiver starting beside another waits for it to finish setting up the shared database
 SETUP_WAIT_SECONDS = 30.0
+#: upper bounds (ms) of the end-to-end latency histogram: a read's time to the commit that recorded it (the
+#: gateway's clock against the receiver's: on one machine in tests and the bench; across machines, NTP-bounded)
 LATENCY_BUCKETS_MS = (5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 30000, 60000)
 
 KeyLookup = Callable[[str], Ed25519PublicKey | None]

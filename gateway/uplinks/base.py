@@ -7,7 +7,6 @@ runner: an uplink (``InfluxUplink``, ``MqttUplink``) implements ``send`` and its
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol, runtime_checkable
@@ -98,24 +97,3 @@ class ConnectionAware(Protocol):
     starts at once instead of up to ``retry_max`` later."""
 
     on_connected: Callable[[], None] | None
-
-
-class Clock:
-    """Wall and monotonic time plus waiting; tests pass a fake one so backoff runs without sleeping."""
-
-    def time_ns(self) -> int:
-        return time.time_ns()
-
-    def monotonic(self) -> float:
-        return time.monotonic()
-
-    async def wait(self, event: asyncio.Event, seconds: float) -> bool:
-        """Wait for ``event`` at most ``seconds``; True if it was set."""
-        if event.is_set():
-            return True
-        try:
-            async with asyncio.timeout(seconds):
-                await event.wait()
-        except TimeoutError:
-            return False
-        return True

@@ -34,7 +34,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Iterable
@@ -42,7 +41,6 @@ from typing import TYPE_CHECKING, Any
 
 import aiomqtt
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import MQTTErrorCode
 
 from gateway import __version__
 from gateway.errors import UplinkError
@@ -270,7 +268,6 @@ class MqttUplink:
         # aiomqtt warns on every call while more than 10 are pending (166 lines in one broker bounce); the window
         # bounds what is pending, so warn only if that bound is ever broken
         client.pending_calls_threshold = self.config.max_inflight_messages + _PENDING_HEADROOM
-        _cork_writes(client._client)  # see _hook_acks for why the paho client is used directly
         return client
 
     async def maintain(self, closing: asyncio.Event) -> None:
@@ -478,39 +475,6 @@ class MqttUplink:
 def _retrieved(future: asyncio.Future[None]) -> None:
     if not future.cancelled():
         future.exception()  # read: asyncio no longer reports it as never retrieved
-
-
-def _cork_writes(paho: mqtt.Client) -> None:
-    """Make each of paho's write turns one transmission: the socket corked (Linux ``TCP_CORK``) while ``loop_write``
-    sends the queued packets, one ``send`` each, and uncorked after it.
-
-    ``send`` queues a whole batch in paho, and aiomqtt calls ``loop_write`` once when the socket is writable. Each
-    ``send`` on an idle TCP connection is a transmission that wakes the broker: on the 2-core VM of bench/whole.py
-    about 50 us each, the largest single cost of the uplink (issue 19). Corked, the sends only copy into the socket
-    buffer, and the uncork transmits the batch at once. Nothing else changes: what paho could not write stays
-    queued in paho, registered for the next writable turn, as before. Only the instance's ``loop_write`` is wrapped
-    (paho's public call for clients that run their own loop, which aiomqtt is), so paho and aiomqtt keep their
-    write registration exactly as they had it."""
-    cork = getattr(socket, "TCP_CORK", None)  # Linux only; elsewhere paho writes as it always did
-    if cork is None:
-        return
-    loop_write = paho.loop_write
-
-    def corked_loop_write() -> MQTTErrorCode:
-        sock = paho.socket()
-        if not isinstance(sock, socket.socket):  # not connected, or a websocket wrapper
-            return loop_write()
-        try:
-            sock.setsockopt(socket.IPPROTO_TCP, cork, 1)
-        except OSError:
-            return loop_write()  # the socket is closing: paho finds out and reports it
-        try:
-            return loop_write()
-        finally:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, cork, 0)
-
-    paho.loop_write = corked_loop_write  # type: ignore[method-assign]
 
 
 def _now_ms() -> int:

@@ -41,9 +41,9 @@ from typing import TYPE_CHECKING
 from gateway.errors import StoreError, UplinkError
 from gateway.model import Command
 from gateway.outbox import Outbox, UplinkCursor
-from gateway.reconnect import ReconnectPolicy, RetryTiming
+from gateway.reconnect import Clock, ReconnectPolicy, RetryTiming
 from gateway.status import BrokerReporting, UplinkState, UplinkStatus
-from gateway.uplinks.base import Clock, ConnectionAware, Uplink, UplinkBatch
+from gateway.uplinks.base import ConnectionAware, Uplink, UplinkBatch
 from gateway.uplinks.config import DeliveryConfig
 
 if TYPE_CHECKING:
@@ -114,10 +114,11 @@ class UplinkRunner:
         self._wake = asyncio.Event()
         #: set by an append (not by a finished request): new data, worth lingering for the rest of its poll cycle
         self._appended = False
-        #: set once stopping is seen: a linger never delays the final flush
+        #: ends a linger: set when stopping is seen (it stays set: no linger delays the final flush) and when an
+        #: event arrives during one
         self._no_linger = asyncio.Event()
         self._lingering = False
-        #: the outbox's count of appended events when this round began: a change means an event is waiting
+        #: the outbox's count of appended events when this round began (``_event_waiting``)
         self._events_mark = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._cursor = UplinkCursor()
@@ -151,8 +152,12 @@ class UplinkRunner:
     def _on_append(self) -> None:
         self._appended = True
         self._wake.set()
-        if self._lingering and "events" in self.uplink.kinds and self.outbox.stats.appended_events != self._events_mark:
+        if self._lingering and self._event_waiting():
             self._no_linger.set()  # an alarm or a rule publication ends a telemetry linger in progress
+
+    def _event_waiting(self) -> bool:
+        """An event this uplink delivers was appended since the round began: it goes now, not after a linger."""
+        return "events" in self.uplink.kinds and self.outbox.stats.appended_events != self._events_mark
 
     def _connection_restored(self) -> None:
         if self._retry_at > self.clock.monotonic():
@@ -240,7 +245,7 @@ class UplinkRunner:
                 and self._link_up
                 and not self._stopping_phase
                 and not self._cursor.has_backlog
-                and ("events" not in self.uplink.kinds or self.outbox.stats.appended_events == self._events_mark)
+                and not self._event_waiting()
             ):
                 # Woken by new live data: the other devices' polls of this cycle are being committed now. One
                 # request for all of them costs one outbox read, one cursor write and one task, where a request per

@@ -9,7 +9,8 @@ from pathlib import Path
 from gateway.errors import UplinkError
 from gateway.model import Quality, Sample
 from gateway.outbox import Outbox
-from gateway.uplinks.base import Clock, StreamKind, UplinkBatch
+from gateway.reconnect import Clock
+from gateway.uplinks.base import StreamKind, UplinkBatch
 
 T0_NS = 1_795_000_000 * 10**9
 
